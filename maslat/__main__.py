@@ -1,0 +1,5 @@
+import sys
+
+from maslat.cli import main
+
+sys.exit(main())

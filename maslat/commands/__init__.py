@@ -1,0 +1,1 @@
+"""One module per ``maslat`` command (see ``maslat.cli.COMMANDS``)."""

@@ -1,0 +1,134 @@
+"""maslat bench sim: 1,000,000 requests through 8 H100 replicas at 80 % of saturation."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import sys
+import time
+
+from ._common import add_json_flag, emit_json, format_table
+
+HELP = "simulator speed: N requests through R replicas at a fraction of saturation, with and without jumps"
+DESCRIPTION = """\
+Measures the simulator on one core. First the saturation throughput of one replica is measured by
+simulation (an overloaded replica, Azure-conv lengths); then --requests Poisson arrivals at
+--load x saturation x --replicas run through the cluster twice, each in a fresh process:
+with decode-run jumps (the default engine) and step by step (jumps off). Both runs must produce
+identical latency statistics; the gain is the ratio of wall times.
+
+Defaults are the acceptance scenario: 1,000,000 requests, 8 x h100-llama-3.1-8b, load 0.8.
+"""
+
+
+def configure(p) -> None:
+    p.add_argument("--requests", type=int, default=1_000_000)
+    p.add_argument("--replicas", type=int, default=8)
+    p.add_argument("--profile", default="h100-llama-3.1-8b")
+    p.add_argument("--load", type=float, default=0.8, help="fraction of measured saturation throughput")
+    p.add_argument("--router", default="round_robin")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-stepwise", action="store_true", help="only run the default (jumping) engine")
+    add_json_flag(p)
+
+
+def _lengths():
+    from sim import EmpiricalLengths
+    from traces.azure import azure_trace
+
+    tr = azure_trace("conv")
+    return EmpiricalLengths(tr.prompt_tokens, tr.output_tokens)
+
+
+def measure_saturation(profile_name: str, seed: int, n: int = 4000) -> float:
+    """Requests/s one replica completes when overloaded (middle 80 % of completions)."""
+    import numpy as np
+
+    from sim import PoissonArrivals, PoolSpec, Workload, load_profile, make_world
+
+    world = make_world(PoolSpec(name="p", profile=load_profile(profile_name)), seed=seed, sample_interval_s=None)
+    Workload(pool="p", arrivals=PoissonArrivals(1000.0), lengths=_lengths(), num_requests=n, name="sat").start(world)
+    world.run_until_idle()
+    done = np.sort(world.records.columns()["last_token_s"])
+    lo, hi = int(0.1 * n), int(0.9 * n)
+    return (hi - lo) / (done[hi] - done[lo])
+
+
+def _scenario(params: dict, queue) -> None:
+    from sim import PoissonArrivals, PoolSpec, Workload, load_profile, make_world
+    from sim.summary import latency_summary
+
+    world = make_world(PoolSpec(name="p", profile=load_profile(params["profile"]), replicas=params["replicas"],
+                                router=params["router"]), seed=params["seed"], jumps=params["jumps"])
+    Workload(pool="p", arrivals=PoissonArrivals(params["rate"]), lengths=_lengths(),
+             num_requests=params["requests"], name="bench").start(world)
+    t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    world.run_until_idle()
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    s = latency_summary(world)
+    queue.put({"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "simulated_s": world.now, "summary": s})
+
+
+def _in_fresh_process(params: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_scenario, args=(params, q))
+    proc.start()
+    out = q.get()
+    proc.join()
+    return out
+
+
+def run(args) -> int:
+    if args.requests < 1 or args.replicas < 1 or not 0 < args.load:
+        raise ValueError("--requests and --replicas must be >= 1 and --load > 0")
+    print(f"measuring saturation of one {args.profile} replica with Azure-conv lengths ...", file=sys.stderr)
+    sat = measure_saturation(args.profile, args.seed)
+    rate = args.load * sat * args.replicas
+    print(f"saturation {sat:.2f} req/s per replica; offering {rate:.2f} req/s to {args.replicas} replicas",
+          file=sys.stderr)
+    base = {"profile": args.profile, "replicas": args.replicas, "router": args.router, "seed": args.seed,
+            "rate": rate, "requests": args.requests}
+    print(f"running {args.requests:,} requests with jumps ...", file=sys.stderr)
+    fast = _in_fresh_process({**base, "jumps": True})
+    step = None
+    if not args.skip_stepwise:
+        print(f"running {args.requests:,} requests step by step ...", file=sys.stderr)
+        step = _in_fresh_process({**base, "jumps": False})
+    n = fast["summary"]["finished"]
+    out = {
+        "scenario": f"{args.requests} requests, {args.replicas} x {args.profile}, Poisson at {args.load:.0%} of "
+                    f"saturation ({rate:.2f} req/s), Azure-conv lengths, router {args.router}",
+        "requests": args.requests,
+        "finished": n,
+        "saturation_req_per_s_per_replica": sat,
+        "offered_rate_req_per_s": rate,
+        "wall_s": fast["wall_s"],
+        "cpu_s": fast["cpu_s"],
+        "requests_per_s": args.requests / fast["wall_s"],
+        "sim_s_per_wall_s": fast["simulated_s"] / fast["wall_s"],
+        "peak_rss_mb": fast["peak_rss_mb"],
+        "simulated_s": fast["simulated_s"],
+        "engine_steps": fast["summary"]["engine_steps"],
+        "latency": {k: fast["summary"][k] for k in ("ttft_s", "tpot_s", "e2e_s")},
+    }
+    if step is not None:
+        same = all(step["summary"][k] == fast["summary"][k] for k in ("ttft_s", "tpot_s", "e2e_s", "engine_steps"))
+        out["stepwise"] = {"wall_s": step["wall_s"], "cpu_s": step["cpu_s"],
+                           "requests_per_s": args.requests / step["wall_s"],
+                           "peak_rss_mb": step["peak_rss_mb"], "identical_results": same}
+        out["jump_speedup"] = step["wall_s"] / fast["wall_s"]
+    rows = [["with jumps", out["wall_s"], out["requests_per_s"], out["sim_s_per_wall_s"], out["peak_rss_mb"]]]
+    if step is not None:
+        rows.append(["step by step", step["wall_s"], out["stepwise"]["requests_per_s"],
+                     fast["simulated_s"] / step["wall_s"], step["peak_rss_mb"]])
+    print(out["scenario"])
+    print(format_table(rows, ["engine", "wall_s", "requests/s", "sim_s/wall_s", "peak_rss_mb"]))
+    if step is not None:
+        print(f"jump speed-up {out['jump_speedup']:.2f}x; identical results: {out['stepwise']['identical_results']}")
+    if args.json:
+        emit_json(out)
+    return 0

@@ -1,0 +1,579 @@
+"""The engine core of one replica: vLLM v1's scheduler step, time-free.
+
+Mirrors ``vllm/v1/core/sched/scheduler.py`` (``Scheduler.schedule``, ``_preempt_request``,
+``update_from_output``) and ``vllm/v1/engine/core.py`` (``EngineCore.step``). A step is::
+
+    begin(t)   -> schedule: RUNNING pass, then WAITING pass (only if nobody was preempted);
+                  returns the tick at which the step's output batch is emitted
+    complete() -> every scheduled request advances; completed prompts sample their first token,
+                  decodes one more; finished requests free their blocks and are returned
+
+Three ways to take a step, all producing identical results (tests check this to the bit):
+
+* **reference** (``force_reference=True``): the literal per-request vLLM algorithm, every step.
+* **fast**: decoding requests live in an aggregate (count, context sum, block-boundary phase counts, a
+  finish heap) so a step with no preemption costs O(1) in the number of decodes plus O(1) per prefill
+  chunk and admission. Requests read their progress from a shared decode clock.
+* **jump**: a run of k steps in which nothing changes but context growth (no prefill, nothing admissible,
+  no finish before the last step, blocks for all k steps) is planned in O(block_size); its end times are
+  a closed-form integer sum, and an arrival during the run truncates it at the step then in progress.
+
+Whenever the fast conditions fail (a preemption would be needed, a prefill sits before a decode with too
+little budget for both, ...) the step falls back to the reference algorithm.
+
+Not simulated: async scheduling placeholders (outputs are still one batch per step), speculative
+decoding, PRIORITY policy, pipeline parallelism, KV connectors, encoder inputs, stop strings.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+
+from .config import EngineConfig
+from .histogram import ITL_BUCKETS_S, Histogram, token_buckets
+from .kv_cache import KVCacheManager, build_chain
+from .latency import StepTimeModel
+from .request import RejectReason, Request, RequestStatus, _DecodeClock
+from .timebase import TICKS_PER_S, ticks_to_s
+
+__all__ = ["EngineCore"]
+
+_SINGLE, _RUN = 0, 1
+
+
+class _Plan:
+    __slots__ = ("kind", "t0", "end", "fast", "sched", "n_dec", "ctx", "k", "k_fin", "P", "g",
+                 "used0", "new_seq")
+
+    def __init__(self, kind: int, t0: int):
+        self.kind, self.t0 = kind, t0
+        self.sched: list = []
+        self.fast = False
+        self.n_dec = self.ctx = self.k = self.k_fin = self.P = self.g = self.used0 = 0
+
+
+class EngineCore:
+    """One vLLM v1 engine: waiting/running queues, token budget, paged KV cache, recompute preemption."""
+
+    def __init__(self, config: EngineConfig, step_model: StepTimeModel, *, jumps: bool = True,
+                 force_reference: bool = False, check_invariants: bool = False, ttft_ema_alpha: float = 0.2):
+        self.cfg = config
+        self.model = step_model
+        self.kv = KVCacheManager(config)
+        self.waiting: deque[Request] = deque()
+        self.running: dict[Request, None] = {}  # insertion-ordered: admission order; popitem() = last
+        self.clock = _DecodeClock()
+        self.jumps = jumps and step_model.linear_decode is not None and not force_reference
+        self.force_reference = force_reference
+        self.check = check_invariants
+        self.ttft_ema_alpha = ttft_ema_alpha
+        self.t = 0  # tick of the last emitted output batch
+        self._plan: _Plan | None = None
+        self._admit_seq = 0
+        self._valid = False  # decode aggregate built?
+        self._reset_aggregate()
+        # published gauges: state after the last completed step, as vLLM's stats loggers see it
+        self.pub_running = self.pub_waiting = self.pub_used_blocks = 0
+        # counters (vLLM metric names in comments)
+        self.num_steps = 0
+        self.num_preemptions = 0  # vllm:num_preemptions
+        self.prompt_tokens = 0  # vllm:prompt_tokens
+        self.generation_tokens = 0  # vllm:generation_tokens
+        self.prefix_cache_queries = 0  # vllm:prefix_cache_queries (tokens)
+        self.prefix_cache_hits = 0  # vllm:prefix_cache_hits (tokens)
+        self.num_finished = 0
+        self.ttft_ema_s = float("nan")
+        self.itl = Histogram(ITL_BUCKETS_S)  # vllm:inter_token_latency_seconds
+        self.iteration_tokens = Histogram(token_buckets(config.max_num_batched_tokens))
+        self.trace: list[tuple] | None = None  # set to [] to log (t, [(id, n)], [preempted ids]) per step
+
+    # ------------------------------------------------------------------ requests in
+    def validate(self, req: Request) -> str | None:
+        """Why ``req`` can never be served (vLLM's frontend 400s), or ``None``."""
+        if req.num_prompt_tokens < 1:
+            return RejectReason.EMPTY_PROMPT
+        if req.max_tokens < 1:
+            return RejectReason.BAD_MAX_TOKENS
+        if req.num_prompt_tokens + req.max_tokens > self.cfg.max_model_len:
+            return RejectReason.PROMPT_TOO_LONG
+        return None
+
+    def add_request(self, req: Request, t_s: float) -> None:
+        """Queue ``req`` (event QUEUED). It is first considered at the next ``begin``."""
+        if req.prompt_segments is not None:
+            total = sum(n for _, n in req.prompt_segments)
+            if total != req.num_prompt_tokens or any(c < 0 or n < 0 for c, n in req.prompt_segments):
+                raise ValueError(f"request {req.request_id}: prompt_segments must have content ids >= 0 and "
+                                 f"lengths summing to num_prompt_tokens={req.num_prompt_tokens} (got {total})")
+        req.queued_ts = t_s
+        req.status = RequestStatus.WAITING
+        req._clk = self.clock
+        req.chain = build_chain(req.prompt_segments, req.num_prompt_tokens, req.seq_id)
+        self.waiting.append(req)
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+    # ------------------------------------------------------------------ decode aggregate
+    def _reset_aggregate(self) -> None:
+        self.n_dec = 0
+        self.ctx_base = 0  # sum of (computed - D) over decoding requests
+        self.phase = [0] * self.cfg.block_size
+        self.fin_heap: list[tuple[int, int, Request]] = []
+        self.prefilling: dict[Request, None] = {}
+        self.max_dec_seq = -1
+        self.lagging: list[Request] = []  # decodes whose last token predates the last step end
+
+    def _enter_decode(self, r: Request) -> None:
+        D = self.clock.D
+        r._dorig = r._c - D
+        r._oorig = r._out - D
+        r._dec = True
+        self.n_dec += 1
+        self.ctx_base += r._dorig
+        self.phase[r._dorig % self.cfg.block_size] += 1
+        r._fkey = r.max_tokens - 1 - r._oorig
+        heapq.heappush(self.fin_heap, (r._fkey, r.seq_id, r))
+        if r._seq > self.max_dec_seq:
+            self.max_dec_seq = r._seq
+
+    def _leave_decode(self, r: Request, last_output_s: float) -> None:
+        """Materialise a decoding request's progress and KV holdings; it leaves the aggregate."""
+        D = self.clock.D
+        c = r._dorig + D
+        r._c, r._out, r._dec = c, r._oorig + D, False
+        self.n_dec -= 1
+        self.ctx_base -= r._dorig
+        self.phase[r._dorig % self.cfg.block_size] -= 1
+        r._fkey = -1
+        nb = -(-c // self.cfg.block_size)
+        extra = nb - r.kv_blocks
+        r.kv_blocks = nb
+        r.kv_anon += extra  # decode blocks hold private (output) content: registered only on preemption
+        if last_output_s == last_output_s:  # not NaN
+            r.last_output_ts = last_output_s
+
+    def _build_aggregate(self) -> None:
+        self._reset_aggregate()
+        for r in self.running:
+            if r._out >= 1 and r._c == r.num_tokens - 1:
+                self._enter_decode(r)
+                if r.last_output_ts != ticks_to_s(self.t):
+                    self.lagging.append(r)
+            else:
+                self.prefilling[r] = None
+        self._valid = True
+
+    def _dissolve(self) -> None:
+        if not self._valid:
+            return
+        prev_end = ticks_to_s(self.t)
+        lag = set(map(id, self.lagging))
+        for r in self.running:
+            if r._dec:
+                self._leave_decode(r, float("nan") if id(r) in lag else prev_end)
+        self._reset_aggregate()
+        self._valid = False
+
+    def _next_finish_key(self) -> int | None:
+        h = self.fin_heap
+        while h and h[0][2]._fkey != h[0][0]:
+            heapq.heappop(h)
+        return h[0][0] if h else None
+
+    # ------------------------------------------------------------------ scheduling
+    def begin(self, t0: int) -> int | None:
+        """Schedule the next step (or decode run) starting at tick ``t0``; return its end tick."""
+        assert self._plan is None, "begin() while a step is in flight"
+        if self.idle:
+            return None
+        if self.force_reference:
+            plan = self._schedule_reference(t0)
+        else:
+            if not self._valid:
+                self._build_aggregate()
+            plan = (self._plan_run(t0) if self.jumps else None) or self._schedule_fast(t0)
+            if plan is None:
+                self._dissolve()
+                plan = self._schedule_reference(t0)
+        self._plan = plan
+        return plan.end
+
+    def _admit(self, plan: _Plan, budget: int, free: int | None = None) -> int:
+        """WAITING pass: admit from the head while budget, slots and blocks allow (head-of-line)."""
+        cfg, kv, waiting = self.cfg, self.kv, self.waiting
+        bs = cfg.block_size
+        now_s = plan.t0 / TICKS_PER_S
+        thr = cfg.long_prefill_token_threshold
+        while waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            r = waiting[0]
+            hit, ev = kv.find_hit(r) if r._c == 0 else (0, 0)
+            h = hit * bs
+            n = r.num_prompt_tokens + r._out - h
+            if thr is not None and n > thr:
+                n = thr
+            if n > budget:
+                n = budget
+            if not kv.allocate_slots(r, n, hit, ev, cfg.scheduler_reserve_full_isl):
+                break
+            waiting.popleft()
+            self.running[r] = None
+            r.status = RequestStatus.RUNNING
+            r._c = h
+            if r.num_cached_tokens < 0:
+                r.num_cached_tokens = h
+                r.scheduled_ts = now_s
+            self.prefix_cache_queries += r.num_prompt_tokens + r._out
+            self.prefix_cache_hits += h
+            self._admit_seq += 1
+            r._seq = self._admit_seq
+            if self._valid:
+                self.prefilling[r] = None
+            plan.sched.append((r, n, h))
+            budget -= n
+        return budget
+
+    def _schedule_fast(self, t0: int) -> _Plan | None:
+        """O(1)-in-decodes step when no preemption is needed; ``None`` if the fast conditions fail."""
+        cfg, kv = self.cfg, self.kv
+        bs = cfg.block_size
+        n_dec = self.n_dec
+        budget = cfg.max_num_batched_tokens - n_dec
+        if budget < 0:
+            return None
+        D = self.clock.D
+        need = self.phase[(-D) % bs] if n_dec else 0
+        free = kv.free - need
+        if free < 0:
+            return None
+        chunks = []
+        if self.prefilling:
+            thr = cfg.long_prefill_token_threshold
+            demand = 0
+            ordered = True
+            for r in self.prefilling:
+                rem = r.num_prompt_tokens + r._out - r._c
+                demand += rem if thr is None or rem <= thr else thr
+                ordered = ordered and r._seq > self.max_dec_seq
+            if not ordered and demand > budget:
+                return None
+            for r in self.prefilling:
+                if budget <= 0:
+                    break
+                n = r.num_prompt_tokens + r._out - r._c
+                if thr is not None and n > thr:
+                    n = thr
+                n = min(n, budget, cfg.max_model_len - 1 - r._c)
+                if n <= 0:
+                    continue
+                nb = -(-(r._c + n) // bs) - r.kv_blocks
+                if nb > free:
+                    return None
+                free -= max(nb, 0)
+                chunks.append((r, n))
+                budget -= n
+        # commit: nothing above changed any state
+        plan = _Plan(_SINGLE, t0)
+        plan.fast = True
+        if need:
+            kv.pop_free(need)
+        for r, n in chunks:
+            ok = kv.allocate_slots(r, n)
+            assert ok
+            plan.sched.append((r, n, r._c))
+        plan.n_dec = n_dec
+        plan.ctx = self.ctx_base + n_dec * D
+        self._admit(plan, budget)
+        plan.end = t0 + self._step_ticks(plan.sched, n_dec, plan.ctx)
+        return plan
+
+    def _step_ticks(self, sched: list, n_dec: int, ctx: int) -> int:
+        """Step time of ``n_dec`` aggregated decodes plus the individually scheduled entries."""
+        chunks = []
+        for r, n, p in sched:
+            if n == 1 and r._out >= 1 and p == r.num_prompt_tokens + r._out - 1:
+                n_dec += 1
+                ctx += p
+            else:
+                chunks.append((n, p))
+        return self.model.step_ticks(n_dec, ctx, chunks)
+
+    def _head_blocked(self, budget: int, free: int) -> bool:
+        if not self.waiting:
+            return True
+        if len(self.running) >= self.cfg.max_num_seqs or budget <= 0:
+            return True
+        r = self.waiting[0]
+        hit, ev = self.kv.find_hit(r) if r._c == 0 else (0, 0)
+        n = r.num_tokens - hit * self.cfg.block_size
+        thr = self.cfg.long_prefill_token_threshold
+        if thr is not None and n > thr:
+            n = thr
+        n = min(n, budget)
+        return self.kv.blocks_needed(r, n, hit, ev, self.cfg.scheduler_reserve_full_isl, free) is None
+
+    def _need_over(self, D: int, k: int) -> int:
+        """Blocks the decodes need over the k steps starting at decode clock D."""
+        bs, n, ph = self.cfg.block_size, self.n_dec, self.phase
+        q, rem = divmod(k, bs)
+        total = q * n
+        for j in range(rem):
+            total += ph[(-(D + j)) % bs]
+        return total
+
+    def _plan_run(self, t0: int) -> _Plan | None:
+        n = self.n_dec
+        if self.prefilling or n == 0 or n > self.cfg.max_num_batched_tokens or self.lagging:
+            return None
+        key = self._next_finish_key()
+        D = self.clock.D
+        k_fin = key - D + 1
+        if k_fin < 2:
+            return None
+        bs, free = self.cfg.block_size, self.kv.free
+        need0 = self.phase[(-D) % bs]
+        if need0 > free or not self._head_blocked(self.cfg.max_num_batched_tokens - n, free - need0):
+            return None
+        # largest k <= k_fin whose cumulative block need fits
+        cycles = free // n
+        if cycles * bs >= k_fin:
+            k = k_fin
+        else:
+            k, used = cycles * bs, cycles * n
+            while k < k_fin:
+                nxt = self.phase[(-(D + k)) % bs]
+                if used + nxt > free:
+                    break
+                used += nxt
+                k += 1
+        if k < 2:
+            return None
+        a, b, g = self.model.linear_decode
+        plan = _Plan(_RUN, t0)
+        plan.n_dec, plan.ctx, plan.k, plan.k_fin = n, self.ctx_base + n * D, k, k_fin
+        plan.P, plan.g = a + b * n, g
+        plan.used0 = self.kv.num_usable - free
+        plan.end = self._run_end(plan, k)
+        return plan
+
+    @staticmethod
+    def _run_end(p: _Plan, j: int) -> int:
+        return p.t0 + j * p.P + p.g * (j * p.ctx + p.n_dec * j * (j - 1) // 2)
+
+    def _schedule_reference(self, t0: int) -> _Plan:
+        """The literal vLLM algorithm over materialised requests (used when the fast path cannot be)."""
+        cfg, kv = self.cfg, self.kv
+        plan = _Plan(_SINGLE, t0)
+        budget = cfg.max_num_batched_tokens
+        thr = cfg.long_prefill_token_threshold
+        order = list(self.running)
+        preempted: list[Request] = []
+        i = 0
+        while i < len(order) and budget > 0:
+            r = order[i]
+            n = r.num_tokens - r._c
+            if thr is not None and n > thr:
+                n = thr
+            n = min(n, budget, cfg.max_model_len - 1 - r._c)
+            if n <= 0:
+                i += 1
+                continue
+            while not kv.allocate_slots(r, n):
+                victim, _ = self.running.popitem()  # the most recently admitted (FCFS: running.pop())
+                order.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is r:
+                    break
+            if preempted and preempted[-1] is r:
+                break
+            plan.sched.append((r, n, r._c))
+            budget -= n
+            i += 1
+        if not preempted:
+            self._admit(plan, budget)
+        if self.trace is not None:
+            self.trace.append((ticks_to_s(t0), [(r.request_id, n) for r, n, _ in plan.sched],
+                               [v.request_id for v in preempted]))
+        plan.end = t0 + self._step_ticks(plan.sched, 0, 0)
+        return plan
+
+    def _preempt(self, r: Request) -> None:
+        """Recompute preemption (``Scheduler._preempt_request``): free, reset, front of waiting."""
+        self.kv.cache_private(r, r._c)
+        self.kv.free_request(r)
+        self.prefilling.pop(r, None)
+        r.status = RequestStatus.PREEMPTED
+        r._c = 0
+        r.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(r)
+
+    # ------------------------------------------------------------------ truncation and gauges
+    def truncate(self, t_s: float) -> int | None:
+        """An arrival at ``t_s`` ends a decode run at the step then in progress; return the new end tick."""
+        p = self._plan
+        if p is None or p.kind != _RUN:
+            return None
+        j = self._steps_until(p, t_s)
+        if j >= p.k:
+            return None
+        p.k = j
+        p.end = self._run_end(p, j)
+        return p.end
+
+    def _steps_until(self, p: _Plan, t_s: float) -> int:
+        """Smallest j >= 1 whose end time (as a float, exactly as the clock will show it) is >= ``t_s``."""
+        if p.t0 / TICKS_PER_S >= t_s:
+            return 1
+        A = p.g * p.n_dec / 2.0
+        B = p.P + p.g * p.ctx - A
+        C = p.t0 - t_s * TICKS_PER_S
+        j = int((-B + math.sqrt(B * B - 4 * A * C)) / (2 * A)) if A > 0 else int(-C / B)
+        j = max(1, j - 1)
+        end = self._run_end
+        while end(p, j) / TICKS_PER_S < t_s:
+            j += 1
+        while j > 1 and end(p, j - 1) / TICKS_PER_S >= t_s:
+            j -= 1
+        return j
+
+    def gauges(self, t_s: float) -> tuple[int, int, int, int]:
+        """``(running, waiting, used_blocks, generation_tokens)`` as published at simulated time ``t_s``."""
+        p = self._plan
+        if p is not None and p.kind == _RUN and t_s > p.t0 / TICKS_PER_S:
+            # steps that ended strictly before t_s
+            j = p.k if p.end / TICKS_PER_S < t_s else min(p.k, self._steps_until(p, t_s) - 1)
+            if j > 0:  # the run's steps publish the queues as they stood when it was planned
+                used = p.used0 + self._need_over(self.clock.D, j)
+                return len(self.running), len(self.waiting), used, self.generation_tokens + p.n_dec * j
+        return self.pub_running, self.pub_waiting, self.pub_used_blocks, self.generation_tokens
+
+    # ------------------------------------------------------------------ completion
+    def complete(self) -> list[Request]:
+        """Apply the in-flight step's outputs at its end tick; return the requests that finished."""
+        p = self._plan
+        assert p is not None, "complete() without begin()"
+        self._plan = None
+        T = p.end / TICKS_PER_S
+        finished: list[Request] = []
+        if p.kind == _RUN:
+            self._complete_run(p, T, finished)
+        elif p.fast:
+            self._complete_fast(p, T, finished)
+        else:
+            self._complete_reference(p, T, finished)
+        self.t = p.end
+        self.pub_running, self.pub_waiting = len(self.running), len(self.waiting)
+        self.pub_used_blocks = self.kv.num_usable - self.kv.free
+        self.num_finished += len(finished)
+        if self.check:
+            self.check_invariants()
+        return finished
+
+    def _finish_decodes(self, key: int, T: float, finished: list[Request]) -> None:
+        h = self.fin_heap
+        while h and h[0][0] <= key:
+            _, _, r = heapq.heappop(h)
+            if r._fkey != key:
+                continue
+            self._leave_decode(r, T)
+            self._finish(r, T, finished)
+
+    def _complete_run(self, p: _Plan, T: float, finished: list[Request]) -> None:
+        D0, j, n = self.clock.D, p.k, p.n_dec
+        self.kv.pop_free(self._need_over(D0, j))
+        self.clock.D = D0 + j
+        self.num_steps += j
+        self.generation_tokens += n * j
+        self.itl.observe_linear((p.P + p.g * p.ctx) / TICKS_PER_S, p.g * n / TICKS_PER_S, j, n)
+        self.iteration_tokens.observe(n, j)
+        if j == p.k_fin:
+            self._finish_decodes(D0 + j - 1, T, finished)
+
+    def _complete_fast(self, p: _Plan, T: float, finished: list[Request]) -> None:
+        D0 = self.clock.D
+        n_dec = p.n_dec
+        self.clock.D = D0 + 1
+        self.num_steps += 1
+        self.generation_tokens += n_dec
+        dur_s = T - p.t0 / TICKS_PER_S
+        if n_dec:
+            lag = self.lagging
+            if lag:
+                for r in lag:
+                    if r._dec:
+                        self.itl.observe(T - r.last_output_ts)
+                self.lagging = []
+            self.itl.observe(dur_s, n_dec - len(lag))
+            self._finish_decodes(D0, T, finished)
+        self.iteration_tokens.observe(n_dec + sum(n for _, n, _ in p.sched))
+        for r, n, _ in p.sched:
+            r._c += n
+            if r._c >= r.num_prompt_tokens + r._out:
+                self._sample(r, T, finished)
+
+    def _complete_reference(self, p: _Plan, T: float, finished: list[Request]) -> None:
+        self.num_steps += 1
+        self.iteration_tokens.observe(sum(n for _, n, _ in p.sched))
+        for r, n, _ in p.sched:
+            r._c += n
+            if r._c >= r.num_prompt_tokens + r._out:
+                self._sample(r, T, finished)
+        self._valid = False
+
+    def _sample(self, r: Request, T: float, finished: list[Request]) -> None:
+        """The step completed r's pending tokens: it samples one output token."""
+        r._out += 1
+        self.generation_tokens += 1
+        if r._out == 1 and r.first_token_ts != r.first_token_ts:  # first token ever
+            r.first_token_ts = T
+            self.prompt_tokens += r.num_prompt_tokens
+            ttft = T - r.queued_ts
+            a = self.ttft_ema_alpha
+            self.ttft_ema_s = ttft if self.ttft_ema_s != self.ttft_ema_s else a * ttft + (1 - a) * self.ttft_ema_s
+        else:
+            self.itl.observe(T - r.last_output_ts)
+        r.last_output_ts = T
+        if r._out >= r.max_tokens:
+            self._finish(r, T, finished)
+        elif self._valid:
+            del self.prefilling[r]
+            self._enter_decode(r)
+
+    def _finish(self, r: Request, T: float, finished: list[Request]) -> None:
+        r.status = RequestStatus.FINISHED_LENGTH_CAPPED
+        r.last_token_ts = T
+        self.kv.free_request(r)
+        del self.running[r]
+        self.prefilling.pop(r, None)
+        finished.append(r)
+
+    # ------------------------------------------------------------------ checks
+    def check_invariants(self) -> None:
+        """Blocks conserved, running <= max_num_seqs, every request in exactly one place."""
+        assert len(self.running) <= self.cfg.max_num_seqs, "len(running) > max_num_seqs"
+        holders = list(self.running)
+        saved = []
+        if self._valid:  # materialise decoding requests' holdings for the check, then restore
+            D, bs = self.clock.D, self.cfg.block_size
+            for r in holders:
+                if r._dec:
+                    c = r._dorig + D
+                    extra = -(-c // bs) - r.kv_blocks
+                    saved.append((r, r.kv_anon))
+                    r.kv_anon += extra
+        try:
+            self.kv.check_invariants(holders)
+        finally:
+            for r, anon in saved:
+                r.kv_anon = anon
+        ids = [id(r) for r in self.waiting] + [id(r) for r in self.running]
+        assert len(ids) == len(set(ids)), "a request is queued twice"
+        for r in self.waiting:
+            assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED) and r.kv_blocks == 0
+        if self._valid:
+            assert self.n_dec + len(self.prefilling) == len(self.running), "aggregate out of sync"

@@ -1,0 +1,317 @@
+"""The SimPy shell: replicas on a shared clock, pools with routers, a sampler, and the world factory.
+
+The shell only advances time. A replica's next step boundary is one SimPy event at an absolute time
+(priority ``LATE``, so requests arriving at that same instant are queued before the engine schedules, as
+in vLLM's busy loop); the engine core decides everything else. An arrival during a decode run truncates
+the run and re-schedules the boundary; the superseded event is ignored when it fires.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import simpy
+
+from .config import EngineConfig, Overheads
+from .engine import EngineCore
+from .latency import make_step_time_model
+from .profiles import Profile
+from .records import RecordStore, TimeSeries
+from .request import RejectReason, Request, RequestStatus
+from .routing import make_router
+from .timebase import TICKS_PER_S, ticks_at_or_after
+
+__all__ = ["LATE", "Cluster", "PoolSpec", "Replica", "SimEnv", "World", "make_world"]
+
+LATE = 2  # after simpy's URGENT (0) and NORMAL (1) events at the same instant
+
+
+class _Tick:
+    """A pre-triggered event with one callback: what SimPy's ``step`` needs and nothing more."""
+
+    __slots__ = ("callbacks", "_ok", "_value", "gen")
+
+    def __init__(self, fn, gen: int = 0):
+        self.callbacks = [fn]
+        self._ok = True
+        self._value = None
+        self.gen = gen
+
+
+class SimEnv(simpy.Environment):
+    """A SimPy environment that can schedule at an absolute time without float round-off."""
+
+    def schedule_at(self, event, t: float, priority: int = 1) -> None:
+        if t < self._now:
+            raise ValueError(f"cannot schedule at {t} before now={self._now}")
+        heapq.heappush(self._queue, (t, priority, next(self._eid), event))
+
+    def call_at(self, t: float, fn, priority: int = 1) -> None:
+        """Call ``fn(event)`` at simulated time ``t``."""
+        heapq.heappush(self._queue, (t, priority, next(self._eid), _Tick(fn)))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PoolSpec:
+    """A model pool: ``replicas`` copies of one serving profile behind one router."""
+
+    name: str
+    profile: Profile
+    replicas: int = 1
+    router: str = "round_robin"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.replicas, int) or self.replicas < 1:
+            raise ValueError(f"pool {self.name!r}: replicas must be an integer >= 1, got {self.replicas!r}")
+        make_router(self.router)  # validates the name
+
+
+class Replica:
+    """One vLLM engine on the shared clock."""
+
+    def __init__(self, world: World, index: int, pool: str, engine: EngineConfig, profile: Profile, *,
+                 jumps: bool, check_invariants: bool, force_reference: bool):
+        self.world, self.env, self.index, self.pool = world, world.env, index, pool
+        self.profile = profile
+        self.core = EngineCore(engine, make_step_time_model(profile), jumps=jumps,
+                               check_invariants=check_invariants, force_reference=force_reference)
+        self.overheads: Overheads = profile.overheads
+        self.outstanding = 0  # submitted, not yet finished (including the frontend delay)
+        self._pending: deque[tuple[float, Request]] = deque()  # in the frontend, not yet queued
+        self._gen = 0
+        self._busy = False
+
+    # gauges as a scraper of this replica's /metrics would see them now
+    def gauges(self, now_s: float | None = None) -> dict[str, float]:
+        now_s = self.env.now if now_s is None else now_s
+        running, waiting, used, gen = self.core.gauges(now_s)
+        c = self.core
+        return {"num_requests_running": running, "num_requests_waiting": waiting,
+                "kv_cache_usage_perc": used / c.kv.num_usable, "ttft_ema_s": c.ttft_ema_s,
+                "generation_tokens": gen, "outstanding": self.outstanding}
+
+    def kv_usage(self, now_s: float) -> float:
+        return self.core.gauges(now_s)[2] / self.core.kv.num_usable
+
+    def submit(self, req: Request, t_enqueue: float) -> None:
+        """The request will reach the engine core at ``t_enqueue`` (after the frontend delay).
+
+        Pending arrivals are moved into the engine at the first step boundary at or after their time, so
+        the frontend delay costs no event of its own.
+        """
+        self._pending.append((t_enqueue, req))
+        if self._busy:
+            if len(self._pending) == 1:
+                end = self.core.truncate(t_enqueue)
+                if end is not None:
+                    self._arm(end)
+        elif len(self._pending) == 1:
+            self._arm_at(t_enqueue)
+
+    def _arm(self, end_ticks: int) -> None:
+        self._gen += 1
+        heapq.heappush(self.env._queue, (end_ticks / TICKS_PER_S, LATE, next(self.env._eid), _Tick(self._on_boundary, self._gen)))
+
+    def _arm_at(self, t_s: float) -> None:
+        self._gen += 1
+        heapq.heappush(self.env._queue, (t_s, LATE, next(self.env._eid), _Tick(self._on_boundary, self._gen)))
+
+    def _on_boundary(self, ev: _Tick) -> None:
+        if ev.gen != self._gen:
+            return  # superseded by a truncation
+        core = self.core
+        now = self.env._now
+        if self._busy:
+            for r in core.complete():
+                self.world._finished(self, r)
+            start = core.t
+        else:
+            start = max(core.t, ticks_at_or_after(now))
+        pending = self._pending
+        while pending and pending[0][0] <= now:
+            t_enq, req = pending.popleft()
+            core.add_request(req, t_enq)
+        end = core.begin(start)
+        self._busy = end is not None
+        if end is not None:
+            if pending:
+                trunc = core.truncate(pending[0][0])
+                if trunc is not None:
+                    end = trunc
+            self._arm(end)
+        elif pending:
+            self._arm_at(pending[0][0])
+
+
+class Cluster:
+    """Pools of replicas; ``submit`` routes a request and returns its completion event if asked."""
+
+    def __init__(self, world: World, pools: Sequence[PoolSpec]):
+        self.world = world
+        names = [p.name for p in pools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pool names must be unique, got {names}")
+        if not pools:
+            raise ValueError("a cluster needs at least one pool")
+        self.specs = {p.name: p for p in pools}
+        self.replicas: list[Replica] = []
+        self.pools: dict[str, list[Replica]] = {}
+        self.routers = {}
+        for spec in pools:
+            reps = []
+            for _ in range(spec.replicas):
+                rep = Replica(world, len(self.replicas), spec.name, spec.profile.engine, spec.profile,
+                              jumps=world.jumps, check_invariants=world.check_invariants,
+                              force_reference=world.force_reference)
+                self.replicas.append(rep)
+                reps.append(rep)
+            self.pools[spec.name] = reps
+            self.routers[spec.name] = make_router(spec.router)
+
+
+class World:
+    """A fresh simulated world: clock, cluster, records, time series and named random streams.
+
+    Build with ``make_world``. Two worlds never share state.
+    """
+
+    def __init__(self, pools: Sequence[PoolSpec], *, seed: int = 0, sample_interval_s: float | None = 1.0,
+                 jumps: bool = True, check_invariants: bool = False, force_reference: bool = False,
+                 keep_records: bool = True):
+        self.env = SimEnv()
+        self.seed = seed
+        self.jumps, self.check_invariants, self.force_reference = jumps, check_invariants, force_reference
+        self.cluster = Cluster(self, pools)
+        self.records = RecordStore() if keep_records else None
+        self.timeseries = TimeSeries()
+        self.num_submitted = 0
+        self.num_finished = 0
+        self.active_sources = 0  # workloads that may still submit
+        self.num_rejected = 0
+        self._idle_event = None
+        self.rejected: dict[str, int] = {}
+        self._seq = 0
+        self._streams: dict[str, np.random.Generator] = {}
+        self._root = np.random.SeedSequence(seed)
+        if sample_interval_s is not None:
+            if sample_interval_s <= 0:
+                raise ValueError("sample_interval_s must be positive or None")
+            self._interval = float(sample_interval_s)
+            self.env.call_at(self._interval, self._sample)
+
+    # ---------------------------------------------------------------- randomness
+    def rng(self, name: str) -> np.random.Generator:
+        """The named random stream (same seed + same name = same stream, whatever else is drawn)."""
+        g = self._streams.get(name)
+        if g is None:
+            key = [int.from_bytes(name.encode(), "little") % (2**63)]
+            g = np.random.Generator(np.random.PCG64(np.random.SeedSequence(self._root.entropy, spawn_key=key)))
+            self._streams[name] = g
+        return g
+
+    @property
+    def now(self) -> float:
+        return self.env.now
+
+    # ---------------------------------------------------------------- requests
+    def submit(self, pool: str, num_prompt_tokens: int, max_tokens: int, *, prompt_segments=None,
+               tag: object = None, request_id: str | None = None, wait: bool = False):
+        """Send a request to ``pool`` now. With ``wait=True`` return an event that succeeds with the
+        ``RequestRecord`` when the client has the whole response (or at once if rejected)."""
+        reps = self.cluster.pools.get(pool)
+        if reps is None:
+            raise ValueError(f"unknown pool {pool!r}; pools: {sorted(self.cluster.pools)}")
+        self._seq += 1
+        req = Request(request_id or f"{pool}-{self._seq}", num_prompt_tokens, max_tokens,
+                      arrival_time=self.env.now, prompt_segments=prompt_segments, tag=tag)
+        req.seq_id = self._seq
+        self.num_submitted += 1
+        done = self.env.event() if wait else None
+        req.on_finish = done
+        rep = reps[self.cluster.routers[pool].choose(reps, req, self.env.now)]
+        req.replica = rep.index
+        reason = rep.core.validate(req)
+        if reason is not None:
+            self._reject(rep, req, reason)
+            return done
+        rep.outstanding += 1
+        rep.submit(req, self.env.now + rep.overheads.frontend_s)
+        return done
+
+    def _reject(self, rep: Replica, req: Request, reason: str) -> None:
+        req.status = RequestStatus.REJECTED
+        req.reject_reason = reason
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.num_rejected += 1
+        if self.records is not None:
+            self.records.add(req, rep.pool, self.env.now)
+        if req.on_finish is not None:
+            req.on_finish.succeed(self.records.last() if self.records is not None else req)
+
+    def _finished(self, rep: Replica, r: Request) -> None:
+        rep.outstanding -= 1
+        self.num_finished += 1
+        if self._idle_event is not None and self.num_finished + self.num_rejected >= self.num_submitted:
+            self._maybe_idle()
+        ov = rep.overheads
+        done_s = r.last_token_ts + ov.post_decode_s + ov.per_output_token_s * r._out
+        if self.records is not None:
+            self.records.add(r, rep.pool, done_s)
+        ev = r.on_finish
+        if ev is not None:
+            payload = self.records.last() if self.records is not None else r
+            if done_s > self.env.now:
+                self.env.call_at(done_s, lambda _e: ev.succeed(payload))
+            else:
+                ev.succeed(payload)
+
+    # ---------------------------------------------------------------- observability
+    def _sample(self, _ev=None) -> None:
+        now = self.env.now
+        for rep in self.cluster.replicas:
+            c = rep.core
+            running, waiting, used, gen = c.gauges(now)
+            self.timeseries.add(now, rep.index, running, waiting, used / c.kv.num_usable, c.prompt_tokens, gen,
+                                c.num_preemptions)
+        self.env.call_at(now + self._interval, self._sample)
+
+    def run(self, until: float | simpy.Event | None = None) -> None:
+        self.env.run(until=until)
+
+    def run_until_idle(self, max_time_s: float | None = None) -> None:
+        """Run until every submitted request has finished or been rejected and no workload is active."""
+        env = self.env
+        if self._settled():
+            return
+        self._idle_event = env.event()
+        until = self._idle_event
+        if max_time_s is not None:
+            until = env.any_of([self._idle_event, env.timeout(max(0.0, max_time_s - env.now))])
+        try:
+            env.run(until=until)
+        finally:
+            self._idle_event = None
+
+    def _settled(self) -> bool:
+        return not self.active_sources and self.num_finished + self.num_rejected >= self.num_submitted
+
+    def _maybe_idle(self) -> None:
+        ev = self._idle_event
+        if ev is not None and not ev.triggered and self._settled():
+            ev.succeed()
+
+    @property
+    def replicas(self) -> list[Replica]:
+        return self.cluster.replicas
+
+
+def make_world(pools: Sequence[PoolSpec] | PoolSpec, **kwargs) -> World:
+    """A fresh world; see ``World`` for keyword arguments."""
+    if isinstance(pools, PoolSpec):
+        pools = [pools]
+    return World(list(pools), **kwargs)
+

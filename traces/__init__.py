@@ -1,0 +1,1 @@
+"""Trace readers, calibration, replay and collection. Depends on ``sim``; never the other way round."""
