@@ -8,6 +8,7 @@ the run and re-schedules the boundary; the superseded event is ignored when it f
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from collections import deque
 from collections.abc import Sequence
@@ -192,6 +193,7 @@ class World:
         self.num_finished = 0
         self.active_sources = 0  # workloads that may still submit
         self.num_rejected = 0
+        self._notifying = 0  # completions on their way to waiting clients
         self._idle_event = None
         self.rejected: dict[str, int] = {}
         self._seq = 0
@@ -208,7 +210,9 @@ class World:
         """The named random stream (same seed + same name = same stream, whatever else is drawn)."""
         g = self._streams.get(name)
         if g is None:
-            key = [int.from_bytes(name.encode(), "little") % (2**63)]
+            # spawn key from a cryptographic digest of the name: distinct names give independent streams
+            digest = hashlib.sha256(name.encode()).digest()
+            key = [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
             g = np.random.Generator(np.random.PCG64(np.random.SeedSequence(self._root.entropy, spawn_key=key)))
             self._streams[name] = g
         return g
@@ -255,8 +259,6 @@ class World:
     def _finished(self, rep: Replica, r: Request) -> None:
         rep.outstanding -= 1
         self.num_finished += 1
-        if self._idle_event is not None and self.num_finished + self.num_rejected >= self.num_submitted:
-            self._maybe_idle()
         ov = rep.overheads
         done_s = r.last_token_ts + ov.post_decode_s + ov.per_output_token_s * r._out
         if self.records is not None:
@@ -265,9 +267,17 @@ class World:
         if ev is not None:
             payload = self.records.last() if self.records is not None else r
             if done_s > self.env.now:
-                self.env.call_at(done_s, lambda _e: ev.succeed(payload))
+                self._notifying += 1
+                self.env.call_at(done_s, lambda _e: self._notify(ev, payload))
             else:
                 ev.succeed(payload)
+        if self._idle_event is not None:
+            self._maybe_idle()
+
+    def _notify(self, ev, payload) -> None:
+        self._notifying -= 1
+        ev.succeed(payload)
+        self._maybe_idle()
 
     # ---------------------------------------------------------------- observability
     def _sample(self, _ev=None) -> None:
@@ -297,7 +307,8 @@ class World:
             self._idle_event = None
 
     def _settled(self) -> bool:
-        return not self.active_sources and self.num_finished + self.num_rejected >= self.num_submitted
+        return (not self.active_sources and not self._notifying
+                and self.num_finished + self.num_rejected >= self.num_submitted)
 
     def _maybe_idle(self) -> None:
         ev = self._idle_event
