@@ -229,6 +229,11 @@ class World:
         reps = self.cluster.pools.get(pool)
         if reps is None:
             raise ValueError(f"unknown pool {pool!r}; pools: {sorted(self.cluster.pools)}")
+        if prompt_segments is not None:
+            prompt_segments = tuple((int(c), int(n)) for c, n in prompt_segments)
+            if sum(n for _, n in prompt_segments) != num_prompt_tokens or any(c < 0 or n < 0 for c, n in prompt_segments):
+                raise ValueError(f"prompt_segments must have content ids >= 0 and lengths summing to "
+                                 f"num_prompt_tokens={num_prompt_tokens}, got {prompt_segments}")
         self._seq += 1
         req = Request(request_id or f"{pool}-{self._seq}", num_prompt_tokens, max_tokens,
                       arrival_time=self.env.now, prompt_segments=prompt_segments, tag=tag)

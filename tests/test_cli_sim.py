@@ -1,0 +1,50 @@
+"""The command line: --help explains, --json prints one object as the last line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def maslat(*args, timeout=300):
+    out = subprocess.run([sys.executable, "-m", "maslat", *args], capture_output=True, text=True, timeout=timeout)
+    return out
+
+
+def last_json(out):
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_help_lists_commands():
+    out = maslat("--help")
+    assert out.returncode == 0 and "simulate" in out.stdout and "bench" in out.stdout
+
+
+def test_simulate_json_and_files(tmp_path):
+    out = maslat("simulate", "--replicas", "2", "--rate", "10", "--duration", "20", "--seed", "3",
+                 "--records", str(tmp_path / "r.csv"), "--timeseries", str(tmp_path / "t.parquet"), "--json")
+    d = last_json(out)
+    assert d["finished"] > 100 and set(d["ttft_s"]) == {"mean", "p50", "p90", "p99"}
+    assert (tmp_path / "r.csv").stat().st_size > 0 and (tmp_path / "t.parquet").stat().st_size > 0
+    assert "TTFT" in out.stdout or "ttft_s" in out.stdout
+
+
+def test_simulate_replays_a_trace(traces_dir):
+    trace = traces_dir / "azure2023" / "AzureLLMInferenceTrace_code.csv"
+    d = last_json(maslat("simulate", "--trace", str(trace), "--duration", "30", "--replicas", "2", "--json"))
+    assert d["finished"] > 10 and d["rejected"] == {}
+
+
+def test_simulate_bad_input_is_a_clear_error():
+    out = maslat("simulate", "--profile", "no-such-profile")
+    assert out.returncode == 2 and "unknown profile 'no-such-profile'" in out.stderr
+
+
+@pytest.mark.slow
+def test_bench_sim_small_json():
+    d = last_json(maslat("bench", "sim", "--requests", "3000", "--replicas", "2", "--json"))
+    for k in ("scenario", "requests", "wall_s", "requests_per_s", "sim_s_per_wall_s", "peak_rss_mb", "stepwise"):
+        assert k in d
+    assert d["stepwise"]["identical_results"] is True and d["finished"] == 3000
