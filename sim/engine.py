@@ -195,7 +195,11 @@ class EngineCore:
         else:
             if not self._valid:
                 self._build_aggregate()
-            plan = (self._plan_run(t0) if self.jumps else None) or self._schedule_fast(t0)
+            plan = None
+            if self.jumps and self.n_dec and not self.prefilling and not self.lagging:
+                plan = self._plan_run(t0)
+            if plan is None:
+                plan = self._schedule_fast(t0)
             if plan is None:
                 self._dissolve()
                 plan = self._schedule_reference(t0)
@@ -429,15 +433,16 @@ class EngineCore:
         """Smallest j >= 1 whose end time (as a float, exactly as the clock will show it) is >= ``t_s``."""
         if p.t0 / TICKS_PER_S >= t_s:
             return 1
-        A = p.g * p.n_dec / 2.0
-        B = p.P + p.g * p.ctx - A
-        C = p.t0 - t_s * TICKS_PER_S
+        t0, P, g, ctx, n = p.t0, p.P, p.g, p.ctx, p.n_dec
+        A = g * n / 2.0
+        B = P + g * ctx - A
+        C = t0 - t_s * TICKS_PER_S
         j = int((-B + math.sqrt(B * B - 4 * A * C)) / (2 * A)) if A > 0 else int(-C / B)
         j = max(1, j - 1)
-        end = self._run_end
-        while end(p, j) / TICKS_PER_S < t_s:
+        # exact integer end times decide (the float estimate only seeds the search)
+        while (t0 + j * P + g * (j * ctx + n * j * (j - 1) // 2)) / TICKS_PER_S < t_s:
             j += 1
-        while j > 1 and end(p, j - 1) / TICKS_PER_S >= t_s:
+        while j > 1 and (t0 + (j - 1) * P + g * ((j - 1) * ctx + n * (j - 1) * (j - 2) // 2)) / TICKS_PER_S >= t_s:
             j -= 1
         return j
 
@@ -510,11 +515,13 @@ class EngineCore:
                 self.lagging = []
             self.itl.observe(dur_s, n_dec - len(lag))
             self._finish_decodes(D0, T, finished)
-        self.iteration_tokens.observe(n_dec + sum(n for _, n, _ in p.sched))
+        tokens = n_dec
         for r, n, _ in p.sched:
+            tokens += n
             r._c += n
             if r._c >= r.num_prompt_tokens + r._out:
                 self._sample(r, T, finished)
+        self.iteration_tokens.observe(tokens)
 
     def _complete_reference(self, p: _Plan, T: float, finished: list[Request]) -> None:
         self.num_steps += 1

@@ -86,14 +86,17 @@ class Replica:
         self._gen = 0
         self._busy = False
 
-    # gauges as a scraper of this replica's /metrics would see them now
     def gauges(self, now_s: float | None = None) -> dict[str, float]:
+        """What a scraper of this replica's ``/metrics`` would read now, under vLLM's names (without the
+        ``vllm:`` prefix), plus ``ttft_ema_s`` (EMA of engine-side TTFT) and ``outstanding`` (router's count)."""
         now_s = self.env.now if now_s is None else now_s
         running, waiting, used, gen = self.core.gauges(now_s)
         c = self.core
         return {"num_requests_running": running, "num_requests_waiting": waiting,
                 "kv_cache_usage_perc": used / c.kv.num_usable, "ttft_ema_s": c.ttft_ema_s,
-                "generation_tokens": gen, "outstanding": self.outstanding}
+                "num_preemptions": c.num_preemptions, "prompt_tokens": c.prompt_tokens, "generation_tokens": gen,
+                "prefix_cache_queries": c.prefix_cache_queries, "prefix_cache_hits": c.prefix_cache_hits,
+                "outstanding": self.outstanding}
 
     def kv_usage(self, now_s: float) -> float:
         return self.core.gauges(now_s)[2] / self.core.kv.num_usable
