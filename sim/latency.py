@@ -131,6 +131,121 @@ class PhysicsStepModel:
         per_ctx = c.dc_compute * self._attn_dc + c.dc_kv * self._kv_over_bw
         self.linear_decode = (round(per_step * TICKS_PER_S), round(per_dec * TICKS_PER_S), round(per_ctx * TICKS_PER_S))
         self._coef = c.as_tuple()
+        # prefill time per chunk = n*_pf_n + (n^2 + 2np)*_pf_q + (p + n)*_pf_kv + _pf_1
+        self._pf_n = c.pf_compute * self._f_over_peak + c.tp * self._tp_per_token
+        self._pf_q = c.pf_compute * self._attn_pf
+        self._pf_kv = c.pf_kv * self._kv_over_bw
+        self._pf_1 = c.req_s + c.chunk_s
+
+    def basis(self, n_dec: int, ctx_dec: int, chunks: Sequence[Chunk]) -> tuple[float, ...]:
+        """The ten basis terms of one step, in the order of ``BASIS_NAMES``."""
+        sum_n = sum_q = sum_pn = 0
+        for n, p in chunks:
+            sum_n += n
+            sum_q += n * n + 2 * n * p
+            sum_pn += p + n
+        return (
+            self._f_over_peak * sum_n + self._attn_pf * sum_q,
+            self._kv_over_bw * sum_pn,
+            self._f_over_peak * n_dec + self._attn_dc * ctx_dec,
+            self._kv_over_bw * ctx_dec,
+            self._x_weight,
+            self._tp_per_token * (sum_n + n_dec),
+            self._layers,
+            float(n_dec + len(chunks)),
+            1.0,
+            float(len(chunks)),
+        )
+
+    def step_seconds(self, n_dec: int, ctx_dec: int, chunks: Sequence[Chunk]) -> float:
+        return sum(b * x for b, x in zip(self._coef, self.basis(n_dec, ctx_dec, chunks), strict=True))
+
+    def prefill_seconds(self, chunks: Sequence[Chunk]) -> float:
+        """The part of a step's time that its prefill chunks add (zero without chunks)."""
+        pf_n, pf_q, pf_kv, pf_1 = self._pf_n, self._pf_q, self._pf_kv, self._pf_1
+        t = 0.0
+        for n, p in chunks:
+            t += n * pf_n + (n * n + 2 * n * p) * pf_q + (p + n) * pf_kv + pf_1
+        return t
+
+    def step_ticks(self, n_dec: int, ctx_dec: int, chunks: Sequence[Chunk]) -> int:
+        """Duration of one step in ticks."""
+        ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PhysicsCoefficients:
+    """Non-negative weights of the basis terms (dimensionless for X_*, seconds for the counts)."""
+
+    pf_compute: float = 2.2
+    pf_kv: float = 0.0
+    dc_compute: float = 0.0
+    dc_kv: float = 1.9
+    weight: float = 1.4
+    tp: float = 0.75
+    layer_s: float = 32e-6
+    req_s: float = 4e-6
+    step_s: float = 126e-6
+    chunk_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in BASIS_NAMES:
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0 or v != v or v == float("inf"):
+                raise ValueError(
+                    f"latency coefficient {name!r} must be a non-negative finite number, got {v!r} "
+                    "(every coefficient of the physics model is non-negative)"
+                )
+
+    def as_tuple(self) -> tuple[float, ...]:
+        return tuple(float(getattr(self, n)) for n in BASIS_NAMES)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, float]) -> PhysicsCoefficients:
+        unknown = sorted(set(values) - set(BASIS_NAMES))
+        if unknown:
+            raise ValueError(f"unknown latency coefficient(s) {unknown}; expected a subset of {list(BASIS_NAMES)}")
+        return cls(**{k: float(v) for k, v in values.items()})
+
+
+class PhysicsStepModel:
+    """Roofline basis x fitted efficiency factors (``latency_physics.md`` section 4).
+
+    All basis terms are per GPU under tensor parallelism ``tp``: weights, KV bytes and FLOPs are divided by
+    ``tp``; an all-reduce of (tokens x hidden x dtype) bytes runs twice per layer.
+    """
+
+    def __init__(self, hardware: HardwareSpec, model: ModelSpec, tp: int, coefficients: PhysicsCoefficients):
+        self.hardware, self.model, self.tp, self.coefficients = hardware, model, tp, coefficients
+        peak, bw = hardware.peak_flops * tp, hardware.mem_bw_bytes_per_s * tp
+        F, L, d, kv = model.linear_flops_per_token, model.num_layers, model.attn_dim, model.kv_bytes_per_token
+        self._f_over_peak = F / peak
+        self._attn_pf = 2.0 * L * d / peak  # x (n^2 + 2np)
+        self._attn_dc = 4.0 * L * d / peak  # x context
+        self._kv_over_bw = kv / bw
+        self._x_weight = model.weight_bytes / bw
+        if tp > 1:
+            if hardware.interconnect_bw_bytes_per_s is None:
+                raise ValueError(
+                    f"tensor_parallel_size={tp} needs hardware.interconnect_bw_bytes_per_s in the profile"
+                )
+            ring = 2.0 * (tp - 1) / tp
+            per_token = 2 * L * model.hidden_size * model.dtype_bytes * ring / tp
+            self._tp_per_token = per_token / hardware.interconnect_bw_bytes_per_s
+        else:
+            self._tp_per_token = 0.0
+        self._layers = float(L)
+        c = coefficients
+        per_step = c.weight * self._x_weight + c.layer_s * self._layers + c.step_s
+        per_dec = c.dc_compute * self._f_over_peak + c.tp * self._tp_per_token + c.req_s
+        per_ctx = c.dc_compute * self._attn_dc + c.dc_kv * self._kv_over_bw
+        self.linear_decode = (round(per_step * TICKS_PER_S), round(per_dec * TICKS_PER_S), round(per_ctx * TICKS_PER_S))
+        self._coef = c.as_tuple()
+        # prefill time per chunk = n*_pf_n + (n^2 + 2np)*_pf_q + (p + n)*_pf_kv + _pf_1
+        self._pf_n = c.pf_compute * self._f_over_peak + c.tp * self._tp_per_token
+        self._pf_q = c.pf_compute * self._attn_pf
+        self._pf_kv = c.pf_kv * self._kv_over_bw
+        self._pf_1 = c.req_s + c.chunk_s
 
     def basis(self, n_dec: int, ctx_dec: int, chunks: Sequence[Chunk]) -> tuple[float, ...]:
         """The ten basis terms of one step, in the order of ``BASIS_NAMES``."""

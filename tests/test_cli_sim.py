@@ -24,10 +24,12 @@ def test_help_lists_commands():
 
 def test_simulate_json_and_files(tmp_path):
     out = maslat("simulate", "--replicas", "2", "--rate", "10", "--duration", "20", "--seed", "3",
-                 "--records", str(tmp_path / "r.csv"), "--timeseries", str(tmp_path / "t.parquet"), "--json")
+                 "--records", str(tmp_path / "r.csv"), "--timeseries", str(tmp_path / "t.parquet"),
+                 "--plots", str(tmp_path / "plots"), "--json")
     d = last_json(out)
     assert d["finished"] > 100 and set(d["ttft_s"]) == {"mean", "p50", "p90", "p99"}
     assert (tmp_path / "r.csv").stat().st_size > 0 and (tmp_path / "t.parquet").stat().st_size > 0
+    assert (tmp_path / "plots" / "latency_cdf.png").stat().st_size > 10_000
     assert "TTFT" in out.stdout or "ttft_s" in out.stdout
 
 

@@ -23,5 +23,5 @@ def run(args) -> int:
     ns = argparse.Namespace(profile="h100-llama-3.1-8b", replicas=2, router="least_outstanding", rate=24.0,
                             burst_cv=None, duration=120.0, seed=0, trace=None, time_scale=1.0, prompt_tokens=None,
                             output_tokens=None, no_prefix_caching=False, records=args.out / "records.csv",
-                            timeseries=args.out / "timeseries.csv", json=args.json)
+                            timeseries=args.out / "timeseries.csv", plots=args.out, json=args.json)
     return simulate.run(ns)

@@ -40,6 +40,7 @@ def configure(p) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's prefix cache off")
     p.add_argument("--records", type=Path, help="write per-request records (.csv or .parquet)")
     p.add_argument("--timeseries", type=Path, help="write the sampled gauges (.csv or .parquet)")
+    p.add_argument("--plots", type=Path, help="write latency CDFs and queue time-series plots (PNG) here")
     add_json_flag(p)
 
 
@@ -114,6 +115,13 @@ def run(args) -> int:
         _write(world.records.to_dataframe(), args.records)
     if args.timeseries:
         _write(world.timeseries.to_dataframe(), args.timeseries)
+    if getattr(args, "plots", None):
+        from maslat.plots import latency_cdfs, queue_timeseries
+
+        title = f"{prof.name} x {args.replicas} ({args.router})"
+        latency_cdfs(world.records.to_dataframe(), args.plots / "latency_cdf.png", title)
+        queue_timeseries(world.timeseries.to_dataframe(), args.plots / "queues.png", title)
+        print(f"plots written to {args.plots}/")
     if args.json:
         emit_json({"profile": prof.name, "replicas": args.replicas, "router": args.router, "seed": args.seed,
                    "wall_s": wall, "dropped_trace_rows": dropped, **s})
