@@ -44,23 +44,27 @@ class Histogram:
         self.count += weight
 
     def observe_linear(self, first: float, step: float, n: int, weight: int = 1) -> None:
-        """Observe ``first + step*j`` for j in 0..n-1, each ``weight`` times, in O(buckets)."""
+        """Observe ``first + step*j`` for j in 0..n-1, each ``weight`` times, in O(buckets crossed)."""
         if n <= 0:
             return
-        if step <= 0:
-            self.observe(first, weight * n)
-            return
-        done = 0  # values already placed
-        for i, b in enumerate(self.bounds):
-            # number of j with first + step*j <= b
-            upto = 0 if b < first else min(n, math.floor((b - first) / step) + 1)
-            if upto > done:
-                self.counts[i] += (upto - done) * weight
+        bounds, counts = self.bounds, self.counts
+        last = first + step * (n - 1)
+        i = bisect_left(bounds, first)
+        k = bisect_left(bounds, last)
+        if i == k or step <= 0:
+            counts[i] += n * weight
+        else:
+            done = 0  # values placed so far: those <= bounds[i - 1]
+            for b in bounds[i:k]:
+                upto = min(n, max(done, math.floor((b - first) / step) + 1))
+                while upto < n and first + step * upto <= b:  # settle float round-off at the bound
+                    upto += 1
+                while upto > done and first + step * (upto - 1) > b:
+                    upto -= 1
+                counts[i] += (upto - done) * weight
                 done = upto
-            if done == n:
-                break
-        if done < n:
-            self.counts[-1] += (n - done) * weight
+                i += 1
+            counts[k] += (n - done) * weight
         self.sum += weight * (n * first + step * n * (n - 1) / 2)
         self.count += weight * n
 

@@ -138,3 +138,14 @@ def test_worlds_do_not_interfere():
     a.run_until_idle()
     assert b.num_submitted == 0 and len(b.records) == 0 and isinstance(a, World)
     assert math.isclose(a.now, 0.10)
+
+
+def test_histogram_linear_observation_equals_one_by_one():
+    from sim.histogram import ITL_BUCKETS_S, Histogram
+
+    for first, step, n in ((0.004, 0.0003, 500), (0.011, 0.0, 7), (0.3, 0.05, 100), (0.0001, 1e-6, 3)):
+        a, b = Histogram(ITL_BUCKETS_S), Histogram(ITL_BUCKETS_S)
+        a.observe_linear(first, step, n, weight=3)
+        for j in range(n):
+            b.observe(first + step * j, 3)
+        assert a.counts == b.counts and a.count == b.count and abs(a.sum - b.sum) < 1e-9 * max(1, b.sum)
