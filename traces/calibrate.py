@@ -56,10 +56,11 @@ REFINE_ANCHOR_WEIGHT = 0.002
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class CalibrationResult:
-    """A calibrated profile and the report of how it was obtained (JSON-ready)."""
+    """A calibrated profile and the report of how it was obtained (JSON-ready); ``fit`` holds the NNLS rows."""
 
     profile: sim.Profile
     report: dict
+    fit: StepFit | None = None
 
 
 def _gpu(run: MeasuredRun, gpu: str | None) -> tuple[GpuEntry, str]:
@@ -209,7 +210,7 @@ def calibrate_run(run_or_dir: MeasuredRun | str | Path, *, fit_fraction: float |
     profile = profile.replace(description=_description(run, hw, model, cap, fit_fraction),
                               sources=_sources(run, gpu_entry, gpu_src, hardware, model, engine_sources, fit, mult),
                               derived_from=_derived_from(run, fit_fraction, seed))
-    return CalibrationResult(profile=profile, report=report)
+    return CalibrationResult(profile=profile, report=report, fit=fit)
 
 
 def _report(run, fit_fraction, mask, seed, gpu_entry, gpu_src, hw, model, cap, engine, fit, coef, mult,
