@@ -108,3 +108,17 @@ def test_accuracy_bar_from_scratch(runs, name):
     assert held["evaluated_requests"] == int((run.offsets_s > 0.5 * run.offsets_s.max()).sum())
     assert held["calibration"]["fit_requests"] + held["evaluated_requests"] == len(run)
     assert np.isfinite(held["timeseries_mae"]["running"])
+
+
+def test_replay_uses_the_runs_engine_settings(runs):
+    """Another profile supplies hardware and latency; the engine limits and measured capacity are the run's."""
+    out = replay_run(runs["rtx4090-llama-3.1-8b"], "h100-llama-3.1-8b")
+    assert out["engine"] == {"max_num_seqs": 256, "max_num_batched_tokens": 2048, "max_model_len": 32768,
+                             "block_size": 16, "num_gpu_blocks": 2588}
+    assert out["engine_overridden_by_run"]["num_gpu_blocks"] == {"profile": 27000, "run": 2588}
+    assert out["simulated"]["preemptions"] > 0  # KV-bound with the measured capacity
+    pro = replay_run(runs["rtxpro6000-llama-3.1-8b"], "h100-llama-3.1-8b")
+    assert pro["engine"]["num_gpu_blocks"] == 27000  # not measured by the run: the profile's stays
+    assert pro["engine"]["max_num_seqs"] == 128
+    # an H100 is much faster than these GPUs: the replay says so, the bar fails
+    assert not out["bar"]["passed"] and out["metrics"]["tpot_s"]["p50"]["error_pct"] < -20

@@ -63,7 +63,9 @@ class CalibrationResult:
     fit: StepFit | None = None
 
 
-def _gpu(run: MeasuredRun, gpu: str | None) -> tuple[GpuEntry, str]:
+def _gpu(run: MeasuredRun, gpu: str | None, hardware: sim.HardwareSpec | None) -> tuple[GpuEntry, str]:
+    if hardware is not None and gpu is None:
+        return GpuEntry(key="given", aliases=(), spec=hardware, sources={}), "given by the caller"
     if gpu is not None:
         return lookup_gpu(gpu), f"given (gpu={gpu!r})"
     name = (run.meta.hardware or {}).get("device_name")
@@ -186,7 +188,7 @@ def calibrate_run(run_or_dir: MeasuredRun | str | Path, *, fit_fraction: float |
     t_start = time.perf_counter()
     run = as_run(run_or_dir)
     mask, split = fit_mask(run, fit_fraction)
-    gpu_entry, gpu_src = _gpu(run, gpu)
+    gpu_entry, gpu_src = _gpu(run, gpu, hardware)
     hw = hardware or gpu_entry.spec
     model = lookup_model(run.meta.model)
     cap = kv_capacity(run, gpu_entry, model, until_s=split)
@@ -195,6 +197,10 @@ def calibrate_run(run_or_dir: MeasuredRun | str | Path, *, fit_fraction: float |
     basis = sim.PhysicsStepModel(hw, model.spec, tp, PRIOR)
     fit = fit_step_model(run.requests, run.prompt_tokens, run.output_tokens, run.offsets_s, engine, basis,
                          mask=mask, async_scheduling=bool(run.engine.async_scheduling))
+    if not cap.measured:
+        peak = int(fit.trace.used_blocks.max(initial=0))
+        engine_sources["engine.num_gpu_blocks"] += (f"; the reconstruction of the run peaks at {peak} blocks in use"
+                                                    f" ({100 * peak / (cap.num_gpu_blocks - 1):.0f} % of this)")
     base = sim.Profile(name=name or run.name, hardware=hw, model=model.spec,
                        parallel=sim.ParallelConfig(tensor_parallel_size=tp), engine=engine,
                        latency_coefficients=dict(zip(BASIS_NAMES, fit.coefficients.as_tuple(), strict=True)),
@@ -228,7 +234,9 @@ def _report(run, fit_fraction, mask, seed, gpu_entry, gpu_src, hw, model, cap, e
         "async_scheduling": run.engine.async_scheduling,
         "kv_capacity": {"num_gpu_blocks": cap.num_gpu_blocks, "measured": cap.measured, "method": cap.method,
                         "source": cap.source, "detail": cap.detail,
-                        "peak_used_blocks_reconstructed": None},
+                        "peak_used_blocks_reconstructed": int(tr.used_blocks.max(initial=0)),
+                        "binding": bool(tr.num_preemptions.sum() > 0
+                                        or tr.used_blocks.max(initial=0) >= 0.95 * (cap.num_gpu_blocks - 1))},
         "reconstruction": {"observed_step_boundaries": len(fit.events), "batched_boundaries": fit.events.num_batched,
                            "engine_steps": tr.num_steps, "preemptions": int(tr.num_preemptions.sum()),
                            "preempted_requests": int((tr.num_preemptions > 0).sum()),
@@ -254,8 +262,11 @@ def _description(run, hw, model, cap, fit_fraction) -> str:
 
 def _sources(run, gpu_entry, gpu_src, hardware, model, engine_sources, fit, mult) -> dict[str, str]:
     out = {}
-    for k, v in gpu_entry.sources.items():
-        out[f"hardware.{k}"] = "given by the caller" if hardware is not None else f"{v}; GPU {gpu_src}"
+    for k in ("peak_flops", "mem_bw_bytes_per_s", "memory_bytes", "interconnect_bw_bytes_per_s"):
+        if hardware is not None:
+            out[f"hardware.{k}"] = "given by the caller (the hardware of the profile passed to the replay)"
+        elif k in gpu_entry.sources:
+            out[f"hardware.{k}"] = f"{gpu_entry.sources[k]}; GPU {gpu_src}"
     out["model"] = model.sources.get("model", "traces.hardware.MODELS")
     out.update(engine_sources)
     n_dec = int((fit.rows_kind == "decode").sum())
@@ -285,6 +296,8 @@ def format_report(report: dict) -> str:
     lines = [f"run {r['run']}  model {r['model']}  GPU {r['hardware']['name']} ({r['hardware']['identified_by']})",
              "engine: " + "  ".join(f"{k}={v}" for k, v in r["engine"].items()),
              f"KV capacity: {kv['num_gpu_blocks']} blocks, {kv['method']}: {kv['source']}",
+             f"  reconstructed peak use {kv['peak_used_blocks_reconstructed']} blocks: the capacity is "
+             f"{'binding (preemptions)' if kv['binding'] else 'not binding for this run'}",
              f"reconstruction: {rec['observed_step_boundaries']} observed step boundaries "
              f"({rec['batched_boundaries']} shared by several requests), {rec['engine_steps']} engine steps, "
              f"{rec['preemptions']} preemptions of {rec['preempted_requests']} requests",

@@ -1,17 +1,18 @@
 """KV-cache capacity (``num_gpu_blocks``) of a measured run: measured when recorded, otherwise estimated.
 
 The capacity decides when a KV-bound engine preempts, so it must come from measurement where it exists
-(``vllm.md`` s.3: ``kv_cache.num_gpu_blocks``). When a run lacks it, two estimates are available, and the
-report says which one was used:
+(``vllm.md`` s.3: ``kv_cache.num_gpu_blocks``). When a run lacks it, ``kv_capacity`` estimates it and says so
+(best source first):
 
-* **from the KV-usage gauge** (when ``kv_cache_pct`` was recorded): at each tick, the blocks held by the
-  requests in flight (from their timestamps) over the measured usage fraction gives ``num_gpu_blocks - 1``;
-* **from memory** (vLLM's profiling rule, ``gpu_worker.determine_available_memory``): KV memory =
-  ``gpu_memory_utilization x total memory - weights - activations``, divided by the bytes of one block. The
-  activation peak is modelled as the sampler's FP32 logits plus the MLP and attention activations of one full
-  token budget: ``T x (vocab x 4 B + (2 x intermediate + 4 x hidden) x dtype)`` with
-  ``T = max_num_batched_tokens``. On the RTX 4090 run, which records its capacity (2,588 blocks), this rule
-  gives 2,589 (the test suite checks it). It is never ``0.9 x memory - weights`` alone (+31 % there).
+* **from memory** (vLLM's profiling rule, ``gpu_worker.determine_available_memory``) when the run recorded its
+  device memory: KV memory = ``gpu_memory_utilization x total memory - weights - activations``, divided by the
+  bytes of one block. The activation peak is modelled as the sampler's FP32 logits plus the MLP and attention
+  activations of one full token budget: ``T x (vocab x 4 B + (2 x intermediate + 4 x hidden) x dtype)`` with
+  ``T = max_num_batched_tokens``. On the RTX 4090 run, which records its capacity (2,588 blocks), this rule gives
+  2,589 (the test suite checks it). It is never ``0.9 x memory - weights`` alone (+23 % there);
+* **from the KV-usage gauge** when ``kv_cache_pct`` was recorded: blocks held by the requests in flight (from
+  their timestamps) over the measured usage fraction (about 6 % high on the RTX 4090 run);
+* **from memory with the GPU table's nominal memory** otherwise.
 """
 
 from __future__ import annotations

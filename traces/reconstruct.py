@@ -87,6 +87,7 @@ class EngineTrace:
         basis: one row per step, the ten ``sim.latency.BASIS_NAMES`` terms.
         n_dec, ctx_dec, prefill_tokens, n_chunks: per step.
         end: per step, its end time (seconds after the first arrival).
+        used_blocks: per step, KV blocks in use after it.
         first_step, last_step: per request, the step (1-based) that emitted its first / last token.
         admit_step: per request, the step (1-based) that first scheduled it.
         num_preemptions: per request.
@@ -98,6 +99,7 @@ class EngineTrace:
     prefill_tokens: np.ndarray
     n_chunks: np.ndarray
     end: np.ndarray
+    used_blocks: np.ndarray
     first_step: np.ndarray
     last_step: np.ndarray
     admit_step: np.ndarray
@@ -130,6 +132,7 @@ def reconstruct_engine(prompt_tokens: np.ndarray, output_tokens: np.ndarray, arr
         reqs.append(r)
     starts: list[int] = []
     ends: list[int] = []
+    used: list[int] = []
     k, t = 0, 0
     while True:
         while k < len(order) and arrivals[order[k]] * TICKS_PER_S <= t:
@@ -144,11 +147,12 @@ def reconstruct_engine(prompt_tokens: np.ndarray, output_tokens: np.ndarray, arr
         core.complete()
         starts.append(t)
         ends.append(end)
+        used.append(core.kv.num_usable - core.kv.free)
         t = end
-    return _trace(rec, reqs, starts, ends, model)
+    return _trace(rec, reqs, starts, ends, used, model)
 
 
-def _trace(rec: _Recorder, reqs: list[Request], starts: list[int], ends: list[int],
+def _trace(rec: _Recorder, reqs: list[Request], starts: list[int], ends: list[int], used: list[int],
            model: PhysicsStepModel) -> EngineTrace:
     m = len(rec.steps)
     step_of = {e / TICKS_PER_S: i + 1 for i, e in enumerate(ends)}
@@ -161,6 +165,7 @@ def _trace(rec: _Recorder, reqs: list[Request], starts: list[int], ends: list[in
         prefill_tokens=np.fromiter((sum(n for n, _ in s[2]) for s in rec.steps), np.int64, m),
         n_chunks=np.fromiter((len(s[2]) for s in rec.steps), np.int64, m),
         end=np.array(ends, np.float64) / TICKS_PER_S,
+        used_blocks=np.array(used, np.int64),
         first_step=np.array([step_of.get(r.first_token_ts, -1) for r in reqs], np.int64),
         last_step=np.array([step_of.get(r.last_token_ts, -1) for r in reqs], np.int64),
         admit_step=np.array([started.get(r.scheduled_ts, -1) for r in reqs], np.int64),

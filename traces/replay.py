@@ -1,8 +1,9 @@
 """Replay a measured run through the simulator and compare.
 
 The replay injects every request into the engine at ``queued_ts - min(queued_ts)`` with its measured prompt and
-output lengths (``vllm.md`` s.8), on one replica with the run's engine settings taken from the profile, and
-frontend/streaming overheads set to 0 (the run's metrics are engine-side). It reports, for TTFT, TPOT and E2E,
+output lengths (``vllm.md`` s.8), on one replica with the run's engine settings (the profile supplies hardware,
+model and step-time coefficients; see ``replay_profile``), and frontend/streaming overheads set to 0 (the run's
+metrics are engine-side). It reports, for TTFT, TPOT and E2E,
 the measured and simulated mean, p50, p90 and p99 and the signed error ``100 x (sim - measured)/measured``, and
 the mean absolute error of the running / waiting / KV-usage time series at the run's ticks (KV usage as a
 fraction 0-1; ``null`` when the run did not record it).
@@ -14,7 +15,7 @@ fraction F of the arrival window, then report errors on the others only.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +53,30 @@ def fit_mask(run: MeasuredRun, fit_fraction: float | None) -> tuple[np.ndarray, 
     return mask, split
 
 
-def replay_profile(profile: sim.Profile) -> sim.Profile:
-    """The profile as a replay uses it: engine-side metrics, so no frontend or streaming overheads."""
-    return profile.replace(overheads=sim.Overheads())
+def replay_profile(profile: sim.Profile, run: MeasuredRun | None = None) -> tuple[sim.Profile, dict]:
+    """The profile as a replay of ``run`` uses it, and the engine settings the run overrode.
+
+    Engine-side metrics, so no frontend or streaming overheads. The engine limits are the run's (the profile
+    supplies hardware, model and latency): every setting the run records replaces the profile's, and
+    ``num_gpu_blocks`` only when measured (an unrecorded capacity keeps the profile's).
+    """
+    prof = profile.replace(overheads=sim.Overheads())
+    if run is None:
+        return prof, {}
+    e, cfg = run.engine, prof.engine
+    want = {"max_num_seqs": e.max_num_seqs, "max_num_batched_tokens": e.max_num_batched_tokens,
+            "block_size": e.block_size, "enable_prefix_caching": e.enable_prefix_caching,
+            "scheduler_reserve_full_isl": e.scheduler_reserve_full_isl,
+            "long_prefill_token_threshold": e.long_prefill_token_threshold}
+    if e.num_gpu_blocks is not None:
+        want["num_gpu_blocks"] = e.num_gpu_blocks
+    if e.max_model_len is not None:
+        want["max_model_len"] = e.max_model_len
+    blocks = want.get("num_gpu_blocks", cfg.num_gpu_blocks)
+    cap_tokens = (blocks - 1) * want["block_size"]
+    want["max_model_len"] = min(want.get("max_model_len", cfg.max_model_len), cap_tokens)
+    changed = {k: {"profile": getattr(cfg, k), "run": v} for k, v in want.items() if getattr(cfg, k) != v}
+    return prof.replace(engine=replace(cfg, **want)), changed
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -69,8 +91,8 @@ class SimulatedRun:
 
 
 def simulate_run(run: MeasuredRun, profile: sim.Profile, *, seed: int = 0) -> SimulatedRun:
-    """Replay ``run`` through one simulated replica of ``profile`` (see the module docstring)."""
-    prof = replay_profile(profile)
+    """Replay ``run`` through one simulated replica of ``profile`` with the run's engine settings."""
+    prof, _ = replay_profile(profile, run)
     world = sim.make_world(sim.PoolSpec(name="replay", profile=prof), seed=seed, sample_interval_s=None)
     off = run.offsets_s
     order = np.argsort(off, kind="stable")
@@ -195,12 +217,16 @@ def replay_run(run_or_dir: MeasuredRun | str | Path, profile: sim.Profile | str 
     eval_mask = ~mask if fit_fraction is not None else mask
     simulated = simulate_run(run, prof, seed=seed)
     metrics = latency_errors(run, simulated, eval_mask)
+    used, overrides = replay_profile(prof, run)
     out = {"run": run.name, "profile": prof.name, "fit_fraction": fit_fraction,
            "evaluated_requests": int(eval_mask.sum()), "split_s": split, "metrics": metrics,
            "timeseries_mae": timeseries_mae(run, simulated, from_s=split),
            "bar": _bar(metrics, 10.0 if fit_fraction is not None else 5.0),
            "simulated": {"preemptions": simulated.preemptions, "engine_steps": simulated.engine_steps,
                          "rejected": simulated.rejected},
+           "engine": {k: getattr(used.engine, k) for k in ("max_num_seqs", "max_num_batched_tokens",
+                                                           "max_model_len", "block_size", "num_gpu_blocks")},
+           "engine_overridden_by_run": overrides,
            "kv_cache_recorded": run.kv_cache_recorded}
     if calibration is not None:
         out["calibration"] = calibration
