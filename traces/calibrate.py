@@ -246,11 +246,27 @@ def _report(run, fit_fraction, mask, seed, gpu_entry, gpu_src, hw, model, cap, e
                            "event_time_error_s": {"median_abs": float(np.median(np.abs(fit.event_errors_s))),
                                                   "p90_abs": float(np.percentile(np.abs(fit.event_errors_s), 90))}},
         "nnls": _nnls_report(fit, coef),
+        "physical_reading": _physical(coef, hw),
         "refinement": {"multipliers": mult, **refine_info},
         "fit_errors_pct": {m: {s: final[m][s]["error_pct"] for s in final[m]} for m in final},
         "overheads": {"frontend_s": PRIOR_OVERHEADS.frontend_s, "post_decode_s": PRIOR_OVERHEADS.post_decode_s,
                       "per_output_token_s": PRIOR_OVERHEADS.per_output_token_s, "source": _OVERHEAD_SOURCE},
     }
+
+
+def _physical(coef: dict[str, float], hw: sim.HardwareSpec) -> dict:
+    """What the fitted factors say about the hardware, and a warning where a factor beats the roofline."""
+    out = {"weight_stream_bandwidth_fraction": 1 / coef["weight"] if coef["weight"] else None,
+           "decode_kv_bandwidth_fraction": 1 / coef["dc_kv"] if coef["dc_kv"] else None,
+           "prefill_mfu": 1 / coef["pf_compute"] if coef["pf_compute"] else None,
+           "peak_flops": hw.peak_flops, "mem_bw_bytes_per_s": hw.mem_bw_bytes_per_s, "notes": []}
+    for k, what in (("weight_stream_bandwidth_fraction", "weight streaming"), ("decode_kv_bandwidth_fraction",
+                    "decode KV reads"), ("prefill_mfu", "prefill compute")):
+        if out[k] is not None and out[k] > 1:
+            out["notes"].append(f"{what} at {100 * out[k]:.0f} % of the table's peak: the additive basis counts "
+                                "overlapping compute and memory time twice and collinear terms share the time, "
+                                "so the factors' sum is meaningful, not their split (or the table's peak is low)")
+    return out
 
 
 def _description(run, hw, model, cap, fit_fraction) -> str:
@@ -312,6 +328,11 @@ def format_report(report: dict) -> str:
         if v["rows"]:
             lines.append(f"  {k:22s} rows {v['rows']:4d}  median |err| {v['median_abs_rel_pct']:5.2f} %  "
                          f"p90 |err| {v['p90_abs_rel_pct']:5.2f} %  total bias {v['bias_pct']:+.2f} %")
+    ph = r["physical_reading"]
+    lines.append(f"reading: weight streaming at {100 * (ph['weight_stream_bandwidth_fraction'] or 0):.0f} % of peak "
+                 f"bandwidth, decode KV reads at {100 * (ph['decode_kv_bandwidth_fraction'] or 0):.0f} %, prefill MFU "
+                 f"{100 * (ph['prefill_mfu'] or 0):.0f} % of {ph['peak_flops'] / 1e12:.0f} TFLOP/s")
+    lines += [f"  note: {n}" for n in ph["notes"]]
     ref = r["refinement"]
     lines.append("refinement: " + "  ".join(f"{k} x{v:.4f}" for k, v in ref["multipliers"].items())
                  + f"  ({ref['evaluations']} replays, objective {ref['objective_start']:.4g} -> "
