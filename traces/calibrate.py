@@ -44,7 +44,7 @@ _OVERHEAD_SOURCE = ("not identifiable from the run format (engine-side timestamp
 
 #: multiplier name -> coefficients it scales (only those NNLS fitted: held ones stay at their published values)
 MULTIPLIERS: dict[str, tuple[str, ...]] = {
-    "base": ("weight", "req_s", "tp"),
+    "base": ("weight", "req_s"),
     "dc_kv": ("dc_kv",),
     "prefill": ("pf_compute",),
 }

@@ -16,7 +16,8 @@ constant are all constant per step: only their sum is identified. It is fitted t
 ``layer_s`` and ``step_s`` are held at published values. ``dc_compute`` is collinear with ``req_s`` (decode FLOPs
 grow with the decodes) and ``dc_kv`` (attention FLOPs with the context): held at 0, decode being memory-bound.
 ``pf_kv`` and ``chunk_s`` are collinear with ``pf_compute`` and ``req_s`` at chunk sizes within one token budget:
-held at 0. ``tp`` has a zero basis term at TP 1 (fitted only at TP > 1). In a KV-bound run the decode context
+held at 0. ``tp`` is zero at TP 1 and grows with the step's tokens at TP > 1 (collinear with ``req_s`` and
+``pf_compute``): held at the published value. In a KV-bound run the decode context
 barely varies, so ``weight`` and ``dc_kv`` are nearly collinear too: a weak prior (``PRIOR_WEIGHT``) toward the
 published factors decides that split without moving well-determined directions.
 """
@@ -63,13 +64,16 @@ HELD = {
                   "context token); decode is memory-bound",
     "pf_kv": "held at 0: collinear with pf_compute for chunks within one token budget",
     "chunk_s": "held at 0: collinear with req_s and pf_compute",
-    "tp": "kept at the prior 0.75: its basis term is 0 at tensor_parallel_size 1 (not identifiable)",
+    "tp": "held at the published 0.75: its basis term is 0 at tensor_parallel_size 1, and at TP > 1 it grows with "
+          "the step's tokens, collinear with req_s (one token per decode) and pf_compute (prefill tokens) within "
+          "one run; separating it needs runs at several TP degrees",
 }
 
 
 def free_coefficients(tp: int) -> tuple[str, ...]:
-    """The coefficients NNLS fits for a run at tensor-parallel degree ``tp``."""
-    return ("weight", "req_s", "dc_kv", "pf_compute") + (("tp",) if tp > 1 else ())
+    """The coefficients NNLS fits for a run at tensor-parallel degree ``tp`` (``tp`` itself never: see HELD)."""
+    del tp
+    return ("weight", "req_s", "dc_kv", "pf_compute")
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
