@@ -12,6 +12,8 @@ COMMANDS: dict[str, str] = {
     "profiles": "maslat.commands.profiles",
     "bench": "maslat.commands.bench",
     "demo": "maslat.commands.demo",
+    "calibrate": "maslat.commands.calibrate",
+    "replay": "maslat.commands.replay",
 }
 
 

@@ -13,15 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import TraceFormatError
 from .paths import trace_file
 
 __all__ = ["AzureTrace", "TraceFormatError", "read_azure_trace", "azure_trace"]
 
 HEADER = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
-
-
-class TraceFormatError(ValueError):
-    """Malformed trace input; the message names the file, the line and the field."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,229 @@
+"""``meta.json`` of a measured run, and the engine settings it implies.
+
+Settings resolve in this order (the first that has the field wins, and its source is recorded):
+``resolved_config`` (the whole resolved ``VllmConfig``), then ``kv_cache``, then ``engine_kwargs``, then the
+vLLM 0.19.0 defaults of ``vllm.md`` s.4.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import TraceFormatError, line_of_key
+
+__all__ = ["EngineSettings", "RunMeta", "engine_settings", "parse_meta"]
+
+_KNOWN = ("schema_version", "model", "vllm_version", "engine_kwargs", "dataset_path", "dataset_hash",
+          "num_requests", "started_at", "finished_at", "tick_seconds", "kv_cache", "hardware", "resolved_config")
+
+
+class _Where:
+    def __init__(self, where: str, text: str | None):
+        self.where, self.text = where, text
+
+    def error(self, dotted: str, problem: str) -> TraceFormatError:
+        """Point at the field's own line, or at its parent's when the field is missing."""
+        line = None
+        for key in reversed(dotted.split(".")):
+            line = line_of_key(self.text, key)
+            if line is not None:
+                break
+        loc = f"{self.where}:{line}" if line is not None else self.where
+        return TraceFormatError(f"{loc}: field {dotted}: {problem}")
+
+
+def _opt_dict(data: dict, key: str, w: _Where) -> dict | None:
+    v = data.get(key)
+    if v is not None and not isinstance(v, dict):
+        raise w.error(key, f"must be an object or absent, got {type(v).__name__}")
+    return v
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunMeta:
+    """The parsed ``meta.json`` (unknown keys are kept in ``extra``)."""
+
+    schema_version: int = 1
+    model: str
+    vllm_version: str | None = None
+    engine_kwargs: dict[str, Any]
+    dataset_path: str | None = None
+    dataset_hash: str | None = None
+    num_requests: int | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    tick_seconds: float = 1.0
+    kv_cache: dict[str, Any] | None = None
+    hardware: dict[str, Any] | None = None
+    resolved_config: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def started_at_epoch_s(self) -> float | None:
+        return None if self.started_at is None else _epoch(self.started_at)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k in _KNOWN:
+            v = getattr(self, k)
+            if v is not None or k in ("vllm_version",):
+                out[k] = v
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "meta.json", text: str | None = None) -> RunMeta:
+        w = _Where(where, text)
+        if not isinstance(data, dict):
+            raise TraceFormatError(f"{where}: meta must be a JSON object, got {type(data).__name__}")
+        model = data.get("model")
+        if model is None and isinstance(data.get("engine_kwargs"), dict):
+            model = data["engine_kwargs"].get("model")
+        if not isinstance(model, str) or not model:
+            raise w.error("model", f"must be a non-empty string (the served model), got {model!r}")
+        ek = data.get("engine_kwargs")
+        if not isinstance(ek, dict):
+            raise w.error("engine_kwargs", f"must be an object with the engine's limits, got {ek!r}")
+        tick = data.get("tick_seconds", 1.0)
+        if not isinstance(tick, (int, float)) or isinstance(tick, bool) or not (tick > 0 and math.isfinite(tick)):
+            raise w.error("tick_seconds", f"must be a positive number of seconds, got {tick!r}")
+        for k in ("started_at", "finished_at"):
+            v = data.get(k)
+            if v is not None:
+                try:
+                    _epoch(v)
+                except (TypeError, ValueError):
+                    raise w.error(k, f"must be an ISO-8601 time such as 2026-04-25T18:47:18.27Z, got {v!r}") from None
+        n = data.get("num_requests")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+            raise w.error("num_requests", f"must be an integer >= 0, got {n!r}")
+        sv = data.get("schema_version", 1)
+        if sv != 1:
+            raise w.error("schema_version", f"version {sv!r} is not supported (expected 1)")
+        return cls(schema_version=1, model=model, vllm_version=data.get("vllm_version"), engine_kwargs=ek,
+                   dataset_path=data.get("dataset_path"), dataset_hash=data.get("dataset_hash"), num_requests=n,
+                   started_at=data.get("started_at"), finished_at=data.get("finished_at"),
+                   tick_seconds=float(tick), kv_cache=_opt_dict(data, "kv_cache", w),
+                   hardware=_opt_dict(data, "hardware", w), resolved_config=_opt_dict(data, "resolved_config", w),
+                   extra={k: v for k, v in data.items() if k not in _KNOWN})
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def parse_meta(path: str | Path) -> RunMeta:
+    """Read and validate ``meta.json``; errors name the file, the line and the field."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TraceFormatError(f"{path}:{e.lineno}: invalid JSON at column {e.colno}: {e.msg}") from None
+    meta = RunMeta.from_dict(data, where=str(path), text=text)
+    engine_settings(meta, where=str(path), text=text)  # fail early on bad limits
+    return meta
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineSettings:
+    """What the engine of a run was configured with (vLLM names). ``sources`` says where each value came from.
+
+    ``max_model_len`` ``None`` means the model's default; ``num_gpu_blocks`` ``None`` means the run did not record
+    its KV capacity (estimate it, and say so).
+    """
+
+    model: str
+    tensor_parallel_size: int = 1
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_gpu_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    scheduler_reserve_full_isl: bool = True
+    long_prefill_token_threshold: int | None = None
+    gpu_memory_utilization: float = 0.9
+    dtype: str = "bfloat16"
+    kv_cache_dtype: str = "auto"
+    async_scheduling: bool | None = None
+    policy: str = "fcfs"
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+# field -> (resolved_config section, kv_cache key, engine_kwargs key, default, kind)
+_SETTINGS: dict[str, tuple[str | None, bool, bool, Any, str]] = {
+    "tensor_parallel_size": ("parallel_config", False, True, 1, "pos_int"),
+    "max_num_seqs": ("scheduler_config", False, True, None, "pos_int"),
+    "max_num_batched_tokens": ("scheduler_config", False, True, None, "pos_int"),
+    "max_model_len": ("model_config", False, True, None, "opt_pos_int"),
+    "block_size": ("cache_config", True, True, 16, "pos_int"),
+    "num_gpu_blocks": ("cache_config", True, False, None, "opt_blocks"),
+    "enable_prefix_caching": ("cache_config", True, True, True, "bool"),
+    "scheduler_reserve_full_isl": ("scheduler_config", False, True, True, "bool"),
+    "long_prefill_token_threshold": ("scheduler_config", False, True, None, "threshold"),
+    "gpu_memory_utilization": ("cache_config", True, True, 0.9, "fraction"),
+    "dtype": ("model_config", False, True, "bfloat16", "str"),
+    "kv_cache_dtype": (None, False, True, "auto", "str"),
+    "async_scheduling": ("scheduler_config", False, True, True, "opt_bool"),
+    "policy": ("scheduler_config", False, True, "fcfs", "str"),
+}
+
+
+def _convert(kind: str, v: Any) -> tuple[bool, Any]:
+    is_int = isinstance(v, int) and not isinstance(v, bool)
+    if kind == "pos_int":
+        return is_int and v >= 1, v
+    if kind == "opt_pos_int":
+        return v is None or (is_int and v >= 1), v
+    if kind == "opt_blocks":
+        return v is None or (is_int and v >= 2), v
+    if kind == "threshold":  # vLLM writes 0 for "off"; "no limit" is None here
+        return v is None or (is_int and v >= 0), (None if v in (None, 0) else v)
+    if kind == "bool":
+        return isinstance(v, bool), v
+    if kind == "opt_bool":
+        return v is None or isinstance(v, bool), v
+    if kind == "fraction":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1, v
+    if isinstance(v, str) and v.startswith("torch."):
+        v = v[len("torch."):]
+    return isinstance(v, str), v
+
+
+def engine_settings(meta: RunMeta, *, where: str = "meta.json", text: str | None = None) -> EngineSettings:
+    """Resolve the engine settings of a run (see the module docstring for the precedence)."""
+    w = _Where(where, text)
+    rc = meta.resolved_config or {}
+    values: dict[str, Any] = {"model": meta.engine_kwargs.get("model") or meta.model}
+    sources: dict[str, str] = {"model": "meta.engine_kwargs.model" if meta.engine_kwargs.get("model") else "meta.model"}
+    for name, (section, in_kv, in_kwargs, default, kind) in _SETTINGS.items():
+        cands = []
+        sec = rc.get(section) if section else None
+        if isinstance(sec, dict) and name in sec:
+            cands.append((f"resolved_config.{section}.{name}", sec[name]))
+        if in_kv and meta.kv_cache is not None and name in meta.kv_cache:
+            cands.append((f"kv_cache.{name}", meta.kv_cache[name]))
+        if in_kwargs and name in meta.engine_kwargs:
+            cands.append((f"engine_kwargs.{name}", meta.engine_kwargs[name]))
+        # a null in resolved_config/kv_cache means "not recorded" only for values that may be absent
+        cands = [c for c in cands if c[1] is not None] or cands[-1:]
+        if cands:
+            src, raw = cands[0]
+        elif default is None and kind == "pos_int":
+            raise w.error(f"engine_kwargs.{name}", "missing (the run's engine limits are required)")
+        else:
+            src, raw = f"vLLM 0.19.0 default (vllm.md s.4); not recorded in {Path(where).name}", default
+        ok, val = _convert(kind, raw)
+        if not ok:
+            raise w.error(src.split(";")[0] if src.startswith(("resolved", "kv", "engine")) else name,
+                          f"invalid value {raw!r} for {name}")
+        values[name], sources[name] = val, src
+    if values["num_gpu_blocks"] is None:
+        sources["num_gpu_blocks"] = "not recorded by the run (no kv_cache.num_gpu_blocks)"
+    return EngineSettings(**values, sources=sources)

@@ -1,0 +1,363 @@
+"""The measured vLLM run format (``shared/traces/vllm/<run>/``): a typed reader and a writer.
+
+A run directory holds three files (``vllm.md`` s.8)::
+
+    requests.jsonl   one JSON object per request, arrival order; LF line ends
+                     request_id, input_toks, output_toks,
+                     arrival_time                                  epoch seconds, wall clock, API frontend
+                     queued_ts, scheduled_ts, first_token_ts, last_token_ts
+                                                                   monotonic seconds, engine-core clock
+    timeseries.csv   t,prompt_throughput,gen_throughput,running,waiting,kv_cache_pct; CRLF line ends;
+                     one row per tick; kv_cache_pct in percent (0-100)
+    meta.json        engine_kwargs, optional kv_cache / hardware / resolved_config, ...
+
+**Two clocks.** ``arrival_time`` and the ``*_ts`` fields come from different clocks; every interval is computed
+on the monotonic fields only (TTFT = first - queued, TPOT = (last - first)/(n_out - 1), E2E = last - queued,
+queue = scheduled - queued). ``offset_s = queued_ts - min(queued_ts)`` is where a replay injects a request.
+
+``read_run`` validates everything; a bad line raises ``TraceFormatError`` naming the file, the line and the
+field, unless ``skip_bad=True``, in which case bad lines are counted in ``MeasuredRun.skipped``.
+``write_run`` writes the same format (validating first, so it never writes what the reader rejects).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import TraceFormatError, where
+from .meta import EngineSettings, RunMeta, engine_settings, parse_meta
+
+__all__ = [
+    "EngineSettings",
+    "MeasuredRun",
+    "REQUEST_FIELDS",
+    "RunMeta",
+    "TIMESERIES_COLUMNS",
+    "read_run",
+    "read_requests",
+    "read_timeseries",
+    "sha256_file",
+    "write_run",
+]
+
+REQUEST_FIELDS = ("request_id", "input_toks", "output_toks", "arrival_time", "queued_ts", "scheduled_ts",
+                  "first_token_ts", "last_token_ts")
+_TIME_FIELDS = REQUEST_FIELDS[3:]
+# engine-clock fields must not go backwards in this order
+_ORDERED = ("queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts")
+TIMESERIES_COLUMNS = ("t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct")
+FILES = {"requests": "requests.jsonl", "timeseries": "timeseries.csv", "meta": "meta.json"}
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class MeasuredRun:
+    """One measured run, validated.
+
+    Attributes:
+        path: the run directory.
+        name: the directory name (e.g. ``rtx4090-llama-3.1-8b``).
+        requests: one row per request in file order: the ``REQUEST_FIELDS`` plus ``offset_s`` (injection time
+            of a replay), ``ttft_s``, ``tpot_s``, ``e2e_s`` and ``queue_s`` (run-format definitions).
+        timeseries: the ticks (``TIMESERIES_COLUMNS`` plus ``kv_cache_usage_perc`` in 0-1), or ``None`` when
+            the run has no ``timeseries.csv``.
+        meta: the parsed ``meta.json``.
+        engine: the engine settings the run was served with, each with its source.
+        file_sha256: SHA-256 of every file read, by file name.
+        skipped: bad lines skipped per file (only with ``skip_bad=True``).
+    """
+
+    path: Path
+    name: str
+    requests: pd.DataFrame
+    timeseries: pd.DataFrame | None
+    meta: RunMeta
+    engine: EngineSettings
+    file_sha256: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    @property
+    def num_gpu_blocks(self) -> int | None:
+        """The measured KV capacity (``kv_cache.num_gpu_blocks``), or ``None`` when the run lacks it."""
+        return self.engine.num_gpu_blocks
+
+    @property
+    def kv_cache_recorded(self) -> bool:
+        """Whether ``kv_cache_pct`` holds a measurement (a column of zeros means it was not recorded)."""
+        ts = self.timeseries
+        return ts is not None and len(ts) > 0 and bool((ts["kv_cache_pct"] > 0).any())
+
+    @property
+    def prompt_tokens(self) -> np.ndarray:
+        return self.requests["input_toks"].to_numpy(np.int64)
+
+    @property
+    def output_tokens(self) -> np.ndarray:
+        return self.requests["output_toks"].to_numpy(np.int64)
+
+    @property
+    def offsets_s(self) -> np.ndarray:
+        """Engine-side injection times of a replay: ``queued_ts - min(queued_ts)``."""
+        return self.requests["offset_s"].to_numpy(np.float64)
+
+    @property
+    def tick_origin_s(self) -> float:
+        """Replay time of timeseries tick ``t = 0``: the run's start relative to its first arrival.
+
+        Ticks count from ``meta.started_at`` (wall clock); the first arrival is at ``min(arrival_time)`` on the
+        same clock, so tick ``t`` is replay time ``t + tick_origin_s``. Zero when ``started_at`` is absent.
+        """
+        start = self.meta.started_at_epoch_s
+        if start is None:
+            return 0.0
+        return float(start - self.requests["arrival_time"].min())
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- requests
+def _check_request(obj: Any, seen: set[str]) -> tuple[str | None, str | None]:
+    """``(field, problem)`` of the first bad field of one request object, or ``(None, None)``."""
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {type(obj).__name__}"
+    for f in REQUEST_FIELDS:
+        if f not in obj:
+            return f, "missing"
+    rid = obj["request_id"]
+    if not isinstance(rid, str) or not rid:
+        return "request_id", f"must be a non-empty string, got {rid!r}"
+    if rid in seen:
+        return "request_id", f"duplicate request_id {rid!r}"
+    for f in ("input_toks", "output_toks"):
+        v = obj[f]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            return f, f"must be an integer >= 1, got {v!r}"
+    for f in _TIME_FIELDS:
+        v = obj[f]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            return f, f"must be a finite number of seconds, got {v!r}"
+    for a, b in zip(_ORDERED, _ORDERED[1:], strict=False):
+        if obj[b] < obj[a]:
+            return b, f"{obj[b]!r} is before {a} {obj[a]!r} (engine timestamps must not go backwards)"
+    return None, None
+
+
+def read_requests(path: str | Path, *, skip_bad: bool = False) -> tuple[pd.DataFrame, int]:
+    """Read ``requests.jsonl``; return the validated rows and the number of bad lines skipped."""
+    path = Path(path)
+    rows: list[dict] = []
+    seen: set[str] = set()
+    skipped = 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                if skip_bad:
+                    skipped += 1
+                    continue
+                raise TraceFormatError(f"{where(path, lineno)}: invalid JSON at column {e.colno}: {e.msg}") from None
+            fld, problem = _check_request(obj, seen)
+            if problem is not None:
+                if skip_bad:
+                    skipped += 1
+                    continue
+                raise TraceFormatError(f"{where(path, lineno, fld)}: {problem}")
+            seen.add(obj["request_id"])
+            rows.append(obj)
+    if not rows:
+        raise TraceFormatError(f"{path}: no requests" + (f" ({skipped} bad lines skipped)" if skipped else ""))
+    return _requests_frame(rows), skipped
+
+
+def _requests_frame(rows: list[dict]) -> pd.DataFrame:
+    extra = [k for k in rows[0] if k not in REQUEST_FIELDS]
+    df = pd.DataFrame({f: [r[f] for r in rows] for f in REQUEST_FIELDS})
+    for k in extra:  # unknown fields are kept, never dropped
+        df[k] = [r.get(k) for r in rows]
+    df["input_toks"] = df["input_toks"].astype(np.int64)
+    df["output_toks"] = df["output_toks"].astype(np.int64)
+    for f in _TIME_FIELDS:
+        df[f] = df[f].astype(np.float64)
+    q, s, ft, lt = (df[f].to_numpy() for f in _ORDERED)
+    n = df["output_toks"].to_numpy()
+    df["offset_s"] = q - q.min()
+    df["ttft_s"] = ft - q
+    df["tpot_s"] = np.where(n > 1, (lt - ft) / np.maximum(n - 1, 1), 0.0)
+    df["e2e_s"] = lt - q
+    df["queue_s"] = s - q
+    return df
+
+
+# ---------------------------------------------------------------------------------------------- timeseries
+def read_timeseries(path: str | Path, *, skip_bad: bool = False) -> tuple[pd.DataFrame, int]:
+    """Read ``timeseries.csv`` (CRLF or LF); return the validated ticks and the number of bad lines skipped."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = tuple(h.strip() for h in lines[0].split(",")) if lines else ()
+    if header != TIMESERIES_COLUMNS:
+        raise TraceFormatError(f"{where(path, 1)}: header must be {','.join(TIMESERIES_COLUMNS)}, got "
+                               f"{lines[0] if lines else '<empty file>'!r}")
+    data, skipped, prev_t = [], 0, -math.inf
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fld, problem, vals = _check_tick(line.split(","), prev_t)
+        if problem is not None:
+            if skip_bad:
+                skipped += 1
+                continue
+            raise TraceFormatError(f"{where(path, lineno, fld)}: {problem}")
+        prev_t = vals[0]
+        data.append(vals)
+    df = pd.DataFrame(np.array(data, dtype=np.float64).reshape(-1, len(TIMESERIES_COLUMNS)),
+                      columns=list(TIMESERIES_COLUMNS))
+    for c in ("running", "waiting"):
+        df[c] = df[c].astype(np.int64)
+    df["kv_cache_usage_perc"] = df["kv_cache_pct"] / 100.0
+    return df, skipped
+
+
+def _check_tick(parts: list[str], prev_t: float) -> tuple[str | None, str | None, list[float]]:
+    if len(parts) != len(TIMESERIES_COLUMNS):
+        return None, f"expected {len(TIMESERIES_COLUMNS)} comma-separated fields, got {len(parts)}", []
+    vals = []
+    for name, text in zip(TIMESERIES_COLUMNS, parts, strict=True):
+        try:
+            v = float(text)
+        except ValueError:
+            return name, f"not a number: {text.strip()!r}", []
+        if not math.isfinite(v) or v < 0:
+            return name, f"must be a finite number >= 0, got {text.strip()!r}", []
+        vals.append(v)
+    if vals[0] <= prev_t:
+        return "t", f"ticks must increase ({vals[0]!r} after {prev_t!r})", []
+    for i in (3, 4):
+        if vals[i] != int(vals[i]):
+            return TIMESERIES_COLUMNS[i], f"must be a whole number of requests, got {parts[i].strip()!r}", []
+    if vals[5] > 100:
+        return "kv_cache_pct", f"is a percentage (0-100), got {parts[5].strip()!r}", []
+    return None, None, vals
+
+
+# ---------------------------------------------------------------------------------------------- run
+def read_run(run_dir: str | Path, *, skip_bad: bool = False) -> MeasuredRun:
+    """Read and validate one run directory (``requests.jsonl``, ``meta.json``, optional ``timeseries.csv``).
+
+    Args:
+        run_dir: the directory.
+        skip_bad: skip (and count in ``skipped``) bad request and tick lines instead of raising.
+
+    Raises:
+        FileNotFoundError: the directory or a required file is missing.
+        TraceFormatError: malformed content (file, line and field in the message).
+    """
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: not a run directory (expected {', '.join(FILES.values())})")
+    for key in ("requests", "meta"):
+        if not (d / FILES[key]).is_file():
+            raise FileNotFoundError(f"{d / FILES[key]}: missing; a run directory holds {', '.join(FILES.values())}")
+    meta = parse_meta(d / FILES["meta"])
+    requests, bad_req = read_requests(d / FILES["requests"], skip_bad=skip_bad)
+    ts_path = d / FILES["timeseries"]
+    timeseries, bad_ts = read_timeseries(ts_path, skip_bad=skip_bad) if ts_path.is_file() else (None, 0)
+    shas = {p.name: sha256_file(p) for p in (d / f for f in FILES.values()) if p.is_file()}
+    skipped = {FILES["requests"]: bad_req, FILES["timeseries"]: bad_ts} if skip_bad else {}
+    return MeasuredRun(path=d, name=d.resolve().name, requests=requests, timeseries=timeseries, meta=meta,
+                       engine=engine_settings(meta, where=str(d / FILES["meta"])), file_sha256=shas,
+                       skipped=skipped)
+
+
+def _request_dicts(requests: pd.DataFrame | Iterable[Mapping[str, Any]]) -> list[dict]:
+    if isinstance(requests, pd.DataFrame):
+        missing = [f for f in REQUEST_FIELDS if f not in requests.columns]
+        if missing:
+            raise ValueError(f"write_run: requests lack column(s) {missing}")
+        recs = requests[list(REQUEST_FIELDS)].to_dict("records")
+    else:
+        recs = [dict(r) for r in requests]
+    out = []
+    for r in recs:
+        d = {f: r.get(f) for f in REQUEST_FIELDS}
+        for f in ("input_toks", "output_toks"):
+            if isinstance(d[f], (np.integer, float)) and float(d[f]).is_integer():
+                d[f] = int(d[f])
+        for f in _TIME_FIELDS:
+            if isinstance(d[f], (np.floating, np.integer, int)) and not isinstance(d[f], bool):
+                d[f] = float(d[f])
+        out.append(d)
+    return out
+
+
+def write_run(run_dir: str | Path, *, requests: pd.DataFrame | Iterable[Mapping[str, Any]],
+              meta: RunMeta | Mapping[str, Any], timeseries: pd.DataFrame | None = None) -> Path:
+    """Write a run directory in the measured format (the files ``read_run`` reads).
+
+    Args:
+        run_dir: the directory (created if needed; existing run files are overwritten).
+        requests: one record per request with the ``REQUEST_FIELDS`` (a DataFrame or mappings), arrival order.
+        meta: a ``RunMeta`` or the ``meta.json`` object (needs ``model`` and ``engine_kwargs``).
+        timeseries: ticks with the ``TIMESERIES_COLUMNS`` (``kv_cache_pct`` in percent), or ``None``.
+
+    Returns:
+        The directory. Everything is validated first; on a ``ValueError`` nothing has been written.
+    """
+    d = Path(run_dir)
+    rows = _request_dicts(requests)
+    seen: set[str] = set()
+    for i, r in enumerate(rows):
+        fld, problem = _check_request(r, seen)
+        if problem is not None:
+            raise ValueError(f"write_run: request {i}: field {fld}: {problem}")
+        seen.add(r["request_id"])
+    meta_dict = meta.to_dict() if isinstance(meta, RunMeta) else dict(meta)
+    meta_text = json.dumps(meta_dict, indent=2)
+    engine_settings(RunMeta.from_dict(json.loads(meta_text), where="write_run: meta"), where="write_run: meta")
+    ts_lines = None
+    if timeseries is not None:
+        ts_lines = _timeseries_lines(timeseries)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / FILES["requests"], "w", encoding="utf-8", newline="\n") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    (d / FILES["meta"]).write_text(meta_text, encoding="utf-8")
+    if ts_lines is not None:
+        with open(d / FILES["timeseries"], "w", encoding="utf-8", newline="") as f:
+            f.write("\r\n".join(ts_lines) + "\r\n")
+    return d
+
+
+def _timeseries_lines(ts: pd.DataFrame) -> list[str]:
+    missing = [c for c in TIMESERIES_COLUMNS if c not in ts.columns]
+    if missing:
+        raise ValueError(f"write_run: timeseries lacks column(s) {missing}")
+    lines = [",".join(TIMESERIES_COLUMNS)]
+    prev = -math.inf
+    for i, row in enumerate(ts[list(TIMESERIES_COLUMNS)].itertuples(index=False)):
+        parts = [repr(float(v)) for v in row]
+        fld, problem, vals = _check_tick(parts, prev)
+        if problem is not None:
+            raise ValueError(f"write_run: timeseries row {i}: field {fld}: {problem}")
+        prev = vals[0]
+        lines.append(",".join(parts))
+    return lines
