@@ -382,7 +382,7 @@ class KVCacheManager:
         in_use = 0
         for node, runs in self._index.items():
             assert runs, f"empty run list for node {node}"
-            for a, b in zip(runs, runs[1:]):
+            for a, b in zip(runs, runs[1:], strict=False):
                 assert a.hi <= b.lo, f"overlapping runs {a} {b}"
             in_use += sum(x.hi - x.lo for x in runs if x.ref > 0)
         anon = sum(h.kv_anon for h in holders)

@@ -22,7 +22,7 @@ from .engine import EngineCore
 from .latency import make_step_time_model
 from .profiles import Profile
 from .records import RecordStore, TimeSeries
-from .request import RejectReason, Request, RequestStatus
+from .request import Request, RequestStatus
 from .routing import make_router
 from .timebase import TICKS_PER_S, ticks_at_or_after
 

@@ -4,7 +4,6 @@ engine mode produces the same result."""
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-
 request_st = st.tuples(
     st.integers(0, 6),        # arrival step
     st.integers(1, 40),       # prompt tokens

@@ -63,7 +63,7 @@ def read_azure_trace(path: str | Path, *, skip_bad: bool = False, limit: int | N
         raise FileNotFoundError(f"{path}: no such trace file") from None
     lines = text.splitlines()
     if not lines or tuple(h.strip() for h in lines[0].split(",")) != HEADER:
-        raise TraceFormatError(f"{path}: line 1: header must be {','.join(HEADER)}, got {lines[0] if lines else '<empty>'!r}")
+        raise TraceFormatError(f"{path}:1: header must be {','.join(HEADER)}, got {lines[0] if lines else '<empty>'!r}")
     times, prompts, outputs, skipped = [], [], [], 0
     prev = None
     for lineno, line in enumerate(lines[1:], start=2):
@@ -89,7 +89,7 @@ def read_azure_trace(path: str | Path, *, skip_bad: bool = False, limit: int | N
                 skipped += 1
                 continue
             where = f"field {field}" if len(parts) == 3 else "row"
-            raise TraceFormatError(f"{path}: line {lineno}: {where}: {e}") from None
+            raise TraceFormatError(f"{path}:{lineno}: {where}: {e}") from None
         prev = ts
         times.append(ts)
         prompts.append(p)
