@@ -12,6 +12,7 @@ COMMANDS: dict[str, str] = {
     "profiles": "maslat.commands.profiles",
     "bench": "maslat.commands.bench",
     "demo": "maslat.commands.demo",
+    "serve": "maslat.commands.serve",
 }
 
 

@@ -1,0 +1,63 @@
+"""Prometheus text exposition of ``sim.metrics.MetricsBook`` with ``prometheus_client``.
+
+A custom collector turns the book's time-free metric families into ``prometheus_client`` families and
+``generate_latest`` writes the text, exactly as vLLM's ``/metrics`` does (text format 0.0.4). The
+stand-in adds one series of its own, ``maslat:time_scale`` (wall seconds per simulated second), so a
+collector can tell that latencies in this text are in simulated seconds; vLLM tooling ignores it.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["CONTENT_TYPE", "MetricsExporter"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _le(bound: float) -> str:
+    from prometheus_client.utils import floatToGoString
+
+    return "+Inf" if math.isinf(bound) else floatToGoString(bound)
+
+
+class MetricsExporter:
+    """Render a ``MetricsBook`` (plus the stand-in's own gauges) as Prometheus text.
+
+    Args:
+        book: the pool's ``sim.metrics.MetricsBook``.
+        now_s: a callable giving the simulated time to read the gauges at.
+        time_scale: reported as ``maslat:time_scale``.
+    """
+
+    def __init__(self, book, now_s, *, time_scale: float):
+        from prometheus_client import CollectorRegistry
+
+        self.book, self.now_s, self.time_scale = book, now_s, time_scale
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        kinds = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "histogram": HistogramMetricFamily}
+        for m in self.book.collect(self.now_s()):
+            fam = kinds[m.kind](m.name, m.help, labels=list(m.labelnames))
+            for sample in m.samples:
+                if m.kind == "histogram":
+                    labels, buckets, total = sample
+                    fam.add_metric(list(labels), [(_le(b), c) for b, c in buckets], total)
+                else:
+                    labels, value = sample
+                    fam.add_metric(list(labels), value)
+            yield fam
+        scale = GaugeMetricFamily("maslat:time_scale",
+                                  "maslat stand-in server: wall-clock seconds per simulated second; "
+                                  "latencies in this exposition are simulated seconds.")
+        scale.add_metric([], self.time_scale)
+        yield scale
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
