@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     "bench": "maslat.commands.bench",
     "demo": "maslat.commands.demo",
     "serve": "maslat.commands.serve",
+    "collect": "maslat.commands.collect",
 }
 
 

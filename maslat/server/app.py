@@ -121,7 +121,8 @@ class StandInServer:
                                 seed=cfg.seed, sample_interval_s=None, jumps=False)
         self.sim = LiveSim(self.world, "serve", time_scale=cfg.time_scale)
         self.book = MetricsBook(self.world, "serve", self.model)
-        self.exporter = MetricsExporter(self.book, lambda: self.sim.sim_now(), time_scale=cfg.time_scale)
+        self.exporter = MetricsExporter(self.book, lambda: self.sim.sim_now(), time_scale=cfg.time_scale,
+                                        lag=lambda: (self.sim.max_lag_s, self.sim.late_ticks))
         self.created = int(time.time())
         self.counts: Counter[str] = Counter()
         self._next_id = 0

@@ -2,8 +2,10 @@
 
 A custom collector turns the book's time-free metric families into ``prometheus_client`` families and
 ``generate_latest`` writes the text, exactly as vLLM's ``/metrics`` does (text format 0.0.4). The
-stand-in adds one series of its own, ``maslat:time_scale`` (wall seconds per simulated second), so a
-collector can tell that latencies in this text are in simulated seconds; vLLM tooling ignores it.
+stand-in adds series of its own, which vLLM tooling ignores: ``maslat:time_scale`` (wall seconds per
+simulated second), so a collector can tell that latencies in this text are in simulated seconds, and
+``maslat:max_lag_seconds`` / ``maslat:late_ticks_total``, which say whether the process kept up with the
+wall clock (if not, client-side timings are stretched by the lag).
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ class MetricsExporter:
         time_scale: reported as ``maslat:time_scale``.
     """
 
-    def __init__(self, book, now_s, *, time_scale: float):
+    def __init__(self, book, now_s, *, time_scale: float, lag=None):
         from prometheus_client import CollectorRegistry
 
         self.book, self.now_s, self.time_scale = book, now_s, time_scale
+        self.lag = lag  # callable -> (worst timer lag in wall seconds, late timer firings), or None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -56,6 +59,17 @@ class MetricsExporter:
                                   "latencies in this exposition are simulated seconds.")
         scale.add_metric([], self.time_scale)
         yield scale
+        if self.lag is not None:
+            worst, late = self.lag()
+            g = GaugeMetricFamily("maslat:max_lag_seconds", "maslat stand-in server: worst lateness of the simulated "
+                                  "clock behind the wall clock so far (wall seconds); large values mean the "
+                                  "process could not keep up and timings are stretched.")
+            g.add_metric([], worst)
+            yield g
+            c = CounterMetricFamily("maslat:late_ticks", "maslat stand-in server: simulator wake-ups more than "
+                                    "10 ms (wall) late.")
+            c.add_metric([], late)
+            yield c
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
