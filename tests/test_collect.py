@@ -237,6 +237,8 @@ vllm:gpu_cache_usage_perc{engine="1",model_name="m"} 0.4
 # TYPE vllm:prompt_tokens counter
 vllm:prompt_tokens_total{engine="0",model_name="m"} 100.0
 vllm:prompt_tokens_total{engine="1",model_name="m"} 50.0
+# TYPE process_start_time_seconds gauge
+process_start_time_seconds 1.7e9
 # TYPE vllm:cache_config_info gauge
 vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",engine="1",gpu_memory_utilization="0.9",num_gpu_blocks="2588"} 1.0
 vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",engine="0",gpu_memory_utilization="0.9",num_gpu_blocks="2590"} 1.0
@@ -247,5 +249,27 @@ vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching=
     assert s.engines == ("0", "1") and s.models == ("m",)
     assert s.cache_config["num_gpu_blocks"] == "2590" and s.num_gpu_blocks_per_engine == {"0": 2590, "1": 2588}
     assert parse_scrape(text).running == 57.0
+    assert s.process_start_time_s == 1.7e9
     with pytest.raises(ValueError, match="does not look like a vLLM"):
         parse_scrape("# TYPE foo gauge\nfoo 1.0\n")
+
+
+def test_trace_replay_with_the_chat_api(tmp_path):
+    """--trace-arrivals replays an Azure-format trace in order (lengths and arrival gaps); --api chat."""
+    trace = tmp_path / "trace.csv"
+    rows = [("0.0000000", 300, 20), ("0.4000000", 120, 10), ("0.4500000", 0, 5), ("1.2000000", 500, 30),
+            ("2.0000000", 64, 8)]
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\r\n"
+                     + "".join(f"2023-11-16 18:15:4{int(float(t))}.{t.split('.')[1]},{p},{o}\r\n" for t, p, o in rows))
+    out = tmp_path / "run"
+    with serving("--time-scale", "0.5") as srv:
+        _collect("--endpoint", srv.url, "--trace-arrivals", "--workload", str(trace), "--api", "chat",
+                 "--out", str(out))
+    rq, _, meta = validate_run(out)
+    kept = [r for r in rows if r[1] > 0]
+    assert meta["collector"]["trace_rows_dropped_zero_length"] == 1
+    assert rq.output_toks.tolist() == [o for _, _, o in kept]
+    assert rq.input_toks.tolist() == [p for _, p, _ in kept], "filler words are one token each on the stand-in"
+    sent = (rq.queued_ts - rq.queued_ts.iloc[0]).to_numpy()
+    want = [float(t) for t, _, _ in kept]
+    assert sent == pytest.approx(want, abs=0.15)

@@ -22,7 +22,8 @@ server's tokenization and queueing before the engine core (``overheads.frontend_
 stream's delivery. E2E likewise; TPOT is nearly unaffected. ``meta.json`` says ``"timestamps": "client"``.
 ``timeseries.csv`` comes from the scrapes: running/waiting summed over engines, KV usage averaged, and
 throughputs as the difference of ``vllm:prompt_tokens_total`` / ``generation_tokens_total`` between ticks
-(a counter that goes down means the server restarted: the new value counts from zero, and it is counted).
+(a server restart, seen as a new ``process_start_time_seconds`` or a counter going down, starts the
+difference again from zero and is counted in ``counter_resets``).
 
 Failures (HTTP errors, refused connections during a restart, streams cut short, requests cancelled by
 Ctrl-C) go to ``failures.jsonl`` with what was received; the run goes on. Ctrl-C stops sending, cancels
@@ -202,20 +203,26 @@ class Collector:
 
     # ------------------------------------------------------------------ scraping
     def _remember(self, s: Scrape) -> None:
-        self._last_counts = {"prompt": s.prompt_tokens, "gen": s.generation_tokens}
+        self._last_counts = {"prompt": s.prompt_tokens, "gen": s.generation_tokens,
+                             "start": s.process_start_time_s}
         if s.max_lag_s is not None:
             self.stand_in_max_lag_s = max(self.stand_in_max_lag_s or 0.0, s.max_lag_s)
 
-    def _delta(self, key: str, cur: float | None) -> float:
+    def _restarted(self, s: Scrape) -> bool:
+        """Did the server restart since the last good scrape? (Its start time changed, or a token counter
+        went down: counters start again from zero.)"""
+        start, last = s.process_start_time_s, self._last_counts
+        if start is not None and last.get("start") is not None and abs(start - last["start"]) > 1e-3:
+            return True
+        return any(cur is not None and last.get(k) is not None and cur < last[k]
+                   for k, cur in (("prompt", s.prompt_tokens), ("gen", s.generation_tokens)))
+
+    def _delta(self, key: str, cur: float | None, restarted: bool) -> float:
         prev = self._last_counts.get(key)
         if cur is None:
             return math.nan
-        if prev is None:
-            return cur
-        if cur < prev:  # the server restarted: its counters start again from zero
-            if key == "prompt":
-                self.counter_resets += 1
-            return cur
+        if prev is None or restarted:
+            return cur  # tokens since the (re)start; those of the old process after its last scrape are lost
         return cur - prev
 
     async def tick(self, session, k: int) -> Scrape | None:
@@ -224,7 +231,9 @@ class Collector:
             self.scrape_failures += 1
             self.writer.add_tick(k, None, None, None, None, None)
             return None
-        dp, dg = self._delta("prompt", s.prompt_tokens), self._delta("gen", s.generation_tokens)
+        restarted = self._restarted(s)
+        self.counter_resets += restarted
+        dp, dg = self._delta("prompt", s.prompt_tokens, restarted), self._delta("gen", s.generation_tokens, restarted)
         self._remember(s)
         kv = None if s.kv_usage is None else round(100.0 * s.kv_usage, 4)
         self.writer.add_tick(k, dp, dg, s.running, s.waiting, kv)
@@ -272,7 +281,10 @@ class Collector:
         if res.ok:
             t = res.chunk_times
             n = res.output_tokens
-            row = {"request_id": rid, "input_toks": res.prompt_tokens, "output_toks": n,
+            prompt = res.prompt_tokens
+            if prompt is None and isinstance(body.get("prompt"), list):  # no usage: the token-id prompt's length
+                prompt = len(body["prompt"])
+            row = {"request_id": rid, "input_toks": prompt, "output_toks": n,
                    "arrival_time": res.sent_epoch, "queued_ts": res.sent_mono, "scheduled_ts": None,
                    "first_token_ts": t[0], "last_token_ts": t[-1], "itls": [b - a for a, b in zip(t[:-1], t[1:], strict=True)],
                    "max_tokens": body["max_tokens"], **extra}

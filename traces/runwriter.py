@@ -27,9 +27,11 @@ REQUEST_FIELDS = ("request_id", "input_toks", "output_toks", "arrival_time", "qu
 TIMESERIES_COLUMNS = ("t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct")
 
 
-def _num(x) -> str:
+def _num(x, integral: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "nan"
+    if integral and float(x).is_integer():
+        return str(int(x))  # queue lengths are counts, written as in the measured runs
     return repr(float(x))
 
 
@@ -73,8 +75,9 @@ class RunWriter:
 
     def add_tick(self, t: int, prompt_throughput, gen_throughput, running, waiting, kv_cache_pct) -> None:
         """One row of ``timeseries.csv`` (``None``/NaN written as ``nan``)."""
-        vals = (prompt_throughput, gen_throughput, running, waiting, kv_cache_pct)
-        self._ts.write(f"{float(t)!r}," + ",".join(_num(v) for v in vals) + "\n")
+        vals = (_num(prompt_throughput), _num(gen_throughput), _num(running, True), _num(waiting, True),
+                _num(kv_cache_pct))
+        self._ts.write(f"{float(t)!r}," + ",".join(vals) + "\n")
         self._ts.flush()
         self.num_ticks += 1
 

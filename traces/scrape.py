@@ -2,6 +2,8 @@
 
 Only what a real vLLM 0.19 exposes is required (``vllm.md`` section 6). Series are summed over engines
 (a data-parallel server has one ``engine`` label per engine core) except the KV usage, which is averaged.
+``process_start_time_seconds`` (from the Prometheus client's process collector, which vLLM exposes) tells
+a restarted server from one whose counters merely went on.
 Deprecated names are accepted when the current ones are missing (``vllm:gpu_cache_usage_perc``,
 ``vllm:gpu_prefix_cache_*``). The stand-in server's own ``maslat:time_scale`` is read when present.
 """
@@ -43,6 +45,7 @@ class Scrape:
     num_gpu_blocks_per_engine: dict[str, int] = field(default_factory=dict)
     time_scale: float | None = None  # maslat:time_scale (stand-in only)
     max_lag_s: float | None = None  # maslat:max_lag_seconds (stand-in only)
+    process_start_time_s: float | None = None  # process_start_time_seconds: changes when the server restarts
 
 
 def parse_scrape(text: str, model: str | None = None) -> Scrape:
@@ -54,7 +57,7 @@ def parse_scrape(text: str, model: str | None = None) -> Scrape:
 
     values: dict[str, list[float]] = {}
     engines, models, info = set(), set(), []
-    time_scale = max_lag = None
+    time_scale = max_lag = start = None
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             name, labels = s.name, s.labels
@@ -63,6 +66,9 @@ def parse_scrape(text: str, model: str | None = None) -> Scrape:
                 continue
             if name == "maslat:max_lag_seconds":
                 max_lag = float(s.value)
+                continue
+            if name == "process_start_time_seconds":
+                start = float(s.value)
                 continue
             if not name.startswith("vllm:"):
                 continue
@@ -96,4 +102,5 @@ def parse_scrape(text: str, model: str | None = None) -> Scrape:
                   kv_usage=(sum(kv) / len(kv)) if kv else None, **counters,
                   engines=tuple(sorted(engines)), models=tuple(sorted(models)),
                   cache_config={k: v for k, v in info[0].items() if k != "engine"} if info else {},
-                  num_gpu_blocks_per_engine=blocks, time_scale=time_scale, max_lag_s=max_lag)
+                  num_gpu_blocks_per_engine=blocks, time_scale=time_scale, max_lag_s=max_lag,
+                  process_start_time_s=start)

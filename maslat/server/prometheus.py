@@ -33,11 +33,16 @@ class MetricsExporter:
     """
 
     def __init__(self, book, now_s, *, time_scale: float, lag=None):
-        from prometheus_client import CollectorRegistry
+        from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
         self.book, self.now_s, self.time_scale = book, now_s, time_scale
         self.lag = lag  # callable -> (worst timer lag in wall seconds, late timer firings), or None
         self.registry = CollectorRegistry(auto_describe=False)
+        # the process_*/python_* series vLLM's default registry also exposes (process_start_time_seconds
+        # is how a scraper tells a restart from a counter that merely went on)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.registry.register(self)
 
     def collect(self):
