@@ -91,7 +91,9 @@ def test_non_streaming_usage_counts(server):
     assert choice["finish_reason"] == "length" and len(text_token_ids(choice["text"])) == 9
     prompt = "The quick brown fox jumps over the lazy dog."
     status, obj = _run(_post(server.url + "/v1/completions", {"prompt": prompt, "max_tokens": 3}))
-    assert obj["usage"]["prompt_tokens"] == len(text_token_ids(prompt)) == 10
+    assert obj["usage"]["prompt_tokens"] == 1 + len(text_token_ids(prompt)) == 11, "BOS + 10 pieces"
+    status, obj = _run(_post(server.url + "/v1/completions", {"prompt": [1, 2, 3]}))
+    assert obj["usage"]["completion_tokens"] == 16, "vLLM's completions default max_tokens"
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}]
     status, obj = _run(_post(server.url + "/v1/chat/completions", {"messages": msgs, "max_tokens": 4}))
     assert status == 200 and obj["object"] == "chat.completion"
@@ -247,3 +249,36 @@ def test_a_thousand_concurrent_streams_none_lost():
     summary = last_json_line(stdout)
     assert summary["completed"] == n and summary["aborted"] == 0 and summary["client_errors"] == 0
     print("1000 streams: server summary", summary)
+
+
+def test_tokens_leave_at_the_simulated_step_times():
+    """In-process server, real HTTP: each request's first and last chunks reach the client within a few
+    milliseconds after the wall-clock instants of its simulated first_token_ts and last_token_ts."""
+    from maslat.server.app import ServeConfig, StandInServer
+
+    async def go():
+        srv = StandInServer(ServeConfig(profile=load_profile("h100-llama-3.1-8b"), port=0, time_scale=1.0))
+        url = await srv.start()
+        loop = asyncio.get_running_loop()
+        try:
+            async with aiohttp.ClientSession() as s:
+                outs = []
+                for prompt, out in ((2000, 30), (100, 60)):
+                    t_send = loop.time()
+                    o = await stream_completion(s, url, {"prompt": [11] * prompt, "max_tokens": out})
+                    o["t_send"] = t_send
+                    outs.append(o)
+                    await asyncio.sleep(0.05)
+            recs = srv.world.records.to_dataframe()
+            return outs, recs, srv.sim
+        finally:
+            await srv.stop()
+
+    outs, recs, sim = _run(go())
+    for o, (_, rec) in zip(outs, recs.iterrows(), strict=True):
+        # stream_completion stamps with time.monotonic, the loop's clock on Linux
+        first_late = o["times"][0] - sim.wall_at(rec.first_token_s)
+        last_late = o["times"][-1] - sim.wall_at(rec.last_token_s)
+        print("lateness", first_late, last_late)
+        assert -0.002 < first_late < 0.03 and -0.002 < last_late < 0.03, (first_late, last_late)
+        assert abs(sim.wall_at(rec.arrival_s) - o["t_send"]) < 0.03

@@ -83,7 +83,10 @@ def run(args) -> int:
             loop.add_signal_handler(sig, stop.set)
         return await serve_forever(cfg, on_ready=ready, stop=stop)
 
-    summary = asyncio.run(main())
+    try:
+        summary = asyncio.run(main())
+    except OSError as e:  # the port is taken, or the address is not ours
+        raise ValueError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
     print(f"served {summary['requests']} requests: {summary['completed']} completed, {summary['aborted']} aborted, "
           f"{summary['client_errors']} client errors; {summary['simulated_s']:.1f} simulated s; "
           f"worst timer lag {summary['max_lag_s'] * 1e3:.1f} ms", file=sys.stderr)

@@ -7,7 +7,9 @@ response and stream-chunk models, ``ErrorResponse``) and the length check of ``s
 
 Not supported (a 400 says so): ``n`` other than 1, several prompts in one completion request,
 ``echo``, ``best_of`` other than 1. There is no EOS: every request generates exactly its ``max_tokens``
-(``finish_reason="length"``), which is what ``ignore_eos=true`` asks of a real server.
+(``finish_reason="length"``), which is what ``ignore_eos=true`` asks of a real server. Default
+``max_tokens``: 16 for completions (vLLM's ``CompletionRequest`` default), the room left in
+``max_model_len`` for chat (optionally capped by the server's ``--default-max-tokens``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .tokenizer import chat_token_ids, text_token_ids
+from .tokenizer import BOS_TOKEN_ID, chat_token_ids, text_token_ids
 
 __all__ = ["APIError", "Generation", "error_body", "parse_chat", "parse_completion"]
 
@@ -94,6 +96,8 @@ def _common(body: dict, kind: str, model: str, ids: list[int], *, max_model_len:
         raise APIError(400, "The decoder prompt cannot be empty", "prompt" if kind == "completion" else "messages")
     key = "max_completion_tokens" if kind == "chat" and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _typed(body, key, int, None)
+    if kind == "completion" and "max_tokens" not in body:
+        max_tokens = 16  # CompletionRequest.max_tokens defaults to 16, as in OpenAI's completions API
     p = len(ids)
     if max_tokens is None:
         if p >= max_model_len:
@@ -124,7 +128,7 @@ def parse_completion(body: dict, *, served_model: str, max_model_len: int,
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        ids = text_token_ids(prompt)
+        ids = [BOS_TOKEN_ID, *text_token_ids(prompt)] if prompt else []  # vLLM adds special tokens to text
     elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
         ids = list(prompt)
     elif isinstance(prompt, list) and prompt and all(isinstance(t, (str, list)) for t in prompt):

@@ -11,6 +11,8 @@ and the simulated prefill) and stable token *identities* (for the prefix cache).
   (Llama-3 splits numbers into groups of at most three digits), any other piece one token. English
   prose comes out near 1.3 tokens per word, close to Llama-3's tokenizer; code and unusual text can be
   off by tens of percent. Each token id is the CRC-32 of its characters, so equal text gives equal ids.
+* A text completion prompt starts with ``<|begin_of_text|>`` (1 token), as vLLM tokenizes text prompts
+  with special tokens; token-id prompts are taken as given (vLLM adds nothing to them).
 * A chat prompt follows the Llama-3 template's token overhead: ``<|begin_of_text|>`` (1), per message a
   header ``<|start_header_id|>role<|end_header_id|>\\n\\n`` (4) and ``<|eot_id|>`` (1), and the
   generation prompt for the assistant (4): ``1 + sum(5 + content) + 4``.
@@ -23,10 +25,11 @@ from __future__ import annotations
 import re
 import zlib
 
-__all__ = ["OUTPUT_WORDS", "chat_token_ids", "output_text", "prompt_segments", "text_token_ids"]
+__all__ = ["BOS_TOKEN_ID", "OUTPUT_WORDS", "chat_token_ids", "output_text", "prompt_segments", "text_token_ids"]
 
 _PIECES = re.compile(r"[^\W\d]+|\d+|[^\w\s]")
-_BOS, _HEADER, _EOT, _GEN_PROMPT = 128000, (128006, 0, 128007, 271), 128009, (128006, 78191, 128007, 271)
+BOS_TOKEN_ID = 128000  # <|begin_of_text|>
+_BOS, _HEADER, _EOT, _GEN_PROMPT = BOS_TOKEN_ID, (128006, 0, 128007, 271), 128009, (128006, 78191, 128007, 271)
 _ID_RANGE = 120_000  # ids stay below Llama-3's 128,000 text tokens
 
 #: one token each under the rules above
