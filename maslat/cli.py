@@ -14,6 +14,8 @@ COMMANDS: dict[str, str] = {
     "demo": "maslat.commands.demo",
     "calibrate": "maslat.commands.calibrate",
     "replay": "maslat.commands.replay",
+    "serve": "maslat.commands.serve",
+    "collect": "maslat.commands.collect",
 }
 
 

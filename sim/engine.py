@@ -32,7 +32,7 @@ import math
 from collections import deque
 
 from .config import EngineConfig
-from .histogram import ITL_BUCKETS_S, Histogram, token_buckets
+from .histogram import ITL_BUCKETS_S, TTFT_BUCKETS_S, Histogram, token_buckets
 from .kv_cache import KVCacheManager, build_chain
 from .latency import StepTimeModel
 from .request import RejectReason, Request, RequestStatus, _DecodeClock
@@ -84,8 +84,12 @@ class EngineCore:
         self.prefix_cache_queries = 0  # vllm:prefix_cache_queries (tokens)
         self.prefix_cache_hits = 0  # vllm:prefix_cache_hits (tokens)
         self.num_finished = 0
+        self.num_aborted = 0
         self.ttft_ema_s = float("nan")
         self.itl = Histogram(ITL_BUCKETS_S)  # vllm:inter_token_latency_seconds
+        # vllm:time_to_first_token_seconds, observed at the first token as vLLM does, from the frontend
+        # arrival (so it includes the frontend delay), not from queued_ts
+        self.ttft = Histogram(TTFT_BUCKETS_S)
         self.iteration_tokens = Histogram(token_buckets(config.max_num_batched_tokens))
         self.trace: list[tuple] | None = None  # set to [] to log (t, [(id, n)], [preempted ids]) per step
 
@@ -540,6 +544,7 @@ class EngineCore:
             r.first_token_ts = T
             self.prompt_tokens += r.num_prompt_tokens
             ttft = T - r.queued_ts
+            self.ttft.observe(T - r.arrival_time)
             a = self.ttft_ema_alpha
             self.ttft_ema_s = ttft if self.ttft_ema_s != self.ttft_ema_s else a * ttft + (1 - a) * self.ttft_ema_s
         else:
@@ -558,6 +563,35 @@ class EngineCore:
         del self.running[r]
         self.prefilling.pop(r, None)
         finished.append(r)
+
+    # ------------------------------------------------------------------ aborts
+    def abort(self, req: Request) -> bool:
+        """Drop an unfinished request whose client went away (``Scheduler.finish_requests`` with
+        ``FINISHED_ABORTED``): it leaves ``waiting`` or ``running`` and its blocks are freed.
+
+        vLLM handles aborts from the engine core's input queue between steps, so this must be called with
+        no step in flight (the replica calls it at a step boundary). The request keeps the timestamps it
+        reached; ``last_token_ts`` is its last output (NaN if none). Returns False if it had already
+        finished.
+        """
+        assert self._plan is None, "abort() while a step is in flight"
+        if req.status.is_finished:
+            return False
+        if req.status == RequestStatus.RUNNING:
+            # materialise the decode aggregate (O(running)); aborts are rare, steps are not
+            self._dissolve()
+            self.kv.free_request(req)
+            del self.running[req]
+        else:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED_ABORTED
+        req.last_token_ts = req.last_output_ts
+        self.num_aborted += 1
+        self.pub_running, self.pub_waiting = len(self.running), len(self.waiting)
+        self.pub_used_blocks = self.kv.num_usable - self.kv.free
+        if self.check:
+            self.check_invariants()
+        return True
 
     # ------------------------------------------------------------------ checks
     def check_invariants(self) -> None:

@@ -68,6 +68,19 @@ class Histogram:
         self.sum += weight * (n * first + step * n * (n - 1) / 2)
         self.count += weight * n
 
+    def observe_array(self, values) -> None:
+        """Observe every value of a numpy array (NaNs must be filtered out first)."""
+        import numpy as np
+
+        v = np.asarray(values, dtype=np.float64)
+        if not len(v):
+            return
+        idx = np.searchsorted(np.asarray(self.bounds), v, side="left")  # == bisect_left, value <= bound
+        for i, c in enumerate(np.bincount(idx, minlength=len(self.counts)).tolist()):
+            self.counts[i] += c
+        self.sum += float(v.sum())
+        self.count += len(v)
+
     def cumulative(self) -> list[tuple[float, int]]:
         """``(upper_bound, cumulative count)`` including ``+Inf``."""
         out, acc = [], 0

@@ -83,6 +83,7 @@ class Replica:
         self.overheads: Overheads = profile.overheads
         self.outstanding = 0  # submitted, not yet finished (including the frontend delay)
         self._pending: deque[tuple[float, Request]] = deque()  # in the frontend, not yet queued
+        self._aborts: list[Request] = []  # to drop at the next step boundary
         self._gen = 0
         self._busy = False
 
@@ -116,6 +117,32 @@ class Replica:
         elif len(self._pending) == 1:
             self._arm_at(t_enqueue)
 
+    def abort(self, req: Request) -> bool:
+        """Drop ``req`` (its client went away). A request still in the frontend leaves at once; one in the
+        engine leaves at the next step boundary (a decode run in flight is cut at the step in progress),
+        as vLLM's engine core takes aborts between steps. Returns False if it had already finished."""
+        if req.status.is_finished or req in self._aborts:
+            return False
+        for i, (_, r) in enumerate(self._pending):
+            if r is req:
+                del self._pending[i]
+                req.status = RequestStatus.FINISHED_ABORTED
+                self.world._aborted(self, req)
+                return True
+        if not self._busy:
+            return False  # an idle engine holds no request: it cannot be ours
+        self._aborts.append(req)
+        end = self.core.truncate(self.env.now)
+        if end is not None:
+            self._arm(end)
+        return True
+
+    def _apply_aborts(self) -> None:
+        aborts, self._aborts = self._aborts, []
+        for r in aborts:
+            if self.core.abort(r):
+                self.world._aborted(self, r)
+
     def _arm(self, end_ticks: int) -> None:
         self._gen += 1
         heapq.heappush(self.env._queue, (end_ticks / TICKS_PER_S, LATE, next(self.env._eid), _Tick(self._on_boundary, self._gen)))
@@ -130,8 +157,14 @@ class Replica:
         core = self.core
         now = self.env._now
         if self._busy:
-            for r in core.complete():
+            finished = core.complete()
+            for r in finished:
                 self.world._finished(self, r)
+            listener = self.world.step_listener
+            if listener is not None:
+                listener(self, finished)
+            if self._aborts:
+                self._apply_aborts()
             start = core.t
         else:
             start = max(core.t, ticks_at_or_after(now))
@@ -197,6 +230,10 @@ class World:
         self.active_sources = 0  # workloads that may still submit
         self.num_rejected = 0
         self._notifying = 0  # completions on their way to waiting clients
+        self.num_aborted = 0
+        #: called as ``step_listener(replica, finished_requests)`` after every completed engine step (a
+        #: live front end streams tokens from it); ``None`` costs one attribute test per step
+        self.step_listener = None
         self._idle_event = None
         self.rejected: dict[str, int] = {}
         self._seq = 0
@@ -229,6 +266,23 @@ class World:
                tag: object = None, request_id: str | None = None, wait: bool = False):
         """Send a request to ``pool`` now. With ``wait=True`` return an event that succeeds with the
         ``RequestRecord`` when the client has the whole response (or at once if rejected)."""
+        return self._submit(pool, num_prompt_tokens, max_tokens, prompt_segments, tag, request_id, wait).on_finish
+
+    def open_request(self, pool: str, num_prompt_tokens: int, max_tokens: int, *, prompt_segments=None,
+                     tag: object = None, request_id: str | None = None) -> Request:
+        """Like ``submit(..., wait=True)`` but return the ``Request`` itself, for front ends that watch its
+        progress (``num_output_tokens``) or ``abort`` it. ``req.on_finish`` is the completion event; a
+        rejected request comes back with status ``REJECTED`` and ``reject_reason`` set."""
+        return self._submit(pool, num_prompt_tokens, max_tokens, prompt_segments, tag, request_id, True)
+
+    def abort(self, req: Request) -> bool:
+        """The client of ``req`` went away: drop it (status ``FINISHED_ABORTED``, blocks freed, a record
+        with ``status="FINISHED_ABORTED"``). Returns False if it had already finished or been rejected."""
+        if req.replica < 0:
+            return False
+        return self.cluster.replicas[req.replica].abort(req)
+
+    def _submit(self, pool, num_prompt_tokens, max_tokens, prompt_segments, tag, request_id, wait) -> Request:
         reps = self.cluster.pools.get(pool)
         if reps is None:
             raise ValueError(f"unknown pool {pool!r}; pools: {sorted(self.cluster.pools)}")
@@ -249,10 +303,10 @@ class World:
         reason = rep.core.validate(req)
         if reason is not None:
             self._reject(rep, req, reason)
-            return done
+            return req
         rep.outstanding += 1
         rep.submit(req, self.env.now + rep.overheads.frontend_s)
-        return done
+        return req
 
     def _reject(self, rep: Replica, req: Request, reason: str) -> None:
         req.status = RequestStatus.REJECTED
@@ -286,6 +340,17 @@ class World:
         self._notifying -= 1
         ev.succeed(payload)
         self._maybe_idle()
+
+    def _aborted(self, rep: Replica, r: Request) -> None:
+        rep.outstanding -= 1
+        self.num_finished += 1  # a finished status in vLLM's sense; latency summaries skip it
+        self.num_aborted += 1
+        if self._idle_event is not None:
+            self._maybe_idle()
+        if self.records is not None:
+            self.records.add(r, rep.pool, self.env.now)
+        if r.on_finish is not None:
+            r.on_finish.succeed(self.records.last() if self.records is not None else r)
 
     # ---------------------------------------------------------------- observability
     def _sample(self, _ev=None) -> None:

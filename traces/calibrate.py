@@ -187,6 +187,9 @@ def calibrate_run(run_or_dir: MeasuredRun | str | Path, *, fit_fraction: float |
     """
     t_start = time.perf_counter()
     run = as_run(run_or_dir)
+    if run.requests["scheduled_ts"].isna().any():
+        raise ValueError(f"{run.path}: requests without scheduled_ts (a client-side collected run); calibration "
+                         "needs the engine-side timestamps of the measured run format")
     mask, split = fit_mask(run, fit_fraction)
     gpu_entry, gpu_src = _gpu(run, gpu, hardware)
     hw = hardware or gpu_entry.spec

@@ -211,8 +211,10 @@ def engine_settings(meta: RunMeta, *, where: str = "meta.json", text: str | None
             cands.append((f"kv_cache.{name}", meta.kv_cache[name]))
         if in_kwargs and name in meta.engine_kwargs:
             cands.append((f"engine_kwargs.{name}", meta.engine_kwargs[name]))
-        # a null in resolved_config/kv_cache means "not recorded" only for values that may be absent
-        cands = [c for c in cands if c[1] is not None] or cands[-1:]
+        # a null means "not recorded" (a collector cannot see every engine setting): use the next source,
+        # then vLLM's default; only settings that may legitimately be None keep a null
+        known = [c for c in cands if c[1] is not None]
+        cands = known or (cands[-1:] if default is None and kind != "pos_int" else [])
         if cands:
             src, raw = cands[0]
         elif default is None and kind == "pos_int":

@@ -178,7 +178,9 @@ def timeseries_mae(run: MeasuredRun, simulated: SimulatedRun, *, from_s: float |
         if k == "kv_cache_usage_perc" and not run.kv_cache_recorded:
             out[k] = None
         else:
-            out[k] = float(np.mean(np.abs(g[k].to_numpy() - ts[k].to_numpy()))) if len(ts) else None
+            d = np.abs(g[k].to_numpy() - ts[k].to_numpy())
+            d = d[np.isfinite(d)]  # ticks whose scrape failed carry nan: not measured
+            out[k] = float(np.mean(d)) if len(d) else None
     out["ticks"] = int(len(ts))
     return out
 

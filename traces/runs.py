@@ -54,6 +54,8 @@ REQUEST_FIELDS = ("request_id", "input_toks", "output_toks", "arrival_time", "qu
 _TIME_FIELDS = REQUEST_FIELDS[3:]
 # engine-clock fields must not go backwards in this order
 _ORDERED = ("queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts")
+# a collector talking HTTP cannot see the engine's first SCHEDULED event: null there means "not observed"
+_OPTIONAL_TIME_FIELDS = ("scheduled_ts",)
 TIMESERIES_COLUMNS = ("t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct")
 FILES = {"requests": "requests.jsonl", "timeseries": "timeseries.csv", "meta": "meta.json"}
 
@@ -151,9 +153,12 @@ def _check_request(obj: Any, seen: set[str]) -> tuple[str | None, str | None]:
             return f, f"must be an integer >= 1, got {v!r}"
     for f in _TIME_FIELDS:
         v = obj[f]
+        if v is None and f in _OPTIONAL_TIME_FIELDS:
+            continue
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             return f, f"must be a finite number of seconds, got {v!r}"
-    for a, b in zip(_ORDERED, _ORDERED[1:], strict=False):
+    present = [f for f in _ORDERED if obj[f] is not None]
+    for a, b in zip(present, present[1:], strict=False):
         if obj[b] < obj[a]:
             return b, f"{obj[b]!r} is before {a} {obj[a]!r} (engine timestamps must not go backwards)"
     return None, None
@@ -231,8 +236,8 @@ def read_timeseries(path: str | Path, *, skip_bad: bool = False) -> tuple[pd.Dat
         data.append(vals)
     df = pd.DataFrame(np.array(data, dtype=np.float64).reshape(-1, len(TIMESERIES_COLUMNS)),
                       columns=list(TIMESERIES_COLUMNS))
-    for c in ("running", "waiting"):
-        df[c] = df[c].astype(np.int64)
+    for c in ("running", "waiting"):  # counts; nullable where a scrape failed (nan = not measured)
+        df[c] = df[c].astype(np.int64) if df[c].notna().all() else df[c].astype("Int64")
     df["kv_cache_usage_perc"] = df["kv_cache_pct"] / 100.0
     return df, skipped
 
@@ -246,13 +251,16 @@ def _check_tick(parts: list[str], prev_t: float) -> tuple[str | None, str | None
             v = float(text)
         except ValueError:
             return name, f"not a number: {text.strip()!r}", []
+        if math.isnan(v) and name != "t":  # a tick whose scrape failed: not measured, never invented
+            vals.append(v)
+            continue
         if not math.isfinite(v) or v < 0:
-            return name, f"must be a finite number >= 0, got {text.strip()!r}", []
+            return name, f"must be a finite number >= 0 (or nan: not measured), got {text.strip()!r}", []
         vals.append(v)
     if vals[0] <= prev_t:
         return "t", f"ticks must increase ({vals[0]!r} after {prev_t!r})", []
     for i in (3, 4):
-        if vals[i] != int(vals[i]):
+        if not math.isnan(vals[i]) and vals[i] != int(vals[i]):
             return TIMESERIES_COLUMNS[i], f"must be a whole number of requests, got {parts[i].strip()!r}", []
     if vals[5] > 100:
         return "kv_cache_pct", f"is a percentage (0-100), got {parts[5].strip()!r}", []

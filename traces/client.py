@@ -1,0 +1,159 @@
+"""The collector's HTTP side: a scaled clock, one streamed OpenAI request, and request bodies.
+
+What a client can measure, and only that (a real vLLM does not send its engine-core timestamps):
+
+    sent   the request leaves the client         -> queued_ts (monotonic), arrival_time (epoch)
+    first  the first chunk carrying output text   -> first_token_ts
+    each   every later chunk carrying output text -> one inter-token gap (itls)
+    last   the last chunk carrying output text    -> last_token_ts
+
+Token counts come from the server's ``usage`` (``stream_options.include_usage``), which vLLM reports
+exactly; the number of text chunks is the fallback.
+
+``Clock`` plays in the server's time: against the stand-in server with ``maslat:time_scale`` = X, one
+server second lasts X wall seconds, so every duration measured here is divided by X (and every pause
+multiplied by X). Against a real server X = 1 and nothing changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["Clock", "StreamResult", "chat_body", "completion_body", "stream_request"]
+
+#: words that are one token each for Llama-3 and for the stand-in's tokenizer approximation
+_WORDS = ("time", "data", "model", "plan", "code", "test", "graph", "node", "value", "list", "item", "state",
+          "agent", "task", "step", "query", "table", "index", "cache", "block")
+
+
+class Clock:
+    """Monotonic and epoch clocks in server seconds (wall seconds divided by ``time_scale``)."""
+
+    def __init__(self, time_scale: float = 1.0):
+        if not time_scale > 0:
+            raise ValueError(f"time_scale must be positive, got {time_scale!r}")
+        self.time_scale = float(time_scale)
+        self._m0, self._e0 = time.monotonic(), time.time()
+
+    def mono(self) -> float:
+        return self._m0 + (time.monotonic() - self._m0) / self.time_scale
+
+    def epoch(self) -> float:
+        return self._e0 + (time.monotonic() - self._m0) / self.time_scale
+
+    def elapsed(self) -> float:
+        return (time.monotonic() - self._m0) / self.time_scale
+
+    async def sleep_until(self, elapsed_s: float) -> None:
+        """Sleep until ``elapsed_s`` server seconds after the clock started."""
+        delay = (elapsed_s - self.elapsed()) * self.time_scale
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+@dataclass(slots=True)
+class StreamResult:
+    """What the client saw of one streamed request (times on ``Clock.mono``)."""
+
+    sent_mono: float
+    sent_epoch: float
+    status: int | None = None
+    error: str | None = None
+    chunk_times: list[float] = field(default_factory=list)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    done: bool = False  # saw [DONE]
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.done and bool(self.chunk_times)
+
+    @property
+    def output_tokens(self) -> int:
+        return self.completion_tokens if self.completion_tokens is not None else len(self.chunk_times)
+
+
+def _chunk_has_output(obj: dict) -> bool:
+    for ch in obj.get("choices") or ():
+        if ch.get("text"):
+            return True
+        delta = ch.get("delta") or {}
+        if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
+            return True
+    return False
+
+
+async def _read_error(resp) -> str:
+    text = await resp.text()
+    try:
+        err = json.loads(text)
+        err = err.get("error", err)
+        msg = err.get("message", text) if isinstance(err, dict) else text
+    except ValueError:
+        msg = text
+    return f"HTTP {resp.status}: {msg[:500]}"
+
+
+async def stream_request(session, url: str, body: dict, clock: Clock, res: StreamResult | None = None) -> StreamResult:
+    """POST ``body`` (with ``stream: true``) and time every output chunk into ``res`` (a new one if not
+    given, stamped now). Never raises for HTTP or network failures (they land in ``error``); cancellation
+    propagates after ``error`` is set, so a caller holding ``res`` keeps the partial result."""
+    import aiohttp
+
+    if res is None:
+        res = StreamResult(sent_mono=clock.mono(), sent_epoch=clock.epoch())
+    try:
+        async with session.post(url, json=body) as resp:
+            res.status = resp.status
+            if resp.status != 200:
+                res.error = await _read_error(resp)
+                return res
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    res.done = True
+                    break
+                obj = json.loads(data)
+                if "error" in obj and "choices" not in obj:
+                    res.error = f"error in stream: {obj['error']}"
+                    break
+                if _chunk_has_output(obj):
+                    res.chunk_times.append(clock.mono())
+                usage = obj.get("usage")
+                if usage:
+                    res.prompt_tokens = usage.get("prompt_tokens")
+                    res.completion_tokens = usage.get("completion_tokens")
+        if res.error is None and not res.done:
+            res.error = "the stream ended without [DONE]"
+    except asyncio.CancelledError:
+        res.error = "cancelled"
+        raise
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
+        res.error = f"{type(e).__name__}: {e}".strip()
+    return res
+
+
+def completion_body(model: str, token_ids: list[int], max_tokens: int) -> dict:
+    """A ``/v1/completions`` body with an exact-length token-id prompt and an exact output length
+    (``ignore_eos``, a vLLM extension every vLLM version accepts)."""
+    return {"model": model, "prompt": token_ids, "max_tokens": int(max_tokens), "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+
+
+def chat_body(model: str, content: str, max_tokens: int, *, ignore_eos: bool = True) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": int(max_tokens),
+            "stream": True, "stream_options": {"include_usage": True}}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+def filler_text(rng, num_tokens: int) -> str:
+    """About ``num_tokens`` tokens of text (one-token words); the server's ``usage`` gives the exact count."""
+    return " ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), max(1, num_tokens)).tolist())

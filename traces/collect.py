@@ -1,0 +1,419 @@
+"""Collect a measured run from an OpenAI-compatible vLLM server (or the stand-in): ``maslat collect``.
+
+A load generator (Poisson arrivals at a rate, a fixed number of concurrent clients, or a replayed Azure
+trace) streams every request, so it measures TTFT and every inter-token gap, and scrapes ``/metrics``
+once a (server) second. It writes the run format of ``vllm.md`` section 8 (``traces.runwriter``):
+
+====================  ==========================================================================
+run-format field      what the collector records (client side; vLLM does not expose engine times)
+====================  ==========================================================================
+``arrival_time``      epoch seconds when the request was sent
+``queued_ts``         the collector's monotonic clock when the request was sent
+``scheduled_ts``      ``null``: not observable over HTTP
+``first_token_ts``    monotonic time of the first chunk carrying output text
+``last_token_ts``     monotonic time of the last chunk carrying output text
+``input_toks``        ``usage.prompt_tokens`` reported by the server
+``output_toks``       ``usage.completion_tokens`` reported by the server
+``itls`` (extra)      every gap between output chunks, seconds
+====================  ==========================================================================
+
+So TTFT = ``first_token_ts - queued_ts`` here includes what a server-side run excludes: HTTP, the API
+server's tokenization and queueing before the engine core (``overheads.frontend_s`` in a profile) and the
+stream's delivery. E2E likewise; TPOT is nearly unaffected. ``meta.json`` says ``"timestamps": "client"``.
+``timeseries.csv`` comes from the scrapes: running/waiting summed over engines, KV usage averaged, and
+throughputs as the difference of ``vllm:prompt_tokens_total`` / ``generation_tokens_total`` between ticks
+(a server restart, seen as a new ``process_start_time_seconds`` or a counter going down, starts the
+difference again from zero and is counted in ``counter_resets``).
+
+Failures (HTTP errors, refused connections during a restart, streams cut short, requests cancelled by
+Ctrl-C) go to ``failures.jsonl`` with what was received; the run goes on. Ctrl-C stops sending, cancels
+what is in flight and leaves a valid partial run (``meta.json``: ``"interrupted": true``).
+
+Against the stand-in server (``maslat:time_scale`` = X in its metrics) the collector plays in server time:
+rates and pauses are stretched by X and measured durations divided by X, so the run reads as if
+collected from a real-time server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from .client import Clock, StreamResult, chat_body, completion_body, filler_text, stream_request
+from .loadplan import LoadPlan
+from .runwriter import RunWriter
+from .scrape import Scrape, parse_scrape
+
+__all__ = ["CollectConfig", "collect", "collect_async"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CollectConfig:
+    """One collection.
+
+    Attributes:
+        endpoint: the server's base URL (``http://host:port`` or ``.../v1``).
+        out_dir: the run directory to write.
+        metrics_url: the Prometheus page (default: ``<endpoint root>/metrics``).
+        model: the served model name (default: the first of ``/v1/models``).
+        api: ``"completions"`` (token-id prompts of exact length) or ``"chat"`` (filler text).
+        rate_per_s: Poisson arrivals at this rate (requests per server second), or
+        concurrency: this many clients, each sending its next request when the last one ends, or
+        trace_arrivals: replay the Azure trace of ``workload`` with its own arrival times.
+        workload: lengths (``traces.loadplan``).
+        num_requests: how many requests to plan; duration_s: stop sending after this many seconds.
+        seed: seeds the lengths, arrivals and prompt tokens.
+        scrape_interval_s: seconds between scrapes (one row of ``timeseries.csv`` each).
+        request_timeout_s: a request taking longer fails.
+        retry_backoff_s: a closed-loop client pauses this long after a connection failure.
+        engine_kwargs: facts about the engine the server cannot tell (``max_num_seqs=...``), for meta.
+        overwrite: replace an existing run in ``out_dir``.
+        phase2: write the two-phase estimator dataset instead of a plain load (``traces.phase2``).
+    """
+
+    endpoint: str
+    out_dir: Path
+    metrics_url: str | None = None
+    model: str | None = None
+    api: str = "completions"
+    rate_per_s: float | None = None
+    concurrency: int | None = None
+    trace_arrivals: bool = False
+    workload: str = "azure-conv"
+    num_requests: int | None = None
+    duration_s: float | None = None
+    seed: int = 0
+    scrape_interval_s: float = 1.0
+    request_timeout_s: float = 600.0
+    retry_backoff_s: float = 0.5
+    engine_kwargs: dict = field(default_factory=dict)
+    overwrite: bool = False
+    phase2: object | None = None
+
+    def __post_init__(self) -> None:
+        modes = [self.rate_per_s is not None, self.concurrency is not None, self.trace_arrivals]
+        if self.phase2 is None and sum(modes) != 1:
+            raise ValueError("give exactly one of --rate, --concurrency or --trace-arrivals")
+        if self.rate_per_s is not None and not self.rate_per_s > 0:
+            raise ValueError(f"--rate must be positive, got {self.rate_per_s}")
+        if self.concurrency is not None and self.concurrency < (0 if self.phase2 is not None else 1):
+            raise ValueError(f"--concurrency must be at least 1, got {self.concurrency}")
+        if self.phase2 is None and self.num_requests is None and self.duration_s is None and not self.trace_arrivals:
+            raise ValueError("give --num-requests or --duration (or both)")
+        if self.num_requests is not None and self.num_requests < 1:
+            raise ValueError("--num-requests must be >= 1")
+        if self.api not in ("completions", "chat"):
+            raise ValueError(f"--api must be completions or chat, got {self.api!r}")
+        if not self.scrape_interval_s > 0 or not self.request_timeout_s > 0:
+            raise ValueError("scrape interval and request timeout must be positive")
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"--endpoint must be an http(s) URL, got {self.endpoint!r}")
+
+    @property
+    def base_url(self) -> str:
+        u = self.endpoint.rstrip("/")
+        return u[:-3] if u.endswith("/v1") else u
+
+    @property
+    def metrics(self) -> str:
+        return self.metrics_url or self.base_url + "/metrics"
+
+
+def _stats(x) -> dict:
+    x = np.asarray(x, dtype=np.float64)
+    if not len(x):
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    p = np.percentile(x, [50, 90, 99])
+    return {"mean": float(x.mean()), "p50": float(p[0]), "p90": float(p[1]), "p99": float(p[2])}
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Collector:
+    """The state of one collection; ``run`` drives it (load generation is in ``traces.loadgen``)."""
+
+    def __init__(self, cfg: CollectConfig, progress=None):
+        self.cfg, self.progress = cfg, progress
+        self.plan = LoadPlan(cfg.workload, cfg.seed, trace_arrivals=cfg.trace_arrivals) if cfg.phase2 is None else None
+        self.writer: RunWriter | None = None
+        self.clock = Clock(1.0)
+        self.stop = asyncio.Event()
+        self.interrupted = False
+        self.sent = self.skipped = self.scrape_failures = self.counter_resets = 0
+        self.ttft, self.tpot, self.e2e, self.itl, self.out_tokens = [], [], [], [], []
+        self.first_send = self.last_done = None
+        self.inflight: set[asyncio.Task] = set()
+        self._last_counts: dict[str, float | None] = {}
+        self.info: dict = {}
+        self.stand_in_max_lag_s: float | None = None  # the stand-in server's worst clock lag (wall s)
+        self.extra_meta: dict = {}  # added to meta["collector"] (phase 2 counts)
+        self.closers: list = []  # called once at the end (phase 2 closes its CSV)
+
+    # ------------------------------------------------------------------ discovery
+    async def discover(self, session) -> None:
+        cfg = self.cfg
+        try:
+            async with session.get(cfg.base_url + "/v1/models") as r:
+                cards = (await r.json(content_type=None)).get("data") or []
+        except Exception as e:  # noqa: BLE001 - any failure here means the endpoint is unusable
+            raise ValueError(f"cannot list models at {cfg.base_url}/v1/models: {type(e).__name__}: {e}") from None
+        ids = [c.get("id") for c in cards]
+        if not ids:
+            raise ValueError(f"{cfg.base_url}/v1/models lists no model")
+        model = cfg.model or ids[0]
+        if model not in ids:
+            raise ValueError(f"model {model!r} is not served at {cfg.base_url}; served: {ids}")
+        card = cards[ids.index(model)]
+        version = None
+        try:
+            async with session.get(cfg.base_url + "/version") as r:
+                if r.status == 200:
+                    version = (await r.json(content_type=None)).get("version")
+        except Exception:  # noqa: BLE001 - /version is optional
+            pass
+        scrape = await self.scrape(session, model_filter=None)
+        if scrape is None:
+            raise ValueError(f"cannot scrape {cfg.metrics} (a vLLM /metrics page is required)")
+        self.info = {"model": model, "max_model_len": card.get("max_model_len"), "vllm_version": version,
+                     "metrics_model": model if model in scrape.models else None, "first_scrape": scrape}
+        self.clock = Clock(scrape.time_scale or 1.0)
+        self._remember(scrape)
+
+    async def scrape(self, session, model_filter: object = "auto") -> Scrape | None:
+        import aiohttp
+
+        mf = self.info.get("metrics_model") if model_filter == "auto" else model_filter
+        try:
+            timeout = aiohttp.ClientTimeout(total=max(2.0, 2 * self.cfg.scrape_interval_s * self.clock.time_scale))
+            async with session.get(self.cfg.metrics, timeout=timeout) as r:
+                if r.status != 200:
+                    return None
+                return parse_scrape(await r.text(), mf)
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return None
+
+    # ------------------------------------------------------------------ scraping
+    def _remember(self, s: Scrape) -> None:
+        self._last_counts = {"prompt": s.prompt_tokens, "gen": s.generation_tokens,
+                             "start": s.process_start_time_s}
+        if s.max_lag_s is not None:
+            self.stand_in_max_lag_s = max(self.stand_in_max_lag_s or 0.0, s.max_lag_s)
+
+    def _restarted(self, s: Scrape) -> bool:
+        """Did the server restart since the last good scrape? (Its start time changed, or a token counter
+        went down: counters start again from zero.)"""
+        start, last = s.process_start_time_s, self._last_counts
+        if start is not None and last.get("start") is not None and abs(start - last["start"]) > 1e-3:
+            return True
+        return any(cur is not None and last.get(k) is not None and cur < last[k]
+                   for k, cur in (("prompt", s.prompt_tokens), ("gen", s.generation_tokens)))
+
+    def _delta(self, key: str, cur: float | None, restarted: bool) -> float:
+        prev = self._last_counts.get(key)
+        if cur is None:
+            return math.nan
+        if prev is None or restarted:
+            return cur  # tokens since the (re)start; those of the old process after its last scrape are lost
+        return cur - prev
+
+    async def tick(self, session, k: int) -> Scrape | None:
+        s = await self.scrape(session)
+        if s is None:
+            self.scrape_failures += 1
+            self.writer.add_tick(k, None, None, None, None, None)
+            return None
+        restarted = self._restarted(s)
+        self.counter_resets += restarted
+        dp, dg = self._delta("prompt", s.prompt_tokens, restarted), self._delta("gen", s.generation_tokens, restarted)
+        self._remember(s)
+        kv = None if s.kv_usage is None else round(100.0 * s.kv_usage, 4)
+        self.writer.add_tick(k, dp, dg, s.running, s.waiting, kv)
+        return s
+
+    async def scrape_loop(self, session, done: asyncio.Event) -> None:
+        """One tick per interval on a fixed grid; after ``done``, one last tick, then stop."""
+        k = 0
+        while True:
+            k += 1
+            await self.clock.sleep_until(k * self.cfg.scrape_interval_s)
+            await self.tick(session, k)
+            if done.is_set():
+                return
+
+    # ------------------------------------------------------------------ requests
+    def body(self, prompt_len: int, output_len: int) -> tuple[str, dict]:
+        model = self.info["model"]
+        if self.cfg.api == "chat":
+            text = filler_text(self.plan.token_rng, max(1, prompt_len - 10))  # ~10 template tokens
+            return self.cfg.base_url + "/v1/chat/completions", chat_body(model, text, output_len)
+        return self.cfg.base_url + "/v1/completions", completion_body(model, self.plan.token_ids(prompt_len),
+                                                                      output_len)
+
+    def oversize(self, prompt_len: int, output_len: int) -> bool:
+        mml = self.info.get("max_model_len")
+        return mml is not None and prompt_len + output_len > mml
+
+    async def send(self, session, url: str, body: dict, *, extra: dict | None = None) -> StreamResult:
+        """Send one request, time it, and record it (success or failure)."""
+        rid = f"bench-{self.sent}"
+        self.sent += 1
+        res = StreamResult(sent_mono=self.clock.mono(), sent_epoch=self.clock.epoch())
+        if self.first_send is None:
+            self.first_send = res.sent_mono
+        try:
+            await stream_request(session, url, body, self.clock, res)
+        finally:  # also when cancelled (Ctrl-C): the partial result is recorded
+            self.record(rid, body, res, extra or {})
+        return res
+
+    def record(self, rid: str, body: dict, res: StreamResult, extra: dict) -> None:
+        now = self.clock.mono()
+        self.last_done = now
+        if res.ok:
+            t = res.chunk_times
+            n = res.output_tokens
+            prompt = res.prompt_tokens
+            if prompt is None and isinstance(body.get("prompt"), list):  # no usage: the token-id prompt's length
+                prompt = len(body["prompt"])
+            row = {"request_id": rid, "input_toks": prompt, "output_toks": n,
+                   "arrival_time": res.sent_epoch, "queued_ts": res.sent_mono, "scheduled_ts": None,
+                   "first_token_ts": t[0], "last_token_ts": t[-1], "itls": [b - a for a, b in zip(t[:-1], t[1:], strict=True)],
+                   "max_tokens": body["max_tokens"], **extra}
+            self.writer.add_request(row)
+            self.ttft.append(t[0] - res.sent_mono)
+            self.e2e.append(t[-1] - res.sent_mono)
+            self.out_tokens.append(n)
+            if n > 1:
+                self.tpot.append((t[-1] - t[0]) / (n - 1))
+            self.itl.extend(row["itls"])
+        else:
+            t = res.chunk_times
+            self.writer.add_failure({"request_id": rid, "error": res.error, "http_status": res.status,
+                                     "arrival_time": res.sent_epoch, "queued_ts": res.sent_mono, "failed_ts": now,
+                                     "max_tokens": body["max_tokens"], "output_toks_received": len(t),
+                                     "first_token_ts": t[0] if t else None, **extra})
+        if self.progress is not None and extra.get("kind") != "background":
+            self.progress.update(1)
+            self.progress.set_postfix(ok=self.writer.num_requests, failed=self.writer.num_failures, refresh=False)
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+        return task
+
+    async def pause(self, wall_s: float) -> None:
+        """Sleep, waking early if the collection is stopped."""
+        try:
+            await asyncio.wait_for(self.stop.wait(), timeout=wall_s)
+        except TimeoutError:
+            pass
+
+    def close_extras(self) -> None:
+        for fn in self.closers:
+            fn()
+        self.closers = []
+
+    # ------------------------------------------------------------------ meta and summary
+    def meta(self, *, started: float, finished: float | None, complete: bool) -> dict:
+        from .loadgen import load_description
+
+        cfg, info, first = self.cfg, self.info, self.info.get("first_scrape")
+        kw = {"model": info.get("model"), "tensor_parallel_size": None,
+              "data_parallel_size": len(first.engines) if first and first.engines else None,
+              "enable_expert_parallel": None, "max_num_seqs": None, "max_num_batched_tokens": None,
+              "max_model_len": info.get("max_model_len"), "dtype": None,
+              "kv_cache_dtype": first.cache_config.get("cache_dtype") if first else None, "seed": None}
+        if first and first.engine_config:  # the stand-in server publishes its limits; a real vLLM does not
+            ec = first.engine_config
+            for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "tensor_parallel_size"):
+                if ec.get(k, "").isdigit():
+                    kw[k] = int(ec[k])
+            if ec.get("scheduler_reserve_full_isl") in ("True", "False"):
+                kw["scheduler_reserve_full_isl"] = ec["scheduler_reserve_full_isl"] == "True"
+            if ec.get("long_prefill_token_threshold", "").isdigit():
+                kw["long_prefill_token_threshold"] = int(ec["long_prefill_token_threshold"])
+        kw.update(cfg.engine_kwargs)
+        n_ok = self.writer.num_requests if self.writer else 0
+        meta = {"schema_version": 1, "model": info.get("model"), "vllm_version": info.get("vllm_version"),
+                "engine_kwargs": kw, "dataset_path": cfg.workload if self.plan else "phase2",
+                "dataset_hash": self.plan.hash_lengths(self.sent + self.skipped) if self.plan else None,
+                "num_requests": n_ok, "started_at": _iso(started),
+                "finished_at": _iso(finished) if finished else None, "tick_seconds": cfg.scrape_interval_s}
+        if first and first.cache_config:
+            cc = first.cache_config
+            blocks = int(cc["num_gpu_blocks"]) if cc.get("num_gpu_blocks", "").isdigit() else None
+            bs = int(cc["block_size"]) if cc.get("block_size", "").isdigit() else None
+            util = cc.get("gpu_memory_utilization")
+            meta["kv_cache"] = {"num_gpu_blocks": blocks, "block_size": bs,
+                                "gpu_memory_utilization": float(util) if util not in (None, "None") else None,
+                                "enable_prefix_caching": cc.get("enable_prefix_caching") == "True",
+                                "num_kv_tokens": blocks * bs if blocks and bs else None,
+                                "num_gpu_blocks_per_engine": first.num_gpu_blocks_per_engine}
+        meta["collector"] = {
+            "timestamps": "client",
+            "timestamps_note": "queued_ts/first_token_ts/last_token_ts are the collector's monotonic clock at send, "
+                               "first and last output chunk; arrival_time is epoch seconds at send; scheduled_ts "
+                               "is not observable over HTTP (null). TTFT and E2E include HTTP and the API "
+                               "server's frontend time.",
+            "endpoint": cfg.base_url, "metrics_url": cfg.metrics, "api": cfg.api, "load": load_description(cfg),
+            "seed": cfg.seed, "time_scale": self.clock.time_scale, "sent": self.sent,
+            "ok": n_ok, "failed": self.writer.num_failures if self.writer else 0,
+            "skipped_oversize": self.skipped, "scrape_failures": self.scrape_failures,
+            "counter_resets": self.counter_resets, "interrupted": self.interrupted, "complete": complete}
+        if self.stand_in_max_lag_s is not None:
+            meta["collector"]["stand_in_max_lag_s"] = self.stand_in_max_lag_s
+        meta["collector"].update(self.extra_meta)
+        if self.plan is not None:
+            meta["collector"]["trace_rows_dropped_zero_length"] = self.plan.source.dropped
+            meta["collector"]["lengths_clipped"] = getattr(self.plan.source.lengths, "clipped", 0)
+        return meta
+
+    def summary(self) -> dict:
+        span = (self.last_done - self.first_send) if self.first_send is not None and self.last_done else math.nan
+        n_ok = self.writer.num_requests if self.writer else 0
+        return {"out": str(self.cfg.out_dir), "model": self.info.get("model"), "sent": self.sent, "ok": n_ok,
+                "failed": self.writer.num_failures if self.writer else 0, "skipped_oversize": self.skipped,
+                "interrupted": self.interrupted, "duration_s": span, "ttft_s": _stats(self.ttft),
+                "tpot_s": _stats(self.tpot), "itl_s": _stats(self.itl), "e2e_s": _stats(self.e2e),
+                "throughput_req_per_s": n_ok / span if span and span > 0 else None,
+                "output_tokens_per_s": sum(self.out_tokens) / span if span and span > 0 else None,
+                "scrape_failures": self.scrape_failures, "counter_resets": self.counter_resets,
+                "time_scale": self.clock.time_scale, "stand_in_max_lag_s": self.stand_in_max_lag_s}
+
+
+async def collect_async(cfg: CollectConfig, *, progress=None, stop: asyncio.Event | None = None) -> dict:
+    """Run one collection inside a running event loop; set ``stop`` to end it early (a valid partial run)."""
+    from .loadgen import run_collection
+
+    col = Collector(cfg, progress)
+    if stop is not None:
+        col.stop = stop
+    return await run_collection(col)
+
+
+def collect(cfg: CollectConfig, *, progress=None) -> dict:
+    """Run one collection (blocking). In the main thread, the first Ctrl-C stops it gracefully (the run
+    stays valid and says ``interrupted``); a second one aborts at once."""
+
+    async def main() -> dict:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            def on_sigint() -> None:
+                stop.set()
+                loop.remove_signal_handler(signal.SIGINT)
+
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+        return await collect_async(cfg, progress=progress, stop=stop)
+
+    return asyncio.run(main())

@@ -1,0 +1,111 @@
+"""Read a vLLM ``/metrics`` page into the few numbers a collector needs.
+
+Only what a real vLLM 0.19 exposes is required (``vllm.md`` section 6). Series are summed over engines
+(a data-parallel server has one ``engine`` label per engine core) except the KV usage, which is averaged.
+``process_start_time_seconds`` (from the Prometheus client's process collector, which vLLM exposes) tells
+a restarted server from one whose counters merely went on.
+Deprecated names are accepted when the current ones are missing (``vllm:gpu_cache_usage_perc``,
+``vllm:gpu_prefix_cache_*``). The stand-in server's own ``maslat:time_scale`` is read when present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Scrape", "parse_scrape"]
+
+_COUNTERS = {  # field -> sample names, current first
+    "prompt_tokens": ("vllm:prompt_tokens_total",),
+    "generation_tokens": ("vllm:generation_tokens_total",),
+    "preemptions": ("vllm:num_preemptions_total",),
+    "prefix_cache_queries": ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"),
+    "prefix_cache_hits": ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"),
+    "ttft_sum_s": ("vllm:time_to_first_token_seconds_sum",),
+    "ttft_count": ("vllm:time_to_first_token_seconds_count",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Scrape:
+    """One scrape. Counters are cumulative since the server started; ``None`` when not exposed."""
+
+    running: float
+    waiting: float
+    kv_usage: float | None  # 0..1, mean over engines
+    prompt_tokens: float | None = None
+    generation_tokens: float | None = None
+    preemptions: float | None = None
+    prefix_cache_queries: float | None = None
+    prefix_cache_hits: float | None = None
+    ttft_sum_s: float | None = None
+    ttft_count: float | None = None
+    engines: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    cache_config: dict[str, str] = field(default_factory=dict)  # labels of vllm:cache_config_info (engine 0)
+    engine_config: dict[str, str] = field(default_factory=dict)  # maslat:engine_config_info (stand-in only)
+    num_gpu_blocks_per_engine: dict[str, int] = field(default_factory=dict)
+    time_scale: float | None = None  # maslat:time_scale (stand-in only)
+    max_lag_s: float | None = None  # maslat:max_lag_seconds (stand-in only)
+    process_start_time_s: float | None = None  # process_start_time_seconds: changes when the server restarts
+
+
+def parse_scrape(text: str, model: str | None = None) -> Scrape:
+    """Parse Prometheus text; with ``model``, keep only series whose ``model_name`` is that model.
+
+    Raises ``ValueError`` if the page has no ``vllm:num_requests_running`` series (not a vLLM server).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, list[float]] = {}
+    engines, models, info, engine_config = set(), set(), [], []
+    time_scale = max_lag = start = None
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            name, labels = s.name, s.labels
+            if name == "maslat:time_scale":
+                time_scale = float(s.value)
+                continue
+            if name == "maslat:max_lag_seconds":
+                max_lag = float(s.value)
+                continue
+            if name == "maslat:engine_config_info":  # the stand-in server's scheduler limits
+                engine_config.append(labels)
+                continue
+            if name == "process_start_time_seconds":
+                start = float(s.value)
+                continue
+            if not name.startswith("vllm:"):
+                continue
+            if model is not None and labels.get("model_name", model) != model:
+                continue
+            if "model_name" in labels:
+                models.add(labels["model_name"])
+            if "engine" in labels and name == "vllm:num_requests_running":
+                engines.add(labels["engine"])
+            if name == "vllm:cache_config_info":
+                info.append(labels)
+                continue
+            values.setdefault(name, []).append(float(s.value))
+    if "vllm:num_requests_running" not in values:
+        raise ValueError("no vllm:num_requests_running series: this does not look like a vLLM /metrics page"
+                         + (f" for model {model!r}" if model else ""))
+
+    def first(*names: str) -> list[float] | None:
+        return next((values[n] for n in names if n in values), None)
+
+    kv = first("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+    counters = {}
+    for f, names in _COUNTERS.items():
+        v = first(*names)
+        counters[f] = sum(v) if v is not None else None
+    info.sort(key=lambda lab: lab.get("engine", ""))
+    blocks = {lab.get("engine", ""): int(lab["num_gpu_blocks"]) for lab in info
+              if lab.get("num_gpu_blocks", "").isdigit()}
+    return Scrape(running=sum(values["vllm:num_requests_running"]),
+                  waiting=sum(values.get("vllm:num_requests_waiting", [0.0])),
+                  kv_usage=(sum(kv) / len(kv)) if kv else None, **counters,
+                  engines=tuple(sorted(engines)), models=tuple(sorted(models)),
+                  cache_config={k: v for k, v in info[0].items() if k != "engine"} if info else {},
+                  engine_config={k: v for k, v in engine_config[0].items() if k != "engine"} if engine_config else {},
+                  num_gpu_blocks_per_engine=blocks, time_scale=time_scale, max_lag_s=max_lag,
+                  process_start_time_s=start)
