@@ -4,6 +4,7 @@ The "measured" run is produced by the simulator (Llama-3.1-70B, TP 4, H100, KV-b
 written with ``write_run`` in the measured format, and calibrated like any vLLM run.
 """
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 
 import sim
-from traces.calibrate import calibrate_run
+from traces.calibrate import calibrate_run, calibrate_runs
 from traces.replay import replay_run
 from traces.runs import read_run, write_run
 
@@ -71,3 +72,60 @@ def test_known_coefficients_are_recovered(tmp_path):
     worst = max(abs(out["metrics"][m][s]["error_pct"]) for m in out["metrics"] for s in ("mean", "p50", "p90"))
     assert worst < 2.0
     assert out["timeseries_mae"]["kv_cache_usage_perc"] < 0.03 and out["timeseries_mae"]["running"] < 2.0
+
+
+CLIENT_OFFSET_S = 0.025  # the "API server + HTTP" constant the client-side runs below carry
+
+
+def _client_side_run(path, rate_per_s, seed):
+    """A run as `maslat collect` writes it, produced by the simulator: client send / first / last chunk times."""
+    base = sim.load_profile("h100-llama-3.1-8b")
+    prof = base.replace(engine=replace(base.engine, max_num_seqs=16),
+                        overheads=sim.Overheads(frontend_s=CLIENT_OFFSET_S, post_decode_s=0.001))
+    w = sim.make_world(sim.PoolSpec(name="p", profile=prof), seed=seed, sample_interval_s=1.0)
+    sim.Workload(pool="p", arrivals=sim.PoissonArrivals(rate_per_s),
+                 lengths=sim.LognormalLengths(1000, 100, max_output=600), num_requests=120).start(w)
+    w.run_until_idle()
+    df = w.records.to_dataframe().sort_values("arrival_s")
+    mono = 700.0
+    req = pd.DataFrame({"request_id": [f"bench-{i}" for i in range(len(df))], "input_toks": df.prompt_tokens.values,
+                        "output_toks": df.output_tokens.values, "arrival_time": START_EPOCH_S + df.arrival_s.values,
+                        "queued_ts": mono + df.arrival_s.values, "scheduled_ts": None,
+                        "first_token_ts": mono + df.first_token_s.values, "last_token_ts": mono + df.last_token_s.values})
+    meta = {"model": "meta-llama/Llama-3.1-8B", "vllm_version": "0.19.0",
+            "engine_kwargs": {"max_num_seqs": 16, "max_num_batched_tokens": 8192, "async_scheduling": False},
+            "kv_cache": {"num_gpu_blocks": prof.engine.num_gpu_blocks, "block_size": 16},
+            "started_at": "2026-01-01T00:00:00Z", "collector": {"timestamps": "client"}}
+    write_run(path, requests=req.to_dict("records"), meta=meta)
+    return prof
+
+
+def test_client_side_runs_calibrate_back_with_their_offset(tmp_path):
+    """Two client-side load levels (light: the offset and prefill cost; heavy: queueing) recover the served
+    profile: the client-side constant within 1 ms, the identified coefficients, replays within 1 %."""
+    truth = _client_side_run(tmp_path / "light", 3.0, seed=1)
+    _client_side_run(tmp_path / "heavy", 30.0, seed=2)
+    runs = [read_run(tmp_path / n) for n in ("light", "heavy")]
+    assert all(r.client_side and r.timestamps == "client" for r in runs)
+    res = calibrate_runs(runs, gpu="h100-sxm")
+    assert res.fit.offset_s == pytest.approx(CLIENT_OFFSET_S, abs=1e-3)
+    assert res.profile.overheads.frontend_s == pytest.approx(CLIENT_OFFSET_S, abs=1e-3)
+    assert res.report["overheads"]["frontend_fitted"] and [p["timestamps"] for p in res.report["runs"]] == ["client"] * 2
+    for k in ("weight", "pf_compute"):
+        assert res.profile.latency_coefficients[k] == pytest.approx(truth.latency_coefficients[k], rel=0.03)
+    for run in runs:
+        out = replay_run(run, res.profile)
+        worst = max(abs(out["metrics"][m][s]["error_pct"]) for m in out["metrics"] for s in ("mean", "p50", "p90"))
+        assert worst < 1.0, (run.name, out["bar"])
+    # the replay compares like with like: without the client-side constant, the light run's TTFT is far off
+    bare = replay_run(runs[0], res.profile.replace(overheads=sim.Overheads()))
+    assert bare["metrics"]["ttft_s"]["mean"]["error_pct"] < -20
+
+
+def test_engine_side_run_without_scheduled_ts_is_refused(tmp_path):
+    _client_side_run(tmp_path / "run", 3.0, seed=1)
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    del meta["collector"]
+    (tmp_path / "run" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="without scheduled_ts"):
+        calibrate_run(tmp_path / "run")

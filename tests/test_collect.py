@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from traces.phase2 import PHASE2_COLUMNS
-from traces.runwriter import REQUEST_FIELDS, TIMESERIES_COLUMNS
+from traces.runs import REQUEST_FIELDS, TIMESERIES_COLUMNS
 from traces.scrape import parse_scrape
 
 from .standin import ROOT, last_json_line, metric_sum, parse_metrics, serving, start_server

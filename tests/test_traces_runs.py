@@ -148,6 +148,8 @@ def test_bad_header_and_missing_files(tmp_path):
       "kv_cache": {"num_gpu_blocks": "many"}}, "field kv_cache.num_gpu_blocks"),
     ({"model": "m", "engine_kwargs": {"max_num_seqs": 4, "max_num_batched_tokens": 512}, "started_at": "yesterday"},
      "field started_at"),
+    ({"model": "m", "engine_kwargs": {"max_num_seqs": 4, "max_num_batched_tokens": 512},
+      "collector": {"timestamps": "server"}}, "field collector.timestamps"),
 ])
 def test_bad_meta_names_field_and_line(tmp_path, meta, needle):
     d = _small_run(tmp_path)
@@ -168,3 +170,35 @@ def test_writer_refuses_bad_input_and_writes_nothing(tmp_path):
         write_run(tmp_path / "x", requests=bad, meta={"model": "m", "engine_kwargs": {"max_num_seqs": 1,
                                                                                         "max_num_batched_tokens": 8}})
     assert not (tmp_path / "x").exists()
+
+
+def test_streaming_writer_uses_the_readers_rules(tmp_path):
+    """traces.runwriter (the collector's writer) and write_run share one definition of the format."""
+    from traces.runwriter import RunWriter
+
+    meta = {"model": "m", "engine_kwargs": {"max_num_seqs": 4, "max_num_batched_tokens": 64},
+            "collector": {"timestamps": "client"}}
+    with pytest.raises(ValueError, match="max_num_seqs"):  # unreadable meta: refused before anything is created
+        RunWriter(tmp_path / "no", meta={"model": "m", "engine_kwargs": {}})
+    assert not (tmp_path / "no").exists()
+    w = RunWriter(tmp_path / "run", meta=meta)
+    row = {"request_id": "bench-1", "input_toks": np.int64(5), "output_toks": 3, "arrival_time": 1.7e9,
+           "queued_ts": 10, "scheduled_ts": None, "first_token_ts": 10.5, "last_token_ts": 11.0, "itls": [0.25, 0.25]}
+    w.add_request({**row, "request_id": "bench-0", "queued_ts": 9.0})
+    w.add_request(row)
+    for bad, field in (({**row, "request_id": "bench-0"}, "request_id"), ({**row, "output_toks": 0}, "output_toks"),
+                       ({**row, "input_toks": None}, "input_toks"), ({**row, "first_token_ts": 9.5}, "first_token_ts")):
+        with pytest.raises(ValueError, match=f"field {field}"):
+            w.add_request({**bad, "request_id": bad["request_id"] if field == "request_id" else "bench-9"})
+    w.add_tick(1, 100.0, 3.0, 2.0, 0, 12.5)
+    w.add_tick(2, None, float("nan"), None, None, None)  # a failed scrape: not measured
+    with pytest.raises(ValueError, match="field t"):
+        w.add_tick(2, 0, 0, 0, 0, 0)
+    w.write_meta({**meta, "num_requests": 2})
+    w.close()
+    raw = (tmp_path / "run" / "timeseries.csv").read_bytes()
+    assert raw.count(b"\r\n") == 3 and b"2,0,12.5" in raw
+    run = read_run(tmp_path / "run")
+    assert run.client_side and run.requests["request_id"].tolist() == ["bench-0", "bench-1"]
+    assert run.requests["scheduled_ts"].isna().all() and run.requests["itls"].iloc[1] == [0.25, 0.25]
+    assert run.timeseries["running"].isna().tolist() == [False, True]

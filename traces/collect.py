@@ -278,7 +278,8 @@ class Collector:
     def record(self, rid: str, body: dict, res: StreamResult, extra: dict) -> None:
         now = self.clock.mono()
         self.last_done = now
-        if res.ok:
+        ok = res.ok
+        if ok:
             t = res.chunk_times
             n = res.output_tokens
             prompt = res.prompt_tokens
@@ -288,7 +289,11 @@ class Collector:
                    "arrival_time": res.sent_epoch, "queued_ts": res.sent_mono, "scheduled_ts": None,
                    "first_token_ts": t[0], "last_token_ts": t[-1], "itls": [b - a for a, b in zip(t[:-1], t[1:], strict=True)],
                    "max_tokens": body["max_tokens"], **extra}
-            self.writer.add_request(row)
+            try:
+                self.writer.add_request(row)
+            except ValueError as e:  # e.g. no usage and a text prompt: the token counts are unknown
+                res.error, ok = f"not a valid run-format record: {e}", False
+        if ok:
             self.ttft.append(t[0] - res.sent_mono)
             self.e2e.append(t[-1] - res.sent_mono)
             self.out_tokens.append(n)
@@ -338,8 +343,9 @@ class Collector:
             for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "tensor_parallel_size"):
                 if ec.get(k, "").isdigit():
                     kw[k] = int(ec[k])
-            if ec.get("scheduler_reserve_full_isl") in ("True", "False"):
-                kw["scheduler_reserve_full_isl"] = ec["scheduler_reserve_full_isl"] == "True"
+            for k in ("scheduler_reserve_full_isl", "async_scheduling"):
+                if ec.get(k) in ("True", "False"):
+                    kw[k] = ec[k] == "True"
             if ec.get("long_prefill_token_threshold", "").isdigit():
                 kw["long_prefill_token_threshold"] = int(ec["long_prefill_token_threshold"])
         kw.update(cfg.engine_kwargs)

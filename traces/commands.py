@@ -17,31 +17,36 @@ from typing import Any
 __all__ = ["CALIBRATE_DESCRIPTION", "CALIBRATE_HELP", "REPLAY_DESCRIPTION", "REPLAY_HELP", "calibrate_main",
            "configure_calibrate", "configure_replay", "run_calibrate", "run_replay"]
 
-CALIBRATE_HELP = "calibrate a serving profile from a measured vLLM run (step-time fit + replay refinement)"
+CALIBRATE_HELP = "calibrate a serving profile from measured vLLM runs (step-time fit + replay refinement)"
 CALIBRATE_DESCRIPTION = """\
-Calibrate a simulator profile from a measured vLLM run directory (requests.jsonl, timeseries.csv,
-meta.json; see traces/runs.py).
+Calibrate a simulator profile from one or more measured vLLM run directories of the same engine
+(requests.jsonl, timeseries.csv, meta.json; see traces/runs.py), e.g. two load levels.
 
-It reads the run's engine settings, takes num_gpu_blocks from meta.json (or estimates it and says so),
+It reads the runs' engine settings, takes num_gpu_blocks from meta.json (or estimates it and says so),
 reconstructs the engine's steps from the per-request timestamps, fits the step-time coefficients of
-sim.latency.PhysicsStepModel by NNLS, then refines three multipliers by replaying the run until the
-simulated TTFT/TPOT/E2E distributions match the measured ones. Prints a fit report (coefficients with
-units, residuals, replay errors) and writes a profile that `sim.load_profile(PATH)` loads.
-Deterministic; seconds per run.
+sim.latency.PhysicsStepModel by NNLS, then refines three multipliers by replaying the runs until the
+simulated TTFT/TPOT/E2E distributions match the measured ones. Runs collected over HTTP (maslat collect:
+client-side times, no scheduled_ts) are calibrated too: the fit also estimates the client-side constant
+(API server frontend + HTTP), written as the profile's overheads.frontend_s, and the replays compare
+client-side times. Prints a fit report (coefficients with units, residuals, replay errors per run) and
+writes a profile that `sim.load_profile(PATH)` loads. Deterministic; seconds per run.
 
 examples:
   maslat calibrate ../shared/traces/vllm/rtx4090-llama-3.1-8b --out rtx4090.json
+  maslat calibrate runs/light runs/heavy --gpu h100-sxm --out h100.json     # two collected load levels
   python -m traces.calibrate RUN --out p.json --fit-fraction 0.5 --json
 """
 
 REPLAY_HELP = "replay a measured vLLM run through the simulator and report errors (TTFT/TPOT/E2E, queues)"
 REPLAY_DESCRIPTION = """\
-Replay a measured run: every request enters the simulated engine at queued_ts - min(queued_ts) with its
-measured lengths, on one replica with the profile's engine settings and no frontend overhead (the run's
-metrics are engine-side). Reports measured vs simulated mean/p50/p90/p99 of TTFT, TPOT and E2E with the
-signed error 100*(sim-measured)/measured, the mean absolute error of the running/waiting/KV-usage series
-(KV as a fraction; null when the run did not record it), and whether the accuracy bar holds (|error| <= 5 %
-on mean/p50/p90; 10 % on the held-out part with --fit-fraction).
+Replay a measured run: every request enters the simulation at queued_ts - min(queued_ts) with its
+measured lengths, on one replica with the run's engine settings. An engine-side run is replayed with no
+frontend overhead and compared engine-side; a client-side run (maslat collect) reaches the engine the
+profile's overheads.frontend_s after its send and is compared client-side (send to first/last output chunk).
+Reports measured vs simulated mean/p50/p90/p99 of TTFT, TPOT and E2E with the signed error
+100*(sim-measured)/measured, the mean absolute error of the running/waiting/KV-usage series (KV as a
+fraction; null when the run did not record it), and whether the accuracy bar holds (|error| <= 5 % on
+mean/p50/p90; 10 % on the held-out part with --fit-fraction).
 
 --fit-fraction F calibrates on the requests that arrived in the first fraction F of the arrival window
 (the profile then only supplies the hardware) and reports errors on the other requests.
@@ -84,14 +89,16 @@ def _fraction(text: str) -> float:
 
 
 def configure_calibrate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", type=Path, help="measured run directory (requests.jsonl, timeseries.csv, meta.json)")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                   help="measured run directories of one engine (requests.jsonl, timeseries.csv, meta.json)")
     p.add_argument("--out", type=Path, required=True, help="where to write the calibrated profile (.json)")
     p.add_argument("--fit-fraction", type=_fraction, default=None,
                    help="fit only on requests that arrived in this first fraction of the arrival window")
     p.add_argument("--gpu", default=None, help="GPU key or device name when meta.json does not record it "
                                                "(e.g. rtx4090, rtxpro6000, h100-sxm)")
-    p.add_argument("--name", default=None, help="profile name (default: the run's directory name)")
-    p.add_argument("--max-evals", type=int, default=45, help="replays the refinement may spend (default 45)")
+    p.add_argument("--name", default=None, help="profile name (default: the runs' directory names joined by +)")
+    p.add_argument("--max-evals", type=int, default=None,
+                   help="replays the refinement may spend (default 15 per multiplier: 45, or 60 for client-side runs)")
     p.add_argument("--seed", type=int, default=0, help="world seed of the replays (default 0)")
     p.add_argument("--report", type=Path, default=None, help="also write the full fit report as JSON here")
     p.add_argument("--json", action="store_true",
@@ -99,14 +106,14 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
 
 
 def run_calibrate(args) -> int:
-    from .calibrate import calibrate_run, format_report
+    from .calibrate import calibrate_runs, format_report
 
-    if args.max_evals < 4:
-        raise ValueError("--max-evals must be at least 4 (the initial simplex of three multipliers)")
+    if args.max_evals is not None and args.max_evals < 5:
+        raise ValueError("--max-evals must be at least 5 (the initial simplex of up to four multipliers)")
     with _bar(args.max_evals, "refining") as bar:
-        res = calibrate_run(args.run, fit_fraction=args.fit_fraction, seed=args.seed, gpu=args.gpu,
-                            name=args.name, max_evals=args.max_evals, progress=bar.update)
-    cmd = ["maslat calibrate", _portable(args.run), "--out", str(args.out)]
+        res = calibrate_runs(args.runs, fit_fraction=args.fit_fraction, seed=args.seed, gpu=args.gpu,
+                             name=args.name, max_evals=args.max_evals, progress=bar.update)
+    cmd = ["maslat calibrate", *map(_portable, args.runs), "--out", str(args.out)]
     if args.fit_fraction is not None:
         cmd += ["--fit-fraction", str(args.fit_fraction)]
     if args.gpu is not None:

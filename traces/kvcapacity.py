@@ -76,12 +76,13 @@ def _held_tokens(run: MeasuredRun, t_engine: float) -> np.ndarray:
 
 def usage_estimate_blocks(run: MeasuredRun, *, until_s: float | None = None,
                           band: tuple[float, float] = (0.05, 0.95)) -> tuple[int, dict] | None:
-    """``num_gpu_blocks`` from the recorded KV-usage gauge, or ``None`` when it was not recorded.
+    """``num_gpu_blocks`` from the recorded KV-usage gauge, or ``None`` when it was not recorded (or the run's
+    times are a client's, which do not say when the engine held the tokens).
 
     Uses ticks whose usage lies inside ``band`` (a saturated cache preempts, and a near-empty one says little),
     up to replay time ``until_s``.
     """
-    if not run.kv_cache_recorded:
+    if not run.kv_cache_recorded or run.client_side:  # a client's times are not the engine's: no held tokens
         return None
     ts = run.timeseries
     bs = run.engine.block_size

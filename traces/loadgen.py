@@ -114,8 +114,8 @@ async def run_collection(col) -> dict:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
         await col.discover(s)
     started = col.clock.epoch()
-    col.writer = RunWriter(cfg.out_dir, overwrite=cfg.overwrite)
-    col.writer.write_meta(col.meta(started=started, finished=None, complete=False))
+    col.writer = RunWriter(cfg.out_dir, meta=col.meta(started=started, finished=None, complete=False),
+                           overwrite=cfg.overwrite)
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s * col.clock.time_scale, sock_connect=10)
     complete = False
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as s:

@@ -16,7 +16,10 @@ from typing import Any
 
 from .errors import TraceFormatError, line_of_key
 
-__all__ = ["EngineSettings", "RunMeta", "engine_settings", "parse_meta"]
+__all__ = ["EngineSettings", "RunMeta", "TIMESTAMPS", "engine_settings", "parse_meta"]
+
+#: whose clock a run's request times are on (``collector.timestamps`` in ``meta.json``; ``"engine"`` when absent)
+TIMESTAMPS = ("engine", "client")
 
 _KNOWN = ("schema_version", "model", "vllm_version", "engine_kwargs", "dataset_path", "dataset_hash",
           "num_requests", "started_at", "finished_at", "tick_seconds", "kv_cache", "hardware", "resolved_config")
@@ -64,6 +67,13 @@ class RunMeta:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def timestamps(self) -> str:
+        """Whose clock the request times are on: ``"engine"`` (vLLM's engine core, the default) or ``"client"``
+        (``collector.timestamps``: a run collected over HTTP by ``traces.collect``)."""
+        col = self.extra.get("collector")
+        return col.get("timestamps", "engine") if isinstance(col, dict) else "engine"
+
+    @property
     def started_at_epoch_s(self) -> float | None:
         return None if self.started_at is None else _epoch(self.started_at)
 
@@ -102,6 +112,10 @@ class RunMeta:
         n = data.get("num_requests")
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
             raise w.error("num_requests", f"must be an integer >= 0, got {n!r}")
+        col = data.get("collector")
+        if col is not None and (not isinstance(col, dict) or col.get("timestamps", "engine") not in TIMESTAMPS):
+            raise w.error("collector.timestamps", f"must be one of {TIMESTAMPS} (whose clock the request times are "
+                          f"on), got {col.get('timestamps') if isinstance(col, dict) else col!r}")
         sv = data.get("schema_version", 1)
         if sv != 1:
             raise w.error("schema_version", f"version {sv!r} is not supported (expected 1)")

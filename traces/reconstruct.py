@@ -49,9 +49,13 @@ class Events:
         return sum(len(m) > 1 for m in self.members)
 
 
-def observed_events(requests: pd.DataFrame, mask: np.ndarray | None = None) -> Events:
-    """The distinct output times of the ``mask`` requests (all by default)."""
-    q0 = requests["queued_ts"].min()
+def observed_events(requests: pd.DataFrame, mask: np.ndarray | None = None, *, offset_s: float = 0.0) -> Events:
+    """The distinct output times of the ``mask`` requests (all by default).
+
+    ``offset_s`` is subtracted from every output time: for a client-side run, the client-side constant (frontend
+    and HTTP), which puts the events on the reconstruction's clock (requests enter the engine at their offsets).
+    """
+    q0 = requests["queued_ts"].min() + offset_s
     use = np.flatnonzero(np.ones(len(requests), bool) if mask is None else np.asarray(mask, bool))
     ft = requests["first_token_ts"].to_numpy()[use] - q0
     lt = requests["last_token_ts"].to_numpy()[use] - q0
@@ -86,7 +90,7 @@ class EngineTrace:
     Attributes:
         basis: one row per step, the ten ``sim.latency.BASIS_NAMES`` terms.
         n_dec, ctx_dec, prefill_tokens, n_chunks: per step.
-        end: per step, its end time (seconds after the first arrival).
+        start, end: per step, its start and end time (seconds after the first arrival).
         used_blocks: per step, KV blocks in use after it.
         first_step, last_step: per request, the step (1-based) that emitted its first / last token.
         admit_step: per request, the step (1-based) that first scheduled it.
@@ -98,6 +102,7 @@ class EngineTrace:
     ctx_dec: np.ndarray
     prefill_tokens: np.ndarray
     n_chunks: np.ndarray
+    start: np.ndarray
     end: np.ndarray
     used_blocks: np.ndarray
     first_step: np.ndarray
@@ -164,6 +169,7 @@ def _trace(rec: _Recorder, reqs: list[Request], starts: list[int], ends: list[in
         ctx_dec=np.fromiter((s[1] for s in rec.steps), np.int64, m),
         prefill_tokens=np.fromiter((sum(n for n, _ in s[2]) for s in rec.steps), np.int64, m),
         n_chunks=np.fromiter((len(s[2]) for s in rec.steps), np.int64, m),
+        start=np.array(starts, np.float64) / TICKS_PER_S,
         end=np.array(ends, np.float64) / TICKS_PER_S,
         used_blocks=np.array(used, np.int64),
         first_step=np.array([step_of.get(r.first_token_ts, -1) for r in reqs], np.int64),

@@ -1,9 +1,17 @@
 """Replay a measured run through the simulator and compare.
 
-The replay injects every request into the engine at ``queued_ts - min(queued_ts)`` with its measured prompt and
-output lengths (``vllm.md`` s.8), on one replica with the run's engine settings (the profile supplies hardware,
-model and step-time coefficients; see ``replay_profile``), and frontend/streaming overheads set to 0 (the run's
-metrics are engine-side). It reports, for TTFT, TPOT and E2E,
+The replay injects every request at ``queued_ts - min(queued_ts)`` with its measured prompt and output lengths
+(``vllm.md`` s.8), on one replica with the run's engine settings (the profile supplies hardware, model and
+step-time coefficients; see ``replay_profile``). Like is compared with like:
+
+* an **engine-side** run (vLLM's own timestamps): the request enters the engine at its offset, with the frontend
+  and streaming overheads set to 0; TTFT = first token - queued, E2E = last token - queued;
+* a **client-side** run (``MeasuredRun.client_side``, collected over HTTP): the offset is the client's send, the
+  request reaches the engine ``overheads.frontend_s`` later (the profile's client-side constant: API server and
+  HTTP), and TTFT = first token - send, E2E = last token - send, as the collector timed them (the last output
+  chunk, so ``post_decode_s`` and ``per_output_token_s``, which the simulator adds after it, are left out).
+
+TPOT is ``(last - first)/(n_out - 1)`` in both. It reports, for TTFT, TPOT and E2E,
 the measured and simulated mean, p50, p90 and p99 and the signed error ``100 x (sim - measured)/measured``, and
 the mean absolute error of the running / waiting / KV-usage time series at the run's ticks (KV usage as a
 fraction 0-1; ``null`` when the run did not record it).
@@ -56,11 +64,13 @@ def fit_mask(run: MeasuredRun, fit_fraction: float | None) -> tuple[np.ndarray, 
 def replay_profile(profile: sim.Profile, run: MeasuredRun | None = None) -> tuple[sim.Profile, dict]:
     """The profile as a replay of ``run`` uses it, and the engine settings the run overrode.
 
-    Engine-side metrics, so no frontend or streaming overheads. The engine limits are the run's (the profile
-    supplies hardware, model and latency): every setting the run records replaces the profile's, and
-    ``num_gpu_blocks`` only when measured (an unrecorded capacity keeps the profile's).
+    Overheads: none for an engine-side run; only the profile's ``frontend_s`` for a client-side one (see the
+    module docstring). The engine limits are the run's (the profile supplies hardware, model and latency): every
+    setting the run records replaces the profile's, and ``num_gpu_blocks`` only when measured (an unrecorded
+    capacity keeps the profile's).
     """
-    prof = profile.replace(overheads=sim.Overheads())
+    client = run is not None and run.client_side
+    prof = profile.replace(overheads=sim.Overheads(frontend_s=profile.overheads.frontend_s if client else 0.0))
     if run is None:
         return prof, {}
     e, cfg = run.engine, prof.engine
@@ -81,7 +91,8 @@ def replay_profile(profile: sim.Profile, run: MeasuredRun | None = None) -> tupl
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class SimulatedRun:
-    """A replay: per-request records in the run's request order, and gauges at the run's ticks."""
+    """A replay: per-request records in the run's request order (``ttft_s``, ``tpot_s``, ``e2e_s`` as the run
+    defines them: client-side for a client-side run), and gauges at the run's ticks."""
 
     records: pd.DataFrame
     gauges: pd.DataFrame | None
@@ -107,6 +118,9 @@ def simulate_run(run: MeasuredRun, profile: sim.Profile, *, seed: int = 0) -> Si
     df = world.records.to_dataframe()
     df["k"] = order[df["request_id"].astype(int).to_numpy()]
     df = df.set_index("k").sort_index()
+    if run.client_side:  # as the collector times them: from the send to the first / last output chunk
+        df["ttft_s"] = df["first_token_s"] - df["arrival_s"]
+        df["e2e_s"] = df["last_token_s"] - df["arrival_s"]
     core = world.replicas[0].core
     return SimulatedRun(records=df, gauges=None if gauges is None else pd.DataFrame(gauges),
                         preemptions=core.num_preemptions, engine_steps=core.num_steps,

@@ -15,9 +15,14 @@ A run directory holds three files (``vllm.md`` s.8)::
 on the monotonic fields only (TTFT = first - queued, TPOT = (last - first)/(n_out - 1), E2E = last - queued,
 queue = scheduled - queued). ``offset_s = queued_ts - min(queued_ts)`` is where a replay injects a request.
 
-``read_run`` validates everything; a bad line raises ``TraceFormatError`` naming the file, the line and the
-field, unless ``skip_bad=True``, in which case bad lines are counted in ``MeasuredRun.skipped``.
-``write_run`` writes the same format (validating first, so it never writes what the reader rejects).
+**Engine-side or client-side.** A run recorded by vLLM itself has engine-core timestamps. A run collected over
+HTTP (``traces.collect``, ``meta.collector.timestamps = "client"``) has the client's send and output-chunk times
+instead: ``scheduled_ts`` is null and TTFT/E2E include HTTP and the API server's frontend (``MeasuredRun.timestamps``).
+
+This module is the one definition of the format: ``read_run`` validates everything (a bad line raises
+``TraceFormatError`` naming the file, the line and the field, unless ``skip_bad=True``, in which case bad lines
+are counted in ``MeasuredRun.skipped``); ``write_run`` writes a whole run and ``traces.runwriter`` streams one,
+both through ``request_record`` / ``tick_line`` / ``check_meta``, so neither writes what the reader rejects.
 """
 
 from __future__ import annotations
@@ -38,14 +43,18 @@ from .meta import EngineSettings, RunMeta, engine_settings, parse_meta
 
 __all__ = [
     "EngineSettings",
+    "FILES",
     "MeasuredRun",
     "REQUEST_FIELDS",
     "RunMeta",
     "TIMESERIES_COLUMNS",
+    "check_meta",
     "read_run",
     "read_requests",
     "read_timeseries",
+    "request_record",
     "sha256_file",
+    "tick_line",
     "write_run",
 ]
 
@@ -57,7 +66,10 @@ _ORDERED = ("queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts")
 # a collector talking HTTP cannot see the engine's first SCHEDULED event: null there means "not observed"
 _OPTIONAL_TIME_FIELDS = ("scheduled_ts",)
 TIMESERIES_COLUMNS = ("t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct")
-FILES = {"requests": "requests.jsonl", "timeseries": "timeseries.csv", "meta": "meta.json"}
+#: the run's files; ``failures`` (requests that failed, written by the collector) is not part of vllm.md s.8
+FILES = {"requests": "requests.jsonl", "timeseries": "timeseries.csv", "meta": "meta.json",
+         "failures": "failures.jsonl"}
+_RUN_FILES = ("requests", "timeseries", "meta")
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -88,6 +100,15 @@ class MeasuredRun:
 
     def __len__(self) -> int:
         return len(self.requests)
+
+    @property
+    def timestamps(self) -> str:
+        """``"engine"`` (vLLM's engine-core clock) or ``"client"`` (collected over HTTP; ``meta.collector``)."""
+        return self.meta.timestamps
+
+    @property
+    def client_side(self) -> bool:
+        return self.meta.timestamps == "client"
 
     @property
     def num_gpu_blocks(self) -> int | None:
@@ -280,41 +301,87 @@ def read_run(run_dir: str | Path, *, skip_bad: bool = False) -> MeasuredRun:
         TraceFormatError: malformed content (file, line and field in the message).
     """
     d = Path(run_dir)
+    expected = ", ".join(FILES[k] for k in _RUN_FILES)
     if not d.is_dir():
-        raise FileNotFoundError(f"{d}: not a run directory (expected {', '.join(FILES.values())})")
+        raise FileNotFoundError(f"{d}: not a run directory (expected {expected})")
     for key in ("requests", "meta"):
         if not (d / FILES[key]).is_file():
-            raise FileNotFoundError(f"{d / FILES[key]}: missing; a run directory holds {', '.join(FILES.values())}")
+            raise FileNotFoundError(f"{d / FILES[key]}: missing; a run directory holds {expected}")
     meta = parse_meta(d / FILES["meta"])
     requests, bad_req = read_requests(d / FILES["requests"], skip_bad=skip_bad)
     ts_path = d / FILES["timeseries"]
     timeseries, bad_ts = read_timeseries(ts_path, skip_bad=skip_bad) if ts_path.is_file() else (None, 0)
-    shas = {p.name: sha256_file(p) for p in (d / f for f in FILES.values()) if p.is_file()}
+    shas = {p.name: sha256_file(p) for p in (d / FILES[k] for k in _RUN_FILES) if p.is_file()}
     skipped = {FILES["requests"]: bad_req, FILES["timeseries"]: bad_ts} if skip_bad else {}
     return MeasuredRun(path=d, name=d.resolve().name, requests=requests, timeseries=timeseries, meta=meta,
                        engine=engine_settings(meta, where=str(d / FILES["meta"])), file_sha256=shas,
                        skipped=skipped)
 
 
-def _request_dicts(requests: pd.DataFrame | Iterable[Mapping[str, Any]]) -> list[dict]:
-    if isinstance(requests, pd.DataFrame):
-        missing = [f for f in REQUEST_FIELDS if f not in requests.columns]
-        if missing:
-            raise ValueError(f"write_run: requests lack column(s) {missing}")
-        recs = requests[list(REQUEST_FIELDS)].to_dict("records")
-    else:
-        recs = [dict(r) for r in requests]
-    out = []
-    for r in recs:
-        d = {f: r.get(f) for f in REQUEST_FIELDS}
-        for f in ("input_toks", "output_toks"):
-            if isinstance(d[f], (np.integer, float)) and float(d[f]).is_integer():
-                d[f] = int(d[f])
-        for f in _TIME_FIELDS:
-            if isinstance(d[f], (np.floating, np.integer, int)) and not isinstance(d[f], bool):
-                d[f] = float(d[f])
-        out.append(d)
+def _json_number(v: Any, integral: bool) -> Any:
+    """numpy and float numbers as the JSON numbers the reader expects (``None`` stays ``None``)."""
+    if v is None or isinstance(v, bool) or v is pd.NA:
+        return None if v is pd.NA else v
+    if isinstance(v, (float, np.floating)) and math.isnan(v):
+        return None
+    if integral:
+        return int(v) if isinstance(v, (int, np.integer, float, np.floating)) and float(v).is_integer() else v
+    return float(v) if isinstance(v, (int, float, np.integer, np.floating)) else v
+
+
+def request_record(row: Mapping[str, Any], seen: set[str] | None = None, *, extras: bool = False) -> dict:
+    """One request as a line of ``requests.jsonl``: the ``REQUEST_FIELDS`` in order (numbers normalised), then,
+    with ``extras``, the row's other keys (the collector's ``itls``...). ``seen`` collects the ids written so far.
+
+    Raises:
+        ValueError: a field the reader would reject (the message names it).
+    """
+    missing = [f for f in REQUEST_FIELDS if f not in row]
+    if missing:
+        raise ValueError(f"request lacks field(s) {missing}")
+    out = {f: _json_number(row[f], f in ("input_toks", "output_toks")) if f != "request_id" else row[f]
+           for f in REQUEST_FIELDS}
+    fld, problem = _check_request(out, seen if seen is not None else set())
+    if problem is not None:
+        raise ValueError(f"field {fld}: {problem} (request_id {row.get('request_id')!r})")
+    if seen is not None:
+        seen.add(out["request_id"])
+    if extras:
+        out.update({k: v for k, v in row.items() if k not in out})
     return out
+
+
+def tick_line(values: Iterable[Any], prev_t: float = -math.inf) -> str:
+    """One row of ``timeseries.csv`` (``TIMESERIES_COLUMNS`` order; ``None``/NaN = not measured, written ``nan``).
+
+    Raises:
+        ValueError: a value the reader would reject, or ``t`` not after ``prev_t``.
+    """
+    parts = []
+    for name, v in zip(TIMESERIES_COLUMNS, values, strict=True):
+        if v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and math.isnan(v)):
+            parts.append("nan")
+        elif name in ("running", "waiting") and float(v).is_integer():
+            parts.append(str(int(v)))  # queue lengths are counts, written as in the measured runs
+        else:
+            parts.append(repr(float(v)))
+    fld, problem, _ = _check_tick(parts, prev_t)
+    if problem is not None:
+        raise ValueError(f"timeseries tick {parts[0]}: field {fld}: {problem}")
+    return ",".join(parts)
+
+
+def check_meta(meta: RunMeta | Mapping[str, Any]) -> str:
+    """``meta.json``'s text, validated as ``read_run`` will validate it (model, engine limits, times).
+
+    Raises:
+        ValueError: what is missing or malformed (``TraceFormatError`` is a ``ValueError``).
+    """
+    meta_dict = meta.to_dict() if isinstance(meta, RunMeta) else dict(meta)
+    text = json.dumps(meta_dict, indent=2)
+    parsed = RunMeta.from_dict(json.loads(text), where="meta.json", text=text)
+    engine_settings(parsed, where="meta.json", text=text)
+    return text + "\n"
 
 
 def write_run(run_dir: str | Path, *, requests: pd.DataFrame | Iterable[Mapping[str, Any]],
@@ -331,19 +398,23 @@ def write_run(run_dir: str | Path, *, requests: pd.DataFrame | Iterable[Mapping[
         The directory. Everything is validated first; on a ``ValueError`` nothing has been written.
     """
     d = Path(run_dir)
-    rows = _request_dicts(requests)
+    if isinstance(requests, pd.DataFrame):
+        missing = [f for f in REQUEST_FIELDS if f not in requests.columns]
+        if missing:
+            raise ValueError(f"write_run: requests lack column(s) {missing}")
+        requests = requests[list(REQUEST_FIELDS)].to_dict("records")
     seen: set[str] = set()
-    for i, r in enumerate(rows):
-        fld, problem = _check_request(r, seen)
-        if problem is not None:
-            raise ValueError(f"write_run: request {i}: field {fld}: {problem}")
-        seen.add(r["request_id"])
-    meta_dict = meta.to_dict() if isinstance(meta, RunMeta) else dict(meta)
-    meta_text = json.dumps(meta_dict, indent=2)
-    engine_settings(RunMeta.from_dict(json.loads(meta_text), where="write_run: meta"), where="write_run: meta")
-    ts_lines = None
-    if timeseries is not None:
-        ts_lines = _timeseries_lines(timeseries)
+    rows = []
+    for i, r in enumerate(requests):
+        try:
+            rows.append(request_record(r, seen))
+        except ValueError as e:
+            raise ValueError(f"write_run: request {i}: {e}") from None
+    try:
+        meta_text = check_meta(meta)
+    except ValueError as e:
+        raise ValueError(f"write_run: {e}") from None
+    ts_lines = None if timeseries is None else _timeseries_lines(timeseries)
     d.mkdir(parents=True, exist_ok=True)
     with open(d / FILES["requests"], "w", encoding="utf-8", newline="\n") as f:
         for r in rows:
@@ -362,10 +433,9 @@ def _timeseries_lines(ts: pd.DataFrame) -> list[str]:
     lines = [",".join(TIMESERIES_COLUMNS)]
     prev = -math.inf
     for i, row in enumerate(ts[list(TIMESERIES_COLUMNS)].itertuples(index=False)):
-        parts = [repr(float(v)) for v in row]
-        fld, problem, vals = _check_tick(parts, prev)
-        if problem is not None:
-            raise ValueError(f"write_run: timeseries row {i}: field {fld}: {problem}")
-        prev = vals[0]
-        lines.append(",".join(parts))
+        try:
+            lines.append(tick_line(row, prev))
+        except ValueError as e:
+            raise ValueError(f"write_run: timeseries row {i}: {e}") from None
+        prev = float(row[0])
     return lines

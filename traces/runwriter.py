@@ -1,16 +1,18 @@
 """Write a run directory in the measured run format (``vllm.md`` section 8), incrementally.
 
-Every line is flushed as soon as it is known, and ``meta.json`` is replaced atomically, so a collection
-that is interrupted (Ctrl-C, a crash) still leaves a readable run: complete JSON lines, complete CSV rows
-and a ``meta.json`` saying how far it got. Files::
+The format itself (fields, columns, file names, validation) is defined once, in ``traces.runs``; this writer
+streams it: every line is validated by the reader's rules and flushed as soon as it is known, and
+``meta.json`` is validated and replaced atomically, so a collection that is interrupted (Ctrl-C, a crash)
+still leaves a run that ``traces.runs.read_run`` reads: complete JSON lines, complete CSV rows and a
+``meta.json`` saying how far it got. Files (``traces.runs.FILES``)::
 
     requests.jsonl   one object per completed request: REQUEST_FIELDS first, then extras
-    timeseries.csv   t,prompt_throughput,gen_throughput,running,waiting,kv_cache_pct  (t = 1, 2, ...)
+    timeseries.csv   t,prompt_throughput,gen_throughput,running,waiting,kv_cache_pct  (t = 1, 2, ...; CRLF)
     meta.json        schema_version, model, vllm_version, engine_kwargs, ..., kv_cache, collector
     failures.jsonl   one object per request that failed (not part of the measured format; counted in meta)
 
-Missing measurements are JSON ``null`` in ``requests.jsonl`` and ``nan`` in ``timeseries.csv`` (a tick
-whose scrape failed); nothing is invented.
+Missing measurements are JSON ``null`` in ``requests.jsonl`` (only where the format allows it) and ``nan`` in
+``timeseries.csv`` (a tick whose scrape failed); nothing is invented.
 """
 
 from __future__ import annotations
@@ -20,19 +22,9 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["REQUEST_FIELDS", "TIMESERIES_COLUMNS", "RunWriter"]
+from .runs import FILES, TIMESERIES_COLUMNS, check_meta, request_record, tick_line
 
-REQUEST_FIELDS = ("request_id", "input_toks", "output_toks", "arrival_time", "queued_ts", "scheduled_ts",
-                  "first_token_ts", "last_token_ts")
-TIMESERIES_COLUMNS = ("t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct")
-
-
-def _num(x, integral: bool = False) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "nan"
-    if integral and float(x).is_integer():
-        return str(int(x))  # queue lengths are counts, written as in the measured runs
-    return repr(float(x))
+__all__ = ["RunWriter"]
 
 
 class RunWriter:
@@ -40,31 +32,33 @@ class RunWriter:
 
     Args:
         out_dir: the run directory (created).
+        meta: the first ``meta.json`` (validated before anything is created, so a run that the reader would
+            refuse, e.g. without the engine limits, fails here and not after the collection).
         overwrite: replace the run files if the directory already holds a run.
     """
 
-    def __init__(self, out_dir: str | Path, *, overwrite: bool = False):
+    def __init__(self, out_dir: str | Path, *, meta: dict, overwrite: bool = False):
         self.dir = Path(out_dir)
-        existing = [n for n in ("requests.jsonl", "timeseries.csv", "meta.json") if (self.dir / n).exists()]
+        meta_text = check_meta(meta)
+        existing = [FILES[k] for k in ("requests", "timeseries", "meta") if (self.dir / FILES[k]).exists()]
         if existing and not overwrite:
             raise ValueError(f"{self.dir} already holds a run ({', '.join(existing)}); choose another --out "
                              f"or pass --overwrite")
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._req = open(self.dir / "requests.jsonl", "w")  # noqa: SIM115 - kept open for the run
-        self._fail = open(self.dir / "failures.jsonl", "w")  # noqa: SIM115
-        self._ts = open(self.dir / "timeseries.csv", "w")  # noqa: SIM115
-        self._ts.write(",".join(TIMESERIES_COLUMNS) + "\n")
+        self._req = open(self.dir / FILES["requests"], "w", encoding="utf-8", newline="\n")  # noqa: SIM115
+        self._fail = open(self.dir / FILES["failures"], "w", encoding="utf-8", newline="\n")  # noqa: SIM115
+        self._ts = open(self.dir / FILES["timeseries"], "w", encoding="utf-8", newline="")  # noqa: SIM115
+        self._ts.write(",".join(TIMESERIES_COLUMNS) + "\r\n")
         self._ts.flush()
+        self._write_meta_text(meta_text)
+        self._seen: set[str] = set()
+        self._last_t = -math.inf
         self.num_requests = self.num_failures = self.num_ticks = 0
 
     def add_request(self, row: dict) -> None:
-        """One completed request; ``row`` must hold every field of ``REQUEST_FIELDS``."""
-        missing = [f for f in REQUEST_FIELDS if f not in row]
-        if missing:
-            raise ValueError(f"request row lacks {missing}")
-        ordered = {f: row[f] for f in REQUEST_FIELDS}
-        ordered.update({k: v for k, v in row.items() if k not in ordered})
-        self._req.write(json.dumps(ordered) + "\n")
+        """One completed request: the ``REQUEST_FIELDS`` (validated; ``ValueError`` names a bad field), extras
+        after them."""
+        self._req.write(json.dumps(request_record(row, self._seen, extras=True)) + "\n")
         self._req.flush()
         self.num_requests += 1
 
@@ -75,26 +69,29 @@ class RunWriter:
 
     def add_tick(self, t: int, prompt_throughput, gen_throughput, running, waiting, kv_cache_pct) -> None:
         """One row of ``timeseries.csv`` (``None``/NaN written as ``nan``)."""
-        vals = (_num(prompt_throughput), _num(gen_throughput), _num(running, True), _num(waiting, True),
-                _num(kv_cache_pct))
-        self._ts.write(f"{float(t)!r}," + ",".join(vals) + "\n")
+        line = tick_line((t, prompt_throughput, gen_throughput, running, waiting, kv_cache_pct), self._last_t)
+        self._ts.write(line + "\r\n")
         self._ts.flush()
+        self._last_t = float(t)
         self.num_ticks += 1
 
     def write_meta(self, meta: dict) -> None:
-        """Replace ``meta.json`` atomically."""
-        tmp = self.dir / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, self.dir / "meta.json")
+        """Validate and replace ``meta.json`` atomically."""
+        self._write_meta_text(check_meta(meta))
+
+    def _write_meta_text(self, text: str) -> None:
+        tmp = self.dir / (FILES["meta"] + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.dir / FILES["meta"])
 
     def close(self, *, sort_requests: bool = True) -> None:
         """Close the files; put ``requests.jsonl`` in arrival order (``bench-<i>``), as the format has it."""
         for f in (self._req, self._fail, self._ts):
             f.close()
         if sort_requests:
-            path = self.dir / "requests.jsonl"
-            lines = path.read_text().splitlines()
+            path = self.dir / FILES["requests"]
+            lines = path.read_text(encoding="utf-8").splitlines()
             lines.sort(key=lambda ln: int(json.loads(ln)["request_id"].rsplit("-", 1)[1]))
-            tmp = self.dir / "requests.jsonl.tmp"
-            tmp.write_text("".join(ln + "\n" for ln in lines))
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
             os.replace(tmp, path)

@@ -1,15 +1,24 @@
-"""Fit the step-time coefficients of ``sim.latency.PhysicsStepModel`` on a reconstructed run by NNLS.
+"""Fit the step-time coefficients of ``sim.latency.PhysicsStepModel`` on reconstructed runs by NNLS.
 
 Regression rows (every one a sum of whole engine steps, so linear in the coefficients):
 
 * **decode span** of a request with no preemption: its last token comes ``n_out - 1`` steps after its first,
-  so ``last_token_ts - first_token_ts`` is the summed time of exactly those steps;
-* **prefill span**: ``first_token_ts - scheduled_ts`` covers the steps from its admission to its first token
-  (plus the one step already in flight at ``scheduled_ts`` when the run used async scheduling: vLLM 0.19.0
-  schedules step k+1 while step k runs, so a request scheduled at a step boundary starts one step later).
+  so ``last_token_ts - first_token_ts`` is the summed time of exactly those steps (on either clock: a client
+  sees both tokens equally late);
+* **prefill span** of an engine-side run: ``first_token_ts - scheduled_ts`` covers the steps from its admission
+  to its first token (plus the one step already in flight at ``scheduled_ts`` when the run used async
+  scheduling: vLLM 0.19.0 schedules step k+1 while step k runs, so a request scheduled at a step boundary
+  starts one step later);
+* **prefill span** of a client-side run (no ``scheduled_ts``): the client's TTFT is
+  ``offset + wait + (steps from its admission to its first token)``, where ``offset`` is the client-side
+  constant (the API server's frontend and HTTP, ``overheads.frontend_s``; one unknown shared by all client-side
+  rows, fitted with the coefficients as one more NNLS column) and ``wait`` the time from its arrival to the
+  start of its admission step, taken from the reconstruction (0 when the engine was idle, less than one step
+  otherwise).
 
 Each row carries the summed basis terms of the reconstruction's steps (``traces.reconstruct``). Rows are
-weighted by ``1/sqrt(steps)`` (independent per-step noise).
+weighted by ``1/sqrt(steps)`` (independent per-step noise). Several runs of one engine (say, at two load
+levels) are reconstructed separately and fitted together: their rows are stacked.
 
 **Identifiability** (``latency_physics.md`` s.4). For one model and TP degree ``X_weight``, ``L`` and the
 constant are all constant per step: only their sum is identified. It is fitted through ``weight`` while
@@ -19,11 +28,14 @@ grow with the decodes) and ``dc_kv`` (attention FLOPs with the context): held at
 held at 0. ``tp`` is zero at TP 1 and grows with the step's tokens at TP > 1 (collinear with ``req_s`` and
 ``pf_compute``): held at the published value. In a KV-bound run the decode context
 barely varies, so ``weight`` and ``dc_kv`` are nearly collinear too: a weak prior (``PRIOR_WEIGHT``) toward the
-published factors decides that split without moving well-determined directions.
+published factors decides that split without moving well-determined directions. The client-side offset is
+separated from ``weight`` (constant per step, so also constant in a one-step prefill row) by the decode spans,
+which do not contain it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +54,8 @@ from .reconstruct import (
     step_rows,
 )
 
-__all__ = ["HELD", "PRIOR", "PRIOR_WEIGHT", "StepFit", "UNITS", "fit_step_model", "free_coefficients"]
+__all__ = ["FitRun", "HELD", "PRIOR", "PRIOR_WEIGHT", "RunFit", "StepFit", "UNITS", "fit_step_model",
+           "free_coefficients"]
 
 #: Published factors on this basis (BLIS trained-physics on H100 vLLM traces, latency_physics.md s.4); the
 #: prefill factor is 1/0.45 (BLIS's H100 prefill MFU on the peak-rate basis).
@@ -77,109 +90,194 @@ def free_coefficients(tp: int) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
-class StepFit:
-    """Result of the NNLS stage.
+class FitRun:
+    """What the fit needs of one measured run.
 
     Attributes:
-        coefficients: all ten coefficients (fitted and held).
-        free: the fitted names.
-        trace: the final reconstruction.
-        rows_kind: per row, ``"decode"`` or ``"prefill"``; ``y_s`` measured and ``pred_s`` fitted durations.
-        iterations: per iteration, the fitted free coefficients and the reconstruction's size.
-        events: the measured events used; ``decode_only_*`` the decode-only stretches between them (at least
-            ``DECODE_STRETCH_MIN_STEPS`` steps), measured and predicted.
+        name: the run's name (for reports).
+        requests: ``MeasuredRun.requests``.
+        prompt_tokens, output_tokens, offsets_s: every request of the run (the workload).
+        mask: requests whose timestamps may be used (the fit part of a held-out check).
+        async_scheduling: whether the run scheduled one step ahead (shifts engine-side prefill rows by a step).
+        client_side: the times are a client's (``traces.collect``): no ``scheduled_ts``, TTFT holds the offset.
+    """
+
+    name: str
+    requests: pd.DataFrame
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    offsets_s: np.ndarray
+    mask: np.ndarray
+    async_scheduling: bool = False
+    client_side: bool = False
+
+    @classmethod
+    def of(cls, run, mask: np.ndarray) -> FitRun:
+        """From a ``traces.runs.MeasuredRun``."""
+        return cls(name=run.name, requests=run.requests, prompt_tokens=run.prompt_tokens,
+                   output_tokens=run.output_tokens, offsets_s=run.offsets_s, mask=np.asarray(mask, bool),
+                   async_scheduling=bool(run.engine.async_scheduling), client_side=run.client_side)
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class RunFit:
+    """One run at the final coefficients.
+
+    Attributes:
+        name: the run's name.
+        trace: its final reconstruction.
+        rows: its rows in the stacked ``StepFit`` arrays.
+        events: the measured events used (on the reconstruction's clock); ``decode_only_*`` the decode-only
+            stretches between them (at least ``DECODE_STRETCH_MIN_STEPS`` steps), measured and predicted.
         event_errors_s: reconstructed minus measured time of every token event.
     """
 
-    coefficients: PhysicsCoefficients
-    free: tuple[str, ...]
+    name: str
     trace: EngineTrace
-    rows_kind: np.ndarray
-    y_s: np.ndarray
-    pred_s: np.ndarray
-    steps: np.ndarray
-    iterations: list[dict]
+    rows: slice
     events: Events
     decode_only_y_s: np.ndarray
     decode_only_pred_s: np.ndarray
     event_errors_s: np.ndarray
 
 
-def _rows(trace: EngineTrace, requests: pd.DataFrame, mask: np.ndarray, async_shift: int):
-    q0 = requests["queued_ts"].min()
-    f = requests["first_token_ts"].to_numpy() - q0
-    last = requests["last_token_ts"].to_numpy() - q0
-    s = requests["scheduled_ts"].to_numpy() - q0
+@dataclass(frozen=True, eq=False, kw_only=True)
+class StepFit:
+    """Result of the NNLS stage.
+
+    Attributes:
+        coefficients: all ten coefficients (fitted and held).
+        free: the fitted names.
+        offset_s: the fitted client-side constant (seconds), or ``None`` when no run is client-side.
+        rows_kind: per row, ``"decode"`` or ``"prefill"``; ``y_s`` measured and ``pred_s`` fitted durations
+            (client-side prefill rows: TTFT less the reconstructed wait, offset included in both).
+        steps: engine steps per row.
+        iterations: per iteration, the fitted free coefficients (and offset) and the reconstructions' size.
+        runs: per run, its reconstruction, rows and checks.
+    """
+
+    coefficients: PhysicsCoefficients
+    free: tuple[str, ...]
+    offset_s: float | None
+    rows_kind: np.ndarray
+    y_s: np.ndarray
+    pred_s: np.ndarray
+    steps: np.ndarray
+    iterations: list[dict]
+    runs: tuple[RunFit, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class _Rows:
+    X: np.ndarray  # summed basis terms
+    y: np.ndarray  # measured seconds
+    k: np.ndarray  # engine steps
+    kind: np.ndarray  # "decode" | "prefill"
+    has_offset: np.ndarray  # the row contains the client-side offset
+
+
+def _rows(trace: EngineTrace, run: FitRun) -> _Rows:
+    req = run.requests
+    f = req["first_token_ts"].to_numpy()
+    last = req["last_token_ts"].to_numpy()
     cum = np.vstack([np.zeros((1, trace.basis.shape[1])), np.cumsum(trace.basis, axis=0)])
-    clean = mask & (trace.first_step > 0) & (trace.num_preemptions == 0)
+    clean = run.mask & (trace.first_step > 0) & (trace.num_preemptions == 0)
     dec = clean & (trace.last_step > trace.first_step)
-    pre = clean & (trace.admit_step - 1 - async_shift >= 0)
-    lo = trace.admit_step[pre] - 1 - async_shift
+    if run.client_side:
+        # TTFT = offset + wait + steps admit..first, wait from the reconstruction (arrival to the admit step)
+        pre = clean & (trace.admit_step >= 1)
+        lo = trace.admit_step[pre] - 1
+        wait = trace.start[lo] - run.offsets_s[pre]
+        y_pre = (f - req["queued_ts"].to_numpy())[pre] - wait
+    else:
+        shift = int(run.async_scheduling)
+        pre = clean & (trace.admit_step - 1 - shift >= 0)
+        lo = trace.admit_step[pre] - 1 - shift
+        y_pre = (f - req["scheduled_ts"].to_numpy())[pre]
     X = np.vstack([cum[trace.last_step[dec]] - cum[trace.first_step[dec]], cum[trace.first_step[pre]] - cum[lo]])
-    y = np.concatenate([(last - f)[dec], (f - s)[pre]])
-    k = np.concatenate([(trace.last_step - trace.first_step)[dec], trace.first_step[pre] - lo])
-    kind = np.array(["decode"] * int(dec.sum()) + ["prefill"] * int(pre.sum()))
-    return X, y, k, kind
+    n_dec, n_pre = int(dec.sum()), int(pre.sum())
+    return _Rows(X=X, y=np.concatenate([(last - f)[dec], y_pre]),
+                 k=np.concatenate([(trace.last_step - trace.first_step)[dec], trace.first_step[pre] - lo]),
+                 kind=np.array(["decode"] * n_dec + ["prefill"] * n_pre),
+                 has_offset=np.concatenate([np.zeros(n_dec, bool), np.full(n_pre, run.client_side)]))
 
 
-def _nnls(X: np.ndarray, y: np.ndarray, k: np.ndarray, free: tuple[str, ...],
-          held: PhysicsCoefficients) -> np.ndarray:
-    """Weighted NNLS on the free columns (held terms subtracted), with weak prior rows; full coefficient vector."""
+def _stack(rows: list[_Rows]) -> _Rows:
+    return _Rows(*(np.concatenate([getattr(r, f) for r in rows]) for f in ("X", "y", "k", "kind", "has_offset")))
+
+
+def _nnls(rows: _Rows, free: tuple[str, ...], held: PhysicsCoefficients) -> tuple[np.ndarray, float | None]:
+    """Weighted NNLS on the free columns (held terms subtracted; plus the offset column when a row has it), with
+    weak prior rows on the coefficients; the full coefficient vector and the offset (``None`` without one)."""
     cols = [BASIS_NAMES.index(c) for c in free]
     hv = np.array(held.as_tuple())
     hv[cols] = 0.0
-    w = 1.0 / np.sqrt(np.maximum(k, 1))
-    A = X[:, cols] * w[:, None]
-    b = (y - X @ hv) * w
-    prior = np.array([getattr(PRIOR, c) for c in free])
+    w = 1.0 / np.sqrt(np.maximum(rows.k, 1))
+    with_offset = bool(rows.has_offset.any())
+    A = rows.X[:, cols] * w[:, None]
+    if with_offset:
+        A = np.hstack([A, (rows.has_offset * w)[:, None]])
+    b = (rows.y - rows.X @ hv) * w
+    prior = np.array([getattr(PRIOR, c) for c in free] + [0.0] * with_offset)
     scale = np.sqrt(PRIOR_WEIGHT * len(b)) * np.sqrt((A**2).mean(axis=0))
-    has = prior > 0
+    has = prior > 0  # no prior on the offset: it is identified by the data alone
     R = np.diag(scale)[has]
-    sol, _ = nnls(np.vstack([A, R]), np.concatenate([b, R @ prior]), maxiter=50 * len(cols))
+    sol, _ = nnls(np.vstack([A, R]), np.concatenate([b, R @ prior]), maxiter=50 * A.shape[1])
     out = hv.copy()
-    out[cols] = sol
-    return out
+    out[cols] = sol[:len(cols)]
+    return out, (float(sol[-1]) if with_offset else None)
 
 
-def fit_step_model(requests: pd.DataFrame, prompt_tokens: np.ndarray, output_tokens: np.ndarray,
-                   offsets_s: np.ndarray, engine: EngineConfig, basis_model: PhysicsStepModel, *,
-                   mask: np.ndarray, async_scheduling: bool, max_iterations: int = 6) -> StepFit:
-    """Reconstruct the run and fit the coefficients, alternating until the fit settles.
+def _model(base: PhysicsStepModel, coef: np.ndarray) -> PhysicsStepModel:
+    return PhysicsStepModel(base.hardware, base.model, base.tp,
+                            PhysicsCoefficients(**dict(zip(BASIS_NAMES, map(float, coef), strict=True))))
+
+
+def _reconstruct(runs: Sequence[FitRun], engine: EngineConfig, model: PhysicsStepModel) -> list[EngineTrace]:
+    return [reconstruct_engine(r.prompt_tokens, r.output_tokens, r.offsets_s, engine, model) for r in runs]
+
+
+def fit_step_model(runs: Sequence[FitRun], engine: EngineConfig, basis_model: PhysicsStepModel, *,
+                   max_iterations: int = 6) -> StepFit:
+    """Reconstruct the runs and fit the coefficients (and the client-side offset), alternating until they settle.
 
     Args:
-        requests: ``MeasuredRun.requests``.
-        prompt_tokens, output_tokens, offsets_s: every request of the run (the workload).
-        engine: the run's limits and KV capacity.
+        runs: one or more runs served by the same engine (``FitRun.of(run, mask)``).
+        engine: the runs' limits and KV capacity.
         basis_model: hardware, model and TP of the basis (its coefficients are the first guess).
-        mask: requests whose timestamps may be used (the fit part of a held-out check).
-        async_scheduling: whether the run scheduled one step ahead (shifts the prefill rows by one step).
-        max_iterations: reconstruction/fit rounds at most (stops earlier when coefficients move < 0.5 %).
+        max_iterations: reconstruction/fit rounds at most (stops earlier when everything moves < 0.5 %).
     """
+    if not runs:
+        raise ValueError("fit_step_model needs at least one run")
     free = free_coefficients(basis_model.tp)
-    held = PRIOR
-    events = observed_events(requests, mask)
-    model = basis_model
-    trace = reconstruct_engine(prompt_tokens, output_tokens, offsets_s, engine, model)
-    iterations, coef = [], None
+    traces = _reconstruct(runs, engine, basis_model)
+    iterations, coef, offset = [], None, None
     for it in range(max_iterations):
-        X, y, k, kind = _rows(trace, requests, mask, int(async_scheduling))
-        if len(y) < len(free) + 2:
-            raise ValueError(f"only {len(y)} usable rows to fit {len(free)} coefficients; the run needs more "
+        rows = _stack([_rows(t, r) for t, r in zip(traces, runs, strict=True)])
+        if len(rows.y) < len(free) + 2 + bool(rows.has_offset.any()):
+            raise ValueError(f"only {len(rows.y)} usable rows to fit {len(free)} coefficients; the run needs more "
                              "requests that were not preempted")
-        new = _nnls(X, y, k, free, held)
-        iterations.append({"iteration": it, "engine_steps": trace.num_steps,
-                           "preemptions": int(trace.num_preemptions.sum()), "rows": int(len(y)),
-                           **{c: float(new[BASIS_NAMES.index(c)]) for c in free}})
-        settled = coef is not None and np.allclose(new, coef, rtol=5e-3, atol=1e-9)
-        coef = new
+        new, new_offset = _nnls(rows, free, PRIOR)
+        iterations.append({"iteration": it, "engine_steps": sum(t.num_steps for t in traces),
+                           "preemptions": int(sum(t.num_preemptions.sum() for t in traces)), "rows": int(len(rows.y)),
+                           **{c: float(new[BASIS_NAMES.index(c)]) for c in free},
+                           **({} if new_offset is None else {"offset_s": new_offset})})
+        settled = coef is not None and np.allclose(new, coef, rtol=5e-3, atol=1e-9) and (
+            new_offset is None or abs(new_offset - offset) <= 5e-3 * max(offset, 1e-3))
+        coef, offset = new, new_offset
         if settled or it == max_iterations - 1:
             break
-        model = PhysicsStepModel(model.hardware, model.model, model.tp,
-                                 PhysicsCoefficients(**dict(zip(BASIS_NAMES, map(float, coef), strict=True))))
-        trace = reconstruct_engine(prompt_tokens, output_tokens, offsets_s, engine, model)
-    rows = step_rows(events, trace, min_steps=DECODE_STRETCH_MIN_STEPS)
-    d = rows.decode_only
+        traces = _reconstruct(runs, engine, _model(basis_model, coef))
+    pred = rows.X @ coef + (0.0 if offset is None else offset * rows.has_offset)
+    parts, at = [], 0
+    for t, r in zip(traces, runs, strict=True):
+        n = len(_rows(t, r).y)
+        events = observed_events(r.requests, r.mask, offset_s=offset if r.client_side else 0.0)
+        st = step_rows(events, t, min_steps=DECODE_STRETCH_MIN_STEPS)
+        d = st.decode_only
+        parts.append(RunFit(name=r.name, trace=t, rows=slice(at, at + n), events=events, decode_only_y_s=st.y_s[d],
+                            decode_only_pred_s=st.X[d] @ coef, event_errors_s=event_time_errors(events, t)))
+        at += n
     return StepFit(coefficients=PhysicsCoefficients(**dict(zip(BASIS_NAMES, map(float, coef), strict=True))),
-                   free=free, trace=trace, rows_kind=kind, y_s=y, pred_s=X @ coef, steps=k,
-                   iterations=iterations, events=events, decode_only_y_s=rows.y_s[d],
-                   decode_only_pred_s=rows.X[d] @ coef, event_errors_s=event_time_errors(events, trace))
+                   free=free, offset_s=offset, rows_kind=rows.kind, y_s=rows.y, pred_s=pred, steps=rows.k,
+                   iterations=iterations, runs=tuple(parts))

@@ -64,12 +64,12 @@ class MetricsExporter:
                                 "not expose these; give them to the collector with --engine-kwarg).",
                                 labels=["engine", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                                         "tensor_parallel_size", "scheduler_reserve_full_isl",
-                                        "long_prefill_token_threshold"])
+                                        "long_prefill_token_threshold", "async_scheduling"])
         for r in self.book.replicas:
             c = r.core.cfg
             eng.add_metric([str(r.index), str(c.max_num_seqs), str(c.max_num_batched_tokens), str(c.max_model_len),
                             str(r.profile.parallel.tensor_parallel_size), str(c.scheduler_reserve_full_isl),
-                            str(c.long_prefill_token_threshold or 0)], 1.0)
+                            str(c.long_prefill_token_threshold or 0), "False"], 1.0)  # sim schedules in step
         yield eng
         scale = GaugeMetricFamily("maslat:time_scale",
                                   "maslat stand-in server: wall-clock seconds per simulated second; "
