@@ -420,7 +420,7 @@ class MASLatencyEnv(gym.Env):
 
     def _final_info(self, ep: _Episode, run: QueryRun, ok: bool) -> dict:
         score = run.score if ok else 0.0
-        return {"query": ep.q, "visit": ep.visit, "score": score, "cp_tokens": run.cp_tokens,
+        return {"query": ep.q, "visit": ep.visit, "episode": ep.key, "score": score, "cp_tokens": run.cp_tokens,
                 "cp_tokens_layers": run.cp_layers, "cp_tokens_post": run.post_cp, "cp_seconds": ep.end_s - ep.start_s,
                 "pre_seconds": ep.pre_s, "post_seconds": ep.post_s, "cost_usd": ep.cost_usd,
                 "cumulative_cost_usd": self.ledger_usd, "llm_calls": ep.calls, "prompt_tokens": ep.prompt_tokens,

@@ -12,6 +12,9 @@ COMMANDS: dict[str, str] = {
     "profiles": "maslat.commands.profiles",
     "bench": "maslat.commands.bench",
     "demo": "maslat.commands.demo",
+    "train": "maslat.commands.train",
+    "evaluate": "maslat.commands.evaluate",
+    "experiment": "maslat.commands.experiment",
 }
 
 

@@ -11,6 +11,7 @@ HELP = "speed benchmarks: `maslat bench sim` (simulator), more with `maslat benc
 #: benchmark name -> module exposing configure(parser) and run(args)
 BENCHES: dict[str, str] = {
     "sim": "maslat.commands.bench_sim",
+    "env": "maslat.commands.bench_env",
 }
 
 
