@@ -68,7 +68,7 @@ class LAMaSController(torch.nn.Module):
     def __init__(self, op_embeddings: np.ndarray, *, num_layers: int = 4, hidden: int = 32, seed: int = 0):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        self.register_buffer("ops", torch.as_tensor(np.asarray(op_embeddings), dtype=torch.float32))
+        self.register_buffer("ops", torch.tensor(np.array(op_embeddings, dtype=np.float32)))
         dim = self.ops.shape[1]
         self.layers = torch.nn.ModuleList([_Selector(dim, hidden, i == 0, gen) for i in range(num_layers)])
         self._cache: list | None = None

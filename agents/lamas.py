@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from envs import ClusterConfig, MASLatencyEnv, operator_embeddings, operator_set
+from envs import ClusterConfig, MASLatencyEnv, make_task, operator_embeddings, operator_set
 
 from .controller import ControllerPolicy, LAMaSController
 from .objectives import OBJECTIVES, EMANormaliser, ObjectiveInput, cost_deltas, layer_tokens
@@ -75,6 +75,8 @@ class Args:
     """queries in flight during training; None = batch_size (LAMaS runs one batch at a time)"""
     test_concurrency: int = 30
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    max_train_queries: int | None = None
+    """train on the first N train queries only (small cases and tests); None = the whole split"""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -103,7 +105,7 @@ def _make_env(args: Args, method: Method, split: str) -> MASLatencyEnv:
 def make_policy(args: Args, controller: LAMaSController | None, *, record: bool, stream: int = 0):
     """The method's policy: a sampling controller, or its static architecture."""
     method = METHODS[args.method]
-    env_kind = "math" if args.task in ("gsm8k", "math") else "code"
+    env_kind = make_task(args.task).kind
     if not method.learned:
         return make_static(method.static, env_kind)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([args.seed, 7919, stream])))
@@ -111,7 +113,7 @@ def make_policy(args: Args, controller: LAMaSController | None, *, record: bool,
 
 
 def new_controller(args: Args) -> LAMaSController:
-    kind = "math" if args.task in ("gsm8k", "math") else "code"
+    kind = make_task(args.task).kind
     return LAMaSController(operator_embeddings(kind), num_layers=args.num_layers, seed=args.seed)
 
 
@@ -131,7 +133,7 @@ def train(args: Args, progress: Callable[[int], None] | None = None) -> TrainRes
         else method.normalise
     prev_cost, metrics, step = 0.0, [], 0
     conc = args.train_concurrency or args.batch_size
-    n = len(env.queries)
+    n = len(env.queries) if args.max_train_queries is None else min(len(env.queries), args.max_train_queries)
 
     # ---- epochs in file order, no shuffling; one Adam step per batch
     for epoch in range(args.epochs):
@@ -159,7 +161,7 @@ def train(args: Args, progress: Callable[[int], None] | None = None) -> TrainRes
 
 
 def _batch_metrics(epoch: int, step: int, loss, util: float, infos: list[dict]) -> dict:
-    return {"epoch": epoch, "step": step, "losses/loss": float(loss), "train/utility": util,
+    return {"epoch": epoch, "step": step, "losses/loss": float(loss.detach()), "train/utility": util,
             "train/score": float(np.mean([i["score"] for i in infos])),
             "train/cp_tokens": float(np.mean([i["cp_tokens"] for i in infos])),
             "train/cost_usd": float(np.mean([i["cost_usd"] for i in infos])),

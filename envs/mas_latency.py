@@ -128,10 +128,10 @@ class MASLatencyEnv(gym.Env):
         self.observation_space = spaces.Dict({
             "attempt": spaces.Discrete(max_retries + 1),
             "layer": spaces.Discrete(num_layers),
-            "load": spaces.Box(0.0, np.inf, (3,), np.float32),
+            "load": spaces.Box(0.0, 1e9, (3,), np.float32),
             "prev_first": spaces.Discrete(k + 1),
             "prev_ops": spaces.MultiBinary(k),
-            "progress": spaces.Box(0.0, np.inf, (4,), np.float32),
+            "progress": spaces.Box(0.0, 1e9, (4,), np.float32),
             "query": spaces.Box(-1.0, 1.0, (EMBED_DIM,), np.float32),
         })
         self.render_mode = render_mode
@@ -412,7 +412,7 @@ class MASLatencyEnv(gym.Env):
         prog = np.array([now - ep.start_s, run.cp_layers, len(run.solutions), 1e3 * ep.cost_usd], np.float32)
         return {"attempt": min(ep.attempt, self.max_retries), "layer": layer, "load": load,
                 "prev_first": ep.prev_ops[0] if ep.prev_ops else k, "prev_ops": prev, "progress": prog,
-                "query": self.queries.embedding[ep.q]}
+                "query": self.queries.embedding[ep.q].copy()}
 
     def _terminal_obs(self, ep: _Episode) -> dict:
         obs = self._obs(ep, ep.run, min(len(ep.layers), self.num_layers - 1))
