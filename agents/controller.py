@@ -116,16 +116,22 @@ class LAMaSController(torch.nn.Module):
 
 def threshold_sample(p: np.ndarray, threshold: float, rng: np.random.Generator) -> list[int]:
     """Draw without replacement from the renormalised rest until the drawn original mass reaches ``threshold``."""
-    avail = list(range(len(p)))
+    probs = [float(x) for x in p]
+    avail = list(range(len(probs)))
     chosen: list[int] = []
     total = 0.0
     while total < threshold and avail:
-        w = p[avail]
-        c = np.cumsum(w)
-        j = avail[min(int(np.searchsorted(c, rng.random() * c[-1], side="right")), len(avail) - 1)]
+        r = rng.random() * sum(probs[i] for i in avail)
+        k = len(avail) - 1
+        acc = 0.0
+        for pos, i in enumerate(avail):
+            acc += probs[i]
+            if r < acc:
+                k = pos
+                break
+        j = avail.pop(k)
         chosen.append(j)
-        total += float(p[j])
-        avail.remove(j)
+        total += probs[j]
     return chosen
 
 

@@ -35,3 +35,13 @@ def test_lamas_learns_the_short_supernet():
     assert cp_trained < 0.9 * cp_init and cp_trained < cp_full
     assert u_trained > u_init + 0.1
     assert u_trained > u_full
+
+
+def test_experiment_is_reproducible_and_paired():
+    from agents.experiment import run_experiment
+
+    torch.set_num_threads(1)
+    a = run_experiment("humaneval", [0], ["lamas", "maas", "single_cot"], epochs=1).to_json()
+    b = run_experiment("humaneval", [0], ["lamas", "maas", "single_cot"], epochs=1).to_json()
+    assert a == b
+    assert set(a["methods"]) == {"lamas", "maas", "single_cot"} and a["seeds"] == 1
