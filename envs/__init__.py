@@ -15,13 +15,14 @@ Reusing the task models (e.g. for a model x strategy router)::
 
 import gymnasium
 
+from .backend import Backend, SimBackend
 from .cluster import AZURE_CONV, BackgroundTrace, ClusterConfig
 from .mas_latency import MASLatencyEnv
 from .operators import OPERATOR_NAMES, operator_embeddings, operator_set
 from .supernet import GraphConfig, QueryRun
 from .tasks import TASKS, TaskSpec, make_queries, make_task
 
-__all__ = ["AZURE_CONV", "BackgroundTrace", "ClusterConfig", "GraphConfig", "MASLatencyEnv", "OPERATOR_NAMES",
+__all__ = ["AZURE_CONV", "Backend", "BackgroundTrace", "ClusterConfig", "SimBackend", "GraphConfig", "MASLatencyEnv", "OPERATOR_NAMES",
            "QueryRun", "TASKS", "TaskSpec", "make_queries", "make_task", "operator_embeddings", "operator_set"]
 
 if "MASLatency-v0" not in gymnasium.registry:

@@ -9,7 +9,8 @@ import numpy as np
 import simpy
 from gymnasium import spaces
 
-from .cluster import POOL, ClusterConfig, build_world
+from .backend import BACKEND_POOL, Backend, SimBackend
+from .cluster import ClusterConfig
 from .embeddings import EMBED_DIM
 from .operators import CONSTANTS, GENERATE_TYPE, operator_set, quality
 from .supernet import Call, Draws, GraphConfig, OpPlan, QueryRun, ToolRun
@@ -92,15 +93,20 @@ class MASLatencyEnv(gym.Env):
     ## Arguments
     ``gym.make("MASLatency-v0", task="gsm8k", split="train", execution="parallel", variant="lamas",
     cluster=ClusterConfig(...), num_layers=4, cost_weight=3.0, token_weight=0.0, seconds_weight=0.0,
-    dataset_seed=0, shuffle=False, max_retries=20)``. ``variant`` picks LAMaS's or MaAS's fixed steps where
-    they differ (MATH test pre-step). ``reset(seed=s)`` builds a fresh world (same seed, same episode, bit for
-    bit); ``reset()`` keeps the world running, so background traffic continues across episodes. Pass
+    dataset_seed=0, shuffle=False, max_retries=20, backend=None)``. ``variant`` picks LAMaS's or MaAS's fixed
+    steps where they differ (MATH test pre-step). ``backend`` says where the LLM calls run (``envs.backend``):
+    ``None`` is the simulated ``cluster`` (``SimBackend``); ``maslat.livebackend.LiveBackend`` sends them to
+    live vLLM servers in wall-clock time (then ``cluster`` must be ``None``, ``cp_seconds`` is measured and
+    ``load`` comes from the servers' ``/metrics``). Task outcomes and token counts depend only on the seed,
+    the query and the actions, never on the backend. ``reset(seed=s)`` builds a fresh world (same seed, same
+    episode, bit for bit); ``reset()`` keeps the world running, so background traffic continues across
+    episodes. Pass
     ``options={"query": i}`` to choose the query; otherwise queries come in file order (``shuffle=True``:
     a seeded permutation per pass). ``rollout(policy, queries, concurrency)`` runs many queries at once in
     the same world (LAMaS's training batches of 4 and test concurrency of 30).
 
     ## Version History
-    * v0: initial version.
+    * v0: initial version (the backend seam changed nothing in the simulated dynamics).
     """
 
     metadata = {"render_modes": [], "autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
@@ -108,14 +114,18 @@ class MASLatencyEnv(gym.Env):
     def __init__(self, task: str = "gsm8k", split: str = "train", *, execution: str = "parallel",
                  variant: str = "lamas", cluster: ClusterConfig | None = None, num_layers: int = 4,
                  cost_weight: float = 3.0, token_weight: float = 0.0, seconds_weight: float = 0.0,
-                 dataset_seed: int = 0, shuffle: bool = False, max_retries: int = 20, render_mode: str | None = None):
+                 dataset_seed: int = 0, shuffle: bool = False, max_retries: int = 20, render_mode: str | None = None,
+                 backend: Backend | None = None):
         spec = make_task(task)
         self.cfg = GraphConfig(task=spec, split=split, execution=execution, variant=variant)
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
+        if backend is not None and cluster is not None:
+            raise ValueError("give either cluster= (the simulated serving side) or backend=, not both")
         self.cluster = cluster if cluster is not None else ClusterConfig()
+        self.backend: Backend = backend if backend is not None else SimBackend(self.cluster)
         self.num_layers, self.max_retries, self.shuffle = num_layers, max_retries, shuffle
         self.cost_weight, self.token_weight, self.seconds_weight = cost_weight, token_weight, seconds_weight
         self.dataset_seed = dataset_seed
@@ -135,7 +145,6 @@ class MASLatencyEnv(gym.Env):
             "query": spaces.Box(-1.0, 1.0, (EMBED_DIM,), np.float32),
         })
         self.render_mode = render_mode
-        self.world = None
         self._run_seed = 0
         self._visits: dict[int, int] = {}
         self._order: list[int] = []
@@ -145,10 +154,18 @@ class MASLatencyEnv(gym.Env):
         self.ledger_usd = 0.0      # cumulative $ of every call finished in this world (LAMaS's CostManager)
         self._keys = 0
 
+    @property
+    def world(self):
+        """The simulated world (``None`` before the first reset, or when the backend is not the simulator)."""
+        return getattr(self.backend, "world", None)
+
+    def close(self) -> None:
+        self.backend.close()
+
     # ================================================================== Gymnasium API
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        if seed is not None or self.world is None:
+        if seed is not None or not self.backend.started:
             self._new_world(int(self.np_random.integers(2**31)) if seed is None else seed)
         q = self._next_query(options)
         self._ep = self._start(q, self._gym_decide)
@@ -181,14 +198,14 @@ class MASLatencyEnv(gym.Env):
         the number of queries they all start together (a training batch). ``policy.act(obs, episode=key)``
         is called at every decision. Returns the final ``info`` of each query, in the order given.
         """
-        if self.world is None:
+        if not self.backend.started:
             self._new_world(0)
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
-        env = self.world.env
+        be = self.backend
         out: list[dict | None] = [None] * len(queries)
         todo = list(enumerate(queries))[::-1]
-        done_ev = env.event()
+        done_ev = be.event()
         left = [len(queries)]
 
         def decide(ep, obs):
@@ -212,13 +229,13 @@ class MASLatencyEnv(gym.Env):
             return []
         for _ in range(min(concurrency, len(queries))):
             launch()
-        env.run(until=done_ev)
+        be.run(until=done_ev)
         return out  # type: ignore[return-value]
 
     # ================================================================== internals
     def _new_world(self, seed: int) -> None:
         self._run_seed = seed
-        self.world = build_world(self.cluster, seed)
+        self.backend.reset(seed)
         self._visits, self._order, self._cursor, self.ledger_usd, self._keys = {}, [], 0, 0.0, 0
         self.action_space.seed(seed)
 
@@ -241,11 +258,11 @@ class MASLatencyEnv(gym.Env):
         self._visits[q] = visit + 1
         self._keys += 1
         ep = _Episode(q, visit, self._keys)
-        self.world.env.process(self._query_proc(ep, decide, on_finish))
+        self.backend.process(self._query_proc(ep, decide, on_finish))
         return ep
 
     def _gym_decide(self, ep: _Episode, obs: dict) -> simpy.Event:
-        ev = self.world.env.event()
+        ev = self.backend.event()
         ep.pending = ev
         ep.pending_obs = obs
         if self._pause is not None and not self._pause.triggered:
@@ -254,12 +271,12 @@ class MASLatencyEnv(gym.Env):
 
     def _advance(self) -> None:
         """Run the world until the gym episode needs a decision or has ended."""
-        env = self.world.env
+        be = self.backend
         ep = self._ep
         if ep.pending is not None or ep.info is not None:
             return
-        self._pause = env.event()
-        env.run(until=self._pause)
+        self._pause = be.event()
+        be.run(until=self._pause)
         self._pause = None
 
     def _new_run(self, ep: _Episode) -> QueryRun:
@@ -271,7 +288,7 @@ class MASLatencyEnv(gym.Env):
                         draws=Draws(words))
 
     def _query_proc(self, ep: _Episode, decide, on_finish):
-        env = self.world.env
+        env = self.backend
         ep.start_s = env.now
         ok = False
         while True:
@@ -290,7 +307,7 @@ class MASLatencyEnv(gym.Env):
             self._pause.succeed()
 
     def _attempt(self, ep: _Episode, run: QueryRun, decide):
-        env = self.world.env
+        env = self.backend
         t0 = env.now
         for plan in run.pre_steps():
             yield from self._exec(ep, plan)
@@ -298,7 +315,7 @@ class MASLatencyEnv(gym.Env):
         ep.pre_s = env.now - t0
         for layer in range(self.num_layers):
             act = decide(ep, self._obs(ep, run, layer))
-            if isinstance(act, simpy.Event):
+            if env.is_event(act):
                 act = yield act
             names, dups = self._decode(act)
             ok = yield from self._layer(ep, run, layer, names, dups)
@@ -315,7 +332,7 @@ class MASLatencyEnv(gym.Env):
         return True
 
     def _layer(self, ep: _Episode, run: QueryRun, layer: int, names: list[str], dups: int):
-        env = self.world.env
+        env = self.backend
         t0 = env.now
         if self.cfg.parallel:
             plans = [run.plan(n, layer) for n in names]
@@ -351,8 +368,8 @@ class MASLatencyEnv(gym.Env):
                 "bottleneck_seconds": names[bs] if bs >= 0 else None, "ignored_duplicates": dups}
 
     def _exec(self, ep: _Episode, plan: OpPlan):
-        """Run one operator's stages on the cluster; returns its seconds."""
-        env, world = self.world.env, self.world
+        """Run one operator's stages on the backend; returns its seconds."""
+        env = self.backend
         t0 = env.now
         for stage in plan.stages:
             evs = []
@@ -363,8 +380,7 @@ class MASLatencyEnv(gym.Env):
                     if ctx > 0:
                         self._keys += 1
                         segs = (*segs, ((1 << 50) + self._keys, ctx))
-                    evs.append(world.submit(POOL, item.prompt_tokens, item.completion_tokens, prompt_segments=segs,
-                                            wait=True))
+                    evs.append(env.submit(BACKEND_POOL, item.prompt_tokens, item.completion_tokens, segs))
                     ep.calls += 1
                     ep.prompt_tokens += item.prompt_tokens
                     ep.completion_tokens += item.completion_tokens
@@ -372,8 +388,9 @@ class MASLatencyEnv(gym.Env):
                     assert isinstance(item, ToolRun)
                     evs.append(env.timeout(item.seconds))
             res = (yield evs[0]) if len(evs) == 1 else (yield env.all_of(evs))
-            if len(evs) == 1 and getattr(res, "reject_reason", None):
-                ep.rejected += 1
+            # every call of the stage that was not served counts (concurrent calls too)
+            ep.rejected += sum(bool(getattr(v, "reject_reason", None)) for v in ([res] if len(evs) == 1
+                                                                                 else res.values()))
         cost = plan.cost_usd
         ep.cost_usd += cost
         self.ledger_usd += cost
@@ -399,16 +416,8 @@ class MASLatencyEnv(gym.Env):
         k = len(self.operator_names)
         prev = np.zeros(k, np.int8)
         prev[ep.prev_ops] = 1
-        reps = self.world.cluster.replicas
-        now = self.world.env.now
-        run_n = wait_n = kv = 0.0
-        for rep in reps:
-            r, w, used, _ = rep.core.gauges(now)
-            run_n += r
-            wait_n += w
-            kv += used / rep.core.kv.num_usable
-        n = len(reps)
-        load = np.array((run_n / n, wait_n / n, kv / n), np.float32)
+        now = self.backend.now
+        load = np.array(self.backend.load(), np.float32)
         prog = np.array([now - ep.start_s, run.cp_layers, len(run.solutions), 1e3 * ep.cost_usd], np.float32)
         return {"attempt": min(ep.attempt, self.max_retries), "layer": layer, "load": load,
                 "prev_first": ep.prev_ops[0] if ep.prev_ops else k, "prev_ops": prev, "progress": prog,

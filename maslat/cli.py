@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "train": "maslat.commands.train",
     "evaluate": "maslat.commands.evaluate",
     "experiment": "maslat.commands.experiment",
+    "validate-policy": "maslat.commands.validate_policy",
 }
 
 

@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["Clock", "StreamResult", "chat_body", "completion_body", "stream_request"]
+__all__ = ["Clock", "StreamResult", "base_url", "chat_body", "completion_body", "served_model", "stream_request"]
 
 #: words that are one token each for Llama-3 and for the stand-in's tokenizer approximation
 _WORDS = ("time", "data", "model", "plan", "code", "test", "graph", "node", "value", "list", "item", "state",
@@ -137,6 +137,32 @@ async def stream_request(session, url: str, body: dict, clock: Clock, res: Strea
     except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
         res.error = f"{type(e).__name__}: {e}".strip()
     return res
+
+
+def base_url(endpoint: str) -> str:
+    """``http://host:port`` of an endpoint given as ``http://host:port`` or ``http://host:port/v1``."""
+    u = endpoint.rstrip("/")
+    return u[:-3] if u.endswith("/v1") else u
+
+
+async def served_model(session, base: str, model: str | None = None) -> dict:
+    """The ``/v1/models`` card of ``model`` (default: the first served), with its ``max_model_len``.
+
+    Raises:
+        ValueError: the endpoint cannot be listed, serves nothing, or does not serve ``model``.
+    """
+    try:
+        async with session.get(base + "/v1/models") as r:
+            cards = (await r.json(content_type=None)).get("data") or []
+    except Exception as e:  # noqa: BLE001 - any failure here means the endpoint is unusable
+        raise ValueError(f"cannot list models at {base}/v1/models: {type(e).__name__}: {e}") from None
+    ids = [c.get("id") for c in cards]
+    if not ids:
+        raise ValueError(f"{base}/v1/models lists no model")
+    model = model or ids[0]
+    if model not in ids:
+        raise ValueError(f"model {model!r} is not served at {base}; served: {ids}")
+    return cards[ids.index(model)]
 
 
 def completion_body(model: str, token_ids: list[int], max_tokens: int) -> dict:

@@ -46,7 +46,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .client import Clock, StreamResult, chat_body, completion_body, filler_text, stream_request
+from .client import (
+    Clock,
+    StreamResult,
+    base_url,
+    chat_body,
+    completion_body,
+    filler_text,
+    served_model,
+    stream_request,
+)
 from .loadplan import LoadPlan
 from .runwriter import RunWriter
 from .scrape import Scrape, parse_scrape
@@ -118,8 +127,7 @@ class CollectConfig:
 
     @property
     def base_url(self) -> str:
-        u = self.endpoint.rstrip("/")
-        return u[:-3] if u.endswith("/v1") else u
+        return base_url(self.endpoint)
 
     @property
     def metrics(self) -> str:
@@ -161,18 +169,8 @@ class Collector:
     # ------------------------------------------------------------------ discovery
     async def discover(self, session) -> None:
         cfg = self.cfg
-        try:
-            async with session.get(cfg.base_url + "/v1/models") as r:
-                cards = (await r.json(content_type=None)).get("data") or []
-        except Exception as e:  # noqa: BLE001 - any failure here means the endpoint is unusable
-            raise ValueError(f"cannot list models at {cfg.base_url}/v1/models: {type(e).__name__}: {e}") from None
-        ids = [c.get("id") for c in cards]
-        if not ids:
-            raise ValueError(f"{cfg.base_url}/v1/models lists no model")
-        model = cfg.model or ids[0]
-        if model not in ids:
-            raise ValueError(f"model {model!r} is not served at {cfg.base_url}; served: {ids}")
-        card = cards[ids.index(model)]
+        card = await served_model(session, cfg.base_url, cfg.model)
+        model = card["id"]
         version = None
         try:
             async with session.get(cfg.base_url + "/version") as r:

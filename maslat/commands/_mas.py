@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["add_cluster_args", "cluster_from_args", "pareto_plot", "curves_plot", "results_table"]
+__all__ = ["add_cluster_args", "cluster_from_args", "load_checkpoint", "pareto_plot", "curves_plot", "results_table"]
 
 
 def add_cluster_args(p) -> None:
@@ -33,6 +33,33 @@ def cluster_from_args(args):
         trace = BackgroundTrace(tr.offsets_s, tr.prompt_tokens, tr.output_tokens)
     return ClusterConfig(profile=args.profile, replicas=args.replicas, router=args.router,
                          background_rate_per_s=rate, background_trace=trace)
+
+
+def load_checkpoint(checkpoint: str, *, task: str | None, seed: int, concurrency: int, cluster):
+    """``(agents.lamas.Args, controller)`` of a ``maslat train`` checkpoint, or of a static baseline name
+    (``single_cot``, ``all_parallel``; controller ``None``), set up for a test run."""
+    import torch
+
+    from agents.lamas import METHODS, Args, new_controller
+
+    if checkpoint in METHODS and not METHODS[checkpoint].learned:
+        return Args(method=checkpoint, task=task or "gsm8k", seed=seed, test_concurrency=concurrency,
+                    cluster=cluster), None
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint (and not a static baseline name)")
+    ck = torch.load(path, weights_only=False)
+    meta = ck["args"]
+    task = task or meta["task"]
+    a = Args(method=meta["method"], task=task, seed=seed, threshold=meta["threshold"], num_layers=meta["num_layers"],
+             test_concurrency=concurrency, cluster=cluster)
+    ctrl = new_controller(a)
+    try:
+        ctrl.load_state_dict(ck["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: checkpoint does not fit a {task} controller ({e})") from None
+    ctrl.refresh()
+    return a, ctrl
 
 
 def results_table(methods: dict[str, dict]) -> str:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ._common import add_json_flag, emit_json, format_table
-from ._mas import add_cluster_args, cluster_from_args
+from ._mas import add_cluster_args, cluster_from_args, load_checkpoint
 
 HELP = "evaluate a checkpoint: `maslat evaluate runs/lamas-gsm8k-0/controller.pt --task gsm8k`"
 DESCRIPTION = """\
@@ -31,28 +29,11 @@ def configure(p) -> None:
 def run(args) -> int:
     import torch
 
-    from agents.lamas import METHODS, Args, evaluate, new_controller, summarize
+    from agents.lamas import evaluate, summarize
 
     torch.set_num_threads(1)
-    if args.checkpoint in METHODS and not METHODS[args.checkpoint].learned:
-        method, task, ctrl = args.checkpoint, args.task or "gsm8k", None
-        a = Args(method=method, task=task, seed=args.seed, test_concurrency=args.concurrency,
-                 cluster=cluster_from_args(args))
-    else:
-        path = Path(args.checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such checkpoint (and not a static baseline name)")
-        ck = torch.load(path, weights_only=False)
-        meta = ck["args"]
-        task = args.task or meta["task"]
-        a = Args(method=meta["method"], task=task, seed=args.seed, threshold=meta["threshold"],
-                 num_layers=meta["num_layers"], test_concurrency=args.concurrency, cluster=cluster_from_args(args))
-        ctrl = new_controller(a)
-        try:
-            ctrl.load_state_dict(ck["state_dict"])
-        except RuntimeError as e:
-            raise ValueError(f"{path}: checkpoint does not fit a {task} controller ({e})") from None
-        ctrl.refresh()
+    a, ctrl = load_checkpoint(args.checkpoint, task=args.task, seed=args.seed, concurrency=args.concurrency,
+                              cluster=cluster_from_args(args))
     s = summarize(evaluate(a, ctrl, split=args.split))
     print(format_table([[k, v] for k, v in s.items()], ["metric", a.method]))
     if args.json:

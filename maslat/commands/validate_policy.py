@@ -1,0 +1,101 @@
+"""maslat validate-policy: run a trained policy against live vLLM servers, next to the simulator's prediction."""
+
+from __future__ import annotations
+
+from ._common import add_json_flag, emit_json, format_table, progress
+
+HELP = "run a trained policy's queries against live vLLM servers and compare with the simulator (needs aiohttp)"
+DESCRIPTION = """\
+Run a policy trained in simulation (a `maslat train` checkpoint, or single_cot | all_parallel) on the first
+--num-queries queries of a task split against live OpenAI-compatible vLLM servers (one URL per model pool;
+MASLatency-v0 sends every call to pool "llm"), --concurrency queries at a time, every LLM call a streamed
+request. Then run the same queries with the same actions in the simulator (--profile, --replicas: default
+as many replicas as the endpoint's /metrics shows engines; no background load unless --background-rate)
+and print the evaluation table side by side: live, simulated, and the prediction's error in %.
+
+Score, CP tokens, calls, tokens and cost are identical by construction (same seed, queries and actions;
+checked query by query); the simulator predicts the seconds: the bar is |error| <= 5 % on the mean and
+p90 of the critical-path seconds, with no failed live call. Against `maslat serve --time-scale X` all
+times are the server's simulated seconds.
+
+examples:
+  maslat validate-policy runs/lamas-gsm8k-0/controller.pt --endpoints http://127.0.0.1:8000 --num-queries 50
+  maslat validate-policy single_cot --task math --endpoints llm=http://gpu-box:8000/v1 \\
+      --profile my-calibrated.json --concurrency 30 --json
+"""
+
+
+def configure(p) -> None:
+    p.add_argument("checkpoint", help="controller.pt from `maslat train`, or single_cot | all_parallel")
+    p.add_argument("--endpoints", nargs="+", required=True, metavar="[POOL=]URL",
+                   help="live server per model pool (http://host:port or .../v1; the pool defaults to llm)")
+    p.add_argument("--metrics-url", action="append", default=[], metavar="[POOL=]URL",
+                   help="a pool's Prometheus page when not at <endpoint>/metrics (repeatable)")
+    p.add_argument("--task", default=None, help="task (default: the checkpoint's)")
+    p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--num-queries", type=int, default=50, help="the first N queries of the split (default 50)")
+    p.add_argument("--concurrency", type=int, default=10, help="queries in flight at once (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="environment and sampling seed")
+    g = p.add_argument_group("the simulator's prediction")
+    g.add_argument("--profile", default="h100-llama-3.1-8b", help="profile of the live servers (name or .json)")
+    g.add_argument("--replicas", type=int, default=None, help="replicas (default: the endpoint's engines)")
+    g.add_argument("--router", default="least_outstanding")
+    g.add_argument("--background-rate", type=float, default=0.0, help="simulated background requests/s (default 0)")
+    add_json_flag(p)
+
+
+def _endpoints(args) -> dict:
+    from dataclasses import replace
+
+    from envs.backend import BACKEND_POOL
+    from maslat.livebackend import parse_endpoints
+
+    eps = parse_endpoints(args.endpoints, BACKEND_POOL)
+    for pool, ep in parse_endpoints(args.metrics_url, BACKEND_POOL).items() if args.metrics_url else ():
+        if pool not in eps:
+            raise ValueError(f"--metrics-url for pool {pool!r}, which has no endpoint")
+        eps[pool] = replace(eps[pool], metrics_url=ep.url)
+    return eps
+
+
+def _table(out: dict) -> str:
+    rows = [[k, v["live"], v["simulated"], "" if v["error_pct"] is None else f"{v['error_pct']:+.2f}",
+             "predicted" if v["predicted"] else "identical"] for k, v in out["table"].items()]
+    return format_table(rows, ["metric", "live", "simulated", "error %", ""])
+
+
+def run(args) -> int:
+    import torch
+
+    from envs import ClusterConfig
+    from maslat.validation import validate_policy
+
+    from ._mas import load_checkpoint
+
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise ValueError("maslat validate-policy needs aiohttp: pip install 'maslatency[server]'") from None
+    if args.num_queries < 1 or args.concurrency < 1:
+        raise ValueError("--num-queries and --concurrency must be >= 1")
+    torch.set_num_threads(1)
+    a, ctrl = load_checkpoint(args.checkpoint, task=args.task, seed=args.seed, concurrency=args.concurrency,
+                              cluster=ClusterConfig())
+    with progress(args.num_queries, "live queries", unit="query") as bar:
+        out = validate_policy(a, ctrl, _endpoints(args), split=args.split, num_queries=args.num_queries,
+                              concurrency=args.concurrency, profile=args.profile, replicas=args.replicas,
+                              router=args.router, background_rate_per_s=args.background_rate,
+                              on_done=lambda _i: bar.update(1))
+    print(f"{out['method']} on {out['task']} {out['split']}: {out['queries']} queries at concurrency "
+          f"{out['concurrency']}; live {', '.join(e['url'] for e in out['live']['endpoints'].values())} "
+          f"(time scale {out['live']['time_scale']:g}) vs simulated {out['simulated']['profile']} x "
+          f"{out['simulated']['replicas']}")
+    print(_table(out))
+    pq, b = out["per_query_cp_seconds_error_pct"], out["bar"]
+    print(f"per query, CP seconds error: median |e| {pq['median_abs']:.2f} %, p90 {pq['p90_abs']:.2f} %; "
+          f"mismatched queries {sum(out['mismatched_queries'].values())}; failed live calls {out['failed_live_calls']}")
+    print(f"bar |error| <= {b['threshold_pct']:g} % on {'/'.join(b['on'])}: {'PASS' if b['passed'] else 'FAIL'} "
+          f"(worst {b['worst']} {b['worst_error_pct']:+.2f} %)")
+    if args.json:
+        emit_json(out)
+    return 0
