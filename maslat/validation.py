@@ -122,6 +122,8 @@ def validate_policy(args, controller, endpoints: dict, *, split: str = "test", n
         live_env.reset(seed=args.seed)
         n = len(live_env.queries) if num_queries is None else min(num_queries, len(live_env.queries))
         queries = list(range(n))
+        if len({_key({"query": e, "attempt": 0, "layer": 0}) for e in live_env.queries.embedding[:n]}) != n:
+            raise ValueError("two of these queries have the same embedding: their decisions cannot be told apart")
         recorder = RecordingPolicy(make_policy(args, controller, record=False, stream=2))
         t0 = time.perf_counter()
         live = live_env.rollout(recorder, queries, concurrency=concurrency, on_done=on_done)

@@ -18,12 +18,14 @@ from traces.runs import read_run
 
 from .standin import ROOT, last_json_line, serving, small_profile
 
-#: wall seconds per simulated second: on a busy 2-core machine, 2 keeps the server's timer lag and the HTTP
-#: jitter (a few wall ms) small against the light load's TTFT (~60 ms), at the price of a 2x longer run
+#: wall seconds per simulated second: 2 halves the server's timer lag and the HTTP jitter in simulated time
+#: (on a busy 2-core machine they reach tens of wall ms), at the price of a 2x longer collection
 TIME_SCALE = "2"
-WORKLOAD = "lognormal:1000,100"
-LIGHT = ("--rate", "4", "--num-requests", "40", "--seed", "1")
-HEAVY = ("--rate", "30", "--num-requests", "80", "--seed", "2")
+#: prompts of ~3,000 tokens (a light load's TTFT ~0.18 s, large against that jitter); a narrow length spread,
+#: so that no single long prefill that a few ms of jitter moves into or out of a step dominates a statistic
+WORKLOAD = "lognormal:3000,80,0.4"
+LIGHT = ("--rate", "4", "--num-requests", "60", "--seed", "1")
+HEAVY = ("--rate", "20", "--num-requests", "60", "--seed", "2")  # queues: max_num_seqs 16
 
 
 def maslat(*args, timeout=300):
@@ -55,9 +57,10 @@ def test_collect_calibrate_replay_round_trip(collected):
                  "--json")
     rep = last_json_line(out)
     prof = sim.load_profile(d / "cal.json")
-    # the client-side constant: the stand-in's frontend delay plus what HTTP adds on loopback (a few ms)
+    # the client-side constant: the stand-in's frontend delay plus what HTTP and the machine's scheduling add on
+    # loopback (a few ms on an idle machine, ~15 ms with every core busy)
     assert rep["overheads"]["frontend_fitted"] and prof.sources["overheads"].startswith("frontend_s: the client")
-    assert served.overheads.frontend_s < prof.overheads.frontend_s < served.overheads.frontend_s + 0.015
+    assert served.overheads.frontend_s < prof.overheads.frontend_s < served.overheads.frontend_s + 0.03
     # the identified step-cost directions come back near the served profile's coefficients
     for k in ("weight", "pf_compute"):
         assert prof.latency_coefficients[k] == pytest.approx(served.latency_coefficients[k], rel=0.10)

@@ -13,8 +13,10 @@ Regression rows (every one a sum of whole engine steps, so linear in the coeffic
   ``offset + wait + (steps from its admission to its first token)``, where ``offset`` is the client-side
   constant (the API server's frontend and HTTP, ``overheads.frontend_s``; one unknown shared by all client-side
   rows, fitted with the coefficients as one more NNLS column) and ``wait`` the time from its arrival to the
-  start of its admission step, taken from the reconstruction (0 when the engine was idle, less than one step
-  otherwise).
+  start of its admission step, taken from the reconstruction. Only requests admitted at the first step
+  boundary after their arrival make such rows (``wait`` is 0 when the engine was idle and less than the step
+  in flight otherwise); a request that queued longer would bring the reconstruction's accumulated timing
+  error into the offset (its decode span is still used).
 
 Each row carries the summed basis terms of the reconstruction's steps (``traces.reconstruct``). Rows are
 weighted by ``1/sqrt(steps)`` (independent per-step noise). Several runs of one engine (say, at two load
@@ -184,9 +186,13 @@ def _rows(trace: EngineTrace, run: FitRun) -> _Rows:
     clean = run.mask & (trace.first_step > 0) & (trace.num_preemptions == 0)
     dec = clean & (trace.last_step > trace.first_step)
     if run.client_side:
-        # TTFT = offset + wait + steps admit..first, wait from the reconstruction (arrival to the admit step)
-        pre = clean & (trace.admit_step >= 1)
-        lo = trace.admit_step[pre] - 1
+        # TTFT = offset + wait + steps admit..first, the wait (arrival to the admit step) from the reconstruction,
+        # only for requests admitted at the first step boundary after their arrival (wait < one step): a longer
+        # wait would carry the reconstruction's accumulated timing error into the offset
+        j = trace.admit_step - 1
+        pre = clean & (j >= 0)
+        pre[pre] &= (j[pre] == 0) | (trace.start[np.maximum(j[pre] - 1, 0)] <= run.offsets_s[pre])
+        lo = j[pre]
         wait = trace.start[lo] - run.offsets_s[pre]
         y_pre = (f - req["queued_ts"].to_numpy())[pre] - wait
     else:
