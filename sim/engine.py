@@ -309,13 +309,18 @@ class EngineCore:
                 chunks.append((n, p))
         return self.model.step_ticks(n_dec, ctx, chunks)
 
-    def _head_blocked(self, budget: int, free: int) -> bool:
+    def _head_blocked(self, budget: int, free: int, pops: int = 0) -> bool:
+        """Whether the WAITING pass admits nobody, after the running pass has taken ``pops`` free blocks."""
         if not self.waiting:
             return True
         if len(self.running) >= self.cfg.max_num_seqs or budget <= 0:
             return True
         r = self.waiting[0]
         hit, ev = self.kv.find_hit(r) if r._c == 0 else (0, 0)
+        if ev and pops:
+            # the running pass's new blocks come off the free list first and may evict some of these cached
+            # hits, which changes the head's hit and need (vLLM looks the hit up after): not provably blocked
+            return False
         n = r.num_tokens - hit * self.cfg.block_size
         thr = self.cfg.long_prefill_token_threshold
         if thr is not None and n > thr:
@@ -343,7 +348,7 @@ class EngineCore:
             return None
         bs, free = self.cfg.block_size, self.kv.free
         need0 = self.phase[(-D) % bs]
-        if need0 > free or not self._head_blocked(self.cfg.max_num_batched_tokens - n, free - need0):
+        if need0 > free or not self._head_blocked(self.cfg.max_num_batched_tokens - n, free - need0, need0):
             return None
         # largest k <= k_fin whose cumulative block need fits
         cycles = free // n

@@ -1,7 +1,7 @@
 """Hypothesis: random request sequences never break the block pool, never lose a request, and every
 engine mode produces the same result."""
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 request_st = st.tuples(
@@ -55,6 +55,12 @@ def _play(mode, cfg, reqs):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=config_st, reqs=st.lists(request_st, min_size=1, max_size=10))
+# found by hypothesis: a decode run was jumped while the preempted head of the queue could be admitted once the
+# decodes' new blocks had evicted part of its cached prefix (its hit shrinks, and with it what it needs)
+@example(cfg={"block_size": 2, "max_num_batched_tokens": 10, "max_num_seqs": 5, "enable_prefix_caching": True,
+              "scheduler_reserve_full_isl": False, "long_prefill_token_threshold": None},
+         reqs=[(0, 1, 1, None, 0)] * 4 + [(0, 1, 10, None, 0), (0, 11, 10, None, 0), (0, 21, 8, None, 0),
+                                          (0, 5, 7, None, 0), (0, 27, 1, None, 0)])
 def test_random_sequences_conserve_blocks_and_requests_in_every_mode(cfg, reqs):
     ref, w = _play("reference", cfg, reqs)
     assert all(status == "FINISHED_LENGTH_CAPPED" for _, status, *_ in ref)
