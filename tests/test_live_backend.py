@@ -86,9 +86,9 @@ def test_rollout_load_and_concurrency_on_live_servers(server):
 def test_failed_calls_are_counted_never_hidden(tmp_path):
     """A server whose context is too short answers 400: the calls count as rejected, the bar fails."""
     prof = small_profile(tmp_path, "short", max_model_len=600)
-    with serving("--profile", str(prof), "--time-scale", "0.5") as srv:
+    with serving("--profile", str(prof), "--time-scale", "0.25") as srv:
         out = maslat("validate-policy", "all_parallel", "--task", "humaneval", "--endpoints", srv.url,
-                     "--num-queries", "2", "--concurrency", "2", "--profile", str(prof), "--json")
+                     "--num-queries", "1", "--concurrency", "1", "--profile", str(prof), "--json")
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["failed_live_calls"] > 0 and res["live"]["endpoints"]["llm"]["failed"] == res["failed_live_calls"]
     assert not res["bar"]["passed"] and "HTTP 400" in res["live"]["endpoints"]["llm"]["errors"]
