@@ -220,7 +220,8 @@ def _overheads(fit: StepFit, runs: Sequence[MeasuredRun]) -> tuple[sim.Overheads
     src = (f"frontend_s: the client-side constant (API server frontend and HTTP, send to engine and engine to "
            f"client) of the client-side run(s) {', '.join(client)}, fitted by NNLS with the step coefficients on "
            f"their first-token rows (= {fit.offset_s:.6g} s) and refined by replay; post_decode_s and "
-           "per_output_token_s: " + OVERHEAD_SOURCE)
+           "per_output_token_s: not identifiable from a client's output-chunk times either (the simulator adds "
+           "them after the last chunk): BLIS priors alpha1 0.78 ms, alpha2 46 us/token (latency_physics.md s.4)")
     return replace(PRIOR_OVERHEADS, frontend_s=fit.offset_s), src
 
 
