@@ -16,6 +16,9 @@ COMMANDS: dict[str, str] = {
     "replay": "maslat.commands.replay",
     "serve": "maslat.commands.serve",
     "collect": "maslat.commands.collect",
+    "train": "maslat.commands.train",
+    "evaluate": "maslat.commands.evaluate",
+    "experiment": "maslat.commands.experiment",
 }
 
 

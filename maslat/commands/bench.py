@@ -12,6 +12,7 @@ HELP = "speed benchmarks: `maslat bench sim` (simulator), more with `maslat benc
 BENCHES: dict[str, str] = {
     "sim": "maslat.commands.bench_sim",
     "serve": "maslat.commands.bench_serve",
+    "env": "maslat.commands.bench_env",
 }
 
 

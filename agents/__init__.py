@@ -1,0 +1,1 @@
+"""Policies and trainers: the LAMaS controller, LAMaS/MaAS objectives, static baselines, the experiment."""

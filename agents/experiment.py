@@ -1,0 +1,114 @@
+"""The LAMaS paper's experiment in simulation: every method, trained and tested with the same seeds.
+
+For each seed and method: train on the train split (4 epochs, batches of 4, 4 in flight), then run the
+test split once at concurrency 30. Every method sees the same worlds (same background arrivals) and the
+same per-query LLM outcomes for the same operator at the same place (common random numbers), so
+differences between methods are paired. Optionally the trained controllers are re-tested at other
+background loads (``load_factors``) to see how much of a token saving survives as seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from envs import ClusterConfig, make_task
+
+from .lamas import METHODS, Args, evaluate, summarize, train
+
+__all__ = ["PUBLISHED", "ExperimentResult", "aggregate", "run_experiment", "savings"]
+
+#: lamas.md s.7: (LAMaS score, LAMaS CP len, MaAS score, MaAS CP len)
+PUBLISHED = {"gsm8k": (93.37, 913.5, 93.13, 1474.6), "humaneval": (92.11, 1042.7, 93.00, 1810.8),
+             "math": (52.26, 1195.8, 51.23, 2218.5)}
+
+COLUMNS = ("score_pct", "cp_tokens_mean", "cp_tokens_p90", "cp_seconds_mean", "cp_seconds_p90", "cost_usd_per_query",
+           "calls_per_query")
+
+
+@dataclass(slots=True)
+class ExperimentResult:
+    task: str
+    seeds: list[int]
+    methods: list[str]
+    runs: dict[str, list[dict]] = field(default_factory=dict)            # method -> per-seed summaries
+    curves: dict[str, list[list[dict]]] = field(default_factory=dict)    # method -> per-seed training metrics
+    loads: dict[float, dict[str, list[dict]]] = field(default_factory=dict)  # load factor -> method -> summaries
+    test_infos: dict[str, list[list[dict]]] = field(default_factory=dict)  # method -> per-seed episode infos
+
+    def to_json(self) -> dict:
+        out = {"task": self.task, "seeds": len(self.seeds), "methods": aggregate(self.runs)}
+        out["savings"] = savings(self.runs)
+        if self.task in PUBLISHED:
+            ls, lc, ms, mc = PUBLISHED[self.task]
+            out["published"] = {"lamas": {"score_pct": ls, "cp_tokens_mean": lc},
+                                "maas": {"score_pct": ms, "cp_tokens_mean": mc},
+                                "cp_reduction_pct": 100.0 * (1 - lc / mc)}
+        if self.loads:
+            out["loads"] = {str(f): {"methods": aggregate(r), "savings": savings(r)} for f, r in self.loads.items()}
+        return out
+
+
+def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Mean over seeds of every column, plus ``<column>_std`` (population std over seeds)."""
+    out = {}
+    for m, rows in runs.items():
+        d = {}
+        for k in rows[0]:
+            v = np.array([r[k] for r in rows], dtype=np.float64)
+            d[k] = float(v.mean())
+            d[f"{k}_std"] = float(v.std())
+        out[m] = d
+    return out
+
+
+def savings(runs: dict[str, list[dict]], ours: str = "lamas", base: str = "maas") -> dict:
+    """LAMaS against MaAS, per seed then averaged: CP-token and CP-second reductions and the score gap."""
+    if ours not in runs or base not in runs:
+        return {}
+    tok, sec, gap = [], [], []
+    for a, b in zip(runs[ours], runs[base], strict=True):
+        tok.append(100.0 * (1 - a["cp_tokens_mean"] / b["cp_tokens_mean"]))
+        sec.append(100.0 * (1 - a["cp_seconds_mean"] / b["cp_seconds_mean"]))
+        gap.append(a["score_pct"] - b["score_pct"])
+    t, s = float(np.mean(tok)), float(np.mean(sec))
+    return {"cp_tokens_reduction_pct": t, "cp_tokens_reduction_pct_std": float(np.std(tok)),
+            "cp_seconds_reduction_pct": s, "cp_seconds_reduction_pct_std": float(np.std(sec)),
+            "score_gap_points": float(np.mean(gap)), "score_gap_points_std": float(np.std(gap)),
+            "seconds_over_tokens": s / t if t else float("nan")}
+
+
+def episodes_per_seed(task: str, methods: Sequence[str], epochs: int = 4, load_factors: Sequence[float] = ()) -> int:
+    spec = make_task(task)
+    n_train = sum(spec.num_train * epochs for m in methods if METHODS[m].learned)
+    return n_train + spec.num_test * len(methods) * (1 + len(load_factors))
+
+
+def run_experiment(task: str, seeds: Sequence[int], methods: Sequence[str] | None = None, *,
+                   cluster: ClusterConfig | None = None, load_factors: Sequence[float] = (), epochs: int = 4,
+                   keep_infos: bool = False, progress: Callable[[int], None] | None = None) -> ExperimentResult:
+    """Train and test every method for every seed; ``progress(n)`` is told of every finished episode."""
+    methods = list(methods or METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    cluster = cluster or ClusterConfig()
+    res = ExperimentResult(task, list(seeds), methods)
+    tick = (lambda _info: progress(1)) if progress else None
+    for seed in seeds:
+        for m in methods:
+            args = Args(method=m, task=task, seed=seed, epochs=epochs, cluster=cluster)
+            tr = train(args, progress=progress)
+            infos = evaluate(args, tr.controller, on_done=tick)
+            res.runs.setdefault(m, []).append(summarize(infos))
+            res.curves.setdefault(m, []).append(tr.metrics)
+            if keep_infos:
+                res.test_infos.setdefault(m, []).append(infos)
+            for f in load_factors:
+                rate = (cluster.background_rate_per_s or 0.0) * f
+                c = replace(cluster, background_rate_per_s=rate)
+                res.loads.setdefault(f, {}).setdefault(m, []).append(
+                    summarize(evaluate(args, tr.controller, cluster=c, on_done=tick)))
+    return res

@@ -1,0 +1,196 @@
+"""Training and evaluating LAMaS, MaAS and their ablations on ``MASLatency-v0`` (reads top to bottom).
+
+Protocol (lamas.md s.6): the train split in file order, 4 epochs, batches of 4 queries run concurrently, one
+Adam step (lr 0.01) per batch; then the test split at concurrency 30 with the same stochastic sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from envs import ClusterConfig, MASLatencyEnv, make_task, operator_embeddings, operator_set
+
+from .controller import ControllerPolicy, LAMaSController
+from .objectives import OBJECTIVES, EMANormaliser, ObjectiveInput, cost_deltas, layer_tokens
+from .policies import make_static
+
+__all__ = ["METHODS", "Args", "Method", "TrainResult", "evaluate", "make_policy", "summarize", "train"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Method:
+    """One row of the experiment: how the graph executes and what the controller optimises."""
+
+    execution: str = "parallel"      # "parallel" (LAMaS) or "sequential" (MaAS)
+    variant: str = "lamas"           # fixed graph steps where LAMaS and MaAS differ (MATH test pre-step)
+    objective: str | None = "cp"     # key of agents.objectives.OBJECTIVES; None for a static baseline
+    token_weight: float = 0.005      # lambda_t
+    normalise: bool = True           # EMA (cp) or batch (no_cp) normalisation
+    static: str | None = None        # agents.policies.POLICIES name for fixed architectures
+
+    def __post_init__(self) -> None:
+        if self.objective is None and self.static is None:
+            raise ValueError("a method needs an objective (learned) or a static policy name")
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}")
+
+    @property
+    def learned(self) -> bool:
+        return self.objective is not None
+
+
+METHODS: dict[str, Method] = {
+    "lamas": Method(),
+    "maas": Method(execution="sequential", variant="maas", objective="utility", token_weight=0.0, normalise=False),
+    "lamas_lambda0": Method(token_weight=0.0),
+    "lamas_no_cp": Method(objective="no_cp"),
+    # critical-path credit needs parallel execution: LAMaS falls back to the no-CP utility when sequential
+    "lamas_sequential": Method(execution="sequential", objective="no_cp"),
+    "single_cot": Method(objective=None, static="single_cot"),
+    "all_parallel": Method(objective=None, static="all_parallel"),
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Args:
+    """One training run."""
+
+    method: str = "lamas"
+    """key of METHODS"""
+    task: str = "gsm8k"
+    seed: int = 0
+    """seeds the controller's initial weights, its sampling, the LLM outcomes and the background traffic"""
+    epochs: int = 4
+    batch_size: int = 4
+    lr: float = 0.01
+    token_weight: float | None = None
+    """lambda_t; None takes the method's"""
+    threshold: float = 0.3
+    num_layers: int = 4
+    train_concurrency: int | None = None
+    """queries in flight during training; None = batch_size (LAMaS runs one batch at a time)"""
+    test_concurrency: int = 30
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    max_train_queries: int | None = None
+    """train on the first N train queries only (small cases and tests); None = the whole split"""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        for f in ("epochs", "batch_size", "num_layers", "test_concurrency"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"Args.{f} must be >= 1")
+        if not self.lr > 0:
+            raise ValueError("Args.lr must be positive")
+
+
+@dataclass(slots=True)
+class TrainResult:
+    args: Args
+    controller: LAMaSController | None
+    metrics: list[dict]
+
+
+def _make_env(args: Args, method: Method, split: str) -> MASLatencyEnv:
+    env = MASLatencyEnv(args.task, split, execution=method.execution, variant=method.variant, cluster=args.cluster,
+                        num_layers=args.num_layers)
+    env.reset(seed=args.seed)
+    return env
+
+
+def make_policy(args: Args, controller: LAMaSController | None, *, record: bool, stream: int = 0):
+    """The method's policy: a sampling controller, or its static architecture."""
+    method = METHODS[args.method]
+    env_kind = make_task(args.task).kind
+    if not method.learned:
+        return make_static(method.static, env_kind)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([args.seed, 7919, stream])))
+    return ControllerPolicy(controller, operator_set(env_kind), rng, threshold=args.threshold, record=record)
+
+
+def new_controller(args: Args) -> LAMaSController:
+    kind = make_task(args.task).kind
+    return LAMaSController(operator_embeddings(kind), num_layers=args.num_layers, seed=args.seed)
+
+
+def train(args: Args, progress: Callable[[int], None] | None = None) -> TrainResult:
+    """LAMaS's training loop; static methods return at once (nothing to learn)."""
+    method = METHODS[args.method]
+    if not method.learned:
+        return TrainResult(args, None, [])
+    lam = method.token_weight if args.token_weight is None else args.token_weight
+    env = _make_env(args, method, "train")
+    ctrl = new_controller(args)
+    opt = torch.optim.Adam(ctrl.parameters(), lr=args.lr)
+    policy = make_policy(args, ctrl, record=True, stream=1)
+    names = policy.names
+    loss_fn = OBJECTIVES[method.objective]
+    norm: EMANormaliser | bool | None = (EMANormaliser() if method.normalise else None) if method.objective == "cp" \
+        else method.normalise
+    prev_cost, metrics, step = 0.0, [], 0
+    conc = args.train_concurrency or args.batch_size
+    n = len(env.queries) if args.max_train_queries is None else min(len(env.queries), args.max_train_queries)
+
+    # ---- epochs in file order, no shuffling; one Adam step per batch
+    for epoch in range(args.epochs):
+        for start in range(0, n, args.batch_size):
+            batch_q = list(range(start, min(start + args.batch_size, n)))
+            infos = env.rollout(policy, batch_q, concurrency=conc)
+            costs, prev_cost = cost_deltas([i["cumulative_cost_usd"] for i in infos], prev_cost)
+            traces = [policy.pop(i["episode"]) for i in infos]
+            batch = [ObjectiveInput(i["score"], c, i["cp_tokens"], t, layer_tokens(t, i, names))
+                     for i, c, t in zip(infos, costs, traces, strict=True)]
+            obj = method.objective
+            if obj == "cp" and any(i["failed"] for i in infos):
+                obj = "no_cp"    # LAMaS: a query without layer info sends the batch down the no-CP path
+            loss, util = (loss_fn(ctrl, batch, lam, norm) if obj == method.objective
+                          else OBJECTIVES["no_cp"](ctrl, batch, lam, True))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ctrl.refresh()
+            step += 1
+            metrics.append(_batch_metrics(epoch, step, loss, util, infos))
+            if progress is not None:
+                progress(len(batch_q))
+    return TrainResult(args, ctrl, metrics)
+
+
+def _batch_metrics(epoch: int, step: int, loss, util: float, infos: list[dict]) -> dict:
+    return {"epoch": epoch, "step": step, "losses/loss": float(loss.detach()), "train/utility": util,
+            "train/score": float(np.mean([i["score"] for i in infos])),
+            "train/cp_tokens": float(np.mean([i["cp_tokens"] for i in infos])),
+            "train/cost_usd": float(np.mean([i["cost_usd"] for i in infos])),
+            "latency/cp_seconds": float(np.mean([i["cp_seconds"] for i in infos])),
+            "train/llm_calls": float(np.mean([i["llm_calls"] for i in infos])),
+            "train/num_layers": float(np.mean([i["num_layers"] for i in infos]))}
+
+
+def evaluate(args: Args, controller: LAMaSController | None, *, split: str = "test",
+             cluster: ClusterConfig | None = None, on_done: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run the split once at ``test_concurrency`` with the method's execution mode and graph variant."""
+    method = METHODS[args.method]
+    a = args if cluster is None else replace(args, cluster=cluster)
+    env = _make_env(a, method, split)
+    policy = make_policy(a, controller, record=False, stream=2)
+    return env.rollout(policy, list(range(len(env.queries))), concurrency=a.test_concurrency, on_done=on_done)
+
+
+def summarize(infos: list[dict]) -> dict:
+    """The experiment's columns for one run."""
+    s = np.array([i["score"] for i in infos])
+    cp = np.array([i["cp_tokens"] for i in infos])
+    sec = np.array([i["cp_seconds"] for i in infos])
+    return {"score_pct": 100.0 * float(s.mean()), "cp_tokens_mean": float(cp.mean()),
+            "cp_tokens_p90": float(np.percentile(cp, 90)), "cp_seconds_mean": float(sec.mean()),
+            "cp_seconds_p90": float(np.percentile(sec, 90)),
+            "cost_usd_per_query": float(np.mean([i["cost_usd"] for i in infos])),
+            "calls_per_query": float(np.mean([i["llm_calls"] for i in infos])),
+            "prompt_tokens_per_query": float(np.mean([i["prompt_tokens"] for i in infos])),
+            "completion_tokens_per_query": float(np.mean([i["completion_tokens"] for i in infos])),
+            "layers_per_query": float(np.mean([i["num_layers"] for i in infos])),
+            "retries_per_query": float(np.mean([i["retries"] for i in infos]))}

@@ -1,0 +1,28 @@
+"""Gymnasium environments and task models. Importing registers ``MASLatency-v0`` (and nothing else happens).
+
+    import gymnasium as gym, envs
+    env = gym.make("MASLatency-v0", task="gsm8k", split="train")
+    # or, without importing first:  gym.make("envs:MASLatency-v0")
+
+Reusing the task models (e.g. for a model x strategy router)::
+
+    from envs.tasks import make_task, make_queries, calibrate, success_prob
+    from envs.operators import quality, completion_mean_tokens, LENGTHS, PRICES_USD_PER_TOKEN
+    spec = make_task("mbpp"); qs = make_queries(spec, "train")       # difficulty, 384-d embedding, prompt tokens
+    p = success_prob(calibrate(spec), qs.difficulty, "cot", capability_logit=-1.0)   # a weaker model
+    n = completion_mean_tokens("mbpp", "cot", length_scale=0.2)                     # a concise strategy
+"""
+
+import gymnasium
+
+from .cluster import AZURE_CONV, BackgroundTrace, ClusterConfig
+from .mas_latency import MASLatencyEnv
+from .operators import OPERATOR_NAMES, operator_embeddings, operator_set
+from .supernet import GraphConfig, QueryRun
+from .tasks import TASKS, TaskSpec, make_queries, make_task
+
+__all__ = ["AZURE_CONV", "BackgroundTrace", "ClusterConfig", "GraphConfig", "MASLatencyEnv", "OPERATOR_NAMES",
+           "QueryRun", "TASKS", "TaskSpec", "make_queries", "make_task", "operator_embeddings", "operator_set"]
+
+if "MASLatency-v0" not in gymnasium.registry:
+    gymnasium.register(id="MASLatency-v0", entry_point="envs.mas_latency:MASLatencyEnv")

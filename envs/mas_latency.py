@@ -1,0 +1,430 @@
+"""``MASLatency-v0``: LAMaS's agentic supernet, one query per episode, on a simulated serving cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import gymnasium as gym
+import numpy as np
+import simpy
+from gymnasium import spaces
+
+from .cluster import POOL, ClusterConfig, build_world
+from .embeddings import EMBED_DIM
+from .operators import CONSTANTS, GENERATE_TYPE, operator_set, quality
+from .supernet import Call, Draws, GraphConfig, OpPlan, QueryRun, ToolRun
+from .tasks import make_queries, make_task, task_key
+
+__all__ = ["MASLatencyEnv"]
+
+_SPLIT_ID = {"train": 1, "test": 2}
+
+
+class _Episode:
+    """One query in flight: its bookkeeping across attempts (retries)."""
+
+    __slots__ = ("q", "visit", "key", "attempt", "run", "start_s", "end_s", "cost_usd", "calls", "prompt_tokens",
+                 "completion_tokens", "layers", "prev_ops", "pending", "pending_obs", "info", "rejected", "pre_s",
+                 "post_s")
+
+    def __init__(self, q: int, visit: int, key: int):
+        self.q, self.visit, self.key = q, visit, key
+        self.attempt = 0
+        self.run: QueryRun | None = None
+        self.start_s = self.end_s = self.pre_s = self.post_s = 0.0
+        self.cost_usd = 0.0
+        self.calls = self.prompt_tokens = self.completion_tokens = self.rejected = 0
+        self.layers: list[dict] = []
+        self.prev_ops: list[int] = []
+        self.pending: simpy.Event | None = None
+        self.pending_obs: dict | None = None
+        self.info: dict | None = None
+
+
+class MASLatencyEnv(gym.Env):
+    """The LAMaS agentic supernet answering one benchmark query per episode on a simulated vLLM cluster.
+
+    ## Description
+    LAMaS (Shi, Zheng and Lou, arXiv 2601.10560) and MaAS (Zhang et al., ICML 2025) build a multi-agent
+    architecture per query, layer by layer, from a fixed operator set. Here each step chooses the operators
+    of the next layer (at most ``num_layers`` = 4); the simulator then runs every LLM call of that layer as a
+    request on a simulated vLLM pool shared with background traffic, and returns when the layer is done
+    (the next decision point). Operators of a layer run concurrently and contend for the replicas
+    (``execution="parallel"``, LAMaS) or one after another, each seeing the previous one's result
+    (``"sequential"``, MaAS). The graph's fixed steps (lamas.md s.2: GSM8K's final ScEnsemble and Programmer
+    verification, MATH's pre-step Programmer, HumanEval's final Test) run too. Task models (difficulty,
+    lengths, answer quality) are in ``envs.tasks`` and ``envs.operators``; operator semantics in
+    ``envs.supernet``.
+
+    ## Action space
+    ``MultiDiscrete([K + 1] * K)`` with K = 7 operators: an *ordered* list of slots, each an operator index
+    (controller order, ``env.operator_names``) or K for an empty slot. Order matters as in LAMaS: results
+    merge in list order, the first operator conditions the next layer's controller, sequential mode runs
+    them in this order. Repeated operators run once (counted in ``info["ignored_duplicates"]``); an all-empty
+    action is read as ``[EarlyStop]``.
+
+    ## Observation space
+    A single-level ``Dict`` (keys sorted):
+
+    | Key | Type | Meaning | Unit |
+    |---|---|---|---|
+    | ``attempt`` | Discrete(max_retries + 1) | retry number of this query (a layer-0 ScEnsemble over no solutions raises and the query restarts, as in LAMaS) | count |
+    | ``layer`` | Discrete(num_layers) | index of the layer to choose | - |
+    | ``load`` | Box(3) | mean over replicas of running requests, waiting requests, KV-cache usage | requests, requests, fraction |
+    | ``prev_first`` | Discrete(K + 1) | first operator of the previous layer (K at layer 0) | - |
+    | ``prev_ops`` | MultiBinary(K) | operators of the previous layer | - |
+    | ``progress`` | Box(4) | elapsed time of the query, CP tokens so far, solutions in hand, cost so far | s, tokens, count, mUSD |
+    | ``query`` | Box(384) | frozen query embedding (unit norm) | - |
+
+    ## Rewards
+    0 on every step but the last, which pays ``score - cost_weight * cost_usd - token_weight / 50 * cp_tokens
+    - seconds_weight * cp_seconds`` (defaults 3, 0, 0: MaAS's utility). Score is 1 if the final answer is
+    right, else 0.
+
+    ## Episode end
+    Terminates after the layer that contains EarlyStop, after ``num_layers`` layers, or after
+    ``max_retries`` failed attempts (score 0). The final ``info`` holds ``score``, ``cp_tokens`` (LAMaS's
+    ``cp_token``: per-layer max of c(op), sum in sequential mode, plus post-processing), ``cp_tokens_layers``,
+    ``cp_seconds`` (simulated wall time from the query's start to its answer), ``cost_usd``, ``llm_calls``,
+    prompt/completion tokens, ``retries`` and ``layers``: per layer the operators, their c(op) tokens and
+    seconds, and the bottleneck by tokens (ties to the first) and by seconds.
+
+    ## Arguments
+    ``gym.make("MASLatency-v0", task="gsm8k", split="train", execution="parallel", variant="lamas",
+    cluster=ClusterConfig(...), num_layers=4, cost_weight=3.0, token_weight=0.0, seconds_weight=0.0,
+    dataset_seed=0, shuffle=False, max_retries=20)``. ``variant`` picks LAMaS's or MaAS's fixed steps where
+    they differ (MATH test pre-step). ``reset(seed=s)`` builds a fresh world (same seed, same episode, bit for
+    bit); ``reset()`` keeps the world running, so background traffic continues across episodes. Pass
+    ``options={"query": i}`` to choose the query; otherwise queries come in file order (``shuffle=True``:
+    a seeded permutation per pass). ``rollout(policy, queries, concurrency)`` runs many queries at once in
+    the same world (LAMaS's training batches of 4 and test concurrency of 30).
+
+    ## Version History
+    * v0: initial version.
+    """
+
+    metadata = {"render_modes": [], "autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self, task: str = "gsm8k", split: str = "train", *, execution: str = "parallel",
+                 variant: str = "lamas", cluster: ClusterConfig | None = None, num_layers: int = 4,
+                 cost_weight: float = 3.0, token_weight: float = 0.0, seconds_weight: float = 0.0,
+                 dataset_seed: int = 0, shuffle: bool = False, max_retries: int = 20, render_mode: str | None = None):
+        spec = make_task(task)
+        self.cfg = GraphConfig(task=spec, split=split, execution=execution, variant=variant)
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
+        self.cluster = cluster if cluster is not None else ClusterConfig()
+        self.num_layers, self.max_retries, self.shuffle = num_layers, max_retries, shuffle
+        self.cost_weight, self.token_weight, self.seconds_weight = cost_weight, token_weight, seconds_weight
+        self.dataset_seed = dataset_seed
+        self.queries = make_queries(spec, split, dataset_seed)
+        self.quality = quality(spec)
+        self.operator_names = operator_set(spec.kind)
+        k = len(self.operator_names)
+        self._stop_idx = self.operator_names.index("EarlyStop")
+        self.action_space = spaces.MultiDiscrete([k + 1] * k)
+        self.observation_space = spaces.Dict({
+            "attempt": spaces.Discrete(max_retries + 1),
+            "layer": spaces.Discrete(num_layers),
+            "load": spaces.Box(0.0, 1e9, (3,), np.float32),
+            "prev_first": spaces.Discrete(k + 1),
+            "prev_ops": spaces.MultiBinary(k),
+            "progress": spaces.Box(0.0, 1e9, (4,), np.float32),
+            "query": spaces.Box(-1.0, 1.0, (EMBED_DIM,), np.float32),
+        })
+        self.render_mode = render_mode
+        self.world = None
+        self._run_seed = 0
+        self._visits: dict[int, int] = {}
+        self._order: list[int] = []
+        self._cursor = 0
+        self._ep: _Episode | None = None
+        self._pause: simpy.Event | None = None
+        self.ledger_usd = 0.0      # cumulative $ of every call finished in this world (LAMaS's CostManager)
+        self._keys = 0
+
+    # ================================================================== Gymnasium API
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None or self.world is None:
+            self._new_world(int(self.np_random.integers(2**31)) if seed is None else seed)
+        q = self._next_query(options)
+        self._ep = self._start(q, self._gym_decide)
+        self._advance()
+        if self._ep.info is not None:          # cannot happen (layer 0 always asks), kept for safety
+            raise RuntimeError("episode ended before its first decision")
+        return self._ep.pending_obs, {"query": q, "visit": self._ep.visit}
+
+    def step(self, action):
+        ep = self._ep
+        if ep is None or ep.pending is None:
+            raise RuntimeError("call reset() before step(), and again after an episode ends")
+        ev, ep.pending = ep.pending, None
+        ev.succeed(np.asarray(action))
+        self._advance()
+        if ep.info is not None:
+            info = ep.info
+            r = (info["score"] - self.cost_weight * info["cost_usd"] - self.token_weight / 50.0 * info["cp_tokens"]
+                 - self.seconds_weight * info["cp_seconds"])
+            self._ep = None
+            return self._terminal_obs(ep), float(r), True, False, info
+        return ep.pending_obs, 0.0, False, False, {}
+
+    # ================================================================== many queries at once
+    def rollout(self, policy, queries: Sequence[int], *, concurrency: int = 1,
+                on_done: Callable[[dict], None] | None = None) -> list[dict]:
+        """Run ``queries`` through the current world, at most ``concurrency`` at a time.
+
+        A new query starts as soon as one finishes (LAMaS's asyncio semaphore); with ``concurrency`` equal to
+        the number of queries they all start together (a training batch). ``policy.act(obs, episode=key)``
+        is called at every decision. Returns the final ``info`` of each query, in the order given.
+        """
+        if self.world is None:
+            self._new_world(0)
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
+        env = self.world.env
+        out: list[dict | None] = [None] * len(queries)
+        todo = list(enumerate(queries))[::-1]
+        done_ev = env.event()
+        left = [len(queries)]
+
+        def decide(ep, obs):
+            return policy.act(obs, episode=ep.key)
+
+        def finished(i: int, ep: _Episode) -> None:
+            out[i] = ep.info
+            if on_done is not None:
+                on_done(ep.info)
+            left[0] -= 1
+            if todo:
+                launch()
+            elif left[0] == 0:
+                done_ev.succeed()
+
+        def launch() -> None:
+            i, q = todo.pop()
+            self._start(int(q), decide, lambda ep, i=i: finished(i, ep))
+
+        if not queries:
+            return []
+        for _ in range(min(concurrency, len(queries))):
+            launch()
+        env.run(until=done_ev)
+        return out  # type: ignore[return-value]
+
+    # ================================================================== internals
+    def _new_world(self, seed: int) -> None:
+        self._run_seed = seed
+        self.world = build_world(self.cluster, seed)
+        self._visits, self._order, self._cursor, self.ledger_usd, self._keys = {}, [], 0, 0.0, 0
+        self.action_space.seed(seed)
+
+    def _next_query(self, options: dict | None) -> int:
+        n = len(self.queries)
+        if options and "query" in options:
+            q = int(options["query"])
+            if not 0 <= q < n:
+                raise ValueError(f"options['query'] must be in [0, {n}), got {q}")
+            return q
+        if self._cursor >= len(self._order):
+            self._order = list(self.np_random.permutation(n)) if self.shuffle else list(range(n))
+            self._cursor = 0
+        q = int(self._order[self._cursor])
+        self._cursor += 1
+        return q
+
+    def _start(self, q: int, decide, on_finish=None) -> _Episode:
+        visit = self._visits.get(q, 0)
+        self._visits[q] = visit + 1
+        self._keys += 1
+        ep = _Episode(q, visit, self._keys)
+        self.world.env.process(self._query_proc(ep, decide, on_finish))
+        return ep
+
+    def _gym_decide(self, ep: _Episode, obs: dict) -> simpy.Event:
+        ev = self.world.env.event()
+        ep.pending = ev
+        ep.pending_obs = obs
+        if self._pause is not None and not self._pause.triggered:
+            self._pause.succeed()
+        return ev
+
+    def _advance(self) -> None:
+        """Run the world until the gym episode needs a decision or has ended."""
+        env = self.world.env
+        ep = self._ep
+        if ep.pending is not None or ep.info is not None:
+            return
+        self._pause = env.event()
+        env.run(until=self._pause)
+        self._pause = None
+
+    def _new_run(self, ep: _Episode) -> QueryRun:
+        words = [self._run_seed, self.dataset_seed, task_key(self.cfg.task.name), _SPLIT_ID[self.cfg.split], ep.q,
+                 ep.visit, ep.attempt]
+        qid = (task_key(self.cfg.task.name) << 28) | (_SPLIT_ID[self.cfg.split] << 24) | ep.q
+        return QueryRun(cfg=self.cfg, quality=self.quality, difficulty=float(self.queries.difficulty[ep.q]),
+                        query_tokens=int(self.queries.prompt_tokens[ep.q]), query_content_id=qid,
+                        draws=Draws(words))
+
+    def _query_proc(self, ep: _Episode, decide, on_finish):
+        env = self.world.env
+        ep.start_s = env.now
+        ok = False
+        while True:
+            ep.run = run = self._new_run(ep)
+            ep.layers, ep.prev_ops = [], []
+            ok = yield from self._attempt(ep, run, decide)
+            if ok or ep.attempt >= self.max_retries:
+                break
+            ep.attempt += 1
+            yield env.timeout(CONSTANTS["retry_wait_s"][0])
+        ep.end_s = env.now
+        ep.info = self._final_info(ep, run, ok)
+        if on_finish is not None:
+            on_finish(ep)
+        elif self._pause is not None and not self._pause.triggered:
+            self._pause.succeed()
+
+    def _attempt(self, ep: _Episode, run: QueryRun, decide):
+        env = self.world.env
+        t0 = env.now
+        for plan in run.pre_steps():
+            yield from self._exec(ep, plan)
+            run.apply(plan)
+        ep.pre_s = env.now - t0
+        for layer in range(self.num_layers):
+            act = decide(ep, self._obs(ep, run, layer))
+            if isinstance(act, simpy.Event):
+                act = yield act
+            names, dups = self._decode(act)
+            ok = yield from self._layer(ep, run, layer, names, dups)
+            if not ok:
+                return False
+            if "EarlyStop" in names:
+                break
+        t1 = env.now
+        gen = run.post_steps()
+        for plan in gen:
+            yield from self._exec(ep, plan)
+            run.apply_post(plan)
+        ep.post_s = env.now - t1
+        return True
+
+    def _layer(self, ep: _Episode, run: QueryRun, layer: int, names: list[str], dups: int):
+        env = self.world.env
+        t0 = env.now
+        if self.cfg.parallel:
+            plans = [run.plan(n, layer) for n in names]
+            procs = [env.process(self._exec(ep, p)) for p in plans]
+            bad = next((pr for p, pr in zip(plans, procs, strict=True) if p.raises), None)
+            if bad is not None:           # asyncio.gather raises at once; the other operators run on
+                yield bad
+                return False
+            secs = list((yield env.all_of(procs)).values()) if procs else []
+            for p in plans:
+                run.apply(p)
+        else:
+            plans, secs = [], []
+            for n in names:
+                p = run.plan(n, layer)
+                plans.append(p)
+                secs.append((yield from self._exec(ep, p)))
+                if p.raises:
+                    return False
+                run.apply(p)
+        cps = [p.cp_tokens for p in plans]
+        contrib = run.record_layer(cps)
+        ep.layers.append(self._layer_info(names, cps, secs, contrib, env.now - t0, dups))
+        ep.prev_ops = [self.operator_names.index(n) for n in names]
+        return True
+
+    @staticmethod
+    def _layer_info(names, cps, secs, contrib, seconds, dups) -> dict:
+        b = int(np.argmax(cps)) if cps else -1
+        bs = int(np.argmax(secs)) if secs else -1
+        return {"ops": list(names), "cp_tokens": cps, "op_seconds": secs, "cp_tokens_layer": contrib,
+                "seconds": seconds, "bottleneck": names[b] if b >= 0 else None, "bottleneck_index": b,
+                "bottleneck_seconds": names[bs] if bs >= 0 else None, "ignored_duplicates": dups}
+
+    def _exec(self, ep: _Episode, plan: OpPlan):
+        """Run one operator's stages on the cluster; returns its seconds."""
+        env, world = self.world.env, self.world
+        t0 = env.now
+        for stage in plan.stages:
+            evs = []
+            for item in stage:
+                if isinstance(item, Call):
+                    segs = item.segments
+                    ctx = item.prompt_tokens - sum(n for _, n in segs)
+                    if ctx > 0:
+                        self._keys += 1
+                        segs = (*segs, ((1 << 50) + self._keys, ctx))
+                    evs.append(world.submit(POOL, item.prompt_tokens, item.completion_tokens, prompt_segments=segs,
+                                            wait=True))
+                    ep.calls += 1
+                    ep.prompt_tokens += item.prompt_tokens
+                    ep.completion_tokens += item.completion_tokens
+                else:
+                    assert isinstance(item, ToolRun)
+                    evs.append(env.timeout(item.seconds))
+            res = (yield evs[0]) if len(evs) == 1 else (yield env.all_of(evs))
+            if len(evs) == 1 and getattr(res, "reject_reason", None):
+                ep.rejected += 1
+        cost = plan.cost_usd
+        ep.cost_usd += cost
+        self.ledger_usd += cost
+        return env.now - t0
+
+    def _decode(self, action) -> tuple[list[str], int]:
+        a = np.asarray(action).reshape(-1)
+        k = len(self.operator_names)
+        names, seen, dups = [], set(), 0
+        for v in a.tolist():
+            if not 0 <= v <= k:
+                raise ValueError(f"action entries must be in [0, {k}], got {v}")
+            if v == k:
+                continue
+            if v in seen:
+                dups += 1
+                continue
+            seen.add(v)
+            names.append(self.operator_names[v])
+        return (names or ["EarlyStop"]), dups
+
+    def _obs(self, ep: _Episode, run: QueryRun, layer: int) -> dict:
+        k = len(self.operator_names)
+        prev = np.zeros(k, np.int8)
+        prev[ep.prev_ops] = 1
+        reps = self.world.cluster.replicas
+        now = self.world.env.now
+        run_n = wait_n = kv = 0.0
+        for rep in reps:
+            r, w, used, _ = rep.core.gauges(now)
+            run_n += r
+            wait_n += w
+            kv += used / rep.core.kv.num_usable
+        n = len(reps)
+        load = np.array((run_n / n, wait_n / n, kv / n), np.float32)
+        prog = np.array([now - ep.start_s, run.cp_layers, len(run.solutions), 1e3 * ep.cost_usd], np.float32)
+        return {"attempt": min(ep.attempt, self.max_retries), "layer": layer, "load": load,
+                "prev_first": ep.prev_ops[0] if ep.prev_ops else k, "prev_ops": prev, "progress": prog,
+                "query": self.queries.embedding[ep.q].copy()}
+
+    def _terminal_obs(self, ep: _Episode) -> dict:
+        obs = self._obs(ep, ep.run, min(len(ep.layers), self.num_layers - 1))
+        return obs
+
+    def _final_info(self, ep: _Episode, run: QueryRun, ok: bool) -> dict:
+        score = run.score if ok else 0.0
+        return {"query": ep.q, "visit": ep.visit, "episode": ep.key, "score": score, "cp_tokens": run.cp_tokens,
+                "cp_tokens_layers": run.cp_layers, "cp_tokens_post": run.post_cp, "cp_seconds": ep.end_s - ep.start_s,
+                "pre_seconds": ep.pre_s, "post_seconds": ep.post_s, "cost_usd": ep.cost_usd,
+                "cumulative_cost_usd": self.ledger_usd, "llm_calls": ep.calls, "prompt_tokens": ep.prompt_tokens,
+                "completion_tokens": ep.completion_tokens, "retries": ep.attempt, "failed": not ok,
+                "num_layers": len(ep.layers), "layers": ep.layers, "clipped_tokens": run.clipped_tokens,
+                "rejected_calls": ep.rejected, "start_s": ep.start_s, "end_s": ep.end_s,
+                "generate_first": bool(ep.layers and ep.layers[0]["ops"][0] in GENERATE_TYPE)}

@@ -1,0 +1,110 @@
+"""Helpers shared by the MASLatency commands: cluster options, the results table, plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["add_cluster_args", "cluster_from_args", "pareto_plot", "curves_plot", "results_table"]
+
+
+def add_cluster_args(p) -> None:
+    g = p.add_argument_group("simulated serving cluster")
+    g.add_argument("--profile", default="h100-llama-3.1-8b", help="serving profile answering every LLM call")
+    g.add_argument("--replicas", type=int, default=2, help="replicas in the pool (default 2)")
+    g.add_argument("--router", default="least_outstanding", help="round_robin | least_outstanding | least_kv")
+    g.add_argument("--background", choices=("poisson", "azure-trace", "none"), default="poisson",
+                   help="background load: Poisson arrivals with Azure-conv-like lengths (default), a replay of "
+                        "the Azure 2023 conversation trace ($MASLAT_TRACES_DIR), or none")
+    g.add_argument("--background-rate", type=float, default=None,
+                   help="background requests/s (default: the Azure conversation trace's native 5.53)")
+
+
+def cluster_from_args(args):
+    from envs import AZURE_CONV, BackgroundTrace, ClusterConfig
+
+    rate = args.background_rate if args.background_rate is not None else AZURE_CONV["rate_per_s"]
+    trace = None
+    if args.background == "none":
+        rate = 0.0
+    elif args.background == "azure-trace":
+        from traces.azure import azure_trace
+
+        tr = azure_trace("conv")
+        trace = BackgroundTrace(tr.offsets_s, tr.prompt_tokens, tr.output_tokens)
+    return ClusterConfig(profile=args.profile, replicas=args.replicas, router=args.router,
+                         background_rate_per_s=rate, background_trace=trace)
+
+
+def results_table(methods: dict[str, dict]) -> str:
+    from ._common import format_table
+
+    def pm(d, k, fmt):
+        return f"{fmt.format(d[k])} ± {fmt.format(d[k + '_std'])}"
+
+    rows = []
+    for name, d in methods.items():
+        rows.append([name, pm(d, "score_pct", "{:.2f}"), pm(d, "cp_tokens_mean", "{:.0f}"), pm(d, "cp_tokens_p90", "{:.0f}"),
+                     pm(d, "cost_usd_per_query", "{:.2e}"), pm(d, "cp_seconds_mean", "{:.1f}"),
+                     pm(d, "cp_seconds_p90", "{:.1f}"), pm(d, "calls_per_query", "{:.2f}")])
+    return format_table(rows, ["method", "score %", "CP tok mean", "CP tok p90", "$/query", "CP s mean", "CP s p90",
+                               "calls/query"])
+
+
+def pareto_plot(summary: dict, path: Path) -> Path:
+    """Score against CP tokens and against CP seconds, mean ± std over seeds, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = summary["methods"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "cp_tokens_mean", "critical path (tokens, LAMaS's CP len)"),
+                           (axes[1], "cp_seconds_mean", "critical path under contention (simulated s)")):
+        for name, d in methods.items():
+            ax.errorbar(d[key], d["score_pct"], xerr=d[key + "_std"], yerr=d["score_pct_std"], fmt="o", capsize=3,
+                        label=name)
+            ax.annotate(name, (d[key], d["score_pct"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("score (%)")
+        ax.grid(alpha=0.3)
+    pub = summary.get("published")
+    if pub:
+        for name in ("lamas", "maas"):
+            axes[0].scatter(pub[name]["cp_tokens_mean"], pub[name]["score_pct"], marker="*", s=120, color="k")
+            axes[0].annotate(f"{name} (paper)", (pub[name]["cp_tokens_mean"], pub[name]["score_pct"]),
+                             textcoords="offset points", xytext=(4, -10), fontsize=8)
+    fig.suptitle(f"{summary['task']}: score vs critical path, {summary['seeds']} seed(s)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def curves_plot(curves: dict[str, list[list[dict]]], path: Path, window: int = 16) -> Path:
+    """Training curves (moving average over batches) of score, CP tokens and seconds per learned method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = ("train/score", "train/cp_tokens", "latency/cp_seconds")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for name, runs in curves.items():
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        for ax, k in zip(axes, keys, strict=True):
+            y = np.mean([[m[k] for m in r] for r in runs], axis=0)
+            y = np.convolve(y, np.ones(window) / window, mode="valid") if len(y) >= window else y
+            ax.plot(y, label=name)
+            ax.set_title(k)
+            ax.set_xlabel("batch")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

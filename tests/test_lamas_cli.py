@@ -1,0 +1,51 @@
+"""The LAMaS commands end to end (small runs), and the notebook executed headless."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _maslat(*argv, cwd=None):
+    out = subprocess.run([sys.executable, "-m", "maslat", *argv], capture_output=True, text=True, cwd=cwd or ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_experiment_json_last_line(tmp_path):
+    out = _maslat("experiment", "lamas", "--task", "humaneval", "--seeds", "1", "--methods", "lamas", "maas",
+                  "single_cot", "--epochs", "1", "--plots", str(tmp_path), "--json")
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["task"] == "humaneval" and res["seeds"] == 1
+    for name in ("lamas", "maas", "single_cot"):
+        for k in ("score_pct", "cp_tokens_mean", "cp_tokens_p90", "cp_seconds_mean", "cp_seconds_p90",
+                  "cost_usd_per_query", "calls_per_query"):
+            assert res["methods"][name][k] >= 0
+    assert "cp_tokens_reduction_pct" in res["savings"]
+    assert (tmp_path / "pareto.png").stat().st_size > 0 and (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_train_then_evaluate(tmp_path):
+    out = _maslat("train", "maas", "--task", "humaneval", "--epochs", "1", "--out", str(tmp_path / "r"), "--json")
+    res = json.loads(out.strip().splitlines()[-1])
+    assert Path(res["checkpoint"]).is_file() and res["steps"] == 9
+    assert (tmp_path / "r" / "metrics.csv").read_text().startswith("epoch,step,losses/loss")
+    ev = json.loads(_maslat("evaluate", res["checkpoint"], "--json").strip().splitlines()[-1])
+    assert ev["method"] == "maas" and ev["task"] == "humaneval" and 0 <= ev["score_pct"] <= 100
+
+
+def test_bench_env_json():
+    res = json.loads(_maslat("bench", "env", "--episodes", "60", "--gym-episodes", "5", "--json").strip().splitlines()[-1])
+    assert res["episodes_per_s"] > 0 and res["gym_episodes_per_s"] > 0
+
+
+def test_notebook_runs_headless():
+    nb = nbformat.read(ROOT / "notebooks" / "lamas.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    assert any(o.get("output_type") == "display_data" for c in nb.cells if c.cell_type == "code"
+               for o in c.get("outputs", []))
