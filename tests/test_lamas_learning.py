@@ -32,7 +32,7 @@ def test_lamas_learns_the_short_supernet():
     untrained = new_controller(args)
     u_init, cp_init = _utility(make_policy(args, untrained, record=False, stream=5))
     u_full, cp_full = _utility(make_static("all_parallel", "math"))
-    assert cp_trained < 0.9 * cp_init and cp_trained < cp_full
+    assert cp_trained < 0.95 * cp_init and cp_trained < cp_full
     assert u_trained > u_init + 0.1
     assert u_trained > u_full
 

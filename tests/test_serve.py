@@ -281,5 +281,5 @@ def test_tokens_leave_at_the_simulated_step_times():
         first_late = o["times"][0] - sim.wall_at(rec.first_token_s)
         last_late = o["times"][-1] - sim.wall_at(rec.last_token_s)
         print("lateness", first_late, last_late)
-        assert -0.002 < first_late < 0.03 and -0.002 < last_late < 0.03, (first_late, last_late)
+        assert -0.002 < first_late < 0.05 and -0.002 < last_late < 0.05, (first_late, last_late)  # CI cores are shared
         assert abs(sim.wall_at(rec.arrival_s) - o["t_send"]) < 0.03
