@@ -1,0 +1,431 @@
+"""``MASLatency-CMDP-v0``: system-aware hierarchical orchestration of agent calls under a latency SLO."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+import simpy
+from gymnasium import spaces
+
+from .cluster import BackgroundTrace
+from .cmdp_catalog import ROLE_NAMES, STRATEGY_NAMES, ModelEntry, default_models, model_accuracy
+from .cmdp_query import QueryState
+from .cmdp_world import build_cmdp_world, pool_state, unloaded_latency_s
+from .embeddings import EMBED_DIM
+from .estimators import NUM_SYSTEM, load_estimator
+from .loads import make_regime
+from .operators import quality
+from .tasks import make_queries, make_task, task_key
+from .topologies import MAX_NODES, MODES, Node, Topology, make_planner
+
+__all__ = ["MASLatencyCMDPEnv", "MASROUTER_COST_RATE"]
+
+_SPLIT_ID = {"train": 1, "test": 2}
+_ROLE_ID = {r: i for i, r in enumerate(ROLE_NAMES)}
+_MODE_ID = {m: i for i, m in enumerate(MODES)}
+
+#: MasRouter's utility = is_solved - cost_rate x $ (system_aware.md s.5)
+MASROUTER_COST_RATE = {"gsm8k": 200.0, "humaneval": 200.0, "math": 100.0, "mbpp": 400.0}
+
+
+@dataclass(slots=True)
+class _Episode:
+    q: int
+    visit: int
+    topology: Topology
+    state: QueryState
+    slo_s: float
+    slo_factor: float | None
+    reference_s: float
+    t0: float = 0.0
+    end_s: float | None = None
+    step: int = 0
+    overrun_s: float = 0.0
+    cost_usd: float = 0.0
+    rejected: int = 0
+    pending: simpy.Event | None = None
+    obs: dict | None = None
+    node: Node | None = None
+    calls: list[dict] = field(default_factory=list)
+    decided: int = 0
+
+
+class MASLatencyCMDPEnv(gym.Env):
+    """Executor of a planned multi-agent topology: one (model, prompt strategy) decision per agent call.
+
+    ## Description
+    The system-aware design of seed 002 (``system_aware.md``). At the start of an episode (one benchmark
+    query) the Planner fixes a topology and its roles (``envs.topologies``: MasRouter's collaboration modes
+    and an APWA parallel map). Then every step is one agent call: the Executor picks the model it runs on
+    and the prompt strategy injected into it (Flash, Concise, DeepThink). Calls run on simulated vLLM pools,
+    one per model, shared with background traffic whose load changes (``envs.loads``); a node starts when
+    its inputs are done, so the branches of a parallel topology run concurrently (``execution="dag"``) or,
+    MasRouter-style, one after another (``"sequential"``). When several nodes become ready at once the
+    environment asks for them one after another at the same simulated instant. The query's answer is the
+    last node's; quality per model and strategy comes from the task models (``envs.cmdp_catalog``).
+
+    ## Action space
+    ``MultiDiscrete([M, 3])``: model index (``env.model_names``) and strategy index (``STRATEGY_NAMES``);
+    with ``action_type="discrete"``, ``Discrete(3 M)`` with ``a = model * 3 + strategy``.
+
+    ## Observation space
+    A single-level ``Dict`` (keys sorted; ``flatten_obs=True`` gives ``spaces.flatten`` of it, a ``Box``):
+
+    | Key | Type | Meaning | Unit |
+    |---|---|---|---|
+    | ``budget`` | Box(2) | remaining latency budget b_t = SLO - elapsed, and b_t / SLO | s, fraction |
+    | ``estimates`` | Box(3 M) | F_lat/F_len prediction T_total = t_ttft + L_out t_tpot of this call, per (model, strategy), model-major | s |
+    | ``nodes_left`` | Box(2) | calls not yet decided (this one included); calls on the longest path from this node to the answer | count |
+    | ``prompt_tokens`` | Box(1) | this call's prompt without the strategy text (instructions, query, predecessors' outputs) | tokens |
+    | ``query`` | Box(384) | frozen query embedding (unit norm) | - |
+    | ``role`` | Discrete(9) | role of this call (``ROLE_NAMES``) | - |
+    | ``step`` | Discrete(7) | index of this call in the topology | - |
+    | ``system`` | Box(4 M) | per model: waiting and running requests (pool totals), KV-cache usage, EMA of TTFT | req, req, fraction, ms |
+    | ``topology`` | Discrete(6) | the planned topology (``MODES``) | - |
+
+    ## Rewards
+    0 on every step but the last, which pays the query's quality: 1 if the final answer is right, else 0.
+
+    ## Costs
+    ``info["cost"]`` on every step: the latency the episode spent beyond its budget since the previous
+    step, so the episode's costs sum to ``max(0, latency - SLO)`` in seconds. Components in ``info``:
+    ``overrun_s`` (cumulative), ``elapsed_s``, and at the end ``latency_s``, ``slo_s``, ``slo_violated``,
+    ``cost_usd`` (list prices of the models), ``quality``. ``envs.wrappers.SafetyGymnasiumWrapper`` gives
+    Safety-Gymnasium's ``(obs, reward, cost, terminated, truncated, info)``.
+
+    ## Episode end
+    Terminates when the last node's call has returned. Never truncated.
+
+    ## Arguments
+    ``gym.make("MASLatency-CMDP-v0", task="mbpp", split="train", slo_s=None, slo_factor=(0.75, 2.0),
+    load="idle", models=None, planner="mix", execution="dag", estimator="default",
+    action_type="multidiscrete", flatten_obs=False, warmup_s=30.0, dataset_seed=0, shuffle=True,
+    background_trace=None, router="least_outstanding")``.
+    The SLO is ``slo_s`` seconds if given, else ``slo_factor`` times the query's *reference latency*: the
+    critical path of its topology with the strongest model and DeepThink on idle replicas (simulated; an
+    answer to the design's open question 1). A ``(low, high)`` factor is drawn uniformly per episode.
+    ``options={"query": i, "slo_s": x, "slo_factor": f}`` override per reset. ``load`` is a regime name
+    (``idle``, ``busy``, ``bursty``, ``shift``) or an ``envs.loads.LoadRegime``; ``background_trace``
+    replays recorded arrivals instead. ``reset(seed=s)`` builds a fresh world and runs ``warmup_s`` of
+    background before the query (same seed, same episode, bit for bit); ``reset()`` keeps the world running.
+
+    ## Version History
+    * v0: initial version.
+    """
+
+    metadata = {"render_modes": [], "autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self, task: str = "mbpp", split: str = "train", *, slo_s: float | None = None,
+                 slo_factor: float | tuple[float, float] = (0.75, 2.0), load="idle",
+                 models: tuple[ModelEntry, ...] | None = None, planner: str = "mix", execution: str = "dag",
+                 estimator="default", action_type: str = "multidiscrete", flatten_obs: bool = False,
+                 warmup_s: float = 30.0, dataset_seed: int = 0, shuffle: bool = True,
+                 background_trace: BackgroundTrace | None = None, router: str = "least_outstanding",
+                 render_mode: str | None = None):
+        self.task = make_task(task)
+        if split not in _SPLIT_ID:
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.split = split
+        self.models = tuple(models) if models is not None else default_models()
+        if len(self.models) < 1 or len({m.name for m in self.models}) != len(self.models):
+            raise ValueError("models must be one or more ModelEntry with distinct names")
+        self.model_names = tuple(m.name for m in self.models)
+        self.regime = make_regime(load, len(self.models))
+        self.slo_s, self.slo_factor = self._check_slo(slo_s, slo_factor)
+        if execution not in ("dag", "sequential"):
+            raise ValueError(f"execution must be 'dag' or 'sequential', got {execution!r}")
+        if action_type not in ("multidiscrete", "discrete"):
+            raise ValueError(f"action_type must be 'multidiscrete' or 'discrete', got {action_type!r}")
+        if not warmup_s >= 0:
+            raise ValueError(f"warmup_s must be >= 0, got {warmup_s!r}")
+        self.execution, self.action_type, self.flatten_obs = execution, action_type, flatten_obs
+        self.warmup_s, self.dataset_seed, self.shuffle, self.router = float(warmup_s), dataset_seed, shuffle, router
+        self.background_trace = background_trace
+        self.planner = make_planner(planner, self.task.kind, dataset_seed)
+        self.estimator = load_estimator(estimator, self.model_names)
+        self.queries = make_queries(self.task, split, dataset_seed)
+        self.quality = quality(self.task)
+        # the reference action: the strongest model with DeepThink
+        self.reference_model = int(np.argmax([model_accuracy(self.task, m.name) for m in self.models]))
+        nm, ns = len(self.models), len(STRATEGY_NAMES)
+        self.action_space = (spaces.MultiDiscrete([nm, ns]) if action_type == "multidiscrete"
+                             else spaces.Discrete(nm * ns))
+        self.dict_space = spaces.Dict({
+            "budget": spaces.Box(-1e6, 1e6, (2,), np.float32),
+            "estimates": spaces.Box(0.0, 1e6, (nm * ns,), np.float32),
+            "nodes_left": spaces.Box(0.0, float(MAX_NODES), (2,), np.float32),
+            "prompt_tokens": spaces.Box(0.0, 1e7, (1,), np.float32),
+            "query": spaces.Box(-1.0, 1.0, (EMBED_DIM,), np.float32),
+            "role": spaces.Discrete(len(ROLE_NAMES)),
+            "step": spaces.Discrete(MAX_NODES),
+            "system": spaces.Box(0.0, 1e9, (nm * NUM_SYSTEM,), np.float32),
+            "topology": spaces.Discrete(len(MODES)),
+        })
+        if flatten_obs:
+            flat = spaces.flatten_space(self.dict_space)
+            self.observation_space = spaces.Box(flat.low.astype(np.float32), flat.high.astype(np.float32),
+                                                dtype=np.float32)
+        else:
+            self.observation_space = self.dict_space
+        self.render_mode = render_mode
+        self.world = None
+        self._run_seed = 0
+        self._visits: dict[int, int] = {}
+        self._order: list[int] = []
+        self._cursor = 0
+        self._ep: _Episode | None = None
+        self._pause: simpy.Event | None = None
+        self._keys = 0
+        self._sys = np.zeros((nm, NUM_SYSTEM))
+
+    @staticmethod
+    def _check_slo(slo_s, slo_factor):
+        if slo_s is not None:
+            if not slo_s > 0:
+                raise ValueError(f"slo_s must be > 0 seconds, got {slo_s!r}")
+            return float(slo_s), None
+        f = (float(slo_factor), float(slo_factor)) if np.isscalar(slo_factor) else tuple(map(float, slo_factor))
+        if len(f) != 2 or not 0 < f[0] <= f[1]:
+            raise ValueError(f"slo_factor must be > 0 or a (low, high) range with 0 < low <= high, got {slo_factor!r}")
+        return None, f
+
+    # ================================================================== Gymnasium API
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None or self.world is None:
+            self._new_world(int(self.np_random.integers(2**31)) if seed is None else seed)
+        options = options or {}
+        q = self._next_query(options)
+        ep = self._new_episode(q, options)
+        self._ep = ep
+        self.world.env.process(self._query_proc(ep))
+        self._advance()
+        info = {"query": q, "visit": ep.visit, "topology": ep.topology.mode, "slo_s": ep.slo_s,
+                "slo_factor": ep.slo_factor, "reference_s": ep.reference_s, "start_s": ep.t0}
+        return self._out_obs(ep.obs), info
+
+    def step(self, action):
+        ep = self._ep
+        if ep is None or ep.pending is None:
+            raise RuntimeError("call reset() before step(), and again after an episode ends")
+        m, s = self.decode_action(action)
+        ev, ep.pending = ep.pending, None
+        ev.succeed((m, s))
+        self._advance()
+        now = self.world.env.now if ep.end_s is None else ep.end_s
+        over = max(0.0, (now - ep.t0) - ep.slo_s)
+        cost, ep.overrun_s = over - ep.overrun_s, over
+        info = {"cost": cost, "overrun_s": over, "elapsed_s": now - ep.t0, "action": (m, s)}
+        if ep.end_s is None:
+            return self._out_obs(ep.obs), 0.0, False, False, info
+        self._ep = None
+        info.update(self._final_info(ep))
+        return self._out_obs(ep.obs), float(info["quality"]), True, False, info
+
+    def decode_action(self, action) -> tuple[int, int]:
+        ns = len(STRATEGY_NAMES)
+        a = np.asarray(action).reshape(-1)
+        if self.action_type == "discrete":
+            if a.size != 1 or not 0 <= int(a[0]) < len(self.models) * ns:
+                raise ValueError(f"action must be an integer in [0, {len(self.models) * ns}), got {action!r}")
+            return divmod(int(a[0]), ns)
+        if a.size != 2 or not (0 <= int(a[0]) < len(self.models) and 0 <= int(a[1]) < ns):
+            raise ValueError(f"action must be [model in 0..{len(self.models) - 1}, strategy in 0..{ns - 1}], got {action!r}")
+        return int(a[0]), int(a[1])
+
+    def encode_action(self, model: int, strategy: int):
+        ns = len(STRATEGY_NAMES)
+        if self.action_type == "discrete":
+            return model * ns + strategy
+        return np.array([model, strategy], dtype=np.int64)
+
+    def close(self) -> None:
+        self.world = None
+
+    # ================================================================== world and queries
+    def _new_world(self, seed: int) -> None:
+        self._run_seed = seed
+        self.world = build_cmdp_world(self.models, self.regime, seed, router=self.router, trace=self.background_trace)
+        self._visits, self._order, self._cursor, self._keys = {}, [], 0, 0
+        self.action_space.seed(seed)
+        if self.warmup_s > 0:
+            self.world.run(until=self.warmup_s)
+
+    def _next_query(self, options: dict) -> int:
+        n = len(self.queries)
+        if "query" in options:
+            q = int(options["query"])
+            if not 0 <= q < n:
+                raise ValueError(f"options['query'] must be in [0, {n}), got {q}")
+            return q
+        if self._cursor >= len(self._order):
+            self._order = list(self.np_random.permutation(n)) if self.shuffle else list(range(n))
+            self._cursor = 0
+        q = int(self._order[self._cursor])
+        self._cursor += 1
+        return q
+
+    def _new_episode(self, q: int, options: dict) -> _Episode:
+        visit = self._visits.get(q, 0)
+        self._visits[q] = visit + 1
+        topo = self.planner(q, _SPLIT_ID[self.split], self.queries.embedding[q])
+        qid = (task_key(self.task.name) << 28) | (_SPLIT_ID[self.split] << 24) | q
+        words = [self._run_seed, self.dataset_seed, task_key(self.task.name), _SPLIT_ID[self.split], q, visit]
+        st = QueryState(task=self.task, quality=self.quality, models=self.model_names, topology=topo,
+                        difficulty=float(self.queries.difficulty[q]), query_tokens=int(self.queries.prompt_tokens[q]),
+                        query_content_id=qid, seed_words=words)
+        ref = self.reference_latency_s(st)
+        slo_s, factor = self._episode_slo(options, ref)
+        return _Episode(q=q, visit=visit, topology=topo, state=st, slo_s=slo_s, slo_factor=factor, reference_s=ref,
+                        t0=self.world.env.now)
+
+    def _episode_slo(self, options: dict, ref: float) -> tuple[float, float | None]:
+        if "slo_s" in options:
+            s = float(options["slo_s"])
+            if not s > 0:
+                raise ValueError(f"options['slo_s'] must be > 0, got {s}")
+            return s, None
+        if "slo_factor" in options:
+            f = float(options["slo_factor"])
+            if not f > 0:
+                raise ValueError(f"options['slo_factor'] must be > 0, got {f}")
+            return f * ref, f
+        if self.slo_s is not None:
+            return self.slo_s, None
+        lo, hi = self.slo_factor
+        f = lo if lo == hi else float(self.np_random.uniform(lo, hi))
+        return f * ref, f
+
+    def reference_latency_s(self, st: QueryState) -> float:
+        """Critical path of the query's topology with the strongest model and DeepThink, mean lengths, each
+        call alone on an idle replica."""
+        prof = self.models[self.reference_model].profile
+        deep = STRATEGY_NAMES.index("DeepThink")
+        saved = list(st.out_tokens)
+        finish = []
+        for node in st.topology.nodes:
+            out = max(1, int(round(st.mean_completion(node, deep))))
+            lat = unloaded_latency_s(prof, st.prompt_tokens(node, deep), out)
+            st.out_tokens[node.index] = out
+            finish.append(max((finish[d] for d in node.deps), default=0.0) + lat)
+        st.out_tokens[:] = saved
+        return max(finish)
+
+    # ================================================================== the query process
+    def _advance(self) -> None:
+        ep = self._ep
+        if ep.pending is not None or ep.end_s is not None:
+            return
+        self._pause = self.world.env.event()
+        self.world.env.run(until=self._pause)
+        self._pause = None
+
+    def _wake(self) -> None:
+        if self._pause is not None and not self._pause.triggered:
+            self._pause.succeed()
+
+    def _decide(self, ep: _Episode, node: Node) -> simpy.Event:
+        ev = self.world.env.event()
+        ep.pending, ep.node = ev, node
+        ep.obs = self._obs(ep, node)
+        self._wake()
+        return ev
+
+    def _query_proc(self, ep: _Episode):
+        env = self.world.env
+        nodes = ep.topology.nodes
+        done = [False] * len(nodes)
+        started = [False] * len(nodes)
+        running: dict[int, simpy.Process] = {}
+        while not all(done):
+            for node in nodes:
+                if started[node.index] or not all(done[d] for d in node.deps):
+                    continue
+                if self.execution == "sequential" and running:
+                    break
+                action = yield self._decide(ep, node)
+                ep.decided += 1
+                started[node.index] = True
+                running[node.index] = env.process(self._call(ep, node, *action))
+                if self.execution == "sequential":
+                    break
+            yield env.any_of(list(running.values()))
+            for i in [i for i, p in running.items() if p.triggered]:
+                done[i] = True
+                del running[i]
+        ep.end_s = env.now
+        self._wake()
+
+    def _call(self, ep: _Episode, node: Node, model: int, strategy: int):
+        env = self.world.env
+        st = ep.state
+        plan = st.call(node, strategy)
+        self._keys += 1
+        segs = (*plan.segments, ((1 << 50) + self._keys, plan.context_tokens))
+        t0 = env.now
+        req = yield self.world.submit(self.model_names[model], plan.prompt_tokens, plan.completion_tokens,
+                                      prompt_segments=segs, wait=True)
+        served = req.reject_reason is None
+        st.finish(node, model, strategy, plan.completion_tokens, served)
+        price = self.models[model].price_usd_per_token
+        usd = price * (plan.prompt_tokens + plan.completion_tokens) if served else 0.0
+        ep.cost_usd += usd
+        ep.rejected += not served
+        n = plan.completion_tokens
+        rec = {"node": node.index, "role": node.role, "model": self.model_names[model],
+               "strategy": STRATEGY_NAMES[strategy], "prompt_tokens": plan.prompt_tokens, "output_tokens": n,
+               "start_s": t0 - ep.t0, "latency_s": env.now - t0, "cost_usd": usd, "served": served,
+               "reject_reason": req.reject_reason}
+        if served:
+            rec["ttft_s"] = req.first_token_ts - t0
+            rec["tpot_s"] = (req.last_token_ts - req.first_token_ts) / (n - 1) if n > 1 else 0.0
+        ep.calls.append(rec)
+
+    # ================================================================== observations and info
+    def system_state(self) -> np.ndarray:
+        """(models, 4): waiting, running, KV usage, TTFT EMA (ms) per model pool, now."""
+        for i, name in enumerate(self.model_names):
+            pool_state(self.world, name, self._sys[i])
+        return self._sys.copy()
+
+    def _obs(self, ep: _Episode, node: Node) -> dict:
+        st = ep.state
+        sysm = self.system_state()
+        ns = len(STRATEGY_NAMES)
+        prompts = np.array([[st.prompt_tokens(node, s) for s in range(ns)]] * len(self.models), dtype=np.float64)
+        emb = self.queries.embedding[ep.q]
+        ttft, tpot, length = self.estimator.predict(sysm, _ROLE_ID[node.role], prompts, emb)
+        est = ttft + length * tpot
+        elapsed = self.world.env.now - ep.t0
+        b = ep.slo_s - elapsed
+        paths = ep.topology.path_lengths()
+        return {
+            "budget": np.array([b, b / ep.slo_s], np.float32),
+            "estimates": np.clip(est.reshape(-1), 0.0, 1e6).astype(np.float32),
+            "nodes_left": np.array([len(ep.topology) - ep.decided, paths[node.index]], np.float32),
+            "prompt_tokens": np.array([st.base_prompt_tokens(node)], np.float32),
+            "query": emb.copy(),
+            "role": _ROLE_ID[node.role],
+            "step": node.index,
+            "system": sysm.reshape(-1).astype(np.float32),
+            "topology": _MODE_ID[ep.topology.mode],
+        }
+
+    def _out_obs(self, obs: dict):
+        """What the caller gets: a fresh copy (the terminal observation repeats the last decision's)."""
+        if self.flatten_obs:
+            return spaces.flatten(self.dict_space, obs).astype(np.float32)
+        return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in obs.items()}
+
+    def _final_info(self, ep: _Episode) -> dict:
+        lat = ep.end_s - ep.t0
+        q = ep.state.score
+        ok = lat <= ep.slo_s
+        calls = sorted(ep.calls, key=lambda c: c["node"])
+        return {"quality": q, "latency_s": lat, "slo_s": ep.slo_s, "slo_factor": ep.slo_factor,
+                "reference_s": ep.reference_s, "slo_violated": not ok, "goodput": float(q > 0 and ok),
+                "cost_usd": ep.cost_usd, "query": ep.q, "visit": ep.visit, "topology": ep.topology.mode,
+                "num_calls": len(calls), "rejected_calls": ep.rejected, "calls": calls, "start_s": ep.t0,
+                "end_s": ep.end_s, "clipped_tokens": ep.state.clipped_tokens}
