@@ -149,6 +149,8 @@ class MASLatencyCMDPEnv(gym.Env):
         self.quality = quality(self.task)
         # the reference action: the strongest model with DeepThink
         self.reference_model = int(np.argmax([model_accuracy(self.task, m.name) for m in self.models]))
+        # the fastest model: smallest idle latency of a typical agent call (500-token prompt, 100 tokens out)
+        self.fastest_model = int(np.argmin([unloaded_latency_s(m.profile, 500, 100) for m in self.models]))
         nm, ns = len(self.models), len(STRATEGY_NAMES)
         self.action_space = (spaces.MultiDiscrete([nm, ns]) if action_type == "multidiscrete"
                              else spaces.Discrete(nm * ns))
@@ -217,7 +219,7 @@ class MASLatencyCMDPEnv(gym.Env):
         now = self.world.env.now if ep.end_s is None else ep.end_s
         over = max(0.0, (now - ep.t0) - ep.slo_s)
         cost, ep.overrun_s = over - ep.overrun_s, over
-        info = {"cost": cost, "overrun_s": over, "elapsed_s": now - ep.t0, "action": (m, s)}
+        info = {"cost": cost, "overrun_s": over, "elapsed_s": now - ep.t0, "slo_s": ep.slo_s, "action": (m, s)}
         if ep.end_s is None:
             return self._out_obs(ep.obs), 0.0, False, False, info
         self._ep = None

@@ -86,9 +86,13 @@ class _MLP:
     x_std: np.ndarray
     y_mean: np.ndarray
     y_std: np.ndarray
+    x_min: np.ndarray
+    x_max: np.ndarray
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        h = (x - self.x_mean) / self.x_std
+        """Inputs are clipped to the training range first: an MLP extrapolates arbitrarily (a queue deeper
+        than any in the dataset is read as the deepest one seen)."""
+        h = (np.clip(x, self.x_min, self.x_max) - self.x_mean) / self.x_std
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             h = h @ w + b
@@ -100,7 +104,8 @@ class _MLP:
 def _mlp_from(arrs, prefix: str) -> _MLP:
     n = int(arrs[f"{prefix}/layers"])
     return _MLP(tuple(arrs[f"{prefix}/w{i}"] for i in range(n)), tuple(arrs[f"{prefix}/b{i}"] for i in range(n)),
-                arrs[f"{prefix}/x_mean"], arrs[f"{prefix}/x_std"], arrs[f"{prefix}/y_mean"], arrs[f"{prefix}/y_std"])
+                arrs[f"{prefix}/x_mean"], arrs[f"{prefix}/x_std"], arrs[f"{prefix}/y_mean"], arrs[f"{prefix}/y_std"],
+                arrs[f"{prefix}/x_min"], arrs[f"{prefix}/x_max"])
 
 
 class MLPEstimator:
@@ -140,7 +145,8 @@ class NullEstimator:
 
 
 def save_bundle(path: str | Path, nets: dict[str, dict[str, np.ndarray]], meta: dict) -> Path:
-    """Write ``{"lat": net, "len": net}`` (each: ``w0.., b0.., x_mean, x_std, y_mean, y_std``) and ``meta``."""
+    """Write ``{"lat": net, "len": net}`` (each: ``w0.., b0.., x_mean, x_std, y_mean, y_std, x_min, x_max``) and
+    ``meta``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrs = {"meta": np.array(json.dumps(meta, sort_keys=True))}

@@ -7,7 +7,7 @@ between them at exponentially distributed times (a Markov-modulated Poisson proc
 shared by all pools), so a query can start on an idle system and finish on a busy one::
 
     idle     8B 15 %, 70B 15 %                    Poisson
-    busy     8B 95 %, 70B 70 %                    Poisson: the cheap model thrashes (seed 002, gap 1)
+    busy     8B 85 %, 70B 70 %                    Poisson: the cheap model thrashes (seed 002, gap 1)
     bursty   8B 60 %, 70B 60 %                    gamma gaps, coefficient of variation 3
     shift    idle <-> busy, mean phase 20 s       Poisson within a phase
 
@@ -71,9 +71,9 @@ class LoadRegime:
 
 REGIMES: dict[str, LoadRegime] = {
     "idle": LoadRegime(name="idle", phases=((0.15, 0.15),)),
-    "busy": LoadRegime(name="busy", phases=((0.95, 0.70),)),
+    "busy": LoadRegime(name="busy", phases=((0.85, 0.70),)),
     "bursty": LoadRegime(name="bursty", phases=((0.60, 0.60),), arrivals="gamma", cv=3.0),
-    "shift": LoadRegime(name="shift", phases=((0.15, 0.15), (0.95, 0.70)), mean_phase_s=20.0),
+    "shift": LoadRegime(name="shift", phases=((0.15, 0.15), (0.85, 0.70)), mean_phase_s=20.0),
 }
 
 

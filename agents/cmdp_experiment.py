@@ -1,0 +1,189 @@
+"""``maslat experiment cmdp``: every policy, every load regime, a range of SLOs, paired and seeded.
+
+Protocol, per seed:
+
+1. Train one PPO-Lagrangian policy per regime on the train split (SLO factor drawn per episode from
+   ``train_slo_factor``, one continuous simulated world); train the MasRouter baseline once (its utility has
+   no latency in it, so the regime does not matter to it).
+2. Evaluate every policy on the same ``eval_queries`` test queries at every SLO factor of ``slo_factors``.
+   Each evaluation episode starts from ``reset(seed=s, options={"query": q, "slo_factor": f})``: a fresh world
+   with ``warmup_s`` of background, the same for every policy (common random numbers), so differences
+   between policies are differences between their choices.
+
+Per (regime, policy): quality (%), SLO attainment, goodput (the fraction of queries both correct and within
+the SLO), p50/p95 latency, $ per query, calls per query; pooled over the SLO factors and per factor, then
+mean +- std over seeds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from envs.cmdp import MASLatencyCMDPEnv
+
+from .cmdp_oracle import LookaheadOracle
+from .cmdp_policies import BASELINES, make_baseline
+from .masrouter import MasRouterArgs, train_masrouter
+from .ppo_lagrangian import PPOLagArgs, train_ppo_lagrangian
+
+__all__ = ["CMDPExperimentConfig", "POLICIES", "evaluate", "run_cmdp_experiment", "summarise"]
+
+POLICIES = ("ppo_lagrangian", "masrouter", *BASELINES, "oracle")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CMDPExperimentConfig:
+    """Attributes:
+        task: benchmark of the task models.
+        seeds: training and evaluation seeds.
+        regimes: load regimes (``envs.loads.REGIMES``).
+        slo_factors: evaluation SLOs, as multiples of each query's reference latency.
+        train_slo_factor: range the training SLO factor is drawn from.
+        eval_queries: test queries evaluated (the first ones of a seeded permutation of the test split).
+        policies: which of ``POLICIES`` to run.
+        warmup_s: background seconds before every evaluation query.
+        ppo: PPO-Lagrangian arguments (its seed is replaced by each experiment seed).
+        masrouter: MasRouter arguments.
+        estimator: the environments' estimator (``"default"``: the shipped bundle).
+    """
+
+    task: str = "gsm8k"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    regimes: tuple[str, ...] = ("idle", "busy", "bursty", "shift")
+    slo_factors: tuple[float, ...] = (0.75, 1.0, 1.5, 2.0)
+    train_slo_factor: tuple[float, float] = (0.75, 2.0)
+    eval_queries: int = 60
+    policies: tuple[str, ...] = POLICIES
+    warmup_s: float = 20.0
+    ppo: PPOLagArgs = field(default_factory=PPOLagArgs)
+    masrouter: MasRouterArgs = field(default_factory=MasRouterArgs)
+    estimator: object = "default"
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.policies if p not in POLICIES]
+        if bad:
+            raise ValueError(f"unknown policies {bad}; choose from {POLICIES}")
+        if not self.seeds or self.eval_queries < 1 or not self.slo_factors:
+            raise ValueError("need at least one seed, one evaluation query and one SLO factor")
+
+
+def _env(cfg: CMDPExperimentConfig, regime: str, split: str, estimator, **kw) -> MASLatencyCMDPEnv:
+    return MASLatencyCMDPEnv(cfg.task, split, load=regime, estimator=estimator, warmup_s=cfg.warmup_s, **kw)
+
+
+def _episode_seed(seed: int, regime: str, i: int, j: int) -> int:
+    return int(np.random.SeedSequence([seed, sum(regime.encode()), i, j]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def evaluate(policy, env: MASLatencyCMDPEnv, queries: Sequence[int], slo_factors: Sequence[float], seed: int,
+             regime: str, progress: Callable[[int], None] | None = None) -> list[dict]:
+    """One row per (query, SLO factor): the episode's outcome under ``policy``."""
+    rows = []
+    for i, q in enumerate(queries):
+        for j, f in enumerate(slo_factors):
+            s = _episode_seed(seed, regime, i, j)
+            opts = {"query": int(q), "slo_factor": float(f)}
+            obs, _ = env.reset(seed=s, options=opts)
+            if hasattr(policy, "begin"):
+                policy.begin(env, s, opts)
+            while True:
+                obs, _, term, _, info = env.step(env.encode_action(*policy.act(obs)))
+                if term:
+                    break
+            rows.append({"policy": policy.name, "regime": regime, "seed": seed, "query": int(q), "slo_factor": float(f),
+                         "topology": info["topology"], "quality": info["quality"], "latency_s": info["latency_s"],
+                         "slo_s": info["slo_s"], "attained": not info["slo_violated"], "goodput": info["goodput"],
+                         "cost_usd": info["cost_usd"], "calls": info["num_calls"],
+                         "large_share": float(np.mean([c["model"] == env.model_names[env.reference_model]
+                                                       for c in info["calls"]])),
+                         "deepthink_share": float(np.mean([c["strategy"] == "DeepThink" for c in info["calls"]]))})
+            if progress is not None:
+                progress(1)
+    return rows
+
+
+def _metrics(d: pd.DataFrame) -> dict:
+    return {"quality_pct": 100.0 * d.quality.mean(), "slo_attainment": float(d.attained.mean()),
+            "goodput": float(d.goodput.mean()), "latency_p50_s": float(d.latency_s.quantile(0.5)),
+            "latency_p95_s": float(d.latency_s.quantile(0.95)), "cost_usd_per_query": float(d.cost_usd.mean()),
+            "calls_per_query": float(d.calls.mean()), "large_model_share": float(d.large_share.mean()),
+            "deepthink_share": float(d.deepthink_share.mean()), "episodes": int(len(d))}
+
+
+def summarise(rows: pd.DataFrame) -> dict:
+    """``{regime: {policy: metrics}}`` pooled over SLO factors (mean over seeds, with ``*_std``), and
+    ``{regime: {policy: {factor: metrics}}}``."""
+    pooled: dict = {}
+    by_slo: dict = {}
+    for (reg, pol), d in rows.groupby(["regime", "policy"], sort=False):
+        per_seed = [_metrics(x) for _, x in d.groupby("seed")]
+        m = {k: float(np.mean([p[k] for p in per_seed])) for k in per_seed[0]}
+        m.update({f"{k}_std": float(np.std([p[k] for p in per_seed])) for k in ("quality_pct", "slo_attainment",
+                                                                                "goodput")})
+        pooled.setdefault(reg, {})[pol] = m
+        by_slo.setdefault(reg, {})[pol] = {f"{f:g}": _metrics(x) for f, x in d.groupby("slo_factor")}
+    return {"regimes": pooled, "by_slo": by_slo}
+
+
+def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], None] | None = None,
+                        log: Callable[[str], None] | None = None) -> dict:
+    """Train and evaluate (module docstring); returns the summary, the per-episode rows and the curves."""
+    from envs.estimators import load_estimator
+
+    t_start = time.perf_counter()
+    probe = MASLatencyCMDPEnv(cfg.task, "test", estimator="none")
+    est = load_estimator(cfg.estimator, probe.model_names)
+    qrng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seeds[0], 11])))
+    queries = [int(q) for q in qrng.permutation(len(probe.queries))[:cfg.eval_queries]]
+    rows, curves, timing = [], {}, {"train_ppo_s": {}, "train_masrouter_s": [], "evaluate_s": {}}
+    for seed in cfg.seeds:
+        mas = None
+        if "masrouter" in cfg.policies:
+            t0 = time.perf_counter()
+            menv = _env(cfg, "idle", "train", est, slo_factor=cfg.train_slo_factor)
+            mas, mh = train_masrouter(menv, MasRouterArgs(**{**asdict(cfg.masrouter), "seed": seed}), progress=progress)
+            timing["train_masrouter_s"].append(time.perf_counter() - t0)
+            curves[f"masrouter/seed{seed}"] = mh
+        for regime in cfg.regimes:
+            pols = []
+            if "ppo_lagrangian" in cfg.policies:
+                t0 = time.perf_counter()
+                tenv = _env(cfg, regime, "train", est, slo_factor=cfg.train_slo_factor)
+                ppo, hist = train_ppo_lagrangian(tenv, PPOLagArgs(**{**asdict(cfg.ppo), "seed": seed}), progress=progress)
+                timing["train_ppo_s"].setdefault(regime, []).append(time.perf_counter() - t0)
+                curves[f"ppo_lagrangian/{regime}/seed{seed}"] = hist
+                if log is not None:
+                    last = hist[-1]
+                    log(f"seed {seed} {regime}: PPO-Lagrangian trained in {timing['train_ppo_s'][regime][-1]:.0f} s "
+                        f"(lambda {last['constraint/lambda']:.2f}, train attainment {last['latency/slo_attainment']:.3f})")
+                pols.append(ppo)
+            if mas is not None:
+                pols.append(mas)
+            eenv = _env(cfg, regime, "test", est)
+            pols += [make_baseline(b, eenv) for b in BASELINES if b in cfg.policies]
+            if "oracle" in cfg.policies:
+                pols.append(LookaheadOracle(lambda regime=regime: _env(cfg, regime, "test", est)))
+            t0 = time.perf_counter()
+            for pol in pols:
+                rows += evaluate(pol, eenv, queries, cfg.slo_factors, seed, regime, progress)
+            timing["evaluate_s"].setdefault(regime, []).append(time.perf_counter() - t0)
+    df = pd.DataFrame(rows)
+    out = {"task": cfg.task, "seeds": len(cfg.seeds), **summarise(df), "slo_factors": list(cfg.slo_factors),
+           "eval_queries": cfg.eval_queries, "timing": timing, "wall_s": time.perf_counter() - t_start,
+           "config": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in
+                      ((f, getattr(cfg, f)) for f in cfg.__dataclass_fields__) if k != "estimator"}}
+    return {"summary": out, "rows": df, "curves": curves}
+
+
+def episodes_total(cfg: CMDPExperimentConfig) -> int:
+    """Progress units: PPO steps, MasRouter episodes and evaluation episodes."""
+    n_pols_eval = len(cfg.policies)
+    per_seed = (cfg.ppo.total_steps // cfg.ppo.steps_per_epoch * cfg.ppo.steps_per_epoch * len(cfg.regimes)
+                * ("ppo_lagrangian" in cfg.policies))
+    per_seed += len(cfg.regimes) * n_pols_eval * cfg.eval_queries * len(cfg.slo_factors)
+    return per_seed * len(cfg.seeds)
