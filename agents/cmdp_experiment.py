@@ -43,7 +43,7 @@ class CMDPExperimentConfig:
         seeds: training and evaluation seeds.
         regimes: load regimes (``envs.loads.REGIMES``).
         slo_factors: evaluation SLOs, as multiples of each query's reference latency.
-        train_slo_factor: range the training SLO factor is drawn from.
+        train_slo_factor: range the training SLO factor is drawn from (wider than the evaluated one).
         eval_queries: test queries evaluated (the first ones of a seeded permutation of the test split).
         policies: which of ``POLICIES`` to run.
         warmup_s: background seconds before every evaluation query.
@@ -56,7 +56,7 @@ class CMDPExperimentConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     regimes: tuple[str, ...] = ("idle", "busy", "bursty", "shift")
     slo_factors: tuple[float, ...] = (0.75, 1.0, 1.5, 2.0)
-    train_slo_factor: tuple[float, float] = (0.75, 2.0)
+    train_slo_factor: tuple[float, float] = (0.6, 2.2)
     eval_queries: int = 60
     policies: tuple[str, ...] = POLICIES
     warmup_s: float = 20.0

@@ -108,6 +108,17 @@ class MasRouterPolicy:
         self.trace.append((obs["query"].copy(), int(obs["role"]), m, s))
         return m, s
 
+    def state_dict(self) -> dict:
+        return {"router": self.router.state_dict(), "temperature": self.router.temperature}
+
+    @classmethod
+    def from_state(cls, state: dict) -> MasRouterPolicy:
+        sd = state["router"]
+        router = _Router(sd["models"].numpy(), sd["strategies"].numpy(), sd["q.weight"].shape[0], state["temperature"],
+                         torch.Generator().manual_seed(0))
+        router.load_state_dict(sd)
+        return cls(router)
+
 
 def make_router(env, args: MasRouterArgs) -> _Router:
     gen = torch.Generator().manual_seed(args.seed)
@@ -155,7 +166,7 @@ def train_masrouter(env, args: MasRouterArgs = MasRouterArgs(), *, progress: Cal
             opt.step()
             history.append({"epoch": epoch, "train/utility": float(np.mean([b[1] for b in batch])),
                             "train/quality": float(np.mean([b[2]["quality"] for b in batch])),
-                            "train/cost_usd": float(np.mean([b[2]["cost_usd"] for b in batch])), "losses/loss": float(loss)})
+                            "train/cost_usd": float(np.mean([b[2]["cost_usd"] for b in batch])), "losses/loss": loss.item()})
     out = MasRouterPolicy(router, stochastic=False)
     out.args = {**asdict(args), "cost_rate": rate}
     return out, history

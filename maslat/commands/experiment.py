@@ -1,4 +1,4 @@
-"""maslat experiment lamas: the LAMaS paper's protocol for every method, in simulation."""
+"""maslat experiment lamas|cmdp: the LAMaS paper's protocol, or the system-aware CMDP study, in simulation."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+from ._cmdp import add_cmdp_args, experiment_cmdp
 from ._common import add_json_flag, emit_json, progress
 from ._mas import add_cluster_args, cluster_from_args, curves_plot, pareto_plot, results_table
 
-HELP = "reproduce an experiment in simulation: `maslat experiment lamas --task gsm8k --seeds 3`"
+HELP = "reproduce an experiment in simulation: `maslat experiment lamas|cmdp --task gsm8k --seeds 3`"
 DESCRIPTION = """\
 maslat experiment lamas: LAMaS (arXiv 2601.10560) against MaAS, ablations and static baselines.
 
@@ -22,31 +23,50 @@ all_parallel. The table gives mean ± std over seeds of: score %, CP length in t
 reports it (mean, p90), $ per query at gpt-4o-mini prices, critical-path seconds under contention (mean,
 p90) and LLM calls per query; then LAMaS's CP-token and CP-second reductions against MaAS.
 
+maslat experiment cmdp: system-aware orchestration under a latency SLO (MASLatency-CMDP-v0, seed 002).
+
+For every seed: one PPO-Lagrangian policy per load regime (idle, busy, bursty, shift), trained on the train
+split with SLOs drawn per episode; the load-blind MasRouter-style router (quality - cost_rate x $); then
+every policy (ppo_lagrangian, masrouter, always_large_deepthink, always_small_flash, greedy_fastest and the
+lookahead oracle that knows the future load) on the same test queries at every SLO factor, each episode from
+the same seeded world. The table gives per regime: quality %, SLO attainment, goodput (correct and within
+the SLO), p50/p95 latency, $ per query and calls per query (pooled over SLO factors; mean ± std over seeds).
+Plots: goodput against the SLO per regime; the Lagrange multiplier and episodic cost during training.
+
 examples:
   maslat experiment lamas --task gsm8k --seeds 3 --plots out/lamas
+  maslat experiment cmdp --task gsm8k --seeds 3 --plots out/cmdp --json
+  maslat experiment cmdp --task humaneval --seeds 1 --regimes busy shift --eval-queries 30
   maslat experiment lamas --task humaneval --seeds 1 --methods lamas maas --json
   maslat experiment lamas --task math --load-factors 0.5 2 --json
 """
 
 
 def configure(p) -> None:
-    p.add_argument("name", choices=("lamas",), help="which experiment (only 'lamas' for now)")
+    p.add_argument("name", choices=("lamas", "cmdp"), help="which experiment")
     p.add_argument("--task", default="gsm8k", help="gsm8k | math | humaneval | mbpp")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
     p.add_argument("--first-seed", type=int, default=0)
-    p.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all)")
+    p.add_argument("--methods", nargs="+", default=None, help="lamas: subset of methods (default: all)")
+    p.add_argument("--policies", nargs="+", default=None, help="cmdp: subset of policies (default: all)")
+    p.add_argument("--regimes", nargs="+", default=["idle", "busy", "bursty", "shift"], help="cmdp: load regimes")
+    p.add_argument("--eval-queries", type=int, default=60, help="cmdp: test queries per regime and SLO factor")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--load-factors", type=float, nargs="*", default=[],
                    help="also re-test the trained controllers at these multiples of the background rate")
-    p.add_argument("--plots", type=Path, help="write pareto.png and curves.png here")
-    p.add_argument("--out", type=Path, help="write summary.json here")
+    p.add_argument("--plots", type=Path, help="write the plots here (lamas: pareto.png, curves.png; cmdp: "
+                                             "goodput_vs_slo.png, training.png)")
+    p.add_argument("--out", type=Path, help="write summary.json here (cmdp: also episodes.csv)")
     add_cluster_args(p)
+    add_cmdp_args(p, experiment=True)
     add_json_flag(p)
 
 
 def run(args) -> int:
     import torch
 
+    if args.name == "cmdp":
+        return experiment_cmdp(args)
     from agents.experiment import episodes_per_seed, run_experiment
     from agents.lamas import METHODS
 

@@ -1,4 +1,4 @@
-"""maslat train: train a LAMaS/MaAS controller on a task's train split in simulation."""
+"""maslat train: train a LAMaS/MaAS controller, or a MASLatency-CMDP-v0 policy or its estimators."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import csv
 import time
 from pathlib import Path
 
+from ._cmdp import CMDP_METHODS, add_cmdp_args, train_cmdp
 from ._common import add_json_flag, emit_json, progress
 from ._mas import add_cluster_args, cluster_from_args
 
-HELP = "train a supernet controller: `maslat train lamas --task gsm8k --seed 0`"
+HELP = "train a controller, a CMDP policy or the estimators: `maslat train lamas|ppo_lagrangian|estimators ...`"
 DESCRIPTION = """\
 Train one method's controller with LAMaS's protocol (train split in file order, 4 epochs, batches of 4
 queries run concurrently on the simulated cluster, one Adam step per batch) and write:
@@ -19,13 +20,27 @@ queries run concurrently on the simulated cluster, one Adam step per batch) and 
 
 Methods: lamas, maas, lamas_lambda0, lamas_no_cp, lamas_sequential (static baselines need no training).
 
-example:
+MASLatency-CMDP-v0 (system-aware routing under a latency SLO):
+
+  estimators       generate the two-phase dataset in simulation (Phase 1: agent prompts of planned topologies
+                   with random strategies; Phase 2: every prompt x strategy x model under background
+                   concurrency N), train F_lat and F_len, print their held-out MAPE and calibration, and write
+                   an estimator bundle (OUT/estimators.npz; `--estimator` of the other commands takes it)
+  ppo_lagrangian   PPO-Lagrangian on one load regime (--load): OUT/policy.pt + OUT/metrics.csv (lambda, cost,
+                   SLO attainment per epoch)
+  masrouter        the load-blind MasRouter-style router (quality - cost_rate x $, REINFORCE, no baseline)
+
+examples:
   maslat train lamas --task gsm8k --seed 0 --out runs/lamas-gsm8k-0
+  maslat train estimators --json
+  maslat train ppo_lagrangian --task gsm8k --load busy --seed 0
+  maslat train masrouter --task humaneval
 """
 
 
 def configure(p) -> None:
-    p.add_argument("method", help="lamas | maas | lamas_lambda0 | lamas_no_cp | lamas_sequential")
+    p.add_argument("method", help="lamas | maas | lamas_lambda0 | lamas_no_cp | lamas_sequential | estimators | "
+                                  "ppo_lagrangian | masrouter")
     p.add_argument("--task", default="gsm8k", help="gsm8k | math | humaneval | mbpp")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=4)
@@ -34,6 +49,7 @@ def configure(p) -> None:
     p.add_argument("--token-weight", type=float, default=None, help="lambda_t (default: the method's)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default runs/<method>-<task>-<seed>)")
     add_cluster_args(p)
+    add_cmdp_args(p, dataset=True)
     add_json_flag(p)
 
 
@@ -43,8 +59,10 @@ def run(args) -> int:
     from agents.lamas import METHODS, Args, train
 
     torch.set_num_threads(1)
+    if args.method in CMDP_METHODS:
+        return train_cmdp(args)
     if args.method not in METHODS or not METHODS[args.method].learned:
-        learned = sorted(m for m, s in METHODS.items() if s.learned)
+        learned = sorted(m for m, s in METHODS.items() if s.learned) + list(CMDP_METHODS)
         raise ValueError(f"method must be one of {learned}, got {args.method!r}")
     a = Args(method=args.method, task=args.task, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
              lr=args.lr, token_weight=args.token_weight, cluster=cluster_from_args(args))
