@@ -31,7 +31,7 @@ from .cmdp_policies import BASELINES, make_baseline
 from .masrouter import MasRouterArgs, train_masrouter
 from .ppo_lagrangian import PPOLagArgs, train_ppo_lagrangian
 
-__all__ = ["CMDPExperimentConfig", "POLICIES", "evaluate", "run_cmdp_experiment", "summarise"]
+__all__ = ["CMDPExperimentConfig", "POLICIES", "evaluate", "findings", "run_cmdp_experiment", "summarise"]
 
 POLICIES = ("ppo_lagrangian", "masrouter", *BASELINES, "oracle")
 
@@ -177,13 +177,39 @@ def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], 
            "eval_queries": cfg.eval_queries, "timing": timing, "wall_s": time.perf_counter() - t_start,
            "config": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in
                       ((f, getattr(cfg, f)) for f in cfg.__dataclass_fields__) if k != "estimator"}}
+    out["findings"] = findings(out)
     return {"summary": out, "rows": df, "curves": curves}
 
 
 def episodes_total(cfg: CMDPExperimentConfig) -> int:
-    """Progress units: PPO steps, MasRouter episodes and evaluation episodes."""
-    n_pols_eval = len(cfg.policies)
+    """Progress units: PPO steps, MasRouter training queries and evaluation episodes."""
+    from envs.tasks import make_task
+
     per_seed = (cfg.ppo.total_steps // cfg.ppo.steps_per_epoch * cfg.ppo.steps_per_epoch * len(cfg.regimes)
                 * ("ppo_lagrangian" in cfg.policies))
-    per_seed += len(cfg.regimes) * n_pols_eval * cfg.eval_queries * len(cfg.slo_factors)
+    if "masrouter" in cfg.policies:
+        per_seed += make_task(cfg.task).num_train * cfg.masrouter.epochs
+    n_eval = min(cfg.eval_queries, make_task(cfg.task).num_test)
+    per_seed += len(cfg.regimes) * len(cfg.policies) * n_eval * len(cfg.slo_factors)
     return per_seed * len(cfg.seeds)
+
+
+def findings(summary: dict, target: float = 0.95) -> dict:
+    """Per regime: does PPO-Lagrangian attain the SLO on >= ``target`` of queries (pooled and at every SLO
+    factor), is its goodput the highest of the non-oracle policies, and how MasRouter fares."""
+    out = {}
+    for reg, pols in summary["regimes"].items():
+        if "ppo_lagrangian" not in pols:
+            continue
+        ppo = pols["ppo_lagrangian"]
+        others = {p: m["goodput"] for p, m in pols.items() if p not in ("ppo_lagrangian", "oracle")}
+        best = max(others, key=others.get) if others else None
+        per = summary["by_slo"][reg]["ppo_lagrangian"]
+        out[reg] = {"ppo_slo_attainment": ppo["slo_attainment"], "ppo_meets_target": ppo["slo_attainment"] >= target,
+                    "ppo_min_attainment_over_slos": min(v["slo_attainment"] for v in per.values()),
+                    "ppo_goodput": ppo["goodput"], "best_other": best,
+                    "best_other_goodput": others.get(best) if best else None,
+                    "ppo_highest_goodput": best is None or ppo["goodput"] >= others[best],
+                    "oracle_goodput": pols.get("oracle", {}).get("goodput"),
+                    "masrouter_slo_attainment": pols.get("masrouter", {}).get("slo_attainment")}
+    return out

@@ -11,7 +11,8 @@ Costs (``cost``): ``violation`` (default) is 1 at the end of an episode that mis
 violation rate and the limit reads as an SLO-attainment target; ``overrun_frac`` is ``info["cost"] / SLO``, the
 share of the budget the episode overran; ``overrun_s`` is ``info["cost"]`` itself (seconds). On the busy
 regime (GSM8K, 36k steps) ``violation`` at d = 0.02 gave 95-100 % greedy attainment at SLO factors 0.75-2,
-``overrun_frac`` at d = 0.002 only 80-100 %: a mean-overrun bound lets many small misses through.
+``overrun_frac`` at d = 0.002 only 80-100 %: a mean-overrun bound lets many small misses through. On the
+bursty regime d = 0.02 left 94 % (pooled), d = 0.01 with 48k steps 97.5 %.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from envs.cmdp_catalog import STRATEGY_NAMES
-
-from envs.cmdp_catalog import quality_table
+from envs.cmdp_catalog import STRATEGY_NAMES, quality_table
 
 from .cmdp_policies import Featurizer, action_dim, state_dim
 from .lagrange import make_lagrange
@@ -50,17 +49,17 @@ class PPOLagArgs:
         entropy_coef: entropy bonus (OmniSafe: 0; a little keeps six actions explored).
         hidden: width of the two tanh layers of each network.
         cost: ``violation`` (default), ``overrun_frac`` or ``overrun_s`` (module docstring).
-        cost_limit: d, the bound on the mean episodic cost (0.02: at most 2 % of training episodes late,
+        cost_limit: d, the bound on the mean episodic cost (0.01: at most 1 % of training episodes late,
             a margin under the 5 % an SLO of 95 % allows, for the gap between the sampling policy trained
-            and the greedy one deployed).
+            and the greedy one deployed, and for bursts that no policy sees coming).
         lagrangian: ``gradient`` (OmniSafe Lagrange) or ``pid``.
         lambda_init: lambda_0 (OmniSafe: 0.001).
-        lambda_lr: eta, Adam's step on lambda (OmniSafe: 0.035 over hundreds of epochs; with 36 epochs
-            lambda could not pass ~1.3, too little for a cost that rivals the reward).
+        lambda_lr: eta, Adam's step on lambda (OmniSafe: 0.035 over hundreds of epochs; with 48 epochs
+            lambda could not pass ~1.7, too little for a cost that rivals the reward).
         seed: torch initialisation, minibatch order, action sampling and the environment's seed.
     """
 
-    total_steps: int = 36_000
+    total_steps: int = 48_000
     steps_per_epoch: int = 1000
     update_iters: int = 10
     minibatch: int = 64
@@ -71,7 +70,7 @@ class PPOLagArgs:
     entropy_coef: float = 0.01
     hidden: int = 64
     cost: str = "violation"
-    cost_limit: float = 0.02
+    cost_limit: float = 0.01
     lagrangian: str = "gradient"
     lambda_init: float = 0.001
     lambda_lr: float = 0.1

@@ -26,12 +26,12 @@ def add_cmdp_args(p, *, experiment: bool = False, dataset: bool = False, load_de
                    help="training: SLO factor LOW HIGH drawn per episode (default 0.6 2.2); evaluation: the "
                         "factors to test (default 0.75 1 1.5 2). A factor multiplies each query's reference "
                         "latency (its topology with the strongest model and DeepThink on idle replicas)")
-    g.add_argument("--steps", type=int, default=None, help="PPO-Lagrangian environment steps (default 36000)")
+    g.add_argument("--steps", type=int, default=None, help="PPO-Lagrangian environment steps (default 48000)")
     g.add_argument("--cost", default="violation", choices=("violation", "overrun_frac", "overrun_s"),
                    help="the constrained cost: 1 per episode that misses its SLO (default), the overrun as a "
                         "fraction of the SLO, or the overrun in seconds (info['cost'])")
     g.add_argument("--cost-limit", type=float, default=None, help="the limit d on the mean episodic cost "
-                                                                  "(default 0.02 for violation)")
+                                                                  "(default 0.01 for violation)")
     g.add_argument("--lagrangian", default="gradient", choices=("gradient", "pid"),
                    help="multiplier update: OmniSafe's gradient ascent or the PID Lagrangian")
     g.add_argument("--estimator", default="default",
@@ -48,6 +48,7 @@ def add_cmdp_args(p, *, experiment: bool = False, dataset: bool = False, load_de
     d.add_argument("--max-prompts", type=int, default=300, help="Phase-1 prompts replayed in Phase 2 (seeded sample)")
     d.add_argument("--data", type=Path, default=None,
                    help="train on an existing dataset directory (phase2.csv [+ phase2_aux.csv]) instead")
+    d.add_argument("--estimator-steps", type=int, default=4000, help="Adam steps per estimator MLP")
     d.add_argument("--dataset-out", type=Path, default=None,
                    help="write intermediate_prompts.csv, phase2.csv and phase2_aux.csv here (default: beside --out)")
 
@@ -97,7 +98,7 @@ def _train_estimators(args) -> int:
         source = {"phase1_tasks": list(args.tasks), "phase1_prompts": len(p1), "phase2": {
             "concurrency": list(cfg.concurrency), "max_prompts": cfg.max_prompts, "rows": len(p2), "seed": args.seed}}
     t_data = time.perf_counter() - t0
-    nets, metrics = train_estimators(p2, aux, names, EstimatorArgs(seed=args.seed))
+    nets, metrics = train_estimators(p2, aux, names, EstimatorArgs(seed=args.seed, steps=args.estimator_steps))
     meta = {"models": list(names), "roles": list(ROLE_NAMES), "strategies": list(STRATEGY_NAMES),
             "profiles": [m.profile for m in models], "replicas": args.replicas, "source": source, "metrics": metrics,
             "command": "maslat " + " ".join(sys.argv[1:]) if sys.argv and "maslat" in sys.argv[0] else None}
@@ -138,7 +139,7 @@ def ppo_args(args, **over):
 
 
 #: default limits d per cost kind
-DEFAULT_COST_LIMIT = {"violation": 0.02, "overrun_frac": 0.002, "overrun_s": 0.02}
+DEFAULT_COST_LIMIT = {"violation": 0.01, "overrun_frac": 0.002, "overrun_s": 0.02}
 
 
 def _train_policy(args) -> int:
@@ -256,6 +257,7 @@ def experiment_cmdp(args) -> int:
         res = run_cmdp_experiment(cfg, progress=bar.update, log=lambda s: print(s, file=sys.stderr))
     summary = res["summary"]
     print(results_table(summary))
+    print(findings_text(summary))
     print(_training_note(summary))
     if args.plots:
         paths = [goodput_plot(summary, args.plots / "goodput_vs_slo.png"),
@@ -275,6 +277,19 @@ def _training_note(summary: dict) -> str:
     parts = [f"{r} {sum(v) / len(v):.0f} s" for r, v in t["train_ppo_s"].items()]
     return ("PPO-Lagrangian training time per regime (mean over seeds): " + ", ".join(parts)
             + f"; total wall {summary['wall_s']:.0f} s") if parts else f"total wall {summary['wall_s']:.0f} s"
+
+
+def findings_text(summary: dict) -> str:
+    lines = ["\nfindings (target: PPO-Lagrangian attains the SLO on >= 95 % of queries, highest non-oracle goodput):"]
+    for reg, f in summary.get("findings", {}).items():
+        lines.append(
+            f"  {reg:7s} PPO-Lagrangian attainment {f['ppo_slo_attainment']:.3f} (lowest over SLOs "
+            f"{f['ppo_min_attainment_over_slos']:.3f}) {'meets' if f['ppo_meets_target'] else 'MISSES'} the target; "
+            f"goodput {f['ppo_goodput']:.3f} vs best other {f['best_other']} {f['best_other_goodput']:.3f} "
+            f"({'highest' if f['ppo_highest_goodput'] else 'NOT highest'}; oracle {f['oracle_goodput'] or float('nan'):.3f})"
+            + (f"; MasRouter attains {f['masrouter_slo_attainment']:.3f}" if f["masrouter_slo_attainment"] is not None
+               else ""))
+    return "\n".join(lines)
 
 
 def results_table(summary: dict) -> str:

@@ -1,0 +1,83 @@
+"""The CMDP commands end to end (small runs), and the notebook executed headless."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _maslat(*argv, cwd=None, ok=True):
+    out = subprocess.run([sys.executable, "-m", "maslat", *argv], capture_output=True, text=True, cwd=cwd or ROOT)
+    if ok:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _last_json(out):
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_train_estimators_writes_dataset_and_bundle(tmp_path):
+    res = _last_json(_maslat("train", "estimators", "--tasks", "mbpp", "--max-prompts", "8", "--concurrency", "1", "10",
+                             "--estimator-steps", "300", "--out", str(tmp_path / "est.npz"), "--json"))
+    assert set(res["mape_pct"]) == {"ttft", "tpot", "output_tokens", "total_latency"}
+    assert 0 < res["calibration"]["within_prediction"] < 1 and res["models"] == ["llama-3.1-8b", "llama-3.1-70b"]
+    head = (tmp_path / "phase2.csv").read_text().splitlines()[0]
+    assert head == ("queue_waiting,queue_running,kv_utilization,model_id,role_id,strategy_id,total_input_tokens,"
+                    "actual_ttft,actual_tpot,output_tokens")
+    assert (tmp_path / "intermediate_prompts.csv").read_text().startswith("prompt_text,role_id")
+    from envs.estimators import load_estimator
+    est = load_estimator(str(tmp_path / "est.npz"), ("llama-3.1-8b", "llama-3.1-70b"))
+    assert est.meta["source"]["phase2"]["concurrency"] == [1, 10]
+    # retrain on the written dataset
+    again = _last_json(_maslat("train", "estimators", "--data", str(tmp_path), "--estimator-steps", "300",
+                               "--out", str(tmp_path / "b"), "--json"))
+    assert again["rows"] == res["rows"]
+
+
+def test_train_policy_then_evaluate(tmp_path):
+    res = _last_json(_maslat("train", "ppo_lagrangian", "--task", "gsm8k", "--load", "idle", "--steps", "1000",
+                             "--out", str(tmp_path / "p"), "--json"))
+    assert Path(res["checkpoint"]).is_file() and res["load"] == "idle"
+    head = (tmp_path / "p" / "metrics.csv").read_text().splitlines()[0]
+    assert "constraint/lambda" in head and "latency/slo_attainment" in head
+    ev = _last_json(_maslat("evaluate", res["checkpoint"], "--num-queries", "3", "--slo-factor", "1.0", "2.0",
+                            "--load", "busy", "--json"))
+    assert ev["policy"] == "ppo_lagrangian" and ev["load"] == "busy" and ev["episodes"] == 6
+    assert set(ev["by_slo"]) == {"1", "2"} and 0 <= ev["goodput"] <= ev["slo_attainment"] <= 1
+    mr = _last_json(_maslat("train", "masrouter", "--task", "humaneval", "--out", str(tmp_path / "m"), "--json"))
+    ev2 = _last_json(_maslat("evaluate", mr["checkpoint"], "--num-queries", "2", "--slo-factor", "1.5", "--json"))
+    assert ev2["policy"] == "masrouter" and ev2["load"] == "idle"
+    bad = _maslat("train", "ppo_lagrangian", "--load", "rush", "--steps", "1000", ok=False)
+    assert bad.returncode == 2 and "unknown load regime" in bad.stderr
+
+
+def test_experiment_cmdp_json_last_line(tmp_path):
+    res = _last_json(_maslat("experiment", "cmdp", "--task", "humaneval", "--seeds", "1", "--regimes", "busy",
+                             "--eval-queries", "2", "--steps", "1000", "--slo-factor", "1.0", "--policies",
+                             "ppo_lagrangian", "masrouter", "always_small_flash", "--plots", str(tmp_path),
+                             "--out", str(tmp_path), "--json"))
+    assert res["task"] == "humaneval" and set(res["regimes"]) == {"busy"}
+    for pol in ("ppo_lagrangian", "masrouter", "always_small_flash"):
+        m = res["regimes"]["busy"][pol]
+        for k in ("quality_pct", "slo_attainment", "goodput", "latency_p50_s", "latency_p95_s", "cost_usd_per_query"):
+            assert np.isfinite(m[k])
+    assert (tmp_path / "goodput_vs_slo.png").stat().st_size > 0 and (tmp_path / "training.png").stat().st_size > 0
+    assert (tmp_path / "episodes.csv").read_text().count("\n") == 3 * 2 + 1
+
+
+@pytest.mark.slow
+def test_cmdp_notebook_runs_headless():
+    nb = nbformat.read(ROOT / "notebooks" / "cmdp.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    outs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outs) >= 3
