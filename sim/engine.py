@@ -17,6 +17,8 @@ Three ways to take a step, all producing identical results (tests check this to 
 * **jump**: a run of k steps in which nothing changes but context growth (no prefill, nothing admissible,
   no finish before the last step, blocks for all k steps) is planned in O(block_size); its end times are
   a closed-form integer sum, and an arrival during the run truncates it at the step then in progress.
+  A run is the fast path's pure-decode step extended (so it costs one fast step plus O(1) when it cannot
+  be extended); the next arrival, when the caller already knows it (``begin(t, stop_s)``), caps it.
 
 Whenever the fast conditions fail (a preemption would be needed, a prefill sits before a decode with too
 little budget for both, ...) the step falls back to the reference algorithm.
@@ -27,13 +29,14 @@ decoding, PRIORITY policy, pipeline parallelism, KV connectors, encoder inputs, 
 
 from __future__ import annotations
 
-import heapq
 import math
+from bisect import bisect_left
 from collections import deque
+from heapq import heappop, heappush
 
 from .config import EngineConfig
 from .histogram import ITL_BUCKETS_S, TTFT_BUCKETS_S, Histogram, token_buckets
-from .kv_cache import KVCacheManager, build_chain
+from .kv_cache import KVCacheManager
 from .latency import StepTimeModel
 from .request import RejectReason, Request, RequestStatus, _DecodeClock
 from .timebase import TICKS_PER_S, ticks_to_s
@@ -41,17 +44,24 @@ from .timebase import TICKS_PER_S, ticks_to_s
 __all__ = ["EngineCore"]
 
 _SINGLE, _RUN = 0, 1
+# enum members as module constants: a class-attribute lookup on an Enum costs ~10x a global lookup
+_WAITING, _RUNNING, _PREEMPTED = RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.PREEMPTED
+_LENGTH_CAPPED = RequestStatus.FINISHED_LENGTH_CAPPED
 
 
 class _Plan:
-    __slots__ = ("kind", "t0", "end", "fast", "sched", "n_dec", "ctx", "k", "k_fin", "P", "g",
-                 "used0", "new_seq")
+    """The step (``_SINGLE``) or decode run (``_RUN``) in flight between ``begin`` and ``complete``.
 
-    def __init__(self, kind: int, t0: int):
-        self.kind, self.t0 = kind, t0
+    ``t0_s`` is ``t0`` in seconds (a big tick count divides slowly: computed once). ``k``, ``k_fin``, ``P``,
+    ``g`` and ``used0`` are only set on runs.
+    """
+
+    __slots__ = ("kind", "t0", "t0_s", "end", "fast", "sched", "n_dec", "ctx", "k", "k_fin", "P", "g", "used0")
+
+    def __init__(self, kind: int, t0: int, t0_s: float, fast: bool = False):
+        self.kind, self.t0, self.t0_s, self.fast = kind, t0, t0_s, fast
         self.sched: list = []
-        self.fast = False
-        self.n_dec = self.ctx = self.k = self.k_fin = self.P = self.g = self.used0 = 0
+        self.n_dec = self.ctx = 0
 
 
 class EngineCore:
@@ -65,11 +75,13 @@ class EngineCore:
         self.waiting: deque[Request] = deque()
         self.running: dict[Request, None] = {}  # insertion-ordered: admission order; popitem() = last
         self.clock = _DecodeClock()
-        self.jumps = jumps and step_model.linear_decode is not None and not force_reference
+        self._linear = step_model.linear_decode  # (per_step, per_decode, per_ctx_token) ticks, or None
+        self.jumps = jumps and self._linear is not None and not force_reference
         self.force_reference = force_reference
         self.check = check_invariants
         self.ttft_ema_alpha = ttft_ema_alpha
         self.t = 0  # tick of the last emitted output batch
+        self.t_s = 0.0  # the same in seconds
         self._plan: _Plan | None = None
         self._admit_seq = 0
         self._valid = False  # decode aggregate built?
@@ -78,6 +90,10 @@ class EngineCore:
         self.pub_running = self.pub_waiting = self.pub_used_blocks = 0
         # counters (vLLM metric names in comments)
         self.num_steps = 0
+        # decode-run jumps (what ``maslat bench sim`` reports): a run of k steps costs one step boundary
+        self.num_jumps = 0  # runs completed
+        self.num_jumped_steps = 0  # engine steps inside them
+        self.num_truncated_jumps = 0  # runs cut short by an arrival (or abort) after they were planned
         self.num_preemptions = 0  # vllm:num_preemptions
         self.prompt_tokens = 0  # vllm:prompt_tokens
         self.generation_tokens = 0  # vllm:generation_tokens
@@ -112,9 +128,8 @@ class EngineCore:
                 raise ValueError(f"request {req.request_id}: prompt_segments must have content ids >= 0 and "
                                  f"lengths summing to num_prompt_tokens={req.num_prompt_tokens} (got {total})")
         req.queued_ts = t_s
-        req.status = RequestStatus.WAITING
+        req.status = _WAITING
         req._clk = self.clock
-        req.chain = build_chain(req.prompt_segments, req.num_prompt_tokens, req.seq_id)
         self.waiting.append(req)
 
     @property
@@ -133,27 +148,27 @@ class EngineCore:
 
     def _enter_decode(self, r: Request) -> None:
         D = self.clock.D
-        r._dorig = r._c - D
-        r._oorig = r._out - D
+        r._dorig = dorig = r._c - D
+        r._oorig = oorig = r._out - D
         r._dec = True
         self.n_dec += 1
-        self.ctx_base += r._dorig
-        self.phase[r._dorig % self.cfg.block_size] += 1
-        r._fkey = r.max_tokens - 1 - r._oorig
-        heapq.heappush(self.fin_heap, (r._fkey, r.seq_id, r))
+        self.ctx_base += dorig
+        self.phase[dorig % self.cfg.block_size] += 1
+        r._fkey = fkey = r.max_tokens - 1 - oorig
+        heappush(self.fin_heap, (fkey, r.seq_id, r))
         if r._seq > self.max_dec_seq:
             self.max_dec_seq = r._seq
 
     def _leave_decode(self, r: Request, last_output_s: float) -> None:
         """Materialise a decoding request's progress and KV holdings; it leaves the aggregate."""
-        D = self.clock.D
-        c = r._dorig + D
+        D, dorig, bs = self.clock.D, r._dorig, self.cfg.block_size
+        c = dorig + D
         r._c, r._out, r._dec = c, r._oorig + D, False
         self.n_dec -= 1
-        self.ctx_base -= r._dorig
-        self.phase[r._dorig % self.cfg.block_size] -= 1
+        self.ctx_base -= dorig
+        self.phase[dorig % bs] -= 1
         r._fkey = -1
-        nb = -(-c // self.cfg.block_size)
+        nb = -(-c // bs)
         extra = nb - r.kv_blocks
         r.kv_blocks = nb
         r.kv_anon += extra  # decode blocks hold private (output) content: registered only on preemption
@@ -182,121 +197,139 @@ class EngineCore:
         self._reset_aggregate()
         self._valid = False
 
-    def _next_finish_key(self) -> int | None:
-        h = self.fin_heap
-        while h and h[0][2]._fkey != h[0][0]:
-            heapq.heappop(h)
-        return h[0][0] if h else None
-
     # ------------------------------------------------------------------ scheduling
-    def begin(self, t0: int) -> int | None:
-        """Schedule the next step (or decode run) starting at tick ``t0``; return its end tick."""
+    def begin(self, t0: int, stop_s: float | None = None) -> int | None:
+        """Schedule the next step (or decode run) starting at tick ``t0``; return its end tick.
+
+        ``stop_s``: when the next request already known to the caller reaches the engine; a decode run
+        ends at the step then in progress (what ``truncate(stop_s)`` would do right after).
+        """
         assert self._plan is None, "begin() while a step is in flight"
-        if self.idle:
+        if not self.running and not self.waiting:
             return None
         if self.force_reference:
             plan = self._schedule_reference(t0)
         else:
             if not self._valid:
                 self._build_aggregate()
-            plan = None
-            if self.jumps and self.n_dec and not self.prefilling and not self.lagging:
-                plan = self._plan_run(t0)
-            if plan is None:
-                plan = self._schedule_fast(t0)
+            plan = self._schedule_fast(t0)
             if plan is None:
                 self._dissolve()
                 plan = self._schedule_reference(t0)
+            elif self.jumps and not plan.sched and plan.n_dec and not self.prefilling and not self.lagging:
+                self._extend_to_run(plan, stop_s)
         self._plan = plan
         return plan.end
 
     def _admit(self, plan: _Plan, budget: int, free: int | None = None) -> int:
         """WAITING pass: admit from the head while budget, slots and blocks allow (head-of-line)."""
-        cfg, kv, waiting = self.cfg, self.kv, self.waiting
-        bs = cfg.block_size
-        now_s = plan.t0 / TICKS_PER_S
+        cfg, kv, waiting, running = self.cfg, self.kv, self.waiting, self.running
+        bs, max_seqs, gate = cfg.block_size, cfg.max_num_seqs, cfg.scheduler_reserve_full_isl
+        now_s = plan.t0_s
         thr = cfg.long_prefill_token_threshold
-        while waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+        sched, prefilling = plan.sched, (self.prefilling if self._valid else None)
+        while waiting and budget > 0 and len(running) < max_seqs:
             r = waiting[0]
-            hit, ev = kv.find_hit(r) if r._c == 0 else (0, 0)
+            if r.prompt_segments is None and not r.num_preemptions:
+                hit = ev = 0  # a private prompt never computed before has no cached prefix (find_hit's shortcut)
+            else:
+                hit, ev = kv.find_hit(r) if r._c == 0 else (0, 0)
             h = hit * bs
-            n = r.num_prompt_tokens + r._out - h
+            tokens = r.num_prompt_tokens + r._out
+            n = tokens - h
             if thr is not None and n > thr:
                 n = thr
             if n > budget:
                 n = budget
-            if not kv.allocate_slots(r, n, hit, ev, cfg.scheduler_reserve_full_isl):
+            if not kv.allocate_slots(r, n, hit, ev, gate):
                 break
             waiting.popleft()
-            self.running[r] = None
-            r.status = RequestStatus.RUNNING
+            running[r] = None
+            r.status = _RUNNING
             r._c = h
             if r.num_cached_tokens < 0:
                 r.num_cached_tokens = h
                 r.scheduled_ts = now_s
-            self.prefix_cache_queries += r.num_prompt_tokens + r._out
+            self.prefix_cache_queries += tokens
             self.prefix_cache_hits += h
             self._admit_seq += 1
             r._seq = self._admit_seq
-            if self._valid:
-                self.prefilling[r] = None
-            plan.sched.append((r, n, h))
+            if prefilling is not None:
+                prefilling[r] = None
+            sched.append((r, n, h))
             budget -= n
         return budget
 
     def _schedule_fast(self, t0: int) -> _Plan | None:
         """O(1)-in-decodes step when no preemption is needed; ``None`` if the fast conditions fail."""
-        cfg, kv = self.cfg, self.kv
-        bs = cfg.block_size
+        kv = self.kv
         n_dec = self.n_dec
-        budget = cfg.max_num_batched_tokens - n_dec
+        budget = self.cfg.max_num_batched_tokens - n_dec
         if budget < 0:
             return None
         D = self.clock.D
-        need = self.phase[(-D) % bs] if n_dec else 0
+        need = self.phase[(-D) % self.cfg.block_size] if n_dec else 0
         free = kv.free - need
         if free < 0:
             return None
-        chunks = []
+        chunks = ()
         if self.prefilling:
-            thr = cfg.long_prefill_token_threshold
-            demand = 0
-            ordered = True
-            for r in self.prefilling:
-                rem = r.num_prompt_tokens + r._out - r._c
-                demand += rem if thr is None or rem <= thr else thr
-                ordered = ordered and r._seq > self.max_dec_seq
-            if not ordered and demand > budget:
+            chunks = self._prefill_chunks(budget, free)
+            if chunks is None:
                 return None
-            for r in self.prefilling:
-                if budget <= 0:
-                    break
-                n = r.num_prompt_tokens + r._out - r._c
-                if thr is not None and n > thr:
-                    n = thr
-                n = min(n, budget, cfg.max_model_len - 1 - r._c)
-                if n <= 0:
-                    continue
-                nb = -(-(r._c + n) // bs) - r.kv_blocks
-                if nb > free:
-                    return None
-                free -= max(nb, 0)
-                chunks.append((r, n))
-                budget -= n
         # commit: nothing above changed any state
-        plan = _Plan(_SINGLE, t0)
-        plan.fast = True
+        plan = _Plan(_SINGLE, t0, self.t_s if t0 == self.t else t0 / TICKS_PER_S, True)
         if need:
             kv.pop_free(need)
+        sched = plan.sched
         for r, n in chunks:
             ok = kv.allocate_slots(r, n)
             assert ok
-            plan.sched.append((r, n, r._c))
+            sched.append((r, n, r._c))
+            budget -= n
         plan.n_dec = n_dec
-        plan.ctx = self.ctx_base + n_dec * D
-        self._admit(plan, budget)
-        plan.end = t0 + self._step_ticks(plan.sched, n_dec, plan.ctx)
+        plan.ctx = ctx = self.ctx_base + n_dec * D
+        if self.waiting:
+            self._admit(plan, budget)
+        lin = self._linear
+        if sched or lin is None:
+            plan.end = t0 + self._step_ticks(sched, n_dec, ctx)
+        else:  # a pure-decode step: the model's linear form (``StepTimeModel.linear_decode``)
+            plan.end = t0 + lin[0] + lin[1] * n_dec + lin[2] * ctx
         return plan
+
+    def _prefill_chunks(self, budget: int, free: int) -> list[tuple[Request, int]] | None:
+        """This step's chunks of the prefilling requests in admission order, within ``budget`` tokens and
+        ``free`` blocks; ``None`` when the fast path cannot take them (blocks run out, or a prefill admitted
+        before some decode would not leave that decode its token)."""
+        cfg = self.cfg
+        bs, thr, max_c = cfg.block_size, cfg.long_prefill_token_threshold, cfg.max_model_len - 1
+        demand = 0
+        ordered = True
+        max_dec_seq = self.max_dec_seq
+        for r in self.prefilling:
+            rem = r.num_prompt_tokens + r._out - r._c
+            demand += rem if thr is None or rem <= thr else thr
+            ordered = ordered and r._seq > max_dec_seq
+        if not ordered and demand > budget:
+            return None
+        chunks = []
+        for r in self.prefilling:
+            if budget <= 0:
+                break
+            n = r.num_prompt_tokens + r._out - r._c
+            if thr is not None and n > thr:
+                n = thr
+            n = min(n, budget, max_c - r._c)
+            if n <= 0:
+                continue
+            nb = -(-(r._c + n) // bs) - r.kv_blocks
+            if nb > free:
+                return None
+            free -= max(nb, 0)
+            chunks.append((r, n))
+            budget -= n
+        return chunks
 
     def _step_ticks(self, sched: list, n_dec: int, ctx: int) -> int:
         """Step time of ``n_dec`` aggregated decodes plus the individually scheduled entries."""
@@ -309,25 +342,6 @@ class EngineCore:
                 chunks.append((n, p))
         return self.model.step_ticks(n_dec, ctx, chunks)
 
-    def _head_blocked(self, budget: int, free: int, pops: int = 0) -> bool:
-        """Whether the WAITING pass admits nobody, after the running pass has taken ``pops`` free blocks."""
-        if not self.waiting:
-            return True
-        if len(self.running) >= self.cfg.max_num_seqs or budget <= 0:
-            return True
-        r = self.waiting[0]
-        hit, ev = self.kv.find_hit(r) if r._c == 0 else (0, 0)
-        if ev and pops:
-            # the running pass's new blocks come off the free list first and may evict some of these cached
-            # hits, which changes the head's hit and need (vLLM looks the hit up after): not provably blocked
-            return False
-        n = r.num_tokens - hit * self.cfg.block_size
-        thr = self.cfg.long_prefill_token_threshold
-        if thr is not None and n > thr:
-            n = thr
-        n = min(n, budget)
-        return self.kv.blocks_needed(r, n, hit, ev, self.cfg.scheduler_reserve_full_isl, free) is None
-
     def _need_over(self, D: int, k: int) -> int:
         """Blocks the decodes need over the k steps starting at decode clock D."""
         bs, n, ph = self.cfg.block_size, self.n_dec, self.phase
@@ -337,19 +351,25 @@ class EngineCore:
             total += ph[(-(D + j)) % bs]
         return total
 
-    def _plan_run(self, t0: int) -> _Plan | None:
-        n = self.n_dec
-        if self.prefilling or n == 0 or n > self.cfg.max_num_batched_tokens or self.lagging:
-            return None
-        key = self._next_finish_key()
-        D = self.clock.D
-        k_fin = key - D + 1
+    def _extend_to_run(self, plan: _Plan, stop_s: float | None) -> None:
+        """Turn a planned pure-decode step whose WAITING pass admitted nobody into a run of k >= 2 such steps.
+
+        The run stops before the step after the next finish, before the decodes' blocks run out, and at the
+        step in progress at ``stop_s``. Nothing else can change in between: the budget and the running
+        count stay as they are, the free blocks only shrink, and so the head of ``waiting`` stays blocked
+        (see ``_head_stays_blocked`` for the one exception). Leaves ``plan`` as it is when k would be 1.
+        """
+        if stop_s is not None and plan.end / TICKS_PER_S >= stop_s:
+            return  # the next arrival lands during the first step
+        n, D = plan.n_dec, self.clock.D
+        h = self.fin_heap  # the next finish: drop stale entries (every decode has a valid one)
+        while h[0][2]._fkey != h[0][0]:
+            heappop(h)
+        k_fin = h[0][0] - D + 1
         if k_fin < 2:
-            return None
-        bs, free = self.cfg.block_size, self.kv.free
-        need0 = self.phase[(-D) % bs]
-        if need0 > free or not self._head_blocked(self.cfg.max_num_batched_tokens - n, free - need0, need0):
-            return None
+            return
+        bs, phase = self.cfg.block_size, self.phase
+        free = self.kv.free + phase[(-D) % bs]  # before the first step's blocks, taken by _schedule_fast
         # largest k <= k_fin whose cumulative block need fits
         cycles = free // n
         if cycles * bs >= k_fin:
@@ -357,20 +377,40 @@ class EngineCore:
         else:
             k, used = cycles * bs, cycles * n
             while k < k_fin:
-                nxt = self.phase[(-(D + k)) % bs]
+                nxt = phase[(-(D + k)) % bs]
                 if used + nxt > free:
                     break
                 used += nxt
                 k += 1
+        if self.waiting and not self.cfg.scheduler_reserve_full_isl:
+            k = self._head_stays_blocked(D, k, n)
         if k < 2:
-            return None
-        a, b, g = self.model.linear_decode
-        plan = _Plan(_RUN, t0)
-        plan.n_dec, plan.ctx, plan.k, plan.k_fin = n, self.ctx_base + n * D, k, k_fin
-        plan.P, plan.g = a + b * n, g
+            return
+        a, b, g = self._linear
+        plan.kind, plan.fast, plan.k_fin, plan.P, plan.g = _RUN, False, k_fin, a + b * n, g
+        if stop_s is not None:
+            k = min(k, self._steps_until(plan, stop_s))
+        plan.k = k
         plan.used0 = self.kv.num_usable - free
-        plan.end = self._run_end(plan, k)
-        return plan
+        plan.end = plan.t0 + k * plan.P + g * (k * plan.ctx + n * k * (k - 1) // 2)  # _run_end(plan, k)
+
+    def _head_stays_blocked(self, D: int, k: int, n: int) -> int:
+        """How many of the k steps the head of ``waiting`` (not admitted at the first) surely stays blocked.
+
+        Without the full-sequence gate, the decodes' new blocks can evict part of the head's cached prefix:
+        its hit shrinks, and so may what ``allocate_slots`` asks of the free blocks (evictable hits count
+        against them). Then only the steps that take no new block are certain.
+        """
+        if len(self.running) >= self.cfg.max_num_seqs or self.cfg.max_num_batched_tokens - n <= 0:
+            return k
+        _, evictable = self.kv.find_hit(self.waiting[0])
+        if not evictable:
+            return k
+        bs, phase = self.cfg.block_size, self.phase
+        j = 1
+        while j < k and not phase[(-(D + j)) % bs]:
+            j += 1
+        return j
 
     @staticmethod
     def _run_end(p: _Plan, j: int) -> int:
@@ -379,7 +419,7 @@ class EngineCore:
     def _schedule_reference(self, t0: int) -> _Plan:
         """The literal vLLM algorithm over materialised requests (used when the fast path cannot be)."""
         cfg, kv = self.cfg, self.kv
-        plan = _Plan(_SINGLE, t0)
+        plan = _Plan(_SINGLE, t0, t0 / TICKS_PER_S)
         budget = cfg.max_num_batched_tokens
         thr = cfg.long_prefill_token_threshold
         order = list(self.running)
@@ -419,7 +459,7 @@ class EngineCore:
         self.kv.cache_private(r, r._c)
         self.kv.free_request(r)
         self.prefilling.pop(r, None)
-        r.status = RequestStatus.PREEMPTED
+        r.status = _PREEMPTED
         r._c = 0
         r.num_preemptions += 1
         self.num_preemptions += 1
@@ -434,13 +474,30 @@ class EngineCore:
         j = self._steps_until(p, t_s)
         if j >= p.k:
             return None
+        self.num_truncated_jumps += 1
         p.k = j
         p.end = self._run_end(p, j)
         return p.end
 
-    def _steps_until(self, p: _Plan, t_s: float) -> int:
+    @staticmethod
+    def _steps_until(p: _Plan, t_s: float) -> int:
         """Smallest j >= 1 whose end time (as a float, exactly as the clock will show it) is >= ``t_s``."""
-        if p.t0 / TICKS_PER_S >= t_s:
+        step = p.P + p.g * p.ctx  # step j+1 lasts g*n_dec ticks longer than step j
+        more = p.g * p.n_dec
+        end = p.t0 + step
+        j = 1
+        while end / TICKS_PER_S < t_s:
+            if j == 8:  # far into the run: solve the quadratic instead of walking
+                return EngineCore._steps_until_far(p, t_s)
+            step += more
+            end += step
+            j += 1
+        return j
+
+    @staticmethod
+    def _steps_until_far(p: _Plan, t_s: float) -> int:
+        """``_steps_until`` from the quadratic's root (a float seed, settled on the exact end times)."""
+        if p.t0_s >= t_s:
             return 1
         t0, P, g, ctx, n = p.t0, p.P, p.g, p.ctx, p.n_dec
         A = g * n / 2.0
@@ -458,7 +515,7 @@ class EngineCore:
     def gauges(self, t_s: float) -> tuple[int, int, int, int]:
         """``(running, waiting, used_blocks, generation_tokens)`` as published at simulated time ``t_s``."""
         p = self._plan
-        if p is not None and p.kind == _RUN and t_s > p.t0 / TICKS_PER_S:
+        if p is not None and p.kind == _RUN and t_s > p.t0_s:
             # steps that ended strictly before t_s
             j = p.k if p.end / TICKS_PER_S < t_s else min(p.k, self._steps_until(p, t_s) - 1)
             if j > 0:  # the run's steps publish the queues as they stood when it was planned
@@ -467,22 +524,28 @@ class EngineCore:
         return self.pub_running, self.pub_waiting, self.pub_used_blocks, self.generation_tokens
 
     # ------------------------------------------------------------------ completion
-    def complete(self) -> list[Request]:
-        """Apply the in-flight step's outputs at its end tick; return the requests that finished."""
+    def complete(self, end_s: float | None = None) -> list[Request]:
+        """Apply the in-flight step's outputs at its end tick; return the requests that finished.
+
+        ``end_s``: that tick in seconds (``end / TICKS_PER_S``), if the caller has it.
+        """
         p = self._plan
         assert p is not None, "complete() without begin()"
         self._plan = None
-        T = p.end / TICKS_PER_S
+        T = p.end / TICKS_PER_S if end_s is None else end_s
+        if self.check:
+            assert T == p.end / TICKS_PER_S, f"complete(end_s={end_s}) at the wrong time"
         finished: list[Request] = []
-        if p.kind == _RUN:
-            self._complete_run(p, T, finished)
-        elif p.fast:
+        if p.fast:
             self._complete_fast(p, T, finished)
+        elif p.kind == _RUN:
+            self._complete_run(p, T, finished)
         else:
             self._complete_reference(p, T, finished)
-        self.t = p.end
+        self.t, self.t_s = p.end, T
         self.pub_running, self.pub_waiting = len(self.running), len(self.waiting)
-        self.pub_used_blocks = self.kv.num_usable - self.kv.free
+        kv = self.kv
+        self.pub_used_blocks = kv.num_usable - kv.free
         self.num_finished += len(finished)
         if self.check:
             self.check_invariants()
@@ -491,17 +554,19 @@ class EngineCore:
     def _finish_decodes(self, key: int, T: float, finished: list[Request]) -> None:
         h = self.fin_heap
         while h and h[0][0] <= key:
-            _, _, r = heapq.heappop(h)
-            if r._fkey != key:
-                continue
-            self._leave_decode(r, T)
-            self._finish(r, T, finished)
+            _, _, r = heappop(h)
+            if r._fkey == key:
+                self._leave_decode(r, T)
+                self._finish(r, T, finished)
 
     def _complete_run(self, p: _Plan, T: float, finished: list[Request]) -> None:
         D0, j, n = self.clock.D, p.k, p.n_dec
-        self.kv.pop_free(self._need_over(D0, j))
+        if j > 1:  # the first step's blocks were taken when it was planned
+            self.kv.pop_free(self._need_over(D0 + 1, j - 1))
         self.clock.D = D0 + j
         self.num_steps += j
+        self.num_jumps += 1
+        self.num_jumped_steps += j
         self.generation_tokens += n * j
         self.itl.observe_linear((p.P + p.g * p.ctx) / TICKS_PER_S, p.g * n / TICKS_PER_S, j, n)
         self.iteration_tokens.observe(n, j)
@@ -509,28 +574,37 @@ class EngineCore:
             self._finish_decodes(D0 + j - 1, T, finished)
 
     def _complete_fast(self, p: _Plan, T: float, finished: list[Request]) -> None:
-        D0 = self.clock.D
+        clock = self.clock
+        D0 = clock.D
         n_dec = p.n_dec
-        self.clock.D = D0 + 1
+        clock.D = D0 + 1
         self.num_steps += 1
         self.generation_tokens += n_dec
-        dur_s = T - p.t0 / TICKS_PER_S
         if n_dec:
+            dur_s = T - p.t0_s
             lag = self.lagging
             if lag:
                 for r in lag:
                     if r._dec:
                         self.itl.observe(T - r.last_output_ts)
                 self.lagging = []
-            self.itl.observe(dur_s, n_dec - len(lag))
-            self._finish_decodes(D0, T, finished)
+            w, itl = n_dec - len(lag), self.itl  # itl.observe(dur_s, w), inlined: once per step
+            itl.counts[bisect_left(itl.bounds, dur_s)] += w
+            itl.sum += dur_s * w
+            itl.count += w
+            h = self.fin_heap
+            if h and h[0][0] <= D0:
+                self._finish_decodes(D0, T, finished)
         tokens = n_dec
         for r, n, _ in p.sched:
             tokens += n
-            r._c += n
-            if r._c >= r.num_prompt_tokens + r._out:
+            r._c = c = r._c + n
+            if c >= r.num_prompt_tokens + r._out:
                 self._sample(r, T, finished)
-        self.iteration_tokens.observe(tokens)
+        it = self.iteration_tokens  # it.observe(tokens), inlined
+        it.counts[bisect_left(it.bounds, tokens)] += 1
+        it.sum += tokens
+        it.count += 1
 
     def _complete_reference(self, p: _Plan, T: float, finished: list[Request]) -> None:
         self.num_steps += 1
@@ -543,26 +617,29 @@ class EngineCore:
 
     def _sample(self, r: Request, T: float, finished: list[Request]) -> None:
         """The step completed r's pending tokens: it samples one output token."""
-        r._out += 1
+        r._out = out = r._out + 1
         self.generation_tokens += 1
-        if r._out == 1 and r.first_token_ts != r.first_token_ts:  # first token ever
+        if out == 1 and r.first_token_ts != r.first_token_ts:  # first token ever
             r.first_token_ts = T
             self.prompt_tokens += r.num_prompt_tokens
             ttft = T - r.queued_ts
-            self.ttft.observe(T - r.arrival_time)
+            h, v = self.ttft, T - r.arrival_time  # h.observe(v), inlined: once per request
+            h.counts[bisect_left(h.bounds, v)] += 1
+            h.sum += v
+            h.count += 1
             a = self.ttft_ema_alpha
             self.ttft_ema_s = ttft if self.ttft_ema_s != self.ttft_ema_s else a * ttft + (1 - a) * self.ttft_ema_s
         else:
             self.itl.observe(T - r.last_output_ts)
         r.last_output_ts = T
-        if r._out >= r.max_tokens:
+        if out >= r.max_tokens:
             self._finish(r, T, finished)
         elif self._valid:
             del self.prefilling[r]
             self._enter_decode(r)
 
     def _finish(self, r: Request, T: float, finished: list[Request]) -> None:
-        r.status = RequestStatus.FINISHED_LENGTH_CAPPED
+        r.status = _LENGTH_CAPPED
         r.last_token_ts = T
         self.kv.free_request(r)
         del self.running[r]

@@ -47,14 +47,15 @@ def build_chain(prompt_segments, num_prompt_tokens: int, seq_id: int) -> tuple[t
     User-given segments are *shared* (other requests may hit them); a prompt without segments and every
     output are private to the request.
     """
-    shared = prompt_segments is not None
-    if not shared:
-        prompt_segments = ((-2 * seq_id - 1, num_prompt_tokens),)
+    if prompt_segments is None:  # the common case, unrolled: one private prompt segment, then the output
+        node = hash((0, 0, -2 * seq_id - 1))
+        return ((node, 0, num_prompt_tokens, False),
+                (hash((node, num_prompt_tokens, -2 * seq_id - 2)), num_prompt_tokens, OUTPUT_SEGMENT_END, False))
     chain = []
     node, prev_len, start = 0, 0, 0
     for cid, n in prompt_segments:
         node = hash((node, prev_len, cid))
-        chain.append((node, start, start + n, shared))
+        chain.append((node, start, start + n, True))
         start += n
         prev_len = n
     node = hash((node, prev_len, -2 * seq_id - 2))
@@ -118,10 +119,15 @@ class KVCacheManager:
 
     def pop_free(self, m: int) -> None:
         """Take ``m`` blocks from the head of the free queue, evicting any identity they carry."""
+        head = self._head
+        r = head.next
+        if r.node is None and r.hi - r.lo > m:  # the common case: part of an anonymous run (m < free)
+            r.hi -= m
+            self.free -= m
+            return
         if m > self.free:
             raise RuntimeError(f"pop_free({m}) with only {self.free} free blocks")
         self.free -= m
-        head = self._head
         while m:
             r = head.next
             size = r.hi - r.lo
@@ -161,6 +167,15 @@ class KVCacheManager:
             self._link_after(r, low)
 
     # ----------------------------------------------------------------- lookups
+    @staticmethod
+    def _chain(req) -> tuple[tuple[int, int, int, bool], ...]:
+        """``req``'s content chain (``build_chain``), built on first use: a private prompt needs it only once
+        it is preempted, and most never are."""
+        chain = req.chain
+        if not chain:
+            chain = req.chain = build_chain(req.prompt_segments, req.num_prompt_tokens, req.seq_id)
+        return chain
+
     def find_hit(self, req) -> tuple[int, int]:
         """Longest cached prefix of ``req`` in full blocks, capped so the last token is recomputed.
 
@@ -172,7 +187,7 @@ class KVCacheManager:
         max_blocks = (req.num_tokens - 1) // bs
         k = evictable = 0
         index = self._index
-        for node, _s, e, _sh in req.chain:
+        for node, _s, e, _sh in self._chain(req):
             b = min(e // bs, max_blocks)
             if b <= k:
                 if b >= max_blocks:
@@ -201,7 +216,7 @@ class KVCacheManager:
     def _hit_ranges(self, req, hit_blocks: int):
         bs = self.block_size
         k = 0
-        for node, _s, e, _sh in req.chain:
+        for node, _s, e, _sh in self._chain(req):
             if k >= hit_blocks:
                 return
             b = min(e // bs, hit_blocks)
@@ -247,7 +262,9 @@ class KVCacheManager:
             free = self.free
         computed = req._c + hit_blocks * bs
         if full_sequence_must_fit:
-            full = min(req.num_tokens, self.max_model_len)
+            full = req.num_tokens
+            if full > self.max_model_len:
+                full = self.max_model_len
             if -(-full // bs) - req.kv_blocks - hit_blocks + evictable > free:
                 return None
         need = -(-(computed + num_new_tokens) // bs) - req.kv_blocks - hit_blocks
@@ -278,8 +295,14 @@ class KVCacheManager:
             req.kv_anon += need
             req.kv_blocks += need
         if self.enable_caching:
-            computed = req._c + hit_blocks * self.block_size
-            self.cache_blocks(req, min(computed + num_new_tokens, req.num_tokens))
+            upto = req._c + hit_blocks * self.block_size + num_new_tokens
+            total = req.num_prompt_tokens + req._out  # req.num_tokens (an allocating request is not decoding)
+            if req.prompt_segments is not None:  # user-given segments: shared identities to register
+                self.cache_blocks(req, upto if upto < total else total)
+            else:  # an all-private chain (build_chain): cache_blocks would only advance the mark
+                full = (upto if upto < total else total) // self.block_size
+                if full > req.kv_reg:
+                    req.kv_reg = full
         return True
 
     def cache_blocks(self, req, num_tokens: int) -> None:
@@ -289,7 +312,7 @@ class KVCacheManager:
         k = req.kv_reg
         if new_full <= k:
             return
-        for node, s, e, shared in req.chain:
+        for node, s, e, shared in self._chain(req):
             b = e // bs
             if b <= k:
                 continue
@@ -309,7 +332,7 @@ class KVCacheManager:
             return
         bs = self.block_size
         new_full = num_tokens // bs
-        for node, s, e, shared in req.chain:
+        for node, s, e, shared in self._chain(req):
             a = s // bs
             if a >= new_full:
                 break
@@ -344,9 +367,14 @@ class KVCacheManager:
 
     def free_request(self, req) -> None:
         """Release all of ``req``'s blocks, tail first (``KVCacheManager.free``)."""
-        if req.kv_anon:
-            self.free += req.kv_anon
-            self._append_anon(req.kv_anon)
+        anon = req.kv_anon
+        if anon:
+            self.free += anon
+            tail = self._head.prev  # _append_anon(anon), inlined: once per request
+            if tail is not self._head and tail.node is None:
+                tail.hi += anon
+            else:
+                self._link_tail(_Run(None, 0, anon, 0))
         for node, lo, hi in reversed(req.kv_ranges):
             runs = self._index[node]
             i = self._find(runs, hi - 1)

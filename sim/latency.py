@@ -172,7 +172,12 @@ class PhysicsStepModel:
         a, b, g = self.linear_decode
         t = a + b * n_dec + g * ctx_dec
         if chunks:
-            t += round(self.prefill_seconds(chunks) * TICKS_PER_S)
+            # prefill_seconds(chunks), inlined: once per prefill step
+            pf_n, pf_q, pf_kv, pf_1 = self._pf_n, self._pf_q, self._pf_kv, self._pf_1
+            pf = 0.0
+            for n, p in chunks:
+                pf += n * pf_n + (n * n + 2 * n * p) * pf_q + (p + n) * pf_kv + pf_1
+            t += round(pf * TICKS_PER_S)
         return t
 
     @classmethod

@@ -2,91 +2,87 @@
 
 from __future__ import annotations
 
+import struct
 from array import array
 
-from .request import Request, RequestRecord
+from .request import Request, RequestRecord, RequestStatus
 
 __all__ = ["RecordStore", "TimeSeries"]
 
 _FLOAT_COLS = ("arrival_s", "queued_s", "scheduled_s", "first_token_s", "last_token_s", "done_s")
 _INT_COLS = ("replica", "prompt_tokens", "output_tokens", "num_preemptions", "num_cached_tokens", "seq_id")
+_STATUS_NAME = {s: s.name for s in RequestStatus}  # Enum.name is a property: slow once per request
+# a row's numbers packed as bytes: array.frombytes(pack(...)) is ~3x faster than array.extend(tuple)
+_PACK_FLOATS = struct.Struct(f"{len(_FLOAT_COLS)}d").pack
+_PACK_INTS = struct.Struct(f"{len(_INT_COLS)}q").pack
 
 
 class RecordStore:
-    """One row per finished or rejected request (``RequestRecord`` fields), kept as typed arrays.
+    """One row per finished or rejected request (``RequestRecord`` fields), kept in typed arrays.
 
-    Rows are buffered as tuples and moved into the arrays in batches, so adding one costs one append.
+    The numeric fields of a row go into two row-major arrays (six floats, six ints: ``_FLOAT_COLS``,
+    ``_INT_COLS``), so adding a row costs two packed appends and four list appends; a column is a strided
+    numpy view of its array.
     """
 
-    _BATCH = 4096
-
     def __init__(self) -> None:
-        self._f = {c: array("d") for c in _FLOAT_COLS}
-        self._i = {c: array("q") for c in _INT_COLS}
-        self._rows: list[tuple] = []
+        self._fv = array("d")  # row-major, len(_FLOAT_COLS) per row
+        self._iv = array("q")  # row-major, len(_INT_COLS) per row
         self.request_id: list[str] = []
         self.pool: list[str] = []
         self.status: list[str] = []
         self.reject_reason: list[str | None] = []
 
     def __len__(self) -> int:
-        return len(self.request_id) + len(self._rows)
+        return len(self.request_id)
 
     def add(self, r: Request, pool: str, done_s: float) -> None:
-        self._rows.append((r.arrival_time, r.queued_ts, r.scheduled_ts, r.first_token_ts, r.last_token_ts, done_s,
-                           r.replica, r.num_prompt_tokens, r._out, r.num_preemptions, r.num_cached_tokens,
-                           r.seq_id, r.request_id, pool, r.status.name, r.reject_reason))
-        if len(self._rows) >= self._BATCH:
-            self._flush()
-
-    def _flush(self) -> None:
-        rows = self._rows
-        if not rows:
-            return
-        cols = list(zip(*rows, strict=True))
-        for j, c in enumerate(_FLOAT_COLS):
-            self._f[c].extend(cols[j])
-        for j, c in enumerate(_INT_COLS):
-            vals = cols[6 + j]
-            self._i[c].extend(vals if c != "num_cached_tokens" else [max(v, 0) for v in vals])
-        self.request_id.extend(cols[12])
-        self.pool.extend(cols[13])
-        self.status.extend(cols[14])
-        self.reject_reason.extend(cols[15])
-        self._rows = []
+        self._fv.frombytes(_PACK_FLOATS(r.arrival_time, r.queued_ts, r.scheduled_ts, r.first_token_ts,
+                                        r.last_token_ts, done_s))
+        cached = r.num_cached_tokens  # -1 until scheduled: recorded as 0
+        self._iv.frombytes(_PACK_INTS(r.replica, r.num_prompt_tokens, r._out, r.num_preemptions,
+                                      cached if cached > 0 else 0, r.seq_id))
+        self.request_id.append(r.request_id)
+        self.pool.append(pool)
+        self.status.append(_STATUS_NAME[r.status])
+        self.reject_reason.append(r.reject_reason)
 
     def last(self) -> RequestRecord:
         """The most recently added record."""
-        row = self._rows[-1] if self._rows else None
-        if row is None:
-            return self.record(len(self) - 1)
-        return RequestRecord(row[12], row[6], row[13], row[14], row[15], row[7], row[8], row[0], row[1], row[2],
-                             row[3], row[4], row[5], row[9], max(row[10], 0))
+        return self.record(len(self) - 1)
 
     def record(self, k: int) -> RequestRecord:
-        self._flush()
-        f, i = self._f, self._i
-        return RequestRecord(
-            self.request_id[k], i["replica"][k], self.pool[k], self.status[k], self.reject_reason[k],
-            i["prompt_tokens"][k], i["output_tokens"][k], f["arrival_s"][k], f["queued_s"][k],
-            f["scheduled_s"][k], f["first_token_s"][k], f["last_token_s"][k], f["done_s"][k],
-            i["num_preemptions"][k], i["num_cached_tokens"][k])
+        if k < 0:
+            k += len(self)
+        arrival, queued, scheduled, first, last, done = self._fv[6 * k:6 * k + 6]
+        replica, prompt, output, preemptions, cached, _ = self._iv[6 * k:6 * k + 6]
+        return RequestRecord(self.request_id[k], replica, self.pool[k], self.status[k], self.reject_reason[k],
+                             prompt, output, arrival, queued, scheduled, first, last, done, preemptions, cached)
 
     def __iter__(self):
         return (self.record(k) for k in range(len(self)))
+
+    def _column_views(self) -> tuple[dict, dict]:
+        import numpy as np
+
+        f = np.frombuffer(self._fv, dtype=np.float64).reshape(-1, len(_FLOAT_COLS)) if len(self) else None
+        i = np.frombuffer(self._iv, dtype=np.int64).reshape(-1, len(_INT_COLS)) if len(self) else None
+        empty_f, empty_i = np.zeros(0, np.float64), np.zeros(0, np.int64)
+        return ({c: f[:, j] if f is not None else empty_f for j, c in enumerate(_FLOAT_COLS)},
+                {c: i[:, j] if i is not None else empty_i for j, c in enumerate(_INT_COLS)})
 
     def to_dataframe(self):
         """All records with derived latencies (engine-side run-format definitions plus client-side)."""
         import numpy as np
         import pandas as pd
 
-        self._flush()
+        floats, ints = self._column_views()
         df = pd.DataFrame({"request_id": self.request_id, "pool": self.pool, "status": self.status,
                            "reject_reason": self.reject_reason})
-        for c, a in self._i.items():
-            df[c] = np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64)
-        for c, a in self._f.items():
-            df[c] = np.frombuffer(a, dtype=np.float64) if len(a) else np.zeros(0, np.float64)
+        for c, a in ints.items():
+            df[c] = np.array(a)  # a contiguous copy: the store may keep growing
+        for c, a in floats.items():
+            df[c] = np.array(a)
         out = df["output_tokens"].to_numpy()
         df["ttft_s"] = df["first_token_s"] - df["queued_s"]
         df["tpot_s"] = np.where(out > 1, (df["last_token_s"] - df["first_token_s"]) / np.maximum(out - 1, 1), 0.0)
@@ -97,13 +93,11 @@ class RecordStore:
         return df
 
     def columns(self) -> dict:
-        """Raw numpy views of the numeric columns (no copy)."""
-        import numpy as np
-
-        self._flush()
-        out = {c: np.frombuffer(a, dtype=np.float64) for c, a in self._f.items() if len(a)}
-        out.update({c: np.frombuffer(a, dtype=np.int64) for c, a in self._i.items() if len(a)})
-        return out
+        """Raw numpy views of the numeric columns (no copy; empty when there is no record)."""
+        if not len(self):
+            return {}
+        floats, ints = self._column_views()
+        return {**floats, **ints}
 
 
 class TimeSeries:

@@ -178,12 +178,16 @@ class Workload:
             self._world.active_sources -= 1
             self._world._maybe_idle()
 
-    def _schedule(self) -> None:
+    def _schedule(self, fired=None) -> None:
+        """Arm ``_fire`` at the next arrival; ``fired`` is the tick that just called it, reused."""
         if (self.until_s is not None and self._t > self.until_s) or (
                 self.num_requests is not None and self.submitted >= self.num_requests):
             self._stop()
             return
-        self._world.env.call_at(self._t, self._fire)
+        if fired is None:
+            self._world.env.call_at(self._t, self._fire)
+        else:
+            self._world.env.call_again(fired, self._t)
 
     def _lengths(self) -> tuple[int, int]:
         if self.prompt_tokens is not None:
@@ -196,10 +200,10 @@ class Workload:
         self._bi += 1
         return self._buf_p[i], self._buf_o[i]
 
-    def _fire(self, _ev) -> None:
+    def _fire(self, tick) -> None:
         p, o = self._lengths()
         rid = f"{self.id_prefix}{self.submitted}" if self.id_prefix is not None else None
-        self._world.submit(self.pool, p, o, request_id=rid)
+        self._world._submit(self.pool, p, o, None, None, rid, False)  # world.submit(pool, p, o, request_id=rid)
         self.submitted += 1
         if self.prompt_tokens is not None and self.submitted >= len(self.prompt_tokens):
             self._stop()
@@ -209,4 +213,4 @@ class Workload:
             self._stop()
             return
         self._t += gap
-        self._schedule()
+        self._schedule(tick)

@@ -9,13 +9,15 @@ the run and re-schedules the boundary; the superseded event is ignored when it f
 from __future__ import annotations
 
 import hashlib
-import heapq
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from heapq import heappop, heappush
 
 import numpy as np
 import simpy
+from simpy.core import EmptySchedule, StopSimulation
+from simpy.events import URGENT
 
 from .config import EngineConfig, Overheads
 from .engine import EngineCore
@@ -32,28 +34,77 @@ LATE = 2  # after simpy's URGENT (0) and NORMAL (1) events at the same instant
 
 
 class _Tick:
-    """A pre-triggered event with one callback: what SimPy's ``step`` needs and nothing more."""
+    """A pre-triggered event with one callback, run by ``SimEnv.step`` without SimPy's callback list.
 
-    __slots__ = ("callbacks", "_ok", "_value", "gen")
+    ``gen`` lets a replica ignore a boundary superseded by a truncation.
+    """
+
+    __slots__ = ("fn", "gen")
 
     def __init__(self, fn, gen: int = 0):
-        self.callbacks = [fn]
-        self._ok = True
-        self._value = None
+        self.fn = fn
         self.gen = gen
 
 
 class SimEnv(simpy.Environment):
-    """A SimPy environment that can schedule at an absolute time without float round-off."""
+    """A SimPy environment that can schedule at an absolute time without float round-off.
+
+    Plain callbacks (``call_at``, replica step boundaries) are queue entries holding a ``_Tick``; ``step``
+    calls them directly, which is what SimPy would do for a triggered event with one callback and no
+    failure, without building and walking a callback list.
+    """
 
     def schedule_at(self, event, t: float, priority: int = 1) -> None:
         if t < self._now:
             raise ValueError(f"cannot schedule at {t} before now={self._now}")
-        heapq.heappush(self._queue, (t, priority, next(self._eid), event))
+        heappush(self._queue, (t, priority, next(self._eid), event))
 
     def call_at(self, t: float, fn, priority: int = 1) -> None:
         """Call ``fn(event)`` at simulated time ``t``."""
-        heapq.heappush(self._queue, (t, priority, next(self._eid), _Tick(fn)))
+        heappush(self._queue, (t, priority, next(self._eid), _Tick(fn)))
+
+    def call_again(self, tick: _Tick, t: float, priority: int = 1) -> None:
+        """Call a tick that has just fired (the ``event`` its function got) once more, at time ``t``."""
+        heappush(self._queue, (t, priority, next(self._eid), tick))
+
+    def step(self) -> None:
+        queue = self._queue
+        if queue and queue[0][3].__class__ is _Tick:
+            self._now, _, _, tick = heappop(queue)
+            tick.fn(tick)
+        else:
+            super().step()
+
+    def run(self, until: float | simpy.Event | None = None):
+        """``simpy.Environment.run`` (SimPy 4.1, same semantics) with ``step`` inlined: one Python call less
+        per event, and the ``_Tick`` fast path."""
+        if until is not None:
+            if not isinstance(until, simpy.Event):
+                at = until if isinstance(until, int) else float(until)
+                if at <= self._now:
+                    raise ValueError(f"until ({at}) must be greater than the current simulation time")
+                until = simpy.Event(self)
+                until._ok, until._value = True, None
+                self.schedule(until, URGENT, at - self._now)
+            elif until.callbacks is None:
+                return until.value  # already processed
+            until.callbacks.append(StopSimulation.callback)
+        queue, env_step = self._queue, simpy.Environment.step
+        try:
+            while True:
+                if queue and queue[0][3].__class__ is _Tick:
+                    self._now, _, _, tick = heappop(queue)
+                    tick.fn(tick)
+                else:
+                    env_step(self)
+        except StopSimulation as exc:
+            return exc.args[0]  # == until.value
+        except EmptySchedule:
+            if until is not None:
+                assert not until.triggered
+                raise RuntimeError(
+                    f'No scheduled events left but "until" event was not triggered: {until}') from None
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +137,8 @@ class Replica:
         self._aborts: list[Request] = []  # to drop at the next step boundary
         self._gen = 0
         self._busy = False
+        self._queue, self._eid = self.env._queue, self.env._eid  # the SimPy heap, for _arm_at
+        self._boundary = self._on_boundary  # one bound method, not one per armed step
 
     def gauges(self, now_s: float | None = None) -> dict[str, float]:
         """What a scraper of this replica's ``/metrics`` would read now, under vLLM's names (without the
@@ -144,12 +197,12 @@ class Replica:
                 self.world._aborted(self, r)
 
     def _arm(self, end_ticks: int) -> None:
-        self._gen += 1
-        heapq.heappush(self.env._queue, (end_ticks / TICKS_PER_S, LATE, next(self.env._eid), _Tick(self._on_boundary, self._gen)))
+        self._gen = gen = self._gen + 1
+        heappush(self._queue, (end_ticks / TICKS_PER_S, LATE, next(self._eid), _Tick(self._boundary, gen)))
 
     def _arm_at(self, t_s: float) -> None:
-        self._gen += 1
-        heapq.heappush(self.env._queue, (t_s, LATE, next(self.env._eid), _Tick(self._on_boundary, self._gen)))
+        self._gen = gen = self._gen + 1
+        heappush(self._queue, (t_s, LATE, next(self._eid), _Tick(self._boundary, gen)))
 
     def _on_boundary(self, ev: _Tick) -> None:
         if ev.gen != self._gen:
@@ -157,12 +210,14 @@ class Replica:
         core = self.core
         now = self.env._now
         if self._busy:
-            finished = core.complete()
-            for r in finished:
-                self.world._finished(self, r)
-            listener = self.world.step_listener
-            if listener is not None:
-                listener(self, finished)
+            finished = core.complete(now)  # the boundary is the step's end
+            world = self.world
+            if finished:
+                done = world._finished
+                for r in finished:
+                    done(self, r)
+            if world.step_listener is not None:
+                world.step_listener(self, finished)
             if self._aborts:
                 self._apply_aborts()
             start = core.t
@@ -172,14 +227,11 @@ class Replica:
         while pending and pending[0][0] <= now:
             t_enq, req = pending.popleft()
             core.add_request(req, t_enq)
-        end = core.begin(start)
+        end = core.begin(start, pending[0][0] if pending else None)  # a decode run stops for the next arrival
         self._busy = end is not None
-        if end is not None:
-            if pending:
-                trunc = core.truncate(pending[0][0])
-                if trunc is not None:
-                    end = trunc
-            self._arm(end)
+        if end is not None:  # re-arm with the tick that just fired (off the heap, so free to reuse)
+            self._gen = ev.gen = self._gen + 1
+            heappush(self._queue, (end / TICKS_PER_S, LATE, next(self._eid), ev))
         elif pending:
             self._arm_at(pending[0][0])
 
@@ -223,6 +275,7 @@ class World:
         self.seed = seed
         self.jumps, self.check_invariants, self.force_reference = jumps, check_invariants, force_reference
         self.cluster = Cluster(self, pools)
+        self._pool_routers = {name: (reps, self.cluster.routers[name]) for name, reps in self.cluster.pools.items()}
         self.records = RecordStore() if keep_records else None
         self.timeseries = TimeSeries()
         self.num_submitted = 0
@@ -283,7 +336,7 @@ class World:
         return self.cluster.replicas[req.replica].abort(req)
 
     def _submit(self, pool, num_prompt_tokens, max_tokens, prompt_segments, tag, request_id, wait) -> Request:
-        reps = self.cluster.pools.get(pool)
+        reps, router = self._pool_routers.get(pool, (None, None))
         if reps is None:
             raise ValueError(f"unknown pool {pool!r}; pools: {sorted(self.cluster.pools)}")
         if prompt_segments is not None:
@@ -291,21 +344,22 @@ class World:
             if sum(n for _, n in prompt_segments) != num_prompt_tokens or any(c < 0 or n < 0 for c, n in prompt_segments):
                 raise ValueError(f"prompt_segments must have content ids >= 0 and lengths summing to "
                                  f"num_prompt_tokens={num_prompt_tokens}, got {prompt_segments}")
-        self._seq += 1
-        req = Request(request_id or f"{pool}-{self._seq}", num_prompt_tokens, max_tokens,
-                      arrival_time=self.env.now, prompt_segments=prompt_segments, tag=tag)
-        req.seq_id = self._seq
+        self._seq = seq = self._seq + 1
+        now = self.env._now
+        req = Request(request_id or f"{pool}-{seq}", num_prompt_tokens, max_tokens,
+                      arrival_time=now, prompt_segments=prompt_segments, tag=tag)
+        req.seq_id = seq
         self.num_submitted += 1
-        done = self.env.event() if wait else None
-        req.on_finish = done
-        rep = reps[self.cluster.routers[pool].choose(reps, req, self.env.now)]
+        if wait:
+            req.on_finish = self.env.event()
+        rep = reps[router.choose(reps, req, now)]
         req.replica = rep.index
         reason = rep.core.validate(req)
         if reason is not None:
             self._reject(rep, req, reason)
             return req
         rep.outstanding += 1
-        rep.submit(req, self.env.now + rep.overheads.frontend_s)
+        rep.submit(req, now + rep.overheads.frontend_s)
         return req
 
     def _reject(self, rep: Replica, req: Request, reason: str) -> None:
@@ -333,7 +387,7 @@ class World:
                 self.env.call_at(done_s, lambda _e: self._notify(ev, payload))
             else:
                 ev.succeed(payload)
-        if self._idle_event is not None:
+        if self._idle_event is not None and not self.active_sources:  # else not settled: skip the call
             self._maybe_idle()
 
     def _notify(self, ev, payload) -> None:

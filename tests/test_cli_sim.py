@@ -46,7 +46,11 @@ def test_simulate_bad_input_is_a_clear_error():
 
 @pytest.mark.slow
 def test_bench_sim_small_json():
-    d = last_json(maslat("bench", "sim", "--requests", "3000", "--replicas", "2", "--json"))
+    d = last_json(maslat("bench", "sim", "--requests", "3000", "--replicas", "2", "--long-requests", "100", "--json"))
     for k in ("scenario", "requests", "wall_s", "requests_per_s", "sim_s_per_wall_s", "peak_rss_mb", "stepwise"):
         assert k in d
     assert d["stepwise"]["identical_results"] is True and d["finished"] == 3000
+    j = d["jumps"]  # the counters that explain the gain: one boundary per single step or jumped run
+    assert j["engine_steps"] == d["engine_steps"] and j["step_boundaries"] == j["engine_steps"] - j["jumped_steps"] + j["jumps"]
+    lo = d["long_outputs"]
+    assert lo["identical_results"] is True and lo["jumps"]["mean_steps_per_jump"] > 10

@@ -65,3 +65,17 @@ def test_modes_identical_fixed_lengths_deterministic_ties():
     worlds = [_run(m, prof, 120, PoissonArrivals(8.0), FixedLengths(512, 128), replicas=3, router="least_kv")
               for m in MODES]
     _same(worlds)
+
+
+def test_jumps_replace_decode_steps_and_say_so():
+    """Long outputs at a light load: nearly every step lies in a jumped run; the steps and the records are those
+    of the step-by-step engine, and the counters add up (one boundary per single step or run)."""
+    prof = load_profile("h100-llama-3.1-8b")
+    jump, fast = (_run(m, prof, 40, PoissonArrivals(0.5), FixedLengths(300, 600), replicas=1) for m in ("jump", "fast"))
+    _same([jump, fast])
+    c, f = jump.replicas[0].core, fast.replicas[0].core
+    assert f.num_jumps == f.num_jumped_steps == 0
+    assert c.num_jumped_steps > 0.9 * c.num_steps and c.num_jumped_steps / c.num_jumps > 20
+    assert c.num_truncated_jumps <= c.num_jumps
+    boundaries = c.num_steps - c.num_jumped_steps + c.num_jumps
+    assert boundaries < 0.1 * f.num_steps

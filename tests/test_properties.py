@@ -61,6 +61,12 @@ def _play(mode, cfg, reqs):
               "scheduler_reserve_full_isl": False, "long_prefill_token_threshold": None},
          reqs=[(0, 1, 1, None, 0)] * 4 + [(0, 1, 10, None, 0), (0, 11, 10, None, 0), (0, 21, 8, None, 0),
                                           (0, 5, 7, None, 0), (0, 27, 1, None, 0)])
+# found by hypothesis: the same eviction by the blocks of a later step of the run (not the first), which lets
+# the head's chunked prefill in part-way through the run
+@example(cfg={"block_size": 2, "max_num_batched_tokens": 13, "max_num_seqs": 5, "enable_prefix_caching": True,
+              "scheduler_reserve_full_isl": False, "long_prefill_token_threshold": 5},
+         reqs=[(0, 1, 1, None, 0)] * 4 + [(0, 19, 9, None, 0), (1, 33, 3, None, 0), (2, 25, 1, 0, 6),
+                                          (2, 6, 1, 0, 6)])
 def test_random_sequences_conserve_blocks_and_requests_in_every_mode(cfg, reqs):
     ref, w = _play("reference", cfg, reqs)
     assert all(status == "FINISHED_LENGTH_CAPPED" for _, status, *_ in ref)

@@ -15,10 +15,16 @@ Measures the simulator on one core. First the saturation throughput of one repli
 simulation (an overloaded replica, Azure-conv lengths); then --requests Poisson arrivals at
 --load x saturation x --replicas run through the cluster twice, each in a fresh process:
 with decode-run jumps (the default engine) and step by step (jumps off). Both runs must produce
-identical latency statistics; the gain is the ratio of wall times.
+identical latency statistics; the gain is the ratio of wall times. The engine counters say why the
+gain is what it is: step boundaries (one per single step, one per jumped run), jumps, mean steps per jump.
+
+A second, smaller scenario (--long-requests, 0 skips it) has long outputs at a light load, where
+nothing interrupts the decodes for hundreds of steps: there the jumps pay off.
 
 Defaults are the acceptance scenario: 1,000,000 requests, 8 x h100-llama-3.1-8b, load 0.8.
 """
+
+LONG_PROMPT_TOKENS, LONG_OUTPUT_TOKENS, LONG_RATE_PER_S = 512, 2048, 2.0
 
 
 def configure(p) -> None:
@@ -29,11 +35,17 @@ def configure(p) -> None:
     p.add_argument("--router", default="round_robin")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-stepwise", action="store_true", help="only run the default (jumping) engine")
+    p.add_argument("--long-requests", type=int, default=2000,
+                   help=f"requests of the long-output scenario ({LONG_PROMPT_TOKENS}-token prompts, "
+                        f"{LONG_OUTPUT_TOKENS}-token outputs, Poisson {LONG_RATE_PER_S} req/s); 0 skips it")
     add_json_flag(p)
 
 
-def _lengths():
-    from sim import EmpiricalLengths
+def _lengths(params: dict | None = None):
+    from sim import EmpiricalLengths, FixedLengths
+
+    if params is not None and params.get("fixed_lengths"):
+        return FixedLengths(*params["fixed_lengths"])
     from traces.azure import azure_trace
 
     tr = azure_trace("conv")
@@ -54,13 +66,32 @@ def measure_saturation(profile_name: str, seed: int, n: int = 4000) -> float:
     return (hi - lo) / (done[hi] - done[lo])
 
 
+def engine_counters(world, wall_s: float) -> dict:
+    """Steps, step boundaries and jumps summed over the replicas, and the wall time per step and boundary.
+
+    A boundary is one engine ``begin``/``complete`` pair (one SimPy event): a single step, or a decode run
+    of ``k`` steps jumped in closed form.
+    """
+    cores = [r.core for r in world.replicas]
+    steps = sum(c.num_steps for c in cores)
+    jumps = sum(c.num_jumps for c in cores)
+    jumped = sum(c.num_jumped_steps for c in cores)
+    boundaries = steps - jumped + jumps
+    return {"engine_steps": steps, "step_boundaries": boundaries, "jumps": jumps, "jumped_steps": jumped,
+            "jumped_step_fraction": jumped / steps if steps else 0.0,
+            "mean_steps_per_jump": jumped / jumps if jumps else 0.0,
+            "truncated_jumps": sum(c.num_truncated_jumps for c in cores),
+            "us_per_step": 1e6 * wall_s / steps if steps else float("nan"),
+            "us_per_boundary": 1e6 * wall_s / boundaries if boundaries else float("nan")}
+
+
 def _scenario(params: dict, queue) -> None:
     from sim import PoissonArrivals, PoolSpec, Workload, load_profile, make_world
     from sim.summary import latency_summary
 
     world = make_world(PoolSpec(name="p", profile=load_profile(params["profile"]), replicas=params["replicas"],
                                 router=params["router"]), seed=params["seed"], jumps=params["jumps"])
-    Workload(pool="p", arrivals=PoissonArrivals(params["rate"]), lengths=_lengths(),
+    Workload(pool="p", arrivals=PoissonArrivals(params["rate"]), lengths=_lengths(params),
              num_requests=params["requests"], name="bench").start(world)
     t0 = time.perf_counter()
     cpu0 = time.process_time()
@@ -69,7 +100,7 @@ def _scenario(params: dict, queue) -> None:
     cpu = time.process_time() - cpu0
     s = latency_summary(world)
     queue.put({"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "simulated_s": world.now, "summary": s})
+               "simulated_s": world.now, "summary": s, "counters": engine_counters(world, wall)})
 
 
 def _in_fresh_process(params: dict) -> dict:
@@ -82,22 +113,27 @@ def _in_fresh_process(params: dict) -> dict:
     return out
 
 
-def run(args) -> int:
-    if args.requests < 1 or args.replicas < 1 or not 0 < args.load:
-        raise ValueError("--requests and --replicas must be >= 1 and --load > 0")
-    print(f"measuring saturation of one {args.profile} replica with Azure-conv lengths ...", file=sys.stderr)
-    sat = measure_saturation(args.profile, args.seed)
-    rate = args.load * sat * args.replicas
-    print(f"saturation {sat:.2f} req/s per replica; offering {rate:.2f} req/s to {args.replicas} replicas",
-          file=sys.stderr)
-    base = {"profile": args.profile, "replicas": args.replicas, "router": args.router, "seed": args.seed,
-            "rate": rate, "requests": args.requests}
-    print(f"running {args.requests:,} requests with jumps ...", file=sys.stderr)
-    fast = _in_fresh_process({**base, "jumps": True})
-    step = None
-    if not args.skip_stepwise:
-        print(f"running {args.requests:,} requests step by step ...", file=sys.stderr)
-        step = _in_fresh_process({**base, "jumps": False})
+def _identical(a: dict, b: dict) -> bool:
+    return all(a["summary"][k] == b["summary"][k] for k in ("ttft_s", "tpot_s", "e2e_s", "engine_steps"))
+
+
+def _long_outputs(args) -> dict:
+    """The long-output scenario, both engines: decode runs are long, so jumps replace most steps."""
+    params = {"profile": args.profile, "replicas": args.replicas, "router": args.router, "seed": args.seed,
+              "rate": LONG_RATE_PER_S, "requests": args.long_requests,
+              "fixed_lengths": (LONG_PROMPT_TOKENS, LONG_OUTPUT_TOKENS)}
+    print(f"running {args.long_requests:,} long-output requests with jumps, then step by step ...", file=sys.stderr)
+    fast = _in_fresh_process({**params, "jumps": True})
+    step = _in_fresh_process({**params, "jumps": False})
+    return {"scenario": f"{args.long_requests} requests, {args.replicas} x {args.profile}, Poisson at "
+                        f"{LONG_RATE_PER_S} req/s, {LONG_PROMPT_TOKENS}-token prompts, {LONG_OUTPUT_TOKENS}-token "
+                        f"outputs, router {args.router}",
+            "requests": args.long_requests, "wall_s": fast["wall_s"], "stepwise_wall_s": step["wall_s"],
+            "jump_speedup": step["wall_s"] / fast["wall_s"], "identical_results": _identical(fast, step),
+            "jumps": fast["counters"], "stepwise": step["counters"]}
+
+
+def _main_json(args, sat: float, rate: float, fast: dict, step: dict | None) -> dict:
     n = fast["summary"]["finished"]
     out = {
         "scenario": f"{args.requests} requests, {args.replicas} x {args.profile}, Poisson at {args.load:.0%} of "
@@ -114,21 +150,59 @@ def run(args) -> int:
         "simulated_s": fast["simulated_s"],
         "engine_steps": fast["summary"]["engine_steps"],
         "latency": {k: fast["summary"][k] for k in ("ttft_s", "tpot_s", "e2e_s")},
+        "jumps": fast["counters"],
     }
     if step is not None:
-        same = all(step["summary"][k] == fast["summary"][k] for k in ("ttft_s", "tpot_s", "e2e_s", "engine_steps"))
         out["stepwise"] = {"wall_s": step["wall_s"], "cpu_s": step["cpu_s"],
                            "requests_per_s": args.requests / step["wall_s"],
-                           "peak_rss_mb": step["peak_rss_mb"], "identical_results": same}
+                           "peak_rss_mb": step["peak_rss_mb"], "identical_results": _identical(fast, step),
+                           "us_per_step": step["counters"]["us_per_step"]}
         out["jump_speedup"] = step["wall_s"] / fast["wall_s"]
-    rows = [["with jumps", out["wall_s"], out["requests_per_s"], out["sim_s_per_wall_s"], out["peak_rss_mb"]]]
-    if step is not None:
-        rows.append(["step by step", step["wall_s"], out["stepwise"]["requests_per_s"],
-                     fast["simulated_s"] / step["wall_s"], step["peak_rss_mb"]])
+    return out
+
+
+def _print_table(out: dict) -> None:
+    j = out["jumps"]
+    rows = [["with jumps", out["wall_s"], out["requests_per_s"], out["sim_s_per_wall_s"], out["peak_rss_mb"],
+             j["step_boundaries"], j["us_per_boundary"]]]
+    if "stepwise" in out:
+        s = out["stepwise"]
+        rows.append(["step by step", s["wall_s"], s["requests_per_s"], out["simulated_s"] / s["wall_s"],
+                     s["peak_rss_mb"], out["engine_steps"], s["us_per_step"]])
     print(out["scenario"])
-    print(format_table(rows, ["engine", "wall_s", "requests/s", "sim_s/wall_s", "peak_rss_mb"]))
-    if step is not None:
+    print(format_table(rows, ["engine", "wall_s", "requests/s", "sim_s/wall_s", "peak_rss_mb", "boundaries",
+                              "us/boundary"]))
+    print(f"{out['engine_steps']:,} engine steps; {j['jumps']:,} jumps cover {j['jumped_step_fraction']:.0%} of "
+          f"them, {j['mean_steps_per_jump']:.2f} steps per jump")
+    if "stepwise" in out:
         print(f"jump speed-up {out['jump_speedup']:.2f}x; identical results: {out['stepwise']['identical_results']}")
+    if "long_outputs" in out:
+        lo = out["long_outputs"]
+        print(f"{lo['scenario']}: {lo['wall_s']:.2f} s with jumps, {lo['stepwise_wall_s']:.2f} s step by step "
+              f"({lo['jump_speedup']:.1f}x, {lo['jumps']['mean_steps_per_jump']:.0f} steps per jump); identical "
+              f"results: {lo['identical_results']}")
+
+
+def run(args) -> int:
+    if args.requests < 1 or args.replicas < 1 or not 0 < args.load or args.long_requests < 0:
+        raise ValueError("--requests and --replicas must be >= 1, --load > 0 and --long-requests >= 0")
+    print(f"measuring saturation of one {args.profile} replica with Azure-conv lengths ...", file=sys.stderr)
+    sat = measure_saturation(args.profile, args.seed)
+    rate = args.load * sat * args.replicas
+    print(f"saturation {sat:.2f} req/s per replica; offering {rate:.2f} req/s to {args.replicas} replicas",
+          file=sys.stderr)
+    base = {"profile": args.profile, "replicas": args.replicas, "router": args.router, "seed": args.seed,
+            "rate": rate, "requests": args.requests}
+    print(f"running {args.requests:,} requests with jumps ...", file=sys.stderr)
+    fast = _in_fresh_process({**base, "jumps": True})
+    step = None
+    if not args.skip_stepwise:
+        print(f"running {args.requests:,} requests step by step ...", file=sys.stderr)
+        step = _in_fresh_process({**base, "jumps": False})
+    out = _main_json(args, sat, rate, fast, step)
+    if args.long_requests:
+        out["long_outputs"] = _long_outputs(args)
+    _print_table(out)
     if args.json:
         emit_json(out)
     return 0
