@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from envs.cmdp_catalog import ROLE_NAMES, STRATEGY_NAMES
+from envs.embeddings import text_embedding
 from envs.estimators import lat_features, len_features
 from envs.tasks import make_queries, make_task
 
@@ -108,13 +109,25 @@ def _predict(net: dict, x: np.ndarray) -> np.ndarray:
     return h * net["y_std"] + net["y_mean"]
 
 
-def _embeddings(aux: pd.DataFrame, dataset_seed: int) -> np.ndarray:
-    """The query embedding of each row's prompt (the simulator's stand-in for embedding the prompt text)."""
+def _embeddings(aux: pd.DataFrame, dataset_seed: int, prompts: list[str] | None = None) -> np.ndarray:
+    """h_prompt of each row: the query embedding of a simulated prompt (its task and query are known), or a
+    hashed text embedding of a live prompt (``prompts[prompt_row]``)."""
     out = np.zeros((len(aux), 384))
-    for task, idx in aux.groupby("task").indices.items():
+    sim_rows = aux["query"].to_numpy() >= 0
+    for task, idx in aux[sim_rows].groupby("task").indices.items():
+        rows = np.flatnonzero(sim_rows)[idx]
         qs = make_queries(make_task(task), "train", dataset_seed)
-        q = aux["query"].to_numpy()[idx]
-        out[idx] = qs.embedding[q]
+        out[rows] = qs.embedding[aux["query"].to_numpy()[rows]]
+    live = np.flatnonzero(~sim_rows)
+    if len(live):
+        if prompts is None:
+            raise ValueError("rows without a simulated query need the Phase-1 prompt texts (the prompts file)")
+        cache = {}
+        for i in live:
+            r = int(aux.prompt_row.iat[i])
+            if r not in cache:
+                cache[r] = text_embedding(prompts[r])
+            out[i] = cache[r]
     return out
 
 
@@ -135,8 +148,9 @@ def _calibration(pred: np.ndarray, true: np.ndarray) -> dict:
 
 
 def train_estimators(p2: pd.DataFrame, aux: pd.DataFrame, models: tuple[str, ...], args: EstimatorArgs = EstimatorArgs(),
-                     *, dataset_seed: int = 0) -> tuple[dict, dict]:
-    """Fit F_lat and F_len; returns (nets for ``envs.estimators.save_bundle``, metrics)."""
+                     *, dataset_seed: int = 0, prompt_texts: list[str] | None = None) -> tuple[dict, dict]:
+    """Fit F_lat and F_len; returns (nets for ``envs.estimators.save_bundle``, metrics). ``prompt_texts`` (the
+    Phase-1 texts) is needed for rows of a live run, whose prompts are embedded from their text."""
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     mid = p2.model_id.map({m: i for i, m in enumerate(models)})
@@ -161,7 +175,7 @@ def train_estimators(p2: pd.DataFrame, aux: pd.DataFrame, models: tuple[str, ...
     xl = lat_features(system, rid, lin, mid, len(models))
     yl = np.column_stack([np.log(np.maximum(ttft_s, 1e-6)), np.log(np.maximum(tpot_s, 1e-6))])
     ml = np.column_stack([np.ones(len(p2), bool), n_out > 1])
-    emb = _embeddings(aux, dataset_seed)
+    emb = _embeddings(aux, dataset_seed, prompt_texts)
     xn = len_features(emb, rid, sid, mid, lin, len(models))
     yn = np.log(n_out)[:, None]
     lat = _fit(xl[tr], yl[tr], ml[tr], args, gen)

@@ -19,7 +19,7 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["EMBED_DIM", "operator_embedding", "query_embeddings", "text_seed", "unit_vector"]
+__all__ = ["EMBED_DIM", "operator_embedding", "query_embeddings", "text_embedding", "text_seed", "unit_vector"]
 
 EMBED_DIM = 384
 
@@ -58,3 +58,16 @@ def query_embeddings(task: str, z: np.ndarray, difficulty_info: float, rng: np.r
     noise = rng.standard_normal((n, EMBED_DIM)) / np.sqrt(EMBED_DIM)
     e = c[None, :] + 0.5 * signal[:, None] * u[None, :] + noise
     return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def text_embedding(text: str, dim: int = EMBED_DIM) -> np.ndarray:
+    """A deterministic embedding of free text (signed feature hashing of lower-cased words and word pairs,
+    unit norm): what the estimators read for prompts of a live run, which have no simulated query behind
+    them. Texts sharing words are close; it carries no meaning beyond that."""
+    words = text.lower().split()
+    v = np.zeros(dim)
+    for tok in words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]:
+        h = text_seed(tok)
+        v[h % dim] += 1.0 if (h >> 32) & 1 else -1.0
+    n = np.linalg.norm(v)
+    return (v / n if n > 0 else v).astype(np.float32)

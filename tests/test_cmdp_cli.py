@@ -81,3 +81,27 @@ def test_cmdp_notebook_runs_headless():
     outs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outs) >= 3
+
+
+def test_estimators_train_on_a_live_phase2_run_of_the_stand_in(tmp_path):
+    """The same pipeline against a live OpenAI-compatible server: a simulator Phase-1 file, the collector's
+    Phase 2 on the stand-in server, then the estimators trained on what it measured."""
+    from envs.cmdp_dataset import phase1, write_csv
+    from tests.standin import serving
+
+    prompts = write_csv(phase1(("mbpp",), max_queries=2), tmp_path / "intermediate_prompts.csv")
+    text_only = tmp_path / "text.csv"
+    text_only.write_text("prompt_text,role_id\nWrite a function that sums a list.,ProgrammingExpert\n"
+                         "Check this function for bugs.,TestAnalyst\n")
+    runs = []
+    with serving("--time-scale", "0.5") as srv:
+        for name, pfile in (("sim", prompts), ("text", text_only)):
+            out = tmp_path / name
+            subprocess.run([sys.executable, "-m", "maslat", "collect", "--endpoint", srv.url, "--phase2", "--prompts",
+                            str(pfile), "--concurrency", "2", "--max-tokens", "12", "--limit-prompts", "3", "--model-id", "llama-3.1-8b", "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=180, check=True)
+            runs.append(out)
+    for out in runs:
+        res = _last_json(_maslat("train", "estimators", "--data", str(out), "--estimator-steps", "50",
+                                 "--out", str(tmp_path / f"{out.name}.npz"), "--json"))
+        assert res["rows"] > 0 and np.isfinite(res["mape_pct"]["ttft"])

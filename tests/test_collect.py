@@ -200,6 +200,9 @@ def test_phase2_dataset_has_the_seed_columns(tmp_path):
     assert set(rq.kind) == {"probe", "background"} and (rq.kind == "probe").sum() == 6
     assert meta["collector"]["phase2"]["counts"]["phase2_rows"] == 6
     assert last_json_line(p.stdout)["failed"] == 0
+    aux = pd.read_csv(out / "phase2_aux.csv")       # row-aligned extras for the estimators
+    assert len(aux) == len(df) and list(aux.prompt_row) == [0, 0, 0, 1, 1, 1] and set(aux.concurrency) == {3}
+    assert (aux.ttft_ema_ms > 0).all() and (aux["query"] == -1).all()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -21,6 +21,11 @@ runs, recording the system state just before the call and what the call measured
 ``output_tokens``      ``usage.completion_tokens`` (natural length: no ``ignore_eos``; capped by max_tokens)
 =====================  ===================================================================================
 
+``phase2_aux.csv`` is row-aligned with it and adds what an estimator may use beyond the seed's columns
+(``PHASE2_AUX_COLUMNS``, the same file ``envs.cmdp_dataset`` writes in simulation): the Phase-1 row of the
+probe, the background concurrency N, an EMA (alpha 0.2, as vLLM-like engines keep) of the client-side TTFT
+of every call answered so far, and the prompt's ``task``/``query`` when the Phase-1 file has them.
+
 Every call (probes and background) is also in the run's ``requests.jsonl`` with ``kind``, ``role_id``
 and ``strategy_id``. A probe that fails, or whose scrape failed, gives no row; both are counted in
 ``meta.json``. The stand-in server has no EOS, so against it ``output_tokens`` equals ``max_tokens``.
@@ -38,10 +43,13 @@ import numpy as np
 
 from .client import chat_body
 
-__all__ = ["PHASE2_COLUMNS", "STRATEGIES", "Phase2Config", "read_prompts", "run_phase2"]
+__all__ = ["PHASE2_AUX_COLUMNS", "PHASE2_COLUMNS", "STRATEGIES", "Phase2Config", "read_prompt_keys", "read_prompts",
+           "run_phase2"]
 
 PHASE2_COLUMNS = ("queue_waiting", "queue_running", "kv_utilization", "model_id", "role_id", "strategy_id",
                   "total_input_tokens", "actual_ttft", "actual_tpot", "output_tokens")
+PHASE2_AUX_COLUMNS = ("prompt_row", "concurrency", "ttft_ema_ms", "task", "query")
+TTFT_EMA_ALPHA = 0.2
 
 #: strategy -> instruction appended to the prompt (Chain of Draft, arXiv 2502.18600: Standard ~ Flash,
 #: CoD ~ Concise, CoT ~ DeepThink; system_aware.md section 8)
@@ -106,6 +114,20 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[tuple[str, 
     return rows
 
 
+def read_prompt_keys(path: str | Path, limit: int | None = None) -> list[tuple[str, int]]:
+    """``(task, query)`` of each Phase-1 row when the file has those columns (simulator files do), else
+    ``("", -1)``; row-aligned with ``read_prompts``."""
+    with Path(path).open(newline="") as f:
+        reader = csv.DictReader(f)
+        has = {"task", "query"} <= set(reader.fieldnames or ())
+        out = []
+        for row in reader:
+            out.append((row["task"], int(row["query"])) if has else ("", -1))
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
 def _content(prompt: str, strategy: str) -> str:
     return f"{prompt}\n\n{STRATEGIES[strategy]}"
 
@@ -114,6 +136,8 @@ class _Phase2:
     def __init__(self, col, session):
         self.col, self.s, self.cfg = col, session, col.cfg.phase2
         self.prompts = read_prompts(self.cfg.prompts_csv, self.cfg.limit)
+        self.keys = read_prompt_keys(self.cfg.prompts_csv, self.cfg.limit)
+        self.ttft_ema_ms = math.nan
         self.model = col.info["model"]
         self.url = col.cfg.base_url + "/v1/chat/completions"
         self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(col.cfg.seed).spawn(4)[3]))
@@ -123,6 +147,11 @@ class _Phase2:
         self.csv.writerow(PHASE2_COLUMNS)
         self.file.flush()
         col.closers.append(self.file.close)
+        self.aux_file = (col.cfg.out_dir / "phase2_aux.csv").open("w", newline="")
+        self.aux = csv.writer(self.aux_file)
+        self.aux.writerow(PHASE2_AUX_COLUMNS)
+        self.aux_file.flush()
+        col.closers.append(self.aux_file.close)
         self.counts = {"phase2_rows": 0, "phase2_probe_failures": 0, "phase2_probes_without_state": 0}
         col.extra_meta["phase2"] = {"prompts_csv": str(self.cfg.prompts_csv), "num_prompts": len(self.prompts),
                                     "strategies": list(self.cfg.strategies), "repeats": self.cfg.repeats,
@@ -136,14 +165,24 @@ class _Phase2:
             body = chat_body(self.model, _content(prompt, strat), self.cfg.max_tokens, ignore_eos=False)
             res = await col.send(self.s, self.url, body, extra={"kind": "background", "role_id": role,
                                                                 "strategy_id": strat})
+            self._observe(res)
             if res.status is None and res.error and not col.stop.is_set():
                 await col.pause(col.cfg.retry_backoff_s)
 
-    async def probe(self, prompt: str, role: str, strat: str) -> None:
+    def _observe(self, res) -> None:
+        """Fold an answered call's client-side TTFT into the EMA."""
+        if res.ok and res.chunk_times:
+            t = (res.chunk_times[0] - res.sent_mono) * 1e3
+            e = self.ttft_ema_ms
+            self.ttft_ema_ms = t if e != e else TTFT_EMA_ALPHA * t + (1 - TTFT_EMA_ALPHA) * e
+
+    async def probe(self, row: int, prompt: str, role: str, strat: str) -> None:
         col = self.col
         state = await col.scrape(self.s)
+        ema = self.ttft_ema_ms
         body = chat_body(self.model, _content(prompt, strat), self.cfg.max_tokens, ignore_eos=False)
         res = await col.send(self.s, self.url, body, extra={"kind": "probe", "role_id": role, "strategy_id": strat})
+        self._observe(res)
         if not res.ok:
             self.counts["phase2_probe_failures"] += 1
             return
@@ -155,7 +194,10 @@ class _Phase2:
         kv = state.kv_usage if state.kv_usage is not None else math.nan
         self.csv.writerow([int(state.waiting), int(state.running), kv, self.cfg.model_id or self.model, role, strat,
                            res.prompt_tokens, (t[0] - res.sent_mono) * 1e3, tpot_ms, n])
+        task, query = self.keys[row]
+        self.aux.writerow([row, col.cfg.concurrency or 0, 0.0 if ema != ema else ema, task, query])
         self.file.flush()
+        self.aux_file.flush()
         self.counts["phase2_rows"] += 1
 
 
@@ -172,10 +214,10 @@ async def run_phase2(col, session) -> None:
     if col.cfg.concurrency and ph.cfg.warmup_s > 0:
         await col.pause(ph.cfg.warmup_s * col.clock.time_scale)
     for _ in range(ph.cfg.repeats):
-        for prompt, role in ph.prompts:
+        for row, (prompt, role) in enumerate(ph.prompts):
             for strat in ph.cfg.strategies:
                 if col.stop.is_set():
                     return
-                await ph.probe(prompt, role, strat)
+                await ph.probe(row, prompt, role, strat)
     bg_stop.set()  # background clients finish the call they are in, then stop
     await drain(col)

@@ -47,7 +47,10 @@ def add_cmdp_args(p, *, experiment: bool = False, dataset: bool = False, load_de
                         "give `1 10 50` for the seed's levels exactly")
     d.add_argument("--max-prompts", type=int, default=300, help="Phase-1 prompts replayed in Phase 2 (seeded sample)")
     d.add_argument("--data", type=Path, default=None,
-                   help="train on an existing dataset directory (phase2.csv [+ phase2_aux.csv]) instead")
+                   help="train on an existing dataset directory instead: phase2.csv and phase2_aux.csv from this "
+                        "command or from a live `maslat collect --phase2` run")
+    d.add_argument("--prompts", type=Path, default=None,
+                   help="with --data from a live run: its Phase-1 prompts file (default: found via meta.json)")
     d.add_argument("--estimator-steps", type=int, default=4000, help="Adam steps per estimator MLP")
     d.add_argument("--dataset-out", type=Path, default=None,
                    help="write intermediate_prompts.csv, phase2.csv and phase2_aux.csv here (default: beside --out)")
@@ -72,6 +75,7 @@ def _train_estimators(args) -> int:
     from envs.cmdp_catalog import ROLE_NAMES, STRATEGY_NAMES, default_models
     from envs.cmdp_dataset import Phase2Config, phase1, phase2, read_phase2, write_csv
     from envs.estimators import save_bundle
+    from traces.phase2 import read_prompts
 
     models = default_models(args.replicas)
     names = tuple(m.name for m in models)
@@ -79,10 +83,14 @@ def _train_estimators(args) -> int:
     if out.suffix != ".npz":
         out = out / "estimators.npz"
     t0 = time.perf_counter()
+    prompts = None
     if args.data is not None:
         p2, aux = read_phase2(args.data / "phase2.csv")
         if aux is None:
             raise ValueError(f"{args.data}: phase2_aux.csv is needed (TTFT EMA and the Phase-1 row of each probe)")
+        if (aux["query"] < 0).any():      # a live run: embed its prompts' text
+            pfile = args.prompts or _prompts_of(args.data)
+            prompts = [t for t, _ in read_prompts(pfile)]
         source = {"dataset": str(args.data)}
     else:
         p1 = phase1(tuple(args.tasks), seed=args.seed, models=models)
@@ -98,7 +106,8 @@ def _train_estimators(args) -> int:
         source = {"phase1_tasks": list(args.tasks), "phase1_prompts": len(p1), "phase2": {
             "concurrency": list(cfg.concurrency), "max_prompts": cfg.max_prompts, "rows": len(p2), "seed": args.seed}}
     t_data = time.perf_counter() - t0
-    nets, metrics = train_estimators(p2, aux, names, EstimatorArgs(seed=args.seed, steps=args.estimator_steps))
+    nets, metrics = train_estimators(p2, aux, names, EstimatorArgs(seed=args.seed, steps=args.estimator_steps),
+                                     prompt_texts=prompts)
     meta = {"models": list(names), "roles": list(ROLE_NAMES), "strategies": list(STRATEGY_NAMES),
             "profiles": [m.profile for m in models], "replicas": args.replicas, "source": source, "metrics": metrics,
             "command": "maslat " + " ".join(sys.argv[1:]) if sys.argv and "maslat" in sys.argv[0] else None}
@@ -116,6 +125,19 @@ def _train_estimators(args) -> int:
         emit_json({"bundle": str(out), "models": list(names), **metrics, "dataset_s": t_data,
                    "wall_s": time.perf_counter() - t0})
     return 0
+
+
+def _prompts_of(run_dir: Path) -> Path:
+    """The Phase-1 file a live Phase-2 run was collected from (its ``meta.json``), or one beside it."""
+    beside = run_dir / "intermediate_prompts.csv"
+    if beside.is_file():
+        return beside
+    meta = run_dir / "meta.json"
+    if meta.is_file():
+        p = json.loads(meta.read_text()).get("collector", {}).get("phase2", {}).get("prompts_csv")
+        if p and Path(p).is_file():
+            return Path(p)
+    raise FileNotFoundError(f"{run_dir}: cannot find the Phase-1 prompts of this run; pass --prompts FILE")
 
 
 def _slo_range(args, default=(0.6, 2.2)) -> tuple[float, float]:
