@@ -17,6 +17,7 @@ from .embeddings import EMBED_DIM
 from .estimators import NUM_SYSTEM, load_estimator
 from .loads import make_regime
 from .operators import quality
+from .query_order import QueryOrder
 from .tasks import make_queries, make_task, task_key
 from .topologies import MAX_NODES, MODES, Node, Topology, make_planner
 
@@ -175,8 +176,7 @@ class MASLatencyCMDPEnv(gym.Env):
         self.world = None
         self._run_seed = 0
         self._visits: dict[int, int] = {}
-        self._order: list[int] = []
-        self._cursor = 0
+        self._queries = QueryOrder(len(self.queries), shuffle)
         self._ep: _Episode | None = None
         self._pause: simpy.Event | None = None
         self._keys = 0
@@ -250,24 +250,14 @@ class MASLatencyCMDPEnv(gym.Env):
     def _new_world(self, seed: int) -> None:
         self._run_seed = seed
         self.world = build_cmdp_world(self.models, self.regime, seed, router=self.router, trace=self.background_trace)
-        self._visits, self._order, self._cursor, self._keys = {}, [], 0, 0
+        self._visits, self._keys = {}, 0
+        self._queries.reset()
         self.action_space.seed(seed)
         if self.warmup_s > 0:
             self.world.run(until=self.warmup_s)
 
     def _next_query(self, options: dict) -> int:
-        n = len(self.queries)
-        if "query" in options:
-            q = int(options["query"])
-            if not 0 <= q < n:
-                raise ValueError(f"options['query'] must be in [0, {n}), got {q}")
-            return q
-        if self._cursor >= len(self._order):
-            self._order = list(self.np_random.permutation(n)) if self.shuffle else list(range(n))
-            self._cursor = 0
-        q = int(self._order[self._cursor])
-        self._cursor += 1
-        return q
+        return self._queries.next(options, self.np_random)
 
     def _new_episode(self, q: int, options: dict) -> _Episode:
         visit = self._visits.get(q, 0)

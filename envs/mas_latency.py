@@ -13,6 +13,7 @@ from .backend import BACKEND_POOL, Backend, SimBackend
 from .cluster import ClusterConfig
 from .embeddings import EMBED_DIM
 from .operators import CONSTANTS, GENERATE_TYPE, operator_set, quality
+from .query_order import QueryOrder
 from .supernet import Call, Draws, GraphConfig, OpPlan, QueryRun, ToolRun
 from .tasks import make_queries, make_task, task_key
 
@@ -147,8 +148,7 @@ class MASLatencyEnv(gym.Env):
         self.render_mode = render_mode
         self._run_seed = 0
         self._visits: dict[int, int] = {}
-        self._order: list[int] = []
-        self._cursor = 0
+        self._queries = QueryOrder(len(self.queries), shuffle)
         self._ep: _Episode | None = None
         self._pause: simpy.Event | None = None
         self.ledger_usd = 0.0      # cumulative $ of every call finished in this world (LAMaS's CostManager)
@@ -236,22 +236,12 @@ class MASLatencyEnv(gym.Env):
     def _new_world(self, seed: int) -> None:
         self._run_seed = seed
         self.backend.reset(seed)
-        self._visits, self._order, self._cursor, self.ledger_usd, self._keys = {}, [], 0, 0.0, 0
+        self._visits, self.ledger_usd, self._keys = {}, 0.0, 0
+        self._queries.reset()
         self.action_space.seed(seed)
 
     def _next_query(self, options: dict | None) -> int:
-        n = len(self.queries)
-        if options and "query" in options:
-            q = int(options["query"])
-            if not 0 <= q < n:
-                raise ValueError(f"options['query'] must be in [0, {n}), got {q}")
-            return q
-        if self._cursor >= len(self._order):
-            self._order = list(self.np_random.permutation(n)) if self.shuffle else list(range(n))
-            self._cursor = 0
-        q = int(self._order[self._cursor])
-        self._cursor += 1
-        return q
+        return self._queries.next(options, self.np_random)
 
     def _start(self, q: int, decide, on_finish=None) -> _Episode:
         visit = self._visits.get(q, 0)

@@ -14,6 +14,16 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` (creating its folder) and close it."""
+    plt = _plt()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def latency_cdfs(records_df, out: Path, title: str = "") -> Path:
     """CDFs of engine-side TTFT, TPOT and E2E of finished requests."""
     import numpy as np

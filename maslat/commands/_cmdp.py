@@ -332,7 +332,7 @@ def results_table(summary: dict) -> str:
 
 
 def goodput_plot(summary: dict, path: Path) -> Path:
-    from maslat.plots import _plt
+    from maslat.plots import _plt, save_figure
 
     plt = _plt()
     regs = list(summary["by_slo"])
@@ -349,15 +349,11 @@ def goodput_plot(summary: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{summary['task']}: goodput against the SLO")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def training_plot(curves: dict, path: Path, cost_limit: float) -> Path:
-    from maslat.plots import _plt
+    from maslat.plots import _plt, save_figure
 
     plt = _plt()
     ppo = {k: v for k, v in curves.items() if k.startswith("ppo_lagrangian/")}
@@ -374,8 +370,4 @@ def training_plot(curves: dict, path: Path, cost_limit: float) -> Path:
         a.set_xlabel("environment steps")
         a.grid(alpha=0.3)
     a2.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

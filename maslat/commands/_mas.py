@@ -84,6 +84,8 @@ def pareto_plot(summary: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from maslat.plots import save_figure
+
     methods = summary["methods"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "cp_tokens_mean", "critical path (tokens, LAMaS's CP len)"),
@@ -102,11 +104,7 @@ def pareto_plot(summary: dict, path: Path) -> Path:
             axes[0].annotate(f"{name} (paper)", (pub[name]["cp_tokens_mean"], pub[name]["score_pct"]),
                              textcoords="offset points", xytext=(4, -10), fontsize=8)
     fig.suptitle(f"{summary['task']}: score vs critical path, {summary['seeds']} seed(s)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def curves_plot(curves: dict[str, list[list[dict]]], path: Path, window: int = 16) -> Path:
@@ -116,6 +114,8 @@ def curves_plot(curves: dict[str, list[list[dict]]], path: Path, window: int = 1
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
+    from maslat.plots import save_figure
 
     keys = ("train/score", "train/cp_tokens", "latency/cp_seconds")
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -130,8 +130,4 @@ def curves_plot(curves: dict[str, list[list[dict]]], path: Path, window: int = 1
             ax.set_title(k)
             ax.set_xlabel("batch")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
