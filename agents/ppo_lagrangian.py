@@ -56,6 +56,9 @@ class PPOLagArgs:
         lambda_init: lambda_0 (OmniSafe: 0.001).
         lambda_lr: eta, Adam's step on lambda (OmniSafe: 0.035 over hundreds of epochs; with 48 epochs
             lambda could not pass ~1.7, too little for a cost that rivals the reward).
+        pid_kp, pid_ki, pid_kd: PID gains (OmniSafe CPPOPID: 0.1, 0.01, 0.01 for navigation costs of ~25 per
+            episode; scaled up for a cost that is a rate in [0, 1], else lambda would crawl: with OmniSafe's
+            gains it reached 0.06 in 12 epochs on the known-optimum case, with these ~1).
         seed: torch initialisation, minibatch order, action sampling and the environment's seed.
     """
 
@@ -74,6 +77,9 @@ class PPOLagArgs:
     lagrangian: str = "gradient"
     lambda_init: float = 0.001
     lambda_lr: float = 0.1
+    pid_kp: float = 1.0
+    pid_ki: float = 0.5
+    pid_kd: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -220,7 +226,8 @@ def train_ppo_lagrangian(env, args: PPOLagArgs = PPOLagArgs(), *, progress: Call
     nets = _Nets(ds, da, args.hidden, gen)
     opt = torch.optim.Adam(nets.parameters(), lr=args.lr, eps=1e-5)
     lag = make_lagrange(args.lagrangian, args.cost_limit,
-                        **({"init": args.lambda_init, "lr": args.lambda_lr} if args.lagrangian == "gradient" else {}))
+                        **({"init": args.lambda_init, "lr": args.lambda_lr} if args.lagrangian == "gradient" else
+                           {"kp": args.pid_kp, "ki": args.pid_ki, "kd": args.pid_kd}))
     norm_s, norm_a = RunningNorm(ds), RunningNorm(da)
     cost_fn = COSTS[args.cost]
     T = args.steps_per_epoch

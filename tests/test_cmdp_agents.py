@@ -120,3 +120,13 @@ def test_featurizer_ranks_actions_by_published_quality_and_slack():
     assert a.shape == (len(env.models) * len(STRATEGY_NAMES), a.shape[1]) and np.isfinite(s).all()
     assert a[5, 0] == pytest.approx(quality_table(env.task, env.models)[1, 2])   # 70B DeepThink's quality
     assert a[0, 2] > a[2, 2]                                                     # Flash has more slack than DeepThink
+
+
+@pytest.mark.slow
+def test_pid_lagrangian_variant_meets_the_constraint_on_the_known_case():
+    args = PPOLagArgs(total_steps=6000, steps_per_epoch=500, lagrangian="pid", seed=0)
+    pol, hist = train_ppo_lagrangian(_io_env(), args)
+    lams = [h["constraint/lambda"] for h in hist]
+    assert lams[-1] > 0.3 and all(b >= a - 1e-9 for a, b in zip(lams, lams[1:], strict=False))  # damped rise
+    rows = evaluate(pol, _io_env("test"), range(60), [0.5], seed=0, regime="idle")
+    assert np.mean([r["attained"] for r in rows]) >= 0.95 and np.mean([r["goodput"] for r in rows]) >= 0.85
