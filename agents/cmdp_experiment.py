@@ -31,9 +31,26 @@ from .cmdp_policies import BASELINES, make_baseline
 from .masrouter import MasRouterArgs, train_masrouter
 from .ppo_lagrangian import PPOLagArgs, train_ppo_lagrangian
 
-__all__ = ["CMDPExperimentConfig", "POLICIES", "evaluate", "findings", "run_cmdp_experiment", "summarise"]
+__all__ = ["CMDPExperimentConfig", "POLICIES", "SLO_FACTORS", "TRAIN_SLO_FACTOR", "default_slo", "evaluate", "findings",
+           "run_cmdp_experiment", "summarise"]
 
 POLICIES = ("ppo_lagrangian", "masrouter", *BASELINES, "oracle")
+
+#: SLO factors (x the query's idle reference latency) evaluated, and the range trained on, per task kind.
+#: Code answers hardly compress (the program is the answer: Flash keeps ~60 % of a DeepThink completion,
+#: Concise ~68 %), so under the busy regime's 3-5x slower decoding no plan meets a code SLO below ~2x the
+#: idle reference (the fastest plan meets 1x on 50 % of HumanEval queries, 2x on 95 %); math answers shrink
+#: 5-40x with Concise/Flash, and 0.75x is feasible. An SLO no plan can meet tests only the load.
+SLO_FACTORS = {"math": (0.75, 1.0, 1.5, 2.0), "code": (2.0, 2.5, 3.0, 4.0)}
+TRAIN_SLO_FACTOR = {"math": (0.6, 2.2), "code": (1.8, 4.5)}
+
+
+def default_slo(task: str) -> tuple[tuple[float, ...], tuple[float, float]]:
+    """(evaluated SLO factors, training range) for ``task``."""
+    from envs.tasks import make_task
+
+    kind = make_task(task).kind
+    return SLO_FACTORS[kind], TRAIN_SLO_FACTOR[kind]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,8 +59,10 @@ class CMDPExperimentConfig:
         task: benchmark of the task models.
         seeds: training and evaluation seeds.
         regimes: load regimes (``envs.loads.REGIMES``).
-        slo_factors: evaluation SLOs, as multiples of each query's reference latency.
-        train_slo_factor: range the training SLO factor is drawn from (wider than the evaluated one).
+        slo_factors: evaluation SLOs, as multiples of each query's reference latency (``None``: the task
+            kind's ``SLO_FACTORS``).
+        train_slo_factor: range the training SLO factor is drawn from, wider than the evaluated one
+            (``None``: the task kind's ``TRAIN_SLO_FACTOR``).
         eval_queries: test queries evaluated (the first ones of a seeded permutation of the test split).
         policies: which of ``POLICIES`` to run.
         warmup_s: background seconds before every evaluation query.
@@ -55,8 +74,8 @@ class CMDPExperimentConfig:
     task: str = "gsm8k"
     seeds: tuple[int, ...] = (0, 1, 2)
     regimes: tuple[str, ...] = ("idle", "busy", "bursty", "shift")
-    slo_factors: tuple[float, ...] = (0.75, 1.0, 1.5, 2.0)
-    train_slo_factor: tuple[float, float] = (0.6, 2.2)
+    slo_factors: tuple[float, ...] | None = None
+    train_slo_factor: tuple[float, float] | None = None
     eval_queries: int = 60
     policies: tuple[str, ...] = POLICIES
     warmup_s: float = 20.0
@@ -68,8 +87,13 @@ class CMDPExperimentConfig:
         bad = [p for p in self.policies if p not in POLICIES]
         if bad:
             raise ValueError(f"unknown policies {bad}; choose from {POLICIES}")
-        if not self.seeds or self.eval_queries < 1 or not self.slo_factors:
+        if not self.seeds or self.eval_queries < 1 or (self.slo_factors is not None and not self.slo_factors):
             raise ValueError("need at least one seed, one evaluation query and one SLO factor")
+        ev, tr = default_slo(self.task)
+        if self.slo_factors is None:
+            object.__setattr__(self, "slo_factors", ev)
+        if self.train_slo_factor is None:
+            object.__setattr__(self, "train_slo_factor", tr)
 
 
 def _env(cfg: CMDPExperimentConfig, regime: str, split: str, estimator, **kw) -> MASLatencyCMDPEnv:

@@ -56,14 +56,16 @@ class PPOLagArgs:
         lambda_init: lambda_0 (OmniSafe: 0.001).
         lambda_lr: eta, Adam's step on lambda (OmniSafe: 0.035 over hundreds of epochs; with 48 epochs
             lambda could not pass ~1.7, too little for a cost that rivals the reward).
+        (``total_steps`` and ``steps_per_epoch`` keep one regime's training under 5 minutes on one core:
+        the busy regime simulates ~140 background requests per agent call.)
         pid_kp, pid_ki, pid_kd: PID gains (OmniSafe CPPOPID: 0.1, 0.01, 0.01 for navigation costs of ~25 per
             episode; scaled up for a cost that is a rate in [0, 1], else lambda would crawl: with OmniSafe's
             gains it reached 0.06 in 12 epochs on the known-optimum case, with these ~1).
         seed: torch initialisation, minibatch order, action sampling and the environment's seed.
     """
 
-    total_steps: int = 48_000
-    steps_per_epoch: int = 1000
+    total_steps: int = 24_000
+    steps_per_epoch: int = 500
     update_iters: int = 10
     minibatch: int = 64
     gamma: float = 0.99

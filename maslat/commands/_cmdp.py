@@ -23,10 +23,12 @@ def add_cmdp_args(p, *, experiment: bool = False, dataset: bool = False, load_de
         g.add_argument("--load", default=load_default,
                        help=f"load regime: idle | busy | bursty | shift (default {load_default or 'the checkpoint s'})")
     g.add_argument("--slo-factor", type=float, nargs="+", default=None, metavar="F",
-                   help="training: SLO factor LOW HIGH drawn per episode (default 0.6 2.2); evaluation: the "
-                        "factors to test (default 0.75 1 1.5 2). A factor multiplies each query's reference "
-                        "latency (its topology with the strongest model and DeepThink on idle replicas)")
-    g.add_argument("--steps", type=int, default=None, help="PPO-Lagrangian environment steps (default 48000)")
+                   help="training: SLO factor LOW HIGH drawn per episode; evaluation: the factors to test. A "
+                        "factor multiplies each query's reference latency (its topology with the strongest model "
+                        "and DeepThink on idle replicas). Defaults per task kind: math train 0.6 2.2, test "
+                        "0.75 1 1.5 2; code train 1.8 4.5, test 2 2.5 3 4 (code answers hardly shrink, so "
+                        "tighter code SLOs are infeasible under load)")
+    g.add_argument("--steps", type=int, default=None, help="PPO-Lagrangian environment steps (default 24000)")
     g.add_argument("--cost", default="violation", choices=("violation", "overrun_frac", "overrun_s"),
                    help="the constrained cost: 1 per episode that misses its SLO (default), the overrun as a "
                         "fraction of the SLO, or the overrun in seconds (info['cost'])")
@@ -140,8 +142,10 @@ def _prompts_of(run_dir: Path) -> Path:
     raise FileNotFoundError(f"{run_dir}: cannot find the Phase-1 prompts of this run; pass --prompts FILE")
 
 
-def _slo_range(args, default=(0.6, 2.2)) -> tuple[float, float]:
-    f = args.slo_factor or list(default)
+def _slo_range(args) -> tuple[float, float]:
+    from agents.cmdp_experiment import default_slo
+
+    f = args.slo_factor or list(default_slo(args.task)[1])
     if len(f) == 1:
         return (f[0], f[0])
     if len(f) != 2:
@@ -243,7 +247,9 @@ def evaluate_cmdp(args) -> int:
     pol, ck = load_policy(args.checkpoint)
     task = args.task or ck["task"]
     load = args.load or ck["load"]
-    factors = args.slo_factor or [0.75, 1.0, 1.5, 2.0]
+    from agents.cmdp_experiment import default_slo
+
+    factors = args.slo_factor or list(default_slo(task)[0])
     env = MASLatencyCMDPEnv(task, args.split, load=load, estimator=_estimator_spec(args) if args.estimator != "default"
                             else ck.get("estimator", "default"), warmup_s=20.0)
     n = min(args.num_queries, len(env.queries))
@@ -270,7 +276,7 @@ def experiment_cmdp(args) -> int:
     from agents.masrouter import MasRouterArgs
 
     torch.set_num_threads(1)
-    factors = tuple(args.slo_factor or (0.75, 1.0, 1.5, 2.0))
+    factors = tuple(args.slo_factor) if args.slo_factor else None
     cfg = CMDPExperimentConfig(task=args.task, seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
                                regimes=tuple(args.regimes), slo_factors=factors, eval_queries=args.eval_queries,
                                policies=tuple(args.policies or POLICIES), ppo=ppo_args(args, seed=0),
