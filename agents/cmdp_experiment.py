@@ -209,11 +209,12 @@ def episodes_total(cfg: CMDPExperimentConfig) -> int:
     """Progress units: PPO steps, MasRouter training queries and evaluation episodes."""
     from envs.tasks import make_task
 
+    task = make_task(cfg.task)
     per_seed = (cfg.ppo.total_steps // cfg.ppo.steps_per_epoch * cfg.ppo.steps_per_epoch * len(cfg.regimes)
                 * ("ppo_lagrangian" in cfg.policies))
     if "masrouter" in cfg.policies:
-        per_seed += make_task(cfg.task).num_train * cfg.masrouter.epochs
-    n_eval = min(cfg.eval_queries, make_task(cfg.task).num_test)
+        per_seed += task.num_train * cfg.masrouter.epochs
+    n_eval = min(cfg.eval_queries, task.num_test)
     per_seed += len(cfg.regimes) * len(cfg.policies) * n_eval * len(cfg.slo_factors)
     return per_seed * len(cfg.seeds)
 

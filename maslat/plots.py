@@ -38,11 +38,7 @@ def latency_cdfs(records_df, out: Path, title: str = "") -> Path:
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def queue_timeseries(ts_df, out: Path, title: str = "") -> Path:
@@ -60,8 +56,4 @@ def queue_timeseries(ts_df, out: Path, title: str = "") -> Path:
     if ts_df.replica.nunique() <= 8:
         axes[0].legend(fontsize=8, ncol=4)
     fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

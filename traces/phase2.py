@@ -38,13 +38,14 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from .client import chat_body
 
-__all__ = ["PHASE2_AUX_COLUMNS", "PHASE2_COLUMNS", "STRATEGIES", "Phase2Config", "read_prompt_keys", "read_prompts",
-           "run_phase2"]
+__all__ = ["PHASE2_AUX_COLUMNS", "PHASE2_COLUMNS", "STRATEGIES", "Phase1Prompt", "Phase2Config", "read_phase1",
+           "read_prompts", "run_phase2"]
 
 PHASE2_COLUMNS = ("queue_waiting", "queue_running", "kv_utilization", "model_id", "role_id", "strategy_id",
                   "total_input_tokens", "actual_ttft", "actual_tpot", "output_tokens")
@@ -91,22 +92,40 @@ class Phase2Config:
             raise ValueError("warmup_s must be >= 0")
 
 
-def read_prompts(path: str | Path, limit: int | None = None) -> list[tuple[str, str]]:
-    """``[(prompt_text, role_id), ...]`` from a Phase-1 CSV; a bad row raises naming file, line and field."""
+class Phase1Prompt(NamedTuple):
+    """One row of a Phase-1 prompts file; ``task``/``query`` are ``("", -1)`` unless the file has them
+    (simulator files do)."""
+
+    text: str
+    role: str
+    task: str
+    query: int
+
+
+def read_phase1(path: str | Path, limit: int | None = None) -> list[Phase1Prompt]:
+    """The rows of a Phase-1 CSV; a bad row raises naming file, line and field."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such Phase-1 prompts file")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        missing = {"prompt_text", "role_id"} - set(reader.fieldnames or ())
+        fields = set(reader.fieldnames or ())
+        missing = {"prompt_text", "role_id"} - fields
         if missing:
             raise ValueError(f"{path}:1: missing column(s) {sorted(missing)} (need prompt_text, role_id)")
+        keyed = {"task", "query"} <= fields
         rows = []
         for row in reader:
             for key in ("prompt_text", "role_id"):
                 if not (row.get(key) or "").strip():
                     raise ValueError(f"{path}:{reader.line_num}: field {key} is empty")
-            rows.append((row["prompt_text"], row["role_id"].strip()))
+            task, query = "", -1
+            if keyed:
+                try:
+                    task, query = row["task"], int(row["query"])
+                except (TypeError, ValueError):
+                    raise ValueError(f"{path}:{reader.line_num}: field query is not an integer: {row['query']!r}") from None
+            rows.append(Phase1Prompt(row["prompt_text"], row["role_id"].strip(), task, query))
             if limit is not None and len(rows) >= limit:
                 break
     if not rows:
@@ -114,18 +133,9 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[tuple[str, 
     return rows
 
 
-def read_prompt_keys(path: str | Path, limit: int | None = None) -> list[tuple[str, int]]:
-    """``(task, query)`` of each Phase-1 row when the file has those columns (simulator files do), else
-    ``("", -1)``; row-aligned with ``read_prompts``."""
-    with Path(path).open(newline="") as f:
-        reader = csv.DictReader(f)
-        has = {"task", "query"} <= set(reader.fieldnames or ())
-        out = []
-        for row in reader:
-            out.append((row["task"], int(row["query"])) if has else ("", -1))
-            if limit is not None and len(out) >= limit:
-                break
-    return out
+def read_prompts(path: str | Path, limit: int | None = None) -> list[tuple[str, str]]:
+    """``[(prompt_text, role_id), ...]`` from a Phase-1 CSV (``read_phase1`` without the keys)."""
+    return [(p.text, p.role) for p in read_phase1(path, limit)]
 
 
 def _content(prompt: str, strategy: str) -> str:
@@ -135,8 +145,7 @@ def _content(prompt: str, strategy: str) -> str:
 class _Phase2:
     def __init__(self, col, session):
         self.col, self.s, self.cfg = col, session, col.cfg.phase2
-        self.prompts = read_prompts(self.cfg.prompts_csv, self.cfg.limit)
-        self.keys = read_prompt_keys(self.cfg.prompts_csv, self.cfg.limit)
+        self.prompts = read_phase1(self.cfg.prompts_csv, self.cfg.limit)
         self.ttft_ema_ms = math.nan
         self.model = col.info["model"]
         self.url = col.cfg.base_url + "/v1/chat/completions"
@@ -160,7 +169,7 @@ class _Phase2:
     async def background(self, stop: asyncio.Event) -> None:
         col = self.col
         while not stop.is_set() and not col.stop.is_set():
-            prompt, role = self.prompts[int(self.rng.integers(len(self.prompts)))]
+            prompt, role, _, _ = self.prompts[int(self.rng.integers(len(self.prompts)))]
             strat = self.cfg.strategies[int(self.rng.integers(len(self.cfg.strategies)))]
             body = chat_body(self.model, _content(prompt, strat), self.cfg.max_tokens, ignore_eos=False)
             res = await col.send(self.s, self.url, body, extra={"kind": "background", "role_id": role,
@@ -174,7 +183,7 @@ class _Phase2:
         if res.ok and res.chunk_times:
             t = (res.chunk_times[0] - res.sent_mono) * 1e3
             e = self.ttft_ema_ms
-            self.ttft_ema_ms = t if e != e else TTFT_EMA_ALPHA * t + (1 - TTFT_EMA_ALPHA) * e
+            self.ttft_ema_ms = t if math.isnan(e) else TTFT_EMA_ALPHA * t + (1 - TTFT_EMA_ALPHA) * e
 
     async def probe(self, row: int, prompt: str, role: str, strat: str) -> None:
         col = self.col
@@ -194,8 +203,8 @@ class _Phase2:
         kv = state.kv_usage if state.kv_usage is not None else math.nan
         self.csv.writerow([int(state.waiting), int(state.running), kv, self.cfg.model_id or self.model, role, strat,
                            res.prompt_tokens, (t[0] - res.sent_mono) * 1e3, tpot_ms, n])
-        task, query = self.keys[row]
-        self.aux.writerow([row, col.cfg.concurrency or 0, 0.0 if ema != ema else ema, task, query])
+        p = self.prompts[row]
+        self.aux.writerow([row, col.cfg.concurrency or 0, 0.0 if math.isnan(ema) else ema, p.task, p.query])
         self.file.flush()
         self.aux_file.flush()
         self.counts["phase2_rows"] += 1
@@ -214,10 +223,10 @@ async def run_phase2(col, session) -> None:
     if col.cfg.concurrency and ph.cfg.warmup_s > 0:
         await col.pause(ph.cfg.warmup_s * col.clock.time_scale)
     for _ in range(ph.cfg.repeats):
-        for row, (prompt, role) in enumerate(ph.prompts):
+        for row, p in enumerate(ph.prompts):
             for strat in ph.cfg.strategies:
                 if col.stop.is_set():
                     return
-                await ph.probe(row, prompt, role, strat)
+                await ph.probe(row, p.text, p.role, strat)
     bg_stop.set()  # background clients finish the call they are in, then stop
     await drain(col)
