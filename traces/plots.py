@@ -68,6 +68,9 @@ def save_replay_plots(run: MeasuredRun, simulated: SimulatedRun, out_dir: str | 
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     paths = {"cdf": d / f"{run.name}_cdf.png", "queues": d / f"{run.name}_queues.png"}
-    cdf_figure(run, simulated, mask).savefig(paths["cdf"], dpi=110)
-    queue_figure(run, simulated).savefig(paths["queues"], dpi=110)
+    import matplotlib.pyplot as plt
+
+    for key, fig in (("cdf", cdf_figure(run, simulated, mask)), ("queues", queue_figure(run, simulated))):
+        fig.savefig(paths[key], dpi=110)
+        plt.close(fig)  # written, not shown: free it
     return {k: str(v) for k, v in paths.items()}
