@@ -88,6 +88,12 @@ class MASLatencyCMDPEnv(gym.Env):
 
     ## Rewards
     0 on every step but the last, which pays the query's quality: 1 if the final answer is right, else 0.
+    The last step's ``info["quality_expected"]`` is the probability that the final answer is right given the
+    calls made (``QueryState.expected_score``: the answer draws resampled 256 times) — the same reward in
+    expectation with much less variance, for trainers that want it. With ``counterfactual_quality=True``
+    (attribute or argument; ~2 ms per episode) ``info["quality_by_action"]`` (nodes x 3 M) holds the same
+    had node ``i`` run action ``a`` instead, every other call unchanged (``QueryState.counterfactual_scores``,
+    same Latin-hypercube resamples for every entry: the differences between a node's actions are sharp).
 
     ## Costs
     ``info["cost"]`` on every step: the latency the episode spent beyond its budget since the previous
@@ -103,7 +109,7 @@ class MASLatencyCMDPEnv(gym.Env):
     ``gym.make("MASLatency-CMDP-v0", task="mbpp", split="train", slo_s=None, slo_factor=(0.75, 2.0),
     load="idle", models=None, planner="mix", execution="dag", estimator="default",
     action_type="multidiscrete", flatten_obs=False, warmup_s=30.0, dataset_seed=0, shuffle=True,
-    background_trace=None, router="least_outstanding")``.
+    counterfactual_quality=False, background_trace=None, router="least_outstanding")``.
     The SLO is ``slo_s`` seconds if given, else ``slo_factor`` times the query's *reference latency*: the
     critical path of its topology with the strongest model and DeepThink on idle replicas (simulated; an
     answer to the design's open question 1). A ``(low, high)`` factor is drawn uniformly per episode.
@@ -123,6 +129,7 @@ class MASLatencyCMDPEnv(gym.Env):
                  models: tuple[ModelEntry, ...] | None = None, planner: str = "mix", execution: str = "dag",
                  estimator="default", action_type: str = "multidiscrete", flatten_obs: bool = False,
                  warmup_s: float = 30.0, dataset_seed: int = 0, shuffle: bool = True,
+                 counterfactual_quality: bool = False,
                  background_trace: BackgroundTrace | None = None, router: str = "least_outstanding",
                  render_mode: str | None = None):
         self.task = make_task(task)
@@ -144,6 +151,7 @@ class MASLatencyCMDPEnv(gym.Env):
         self.execution, self.action_type, self.flatten_obs = execution, action_type, flatten_obs
         self.warmup_s, self.dataset_seed, self.shuffle, self.router = float(warmup_s), dataset_seed, shuffle, router
         self.background_trace = background_trace
+        self.counterfactual_quality = bool(counterfactual_quality)
         self.planner = make_planner(planner, self.task.kind, dataset_seed)
         self.estimator = load_estimator(estimator, self.model_names)
         self.queries = make_queries(self.task, split, dataset_seed)
@@ -416,7 +424,8 @@ class MASLatencyCMDPEnv(gym.Env):
         q = ep.state.score
         ok = lat <= ep.slo_s
         calls = sorted(ep.calls, key=lambda c: c["node"])
-        return {"quality": q, "latency_s": lat, "slo_s": ep.slo_s, "slo_factor": ep.slo_factor,
+        extra = {"quality_by_action": ep.state.counterfactual_scores()} if self.counterfactual_quality else {}
+        return {"quality": q, "quality_expected": ep.state.expected_score(), **extra, "latency_s": lat, "slo_s": ep.slo_s, "slo_factor": ep.slo_factor,
                 "reference_s": ep.reference_s, "slo_violated": not ok, "goodput": float(q > 0 and ok),
                 "cost_usd": ep.cost_usd, "query": ep.q, "visit": ep.visit, "topology": ep.topology.mode,
                 "num_calls": len(calls), "rejected_calls": ep.rejected, "calls": calls, "start_s": ep.t0,

@@ -71,6 +71,7 @@ class QueryState:
     seed_words: list[int]
     labels: list[int | None] = field(default_factory=list)
     out_tokens: list[int] = field(default_factory=list)
+    choices: list[tuple[int, int, bool] | None] = field(default_factory=list)
     clipped_tokens: int = 0
     _u: np.ndarray = field(init=False, repr=False)
     _z: np.ndarray = field(init=False, repr=False)
@@ -82,6 +83,7 @@ class QueryState:
         n = len(self.topology)
         self.labels = [None] * n
         self.out_tokens = [0] * n
+        self.choices = [None] * n
 
     @property
     def z_difficulty(self) -> float:
@@ -136,6 +138,7 @@ class QueryState:
         """Record the node's output; a call that was not served gives no answer (counted as wrong)."""
         i = node.index
         self.out_tokens[i] = completion_tokens if served else 0
+        self.choices[i] = (model, strategy, served)
         fn = ROLES[node.role].function
         if fn == "plan":
             return
@@ -161,3 +164,84 @@ class QueryState:
     @property
     def score(self) -> float:
         return 1.0 if self.answer == 0 else 0.0
+
+    def expected_score(self, draws: int = 256, u: np.ndarray | None = None) -> float:
+        """P(the final answer is right | the calls made): the answer draws resampled ``draws`` times.
+
+        The answers' randomness (``_u``) touches nothing else in the episode (lengths and latency use their
+        own draws), so this is the conditional expectation of ``score`` given the trajectory: a reward with
+        the same expectation and far less variance (Rao-Blackwellised). Deterministic: the resamples come
+        from a stream keyed by the query's seed words. ``u`` (shape ``(K, nodes, 3)``) replaces the resamples;
+        ``u = self._u[None]`` reproduces ``score`` exactly (tested). Every node must have finished."""
+        p = np.array([[self._p_taken(i) for i in range(len(self.topology))]])
+        return float(self._right_rate(p, self._draws(draws) if u is None else u)[0])
+
+    def counterfactual_scores(self, draws: int = 256) -> np.ndarray:
+        """``Q[i, a]``: ``expected_score`` had node ``i`` run action ``a = model * 3 + strategy`` and every other
+        node what it ran (same resampled draws for every entry, so differences are exact up to the shared
+        resample). A node without an answer (``plan``) or whose call was rejected has a constant row. Shape
+        ``(nodes, models * 3)``."""
+        n, na, ns = len(self.topology), len(self.models) * len(STRATEGY_NAMES), len(STRATEGY_NAMES)
+        taken = np.array([self._p_taken(i) for i in range(n)])
+        alt = np.array([self.p_right(*divmod(a, ns)) for a in range(na)])
+        p = np.repeat(taken[None], n * na, 0).reshape(n, na, n)
+        for i in range(n):
+            if self.choices[i] is not None and self.choices[i][2]:
+                p[i, :, i] = alt
+        return self._right_rate(p.reshape(n * na, n), self._draws(draws)).reshape(n, na)
+
+    def _p_taken(self, i: int) -> float:
+        c = self.choices[i]
+        if c is None:
+            if self.topology.nodes[i].function != "plan":
+                raise RuntimeError("expected scores need every answering node finished")
+            return 0.0
+        return self.p_right(c[0], c[1]) if c[2] else 0.0
+
+    def _draws(self, draws: int) -> np.ndarray:
+        """A Latin hypercube of ``draws`` points per (node, purpose): each column hits every 1/draws stratum
+        once, so the share of draws under a probability is exact to 1/draws (differences between actions
+        that move a probability by 1 point are not lost in sampling noise); unbiased like plain draws."""
+        g = np.random.Generator(np.random.PCG64(np.random.SeedSequence([*self.seed_words, 0x5EED])))
+        shape = (draws, len(self.topology), 3)
+        strata = np.argsort(g.random(shape), axis=0)                     # an independent permutation per column
+        return (strata + g.random(shape)) / draws
+
+    def _right_rate(self, p: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """For every row of ``p`` (V, nodes: each node's probability of a right fresh attempt), the share of
+        the ``K`` draws ``u`` (K, nodes, 3) whose final answer is right, by ``finish``'s rules. Shape (V,)."""
+        v, k = p.shape[0], u.shape[0]
+        q = self.quality
+        labels: list[np.ndarray | None] = [None] * len(self.topology)
+        for node in self.topology.nodes:
+            i = node.index
+            if node.function == "plan":
+                continue
+            if not self.choices[i][2]:
+                labels[i] = np.full((v, k), 2 + i)
+                continue
+            ur, uw, ut = u[None, :, i, _U_RIGHT], u[None, :, i, _U_WRONG], u[:, i, _U_TIE]
+            wrong = np.where(uw < WRONG_SHARED, 1, 2 + i)
+            pi = p[:, i, None]
+            inputs = [labels[d] for d in node.deps if labels[d] is not None]
+            if node.function == "solve" or not inputs:
+                labels[i] = np.where(ur < pi, 0, wrong)
+                continue
+            stacked = np.stack(inputs, -1).reshape(v * k, len(inputs))
+            base = _vote_many(stacked, np.broadcast_to(ut, (v, k)).reshape(-1)).reshape(v, k)
+            labels[i] = np.where(base == 0, np.where(ur < q.refine_break, wrong, 0),
+                                 np.where(ur < q.refine_fix_share * pi, 0, base))
+        return (labels[-1] == 0).mean(1)
+
+
+def _vote_many(inputs: np.ndarray, u_tie: np.ndarray) -> np.ndarray:
+    """``QueryState._vote`` on every row of ``inputs`` (R, n) at once: the plurality label, ties broken by
+    ``u_tie`` among the tied labels in ascending order."""
+    r = inputs.shape[0]
+    counts = np.zeros((r, int(inputs.max()) + 1), np.int16)
+    rows = np.arange(r)
+    for j in range(inputs.shape[1]):
+        counts[rows, inputs[:, j]] += 1                                 # one increment per row: no clashes
+    tied = counts == counts.max(1, keepdims=True)
+    pick = (u_tie * tied.sum(1)).astype(np.int64)                      # the pick-th tied label
+    return np.argmax(np.cumsum(tied, 1) > pick[:, None], axis=1)

@@ -76,6 +76,22 @@ def test_ppo_lagrangian_learns_the_known_constrained_optimum():
     assert again.act(obs) == pol.act(obs)
 
 
+def test_counterfactual_credit_finds_a_one_point_quality_gap_that_the_sampled_answer_hides():
+    # HumanEval, one call, an SLO nothing misses: the optimum is the best-quality action (70B DeepThink),
+    # 1.1 points above 70B Concise -- a gap a 0/1 answer per episode hardly shows in 3,000 episodes
+    def env(split):
+        return MASLatencyCMDPEnv("humaneval", split, load="idle", planner="fixed:IO", slo_factor=20.0,
+                                 warmup_s=5.0)
+
+    pol, hist = train_ppo_lagrangian(env("train"), PPOLagArgs(total_steps=3000, steps_per_epoch=500, seed=0))
+    assert hist[-1]["constraint/lambda"] == 0.0
+    test = env("test")
+    rows = evaluate(pol, test, range(40), [20.0], seed=0, regime="idle")
+    assert np.mean([r["large_share"] == 1.0 and r["deepthink_share"] == 1.0 for r in rows]) >= 0.95
+    with pytest.raises(ValueError, match="reward must be one of"):
+        PPOLagArgs(reward="dense")
+
+
 class _Fixed:
     def __init__(self, m, s):
         self.a, self.name = (m, s), f"fixed{m}{s}"

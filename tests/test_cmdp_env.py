@@ -258,3 +258,35 @@ def test_shift_regime_changes_the_load_within_episodes():
         env.world.run(until=env.world.now + 1.0)
         runs.append(env.system_state()[0, 1])
     assert max(runs) > 4 * max(1.0, min(runs))
+
+
+def test_expected_quality_is_the_sampled_answer_averaged_over_the_answer_draws():
+    env = _env(task="humaneval", load="idle", slo_factor=3.0, counterfactual_quality=True)
+    rng = np.random.default_rng(0)
+    modes = set()
+    for seed in range(40):
+        env.reset(seed=seed)
+        while True:
+            st = env._ep.state
+            _, r, term, _, info = env.step([int(rng.integers(2)), int(rng.integers(3))])
+            if term:
+                break
+        modes.add(info["topology"])
+        # the vectorised re-simulation with the episode's own draws is the environment's answer, exactly
+        assert st.expected_score(u=st._u[None]) == info["quality"] == r
+        assert 0.0 <= info["quality_expected"] <= 1.0
+        assert st.expected_score() == info["quality_expected"]          # deterministic
+        q = info["quality_by_action"]                                    # (nodes, 6) counterfactuals
+        for c in info["calls"]:
+            a = env.model_names.index(c["model"]) * 3 + STRATEGY_NAMES.index(c["strategy"])
+            assert q[c["node"], a] == pytest.approx(info["quality_expected"], abs=1e-12)
+    assert {"Debate", "ParallelMap"} <= modes                           # votes with ties were exercised
+    # one call: the expectation is the attempt's probability of being right
+    env = _env(task="gsm8k", load="idle", planner="fixed:IO")
+    env.reset(seed=1)
+    st = env._ep.state
+    env.step([0, 0])
+    assert st.expected_score(draws=8192) == pytest.approx(st.p_right(0, 0), abs=0.03)
+    q = st.counterfactual_scores(draws=8192)[0]
+    assert q == pytest.approx([st.p_right(*divmod(a, 3)) for a in range(6)], abs=0.03)
+    assert q[5] == q.max()                                               # 70B DeepThink is the strongest

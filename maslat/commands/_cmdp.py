@@ -34,6 +34,15 @@ def add_cmdp_args(p, *, experiment: bool = False, dataset: bool = False, load_de
                         "fraction of the SLO, or the overrun in seconds (info['cost'])")
     g.add_argument("--cost-limit", type=float, default=None, help="the limit d on the mean episodic cost "
                                                                   "(default 0.01 for violation)")
+    g.add_argument("--reward", default="counterfactual", choices=("counterfactual", "expected", "sampled"),
+                   help="PPO-Lagrangian's reward advantage: per call, its action's effect on the probability that "
+                        "the final answer is right, the other calls as made (default); GAE on that probability "
+                        "for the whole episode (expected); or GAE on the sampled 0/1 answer (sampled)")
+    g.add_argument("--adv-norm", default="joint", choices=("joint", "separate"),
+                   help="standardise A_r - lambda A_c as one (default: lambda in the units of quality per unit "
+                        "of cost) or each advantage apart, then (A_r - lambda A_c) / (1 + lambda) (OmniSafe)")
+    g.add_argument("--lambda-lr", type=float, default=None,
+                   help="step size of the gradient Lagrangian's multiplier (Adam; default: PPOLagArgs.lambda_lr)")
     g.add_argument("--lagrangian", default="gradient", choices=("gradient", "pid"),
                    help="multiplier update: OmniSafe's gradient ascent or the PID Lagrangian")
     g.add_argument("--estimator", default="default",
@@ -157,10 +166,13 @@ def ppo_args(args, **over):
     from agents.ppo_lagrangian import PPOLagArgs
 
     limit = args.cost_limit if args.cost_limit is not None else DEFAULT_COST_LIMIT[args.cost]
-    kw = {"cost": args.cost, "cost_limit": limit, "lagrangian": args.lagrangian, "seed": getattr(args, "seed", 0),
+    kw = {"cost": args.cost, "cost_limit": limit, "lagrangian": args.lagrangian, "reward": args.reward,
+          "adv_norm": args.adv_norm, "seed": getattr(args, "seed", 0),
           **over}
     if args.steps is not None:
         kw["total_steps"] = args.steps
+    if getattr(args, "lambda_lr", None) is not None:
+        kw["lambda_lr"] = args.lambda_lr
     return PPOLagArgs(**kw)
 
 
