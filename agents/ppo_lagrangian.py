@@ -4,8 +4,17 @@ OmniSafe's PPOLag (``algorithms/on_policy/naive_lagrange/ppo_lag.py``) supports 
 this is the same algorithm in-house for the joint (model, strategy) choice: one categorical over the
 ``M x 3`` actions, a reward critic and a separate cost critic, GAE for both, and per epoch, *before* the
 policy update, the multiplier step ``lambda <- proj(lambda + eta (J_c - d))`` (``agents.lagrange``;
-``lagrangian="pid"`` for the PID variant). The surrogate is clipped PPO on ``(A_r - lambda A_c) / (1 +
-lambda)`` with both advantages standardised, as OmniSafe does. Observations are normalised online.
+``lagrangian="pid"`` for the PID variant). The surrogate is clipped PPO on ``A_r - lambda A_c``, standardised
+as one (``adv_norm="separate"``: OmniSafe's ``(A_r - lambda A_c) / (1 + lambda)`` with each advantage
+standardised). Observations are normalised online.
+
+Reward credit (``reward``): the episode pays one 0/1 answer, and the qualities of the actions differ by 1-10
+points per call, so GAE on that answer is mostly noise (HumanEval, idle load: the policy stopped 1-2 points
+short of always-70B-DeepThink however long it trained). ``counterfactual`` (default) gives every call the
+exact effect of its action on the probability that the final answer is right, the other calls as made
+(``info["quality_by_action"]``, the answer draws re-simulated; COMA's counterfactual baseline); its effect on
+later calls through the latency it spends is the cost advantage's business. ``expected`` is GAE on that
+probability, ``sampled`` GAE on the answer itself.
 
 Costs (``cost``): ``violation`` (default) is 1 at the end of an episode that missed its SLO, so ``J_c`` is the
 violation rate and the limit reads as an SLO-attainment target; ``overrun_frac`` is ``info["cost"] / SLO``, the
@@ -66,17 +75,19 @@ class PPOLagArgs:
             and the greedy one deployed, and for bursts that no policy sees coming).
         lagrangian: ``gradient`` (OmniSafe Lagrange) or ``pid``.
         lambda_init: lambda_0 (OmniSafe: 0.001).
-        lambda_lr: eta, Adam's step on lambda (OmniSafe: 0.035 over hundreds of epochs; with 48 epochs
-            lambda could not pass ~1.7, too little for a cost that rivals the reward).
+        lambda_lr: eta, Adam's step on lambda (OmniSafe: 0.035 over hundreds of epochs). Adam moves lambda by
+            about eta per epoch while the sign of ``J_c - d`` holds, so 48 epochs reach at most 48 eta; under
+            busy load the multiplier needs 2-4 (joint standardisation), which at 0.1 it was still climbing to
+            when training ended (training attainment 0.94 on HumanEval busy).
         (``total_steps`` and ``steps_per_epoch`` keep one regime's training under 5 minutes on one core:
-        the busy regime simulates ~140 background requests per agent call.)
+        the busy regime simulates ~200 background requests per agent call.)
         pid_kp, pid_ki, pid_kd: PID gains (OmniSafe CPPOPID: 0.1, 0.01, 0.01 for navigation costs of ~25 per
             episode; scaled up for a cost that is a rate in [0, 1], else lambda would crawl: with OmniSafe's
             gains it reached 0.06 in 12 epochs on the known-optimum case, with these ~1).
         seed: torch initialisation, minibatch order, action sampling and the environment's seed.
     """
 
-    total_steps: int = 24_000
+    total_steps: int = 36_000
     steps_per_epoch: int = 500
     update_iters: int = 10
     minibatch: int = 64

@@ -28,7 +28,7 @@ def add_cmdp_args(p, *, experiment: bool = False, dataset: bool = False, load_de
                         "and DeepThink on idle replicas). Defaults per task kind: math train 0.6 2.2, test "
                         "0.75 1 1.5 2; code train 1.8 4.5, test 2 2.5 3 4 (code answers hardly shrink, so "
                         "tighter code SLOs are infeasible under load)")
-    g.add_argument("--steps", type=int, default=None, help="PPO-Lagrangian environment steps (default 24000)")
+    g.add_argument("--steps", type=int, default=None, help="PPO-Lagrangian environment steps (default 36000)")
     g.add_argument("--cost", default="violation", choices=("violation", "overrun_frac", "overrun_s"),
                    help="the constrained cost: 1 per episode that misses its SLO (default), the overrun as a "
                         "fraction of the SLO, or the overrun in seconds (info['cost'])")
