@@ -2,8 +2,10 @@
 
 A ``QueryState`` knows the query (difficulty, prompt length), its topology and the random draws of this
 attempt; given a node and the Executor's (model, strategy) it says what the call sends and generates
-(``call``), and, once the call is back, what the node's answer is (``finish``). The SimPy shell
-(``envs.cmdp``) runs the calls on the simulated cluster in between.
+(``call``), and, once the call is back, records what it ran (``finish``); the answers follow from the choices
+and the draws by one set of rules, vectorised (``_final_labels``): the live answer (``score``), its
+expectation over resampled draws (``expected_score``) and the counterfactuals (``counterfactual_scores``) all
+read them. The SimPy shell (``envs.cmdp``) runs the calls on the simulated cluster in between.
 
 Answers are labels as in ``envs.supernet``: 0 is right, 1 the query's most common wrong answer, larger
 numbers other wrong answers. Per node:
@@ -21,13 +23,11 @@ model, so two policies that choose differently on the same query differ only by 
 from __future__ import annotations
 
 import functools
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .cmdp_catalog import (
-    ROLES,
     STRATEGY_NAMES,
     STRATEGY_PROMPT_TOKENS,
     attempt_theta,
@@ -69,7 +69,6 @@ class QueryState:
     query_tokens: int
     query_content_id: int
     seed_words: list[int]
-    labels: list[int | None] = field(default_factory=list)
     out_tokens: list[int] = field(default_factory=list)
     choices: list[tuple[int, int, bool] | None] = field(default_factory=list)
     clipped_tokens: int = 0
@@ -81,7 +80,6 @@ class QueryState:
         self._u = g.random((MAX_NODES, 3))
         self._z = g.standard_normal(MAX_NODES)
         n = len(self.topology)
-        self.labels = [None] * n
         self.out_tokens = [0] * n
         self.choices = [None] * n
 
@@ -125,41 +123,20 @@ class QueryState:
         theta = attempt_theta(self.task, self.models[model], STRATEGY_NAMES[strategy])
         return float(sigmoid(theta - self.difficulty))
 
-    def _wrong(self, i: int) -> int:
-        return 1 if self._u[i, _U_WRONG] < WRONG_SHARED else 2 + i
-
-    def _vote(self, i: int, labels: list[int]) -> int:
-        counts = Counter(labels)
-        top = max(counts.values())
-        tied = sorted(lab for lab, c in counts.items() if c == top)
-        return tied[int(self._u[i, _U_TIE] * len(tied))]
-
     def finish(self, node: Node, model: int, strategy: int, completion_tokens: int, served: bool = True) -> None:
-        """Record the node's output; a call that was not served gives no answer (counted as wrong)."""
+        """Record the node's output and the action it ran; a call that was not served gives no answer
+        (counted as wrong). The answers follow from the choices and the query's draws (``answer``)."""
         i = node.index
         self.out_tokens[i] = completion_tokens if served else 0
         self.choices[i] = (model, strategy, served)
-        fn = ROLES[node.role].function
-        if fn == "plan":
-            return
-        if not served:
-            self.labels[i] = 2 + i
-            return
-        u, p = self._u[i, _U_RIGHT], self.p_right(model, strategy)
-        inputs = [self.labels[d] for d in node.deps if self.labels[d] is not None]
-        if fn == "solve" or not inputs:
-            self.labels[i] = 0 if u < p else self._wrong(i)
-            return
-        base = self._vote(i, inputs)
-        q = self.quality
-        if base == 0:
-            self.labels[i] = self._wrong(i) if u < q.refine_break else 0
-        else:
-            self.labels[i] = 0 if u < q.refine_fix_share * p else base
 
     @property
     def answer(self) -> int | None:
-        return self.labels[-1]
+        """The final node's answer label with this attempt's draws; ``None`` until every answering node has
+        finished."""
+        if any(c is None and n.function != "plan" for c, n in zip(self.choices, self.topology.nodes, strict=True)):
+            return None
+        return int(self._final_labels(self._p_taken_all()[None], self._u[None, :len(self.topology)])[0, 0])
 
     @property
     def score(self) -> float:
@@ -172,9 +149,9 @@ class QueryState:
         own draws), so this is the conditional expectation of ``score`` given the trajectory: a reward with
         the same expectation and far less variance (Rao-Blackwellised). Deterministic: the resamples come
         from a stream keyed by the query's seed words. ``u`` (shape ``(K, nodes, 3)``) replaces the resamples;
-        ``u = self._u[None]`` reproduces ``score`` exactly (tested). Every node must have finished."""
-        p = np.array([[self._p_taken(i) for i in range(len(self.topology))]])
-        return float(self._right_rate(p, self._draws(draws) if u is None else u)[0])
+        ``u = self._u[None]`` gives ``score``. Every node must have finished."""
+        u = self._draws(draws) if u is None else u
+        return float((self._final_labels(self._p_taken_all()[None], u) == 0).mean())
 
     def counterfactual_scores(self, draws: int = 256) -> np.ndarray:
         """``Q[i, a]``: ``expected_score`` had node ``i`` run action ``a = model * 3 + strategy`` and every other
@@ -182,21 +159,26 @@ class QueryState:
         resample). A node without an answer (``plan``) or whose call was rejected has a constant row. Shape
         ``(nodes, models * 3)``."""
         n, na, ns = len(self.topology), len(self.models) * len(STRATEGY_NAMES), len(STRATEGY_NAMES)
-        taken = np.array([self._p_taken(i) for i in range(n)])
+        taken = self._p_taken_all()
         alt = np.array([self.p_right(*divmod(a, ns)) for a in range(na)])
         p = np.repeat(taken[None], n * na, 0).reshape(n, na, n)
         for i in range(n):
             if self.choices[i] is not None and self.choices[i][2]:
                 p[i, :, i] = alt
-        return self._right_rate(p.reshape(n * na, n), self._draws(draws)).reshape(n, na)
+        right = self._final_labels(p.reshape(n * na, n), self._draws(draws)) == 0
+        return right.mean(1).reshape(n, na)
 
-    def _p_taken(self, i: int) -> float:
-        c = self.choices[i]
-        if c is None:
-            if self.topology.nodes[i].function != "plan":
-                raise RuntimeError("expected scores need every answering node finished")
-            return 0.0
-        return self.p_right(c[0], c[1]) if c[2] else 0.0
+    def _p_taken_all(self) -> np.ndarray:
+        """Each node's probability of a right fresh attempt with the action it ran (0 for plan nodes and
+        rejected calls, which the rules never read)."""
+        out = np.zeros(len(self.topology))
+        for i, (c, node) in enumerate(zip(self.choices, self.topology.nodes, strict=True)):
+            if c is None:
+                if node.function != "plan":
+                    raise RuntimeError("answers need every answering node finished")
+            elif c[2]:
+                out[i] = self.p_right(c[0], c[1])
+        return out
 
     def _draws(self, draws: int) -> np.ndarray:
         """A Latin hypercube of ``draws`` points per (node, purpose): each column hits every 1/draws stratum
@@ -207,9 +189,10 @@ class QueryState:
         strata = np.argsort(g.random(shape), axis=0)                     # an independent permutation per column
         return (strata + g.random(shape)) / draws
 
-    def _right_rate(self, p: np.ndarray, u: np.ndarray) -> np.ndarray:
-        """For every row of ``p`` (V, nodes: each node's probability of a right fresh attempt), the share of
-        the ``K`` draws ``u`` (K, nodes, 3) whose final answer is right, by ``finish``'s rules. Shape (V,)."""
+    def _final_labels(self, p: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """The answer rules (module docstring), for every row of ``p`` (V, nodes: each node's probability of
+        a right fresh attempt) and every draw of ``u`` (K, nodes, 3: right, which wrong, tie-break) at once:
+        the final node's label, shape (V, K). The live answer is the case V = K = 1 with the query's draws."""
         v, k = p.shape[0], u.shape[0]
         q = self.quality
         labels: list[np.ndarray | None] = [None] * len(self.topology)
@@ -231,12 +214,12 @@ class QueryState:
             base = _vote_many(stacked, np.broadcast_to(ut, (v, k)).reshape(-1)).reshape(v, k)
             labels[i] = np.where(base == 0, np.where(ur < q.refine_break, wrong, 0),
                                  np.where(ur < q.refine_fix_share * pi, 0, base))
-        return (labels[-1] == 0).mean(1)
+        return labels[-1]
 
 
 def _vote_many(inputs: np.ndarray, u_tie: np.ndarray) -> np.ndarray:
-    """``QueryState._vote`` on every row of ``inputs`` (R, n) at once: the plurality label, ties broken by
-    ``u_tie`` among the tied labels in ascending order."""
+    """The vote of a refine/decide node on every row of ``inputs`` (R, n) at once: the plurality label, ties
+    broken by ``u_tie`` among the tied labels in ascending order (the ``int(u * len(tied))``-th)."""
     r = inputs.shape[0]
     counts = np.zeros((r, int(inputs.max()) + 1), np.int16)
     rows = np.arange(r)

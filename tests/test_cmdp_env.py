@@ -290,3 +290,19 @@ def test_expected_quality_is_the_sampled_answer_averaged_over_the_answer_draws()
     q = st.counterfactual_scores(draws=8192)[0]
     assert q == pytest.approx([st.p_right(*divmod(a, 3)) for a in range(6)], abs=0.03)
     assert q[5] == q.max()                                               # 70B DeepThink is the strongest
+
+
+def test_vectorised_vote_is_the_plurality_with_ties_broken_in_ascending_label_order():
+    from collections import Counter
+
+    from envs.cmdp_query import _vote_many
+
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 6, size=(4000, 4))
+    rows[:1000, 2:] = rows[:1000, :2]                       # plenty of two-way ties
+    u = rng.random(4000)
+    got = _vote_many(rows, u)
+    for r, ui, g in zip(rows, u, got, strict=True):
+        counts = Counter(r.tolist())
+        tied = sorted(lab for lab, c in counts.items() if c == max(counts.values()))
+        assert g == tied[int(ui * len(tied))]

@@ -171,7 +171,7 @@ def ppo_args(args, **over):
           **over}
     if args.steps is not None:
         kw["total_steps"] = args.steps
-    if getattr(args, "lambda_lr", None) is not None:
+    if args.lambda_lr is not None:
         kw["lambda_lr"] = args.lambda_lr
     return PPOLagArgs(**kw)
 
