@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from types import MappingProxyType
 from typing import Any
@@ -83,9 +83,14 @@ def _model(raw: dict[str, Any]) -> ModelEntry:
         sources["published_active_params"] = "counted without the input embedding"
     if raw.get("note"):
         sources["note"] = raw["note"]
-    return model_entry_from_config(raw["config"], name=raw["id"], source=src, where=f"sim/data/models.json {raw['id']}",
-                                   aliases=tuple(raw["aliases"]), published_params=raw["published_params"],
-                                   published_active_params=raw.get("published_active_params"), sources=sources)
+    entry = model_entry_from_config(raw["config"], name=raw["id"], source=src,
+                                    where=f"sim/data/models.json {raw['id']}", aliases=tuple(raw["aliases"]),
+                                    published_params=raw["published_params"],
+                                    published_active_params=raw.get("published_active_params"), sources=sources)
+    if "num_params" in raw:  # a stated total instead of the derived one (the entry says why)
+        entry = replace(entry, spec=replace(entry.spec, num_params=float(raw["num_params"])),
+                        sources={**entry.sources, "num_params": raw["num_params_source"]})
+    return entry
 
 
 @functools.cache
