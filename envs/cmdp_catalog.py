@@ -107,10 +107,12 @@ class ModelEntry:
                 "num_experts_per_tok", "kv_latent_dim")
         diff = {k: (getattr(profile.model, k), getattr(spec, k)) for k in keys
                 if getattr(profile.model, k) != getattr(spec, k)}
-        if diff or profile.model.num_params != spec.num_params:
+        if profile.model.num_params != spec.num_params:
+            diff["num_params"] = (profile.model.num_params, spec.num_params)
+        if diff:
             raise ValueError(f"model {self.name!r}: profile {self.profile!r} serves a model whose shape differs from "
-                             f"the catalogue entry {spec.name!r}: {diff or {'num_params': (profile.model.num_params, spec.num_params)}}"
-                             " (profile value, catalogue value); fix the profile or model_id")
+                             f"the catalogue entry {spec.name!r}: {diff} (profile value, catalogue value); fix the "
+                             "profile or model_id")
 
 
 def default_models(replicas: int = 2) -> tuple[ModelEntry, ...]:

