@@ -168,7 +168,8 @@ def test_moe_expert_parallel_layout_calibrates_on_held_out_data(tmp_path):
     res = calibrate_run(run, fit_fraction=0.5, max_evals=15)
     assert res.profile.parallel == truth.parallel and res.profile.model == truth.model
     assert res.report["model_source"].startswith("catalogue entry 'Qwen/Qwen3-30B-A3B'")
-    assert "device_name" in res.report["hardware_source"]
+    assert "device_name" in res.report["hardware_source"] and res.report["hardware"]["interconnect"] == "nvlink4"
+    assert res.report["parallel"]["expert_parallel"] and res.report["model_shape"]["num_experts"] == 128
     worst, err = _held_out_worst(run, res.profile)
     assert worst <= 10.0, err
 

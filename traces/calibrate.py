@@ -340,6 +340,14 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
                  refine_info=refine_info, final=final, overhead_source=overhead_source)
     rep["model_source"], rep["hardware_source"] = model_src, gpu_src
     rep["model_source_kind"] = shape.kind
+    rep["hardware"].update(kind=hw.kind, interconnect=hw.interconnect,
+                           interconnect_bw_bytes_per_s=hw.interconnect_bw_bytes_per_s)
+    rep["parallel"] = {"tensor_parallel_size": parallel.tensor_parallel_size,
+                       "expert_parallel": parallel.expert_parallel}
+    spec = model.spec
+    rep["model_shape"] = {"num_params": spec.num_params, "active_params": spec.params_per_token,
+                          "num_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_tok,
+                          "kv_bytes_per_token": spec.kv_bytes_per_token}
     rep["wall_s"] = time.perf_counter() - t_start
     description, sources, derived = profile_provenance(runs, hw, model, cap, fit_fraction, seed, gpu_entry, gpu_src,
                                                        hardware, engine_sources, fit, mult, overhead_source,
