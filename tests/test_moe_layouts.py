@@ -157,19 +157,29 @@ def _held_out_worst(run, profile):
     return max(abs(err[m][s]["error_pct"]) for m in ("ttft_s", "tpot_s", "e2e_s") for s in ("mean", "p50", "p90")), err
 
 
-def test_moe_expert_parallel_layout_calibrates_on_held_out_data(tmp_path):
-    """Qwen3-30B-A3B on two H100s with expert parallelism, from the catalogue with known coefficients: the
-    calibration (first half of the arrivals) predicts the second half within 10 % on mean/p50/p90."""
-    truth = _moe_profile()
-    _write_simulated_run(tmp_path / "run", truth, "Qwen/Qwen3-30B-A3B", rate=14.0, n=260, seed=3,
-                         device_name="NVIDIA H100 80GB HBM3")
+LAYOUTS = [  # model, catalogue GPU, TP, EP, device name the run records, KV blocks, arrivals per second
+    ("Qwen/Qwen3-30B-A3B", "h100-sxm", 2, True, "NVIDIA H100 80GB HBM3", 3000, 14.0),
+    ("deepseek-ai/DeepSeek-V2-Lite", "a100-80gb", 1, False, "NVIDIA A100-SXM4-80GB", 3000, 10.0),  # MLA
+    ("openai/gpt-oss-20b", "h100-pcie", 2, False, "NVIDIA H100 PCIe", 3000, 14.0),  # TP over PCIe
+    ("mistralai/Mixtral-8x22B-v0.1", "h200", 4, True, "NVIDIA H200", 4000, 6.0),
+]
+
+
+@pytest.mark.parametrize("model,gpu,tp,ep,device,blocks,rate", LAYOUTS)
+def test_moe_layouts_calibrate_on_held_out_data(tmp_path, model, gpu, tp, ep, device, blocks, rate):
+    """A MoE model from the catalogue served with a layout and known coefficients: the calibration (first half of
+    the arrivals) predicts the second half within 10 % on mean/p50/p90 of TTFT, TPOT and E2E."""
+    truth = _moe_profile(model, hardware=catalog.gpus()[gpu].spec, tp=tp, ep=ep, blocks=blocks)
+    _write_simulated_run(tmp_path / "run", truth, model, rate=rate, n=220 if model != "Qwen/Qwen3-30B-A3B" else 260,
+                         seed=3 if model == "Qwen/Qwen3-30B-A3B" else 4, device_name=device)
     run = read_run(tmp_path / "run")
-    assert run.engine.enable_expert_parallel
+    assert run.engine.enable_expert_parallel == ep
     res = calibrate_run(run, fit_fraction=0.5, max_evals=15)
     assert res.profile.parallel == truth.parallel and res.profile.model == truth.model
-    assert res.report["model_source"].startswith("catalogue entry 'Qwen/Qwen3-30B-A3B'")
-    assert "device_name" in res.report["hardware_source"] and res.report["hardware"]["interconnect"] == "nvlink4"
-    assert res.report["parallel"]["expert_parallel"] and res.report["model_shape"]["num_experts"] == 128
+    assert res.report["model_source"].startswith(f"catalogue entry {model!r}")
+    assert "device_name" in res.report["hardware_source"] and res.report["hardware"]["table_entry"] == gpu
+    assert res.report["hardware"]["interconnect"] == truth.hardware.interconnect
+    assert res.report["parallel"]["expert_parallel"] == ep and res.report["model_shape"]["num_experts"] > 0
     worst, err = _held_out_worst(run, res.profile)
     assert worst <= 10.0, err
 
