@@ -11,9 +11,10 @@ import pytest
 
 import sim
 from sim import catalog
-from traces.calibrate import calibrate_run
+from traces.calibrate import calibrate_run, resolve_model_and_hardware
 from traces.commands import calibrate_main
 from traces.hardware import is_cpu_run, parse_gpu_spec
+from traces.hfconfig import model_entry_from_file
 from traces.meta import RunMeta
 from traces.replay import fit_mask, latency_errors, simulate_run
 from traces.runs import read_run, write_run
@@ -121,7 +122,8 @@ def _moe_profile(model="Qwen/Qwen3-30B-A3B", hardware=H100, tp=2, ep=True, block
                        latency_coefficients={**base.latency_coefficients, **TRUTH}, overheads=sim.Overheads())
 
 
-def _write_simulated_run(path, prof, meta_model, *, rate, n, seed, device_name=None, extra_meta=None):
+def _write_simulated_run(path, prof, meta_model, *, rate, n, seed, device_name=None, extra_meta=None,
+                         engine_extra=None):
     w = sim.make_world(sim.PoolSpec(name="p", profile=prof), seed=seed, sample_interval_s=1.0)
     sim.Workload(pool="p", arrivals=sim.PoissonArrivals(rate),
                  lengths=sim.LognormalLengths(700, 250, max_output=600), num_requests=n).start(w)
@@ -143,7 +145,7 @@ def _write_simulated_run(path, prof, meta_model, *, rate, n, seed, device_name=N
             "engine_kwargs": {"model": meta_model, "tensor_parallel_size": prof.parallel.tensor_parallel_size,
                               "enable_expert_parallel": prof.parallel.expert_parallel,
                               "max_num_seqs": e.max_num_seqs, "max_num_batched_tokens": e.max_num_batched_tokens,
-                              "max_model_len": e.max_model_len, "async_scheduling": False},
+                              "max_model_len": e.max_model_len, "async_scheduling": False, **(engine_extra or {})},
             "kv_cache": {"num_gpu_blocks": e.num_gpu_blocks, "block_size": e.block_size, "enable_prefix_caching": True},
             "started_at": "2026-01-01T00:00:00Z", "tick_seconds": 1.0, **(extra_meta or {})}
     if device_name:
@@ -234,7 +236,6 @@ def test_cpu_engine_with_a_local_model_directory_and_gpu_spec(tmp_path):
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(tiny))
     cpu = "peak_flops=0.5T,mem_bw=20G,memory=16G"
-    from traces.hfconfig import model_entry_from_file
     base = _moe_profile("meta-llama/Llama-3.2-1B", tp=1, ep=False)
     truth = base.replace(hardware=parse_gpu_spec(cpu, kind="cpu"),
                          model=model_entry_from_file(model_dir, name=str(model_dir)).spec,
@@ -250,3 +251,21 @@ def test_cpu_engine_with_a_local_model_directory_and_gpu_spec(tmp_path):
     assert res.report["model_source_kind"] == "local_dir" and str(model_dir) in res.report["model_source"]
     worst, err = _held_out_worst(run, res.profile)
     assert worst <= 10.0, err
+
+
+def test_weights_are_counted_in_the_served_dtype(tmp_path):
+    """A float32 checkpoint served with --dtype auto streams 2-byte weights (vLLM casts float32 to float16); an
+    explicit --dtype float32 streams 4."""
+    cfg = tmp_path / "fp32" / "config.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                               "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+                               "vocab_size": 1000, "max_position_embeddings": 8192, "torch_dtype": "float32"}))
+    assert model_entry_from_file(cfg).spec.dtype_bytes == 4  # the checkpoint's
+    prof = _moe_profile("meta-llama/Llama-3.2-1B", tp=1, ep=False, blocks=2000)
+    for dtype, nbytes in (("auto", 2), ("float32", 4), ("bfloat16", 2)):
+        _write_simulated_run(tmp_path / dtype, prof, str(cfg.parent), rate=2.0, n=20, seed=1,
+                             device_name="NVIDIA L4", engine_extra={"dtype": dtype})
+        _, _, shape, src = resolve_model_and_hardware([read_run(tmp_path / dtype)])
+        assert shape.entry.spec.dtype_bytes == nbytes, dtype
+        assert (f"served as {dtype}" in src) == (nbytes != 4)

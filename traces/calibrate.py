@@ -119,12 +119,27 @@ def _gpu(runs: Sequence[MeasuredRun], gpu: str | None, gpu_spec: str | None,
     return found[0]
 
 
+#: bytes per weight of vLLM's ``--dtype`` (``auto`` serves float32 checkpoints in float16: 2 bytes)
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "auto": 2, "float32": 4, "float": 4}
+
+
+def _served_dtype(shape: ResolvedShape, run: MeasuredRun) -> ResolvedShape:
+    """The shape with the bytes per weight the engine served (``engine_kwargs.dtype``), not the checkpoint's."""
+    served = _DTYPE_BYTES.get(run.engine.dtype)
+    if served is None or served == shape.entry.spec.dtype_bytes:
+        return shape
+    entry = replace(shape.entry, spec=replace(shape.entry.spec, dtype_bytes=served))
+    return replace(shape, entry=entry, source=f"{shape.source}; served as {run.engine.dtype} "
+                                              f"({run.engine.sources.get('dtype')})")
+
+
 def _model(runs: Sequence[MeasuredRun], model_config: str | Path | None) -> tuple[ResolvedShape | None, str]:
     """The served model's shape (``traces.hfconfig.resolve_shape``); ``(None, why)`` when it is unknown."""
     names = [[r.engine.model, r.meta.model] for r in runs]
     shapes = [resolve_shape(n, model_config=model_config) for n in names]
     if any(s is None for s in shapes):
         return None, unknown_shape_message(next(n for n, s in zip(names, shapes, strict=True) if s is None))
+    shapes = [_served_dtype(s, r) for s, r in zip(shapes, runs, strict=True)]
     if len({s.entry.spec for s in shapes}) > 1:
         raise ValueError(f"the runs served different models ({[r.meta.model for r in runs]}); calibrate them "
                          "separately")
@@ -347,7 +362,7 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     spec = model.spec
     rep["model_shape"] = {"num_params": spec.num_params, "active_params": spec.params_per_token,
                           "num_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_tok,
-                          "kv_bytes_per_token": spec.kv_bytes_per_token}
+                          "kv_bytes_per_token": spec.kv_bytes_per_token, "dtype_bytes": spec.dtype_bytes}
     rep["wall_s"] = time.perf_counter() - t_start
     description, sources, derived = profile_provenance(runs, hw, model, cap, fit_fraction, seed, gpu_entry, gpu_src,
                                                        hardware, engine_sources, fit, mult, overhead_source,
