@@ -23,7 +23,7 @@ from typing import Any
 from .config import HardwareSpec
 from .modelshape import ModelEntry, model_entry_from_config
 
-__all__ = ["GpuEntry", "Interconnect", "ModelEntry", "find_model", "gpus", "interconnects", "lookup_gpu",
+__all__ = ["GpuEntry", "Interconnect", "ModelEntry", "find_model", "find_model_variant", "gpus", "interconnects", "lookup_gpu",
            "lookup_model", "match_gpu_in_text", "models", "normalise_name"]
 
 
@@ -133,6 +133,39 @@ def find_model(name: str) -> ModelEntry | None:
     for key, e in models().items():
         if low == key.lower() or low in (a.lower() for a in e.aliases):
             return e
+    return None
+
+
+#: name endings of fine-tuned, quantised or re-dated variants that keep the base model's shape
+_VARIANT_SUFFIX = re.compile(r"[-_.](instruct|chat|it|base|hf|pt|fp8|fp8-dynamic|awq|gptq|gptq-int4|gptq-int8|int4|"
+                             r"int8|w4a16|w8a8|bnb-4bit|thinking|\d{4})$")
+
+
+def find_model_variant(name: str) -> tuple[ModelEntry, str] | None:
+    """The entry for ``name`` or for the base model it is a variant of, and how it matched; ``None`` if neither.
+
+    A variant is matched by its last path component (the org and any local directory are dropped:
+    ``/models/Llama-3.1-8B-Instruct``, ``unsloth/Qwen3-30B-A3B``) after removing endings that keep the shape
+    (``-Instruct``, ``-2507``, ``-FP8``, ``-AWQ``, ...), one at a time.
+    """
+    e = find_model(name)
+    if e is not None:
+        return e, "exact"
+    index: dict[str, ModelEntry] = {}
+    for entry in models().values():
+        for n in (entry.spec.name, *entry.aliases):
+            key = n.split("/")[-1].lower()
+            while key not in index:  # the name and its shorter forms (gemma-3-27b-it -> gemma-3-27b)
+                index[key] = entry
+                key = _VARIANT_SUFFIX.sub("", key)
+    cand = name.strip().rstrip("/").split("/")[-1].lower()
+    while cand:
+        if cand in index:
+            return index[cand], f"{name!r} taken as a variant of {index[cand].spec.name!r} (same shape) by its name"
+        shorter = _VARIANT_SUFFIX.sub("", cand)
+        if shorter == cand:
+            return None
+        cand = shorter
     return None
 
 

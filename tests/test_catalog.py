@@ -129,3 +129,18 @@ def test_pools_reference_catalogue_models():
     # without a model_id the profile's model name is the catalogue id
     plain = replace(bad, model_id=None)
     plain.check_profile(sim.load_profile("h100-llama-3.1-8b"))
+
+
+@pytest.mark.parametrize("name,base", [
+    ("Qwen/Qwen3-30B-A3B-Instruct-2507", "Qwen/Qwen3-30B-A3B"), ("/models/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B"),
+    ("unsloth/Qwen3-30B-A3B", "Qwen/Qwen3-30B-A3B"), ("RedHatAI/Meta-Llama-3.1-70B-Instruct-FP8", "meta-llama/Llama-3.1-70B"),
+    ("Qwen/Qwen2.5-7B-Instruct-AWQ", "Qwen/Qwen2.5-7B"), ("google/gemma-3-27b", "google/gemma-3-27b-it"),
+])
+def test_variants_are_matched_by_name(name, base):
+    entry, how = catalog.find_model_variant(name)
+    assert entry.spec.name == base and "variant" in how
+
+
+@pytest.mark.parametrize("name", ["acme/foo", "tiny", "Qwen/Qwen3", "meta-llama/Llama-3.1-8", "/models/my-model"])
+def test_non_variants_are_not_matched(name):
+    assert catalog.find_model_variant(name) is None

@@ -177,6 +177,9 @@ def test_resolution_order(tmp_path):
     # the catalogue, when neither a file nor the cache knows it
     r = resolve_shape(["tiny", "Qwen/Qwen3-30B-A3B"], env=env)
     assert r.kind == "catalogue" and r.entry is catalog.models()["Qwen/Qwen3-30B-A3B"]
+    # a variant by name (a served directory that is not here, a fine-tune): the catalogue, and it says so
+    r = resolve_shape(["/nonexistent/models/Qwen3-30B-A3B-Instruct-2507"], env=env)
+    assert r.kind == "catalogue" and "variant" in r.source and "--model-config" in r.source
     # unknown
     assert resolve_shape(["acme/unknown"], env=env) is None
     assert "--model-config" in unknown_shape_message(["acme/unknown"], env)

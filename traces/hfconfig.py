@@ -8,7 +8,8 @@
    ``meta.model`` / ``engine_kwargs.model`` then is that path);
 3. the local Hugging Face cache: ``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``, at
    ``models--ORG--NAME/snapshots/*/config.json`` (the snapshot ``refs/main`` points at first);
-4. the bundled catalogue (``sim.catalog``);
+4. the bundled catalogue (``sim.catalog``): exact ids and aliases, then variants by name
+   (``/models/Llama-3.1-8B-Instruct``, ``Qwen/Qwen3-30B-A3B-Instruct-2507``: ``sim.catalog.find_model_variant``);
 
 and returns ``None`` when none knows the model: the shape is then unknown (``unknown_shape_message`` says
 what was tried and what to pass). A config of an architecture that ``sim.modelshape`` does not know
@@ -26,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sim.catalog import find_model
+from sim.catalog import find_model_variant
 from sim.modelshape import FAMILIES, ModelEntry, count_params, model_entry_from_config
 
 from .errors import TraceFormatError
@@ -143,11 +144,14 @@ def resolve_shape(model_ids: str | Iterable[str], *, model_config: str | Path | 
                 where = ("the served model directory" if kind == "local_dir" else "the local Hugging Face cache")
                 return ResolvedShape(entry=model_entry_from_file(path, name=name if kind == "hf_cache" else model_id),
                                      source=f"{path} ({where})", kind=kind)
-    for model_id in ids:
-        entry = find_model(model_id)
-        if entry is not None:
-            return ResolvedShape(entry=entry, source=f"catalogue entry {entry.spec.name!r} (sim/data/models.json, "
-                                                     f"{entry.sources['model']})", kind="catalogue")
+    for exact in (True, False):  # exact ids and aliases first, then variants by name
+        for model_id in ids:
+            found = find_model_variant(model_id)
+            if found is not None and (found[1] == "exact") == exact:
+                entry, how = found
+                note = "" if exact else f"; {how}: pass --model-config if its shape differs"
+                return ResolvedShape(entry=entry, source=f"catalogue entry {entry.spec.name!r} (sim/data/models.json, "
+                                                         f"{entry.sources['model']}){note}", kind="catalogue")
     return None
 
 
