@@ -28,7 +28,7 @@ from typing import Any
 
 from .config import ModelSpec
 
-__all__ = ["FAMILIES", "ModelEntry", "count_params", "model_entry_from_config", "text_config"]
+__all__ = ["FAMILIES", "FAMILY_DEFAULTS", "ModelEntry", "count_params", "model_entry_from_config", "text_config"]
 
 #: model_type -> (attention kind, MoE layout, norms per layer, LM head tied by default, has QK norm)
 FAMILIES: dict[str, tuple[str, str | None, int, bool, bool]] = {
@@ -47,6 +47,18 @@ FAMILIES: dict[str, tuple[str, str | None, int, bool, bool]] = {
     "gemma3": ("gqa", None, 4, True, True),
     "gemma3_text": ("gqa", None, 4, True, True),
 }
+
+
+#: keys a family's config.json may omit, with the defaults ``transformers`` fills in for them
+#: (``GemmaConfig``, ``Gemma2Config``, ``Gemma3TextConfig`` in transformers/models/gemma*/configuration_*.py):
+#: Gemma 3's multimodal checkpoints write a minimal ``text_config`` and rely on these
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma": {"vocab_size": 256000, "max_position_embeddings": 8192, "head_dim": 256},
+    "gemma2": {"vocab_size": 256000, "max_position_embeddings": 8192, "head_dim": 256, "sliding_window": 4096},
+    "gemma3_text": {"vocab_size": 262208, "max_position_embeddings": 131072, "head_dim": 256,
+                    "num_key_value_heads": 4, "sliding_window": 4096, "sliding_window_pattern": 6},
+}
+FAMILY_DEFAULTS["gemma3"] = FAMILY_DEFAULTS["gemma3_text"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,12 +88,14 @@ class ModelEntry:
 
 
 def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The language model's part of a multimodal config (``text_config``), else the config itself."""
+    """The language model's part of a multimodal config (``text_config``), else the config itself, with the
+    family's defaults (``FAMILY_DEFAULTS``) for keys it omits."""
     tc = config.get("text_config")
     if isinstance(tc, Mapping) and "num_hidden_layers" not in config:
-        merged = dict(tc)
-        merged.setdefault("model_type", f"{config.get('model_type')}_text")
-        return merged
+        config = {"model_type": f"{config.get('model_type')}_text", **tc}
+    defaults = FAMILY_DEFAULTS.get(str(config.get("model_type")))
+    if defaults:
+        config = {**defaults, **{k: v for k, v in config.items() if v is not None or k not in defaults}}
     return config
 
 

@@ -115,6 +115,20 @@ def test_gemma2_and_multimodal_gemma3(tmp_path):
     assert g3.num_sliding_layers == 2  # pattern 6: layers 0..4 of every 6 slide
 
 
+def test_minimal_gemma3_text_config_takes_the_family_defaults(tmp_path):
+    """Gemma 3's multimodal config.json writes a minimal text_config (no vocab_size, max_position_embeddings);
+    transformers fills Gemma3TextConfig's defaults, and so do we: the 27B's text part from the catalogue."""
+    minimal = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+               "text_config": {"model_type": "gemma3_text", "hidden_size": 5376, "intermediate_size": 21504,
+                               "num_attention_heads": 32, "num_hidden_layers": 62, "num_key_value_heads": 16,
+                               "head_dim": 128, "sliding_window": 1024, "query_pre_attn_scalar": 168},
+               "vision_config": {"model_type": "siglip_vision_model"}}
+    e = model_entry_from_file(_write(tmp_path, minimal), name="google/gemma-3-27b-it")
+    cat = catalog.lookup_model("google/gemma-3-27b-it")
+    assert e.spec == cat.spec and e.vocab_size == 262208 and e.max_position_embeddings == 131072
+    assert (e.sliding_window, e.num_sliding_layers) == (cat.sliding_window, cat.num_sliding_layers)
+
+
 def test_float32_config_streams_four_bytes_per_weight(tmp_path):
     e = _entry(tmp_path, {**TINY, "model_type": "llama", "torch_dtype": "float32"})
     assert e.spec.dtype_bytes == 4 and e.spec.weight_bytes == 4 * e.spec.num_params
