@@ -123,7 +123,7 @@ def _moe_profile(model="Qwen/Qwen3-30B-A3B", hardware=H100, tp=2, ep=True, block
 
 
 def _write_simulated_run(path, prof, meta_model, *, rate, n, seed, device_name=None, extra_meta=None,
-                         engine_extra=None):
+                         engine_extra=None, recorded_kv=True):
     w = sim.make_world(sim.PoolSpec(name="p", profile=prof), seed=seed, sample_interval_s=1.0)
     sim.Workload(pool="p", arrivals=sim.PoissonArrivals(rate),
                  lengths=sim.LognormalLengths(700, 250, max_output=600), num_requests=n).start(w)
@@ -150,6 +150,9 @@ def _write_simulated_run(path, prof, meta_model, *, rate, n, seed, device_name=N
             "started_at": "2026-01-01T00:00:00Z", "tick_seconds": 1.0, **(extra_meta or {})}
     if device_name:
         meta["hardware"] = {"device_name": device_name, "device_count": prof.parallel.tensor_parallel_size}
+    if not recorded_kv:  # no capacity, no gauge: the capacity must come from memory
+        del meta["kv_cache"]["num_gpu_blocks"]
+        tsr = None
     write_run(path, requests=req, meta=meta, timeseries=tsr)
     return w.replicas[0].core.num_preemptions
 
@@ -224,6 +227,10 @@ def test_refusals_name_what_to_pass(tmp_path, capsys):
     assert "--model-config" in msg and "--gpu-spec" in msg and "CPU backend" in msg and "acme/unknown-model" in msg
     assert calibrate_main([str(tmp_path / "cpu"), "--out", str(tmp_path / "p.json"), "--gpu-spec", "peak=1T"]) == 2
     assert "missing mem_bw" in capsys.readouterr().err
+    # a run that records no KV capacity and no gauge, on a --gpu-spec without memory: asks for memory=
+    _write_simulated_run(tmp_path / "bare", prof, "meta-llama/Llama-3.2-1B", rate=2.0, n=40, seed=1, recorded_kv=False)
+    with pytest.raises(ValueError, match="memory="):
+        calibrate_run(tmp_path / "bare", gpu_spec="peak_flops=100T,mem_bw=1T")
 
 
 def test_cpu_engine_with_a_local_model_directory_and_gpu_spec(tmp_path):

@@ -30,7 +30,7 @@ from sim.catalog import (
     models,
 )
 
-__all__ = ["GpuEntry", "ModelEntry", "find_model", "gpu_spec_entry", "is_cpu_run",
+__all__ = ["GpuEntry", "ModelEntry", "NO_MEMORY_BYTES", "find_model", "gpu_spec_entry", "is_cpu_run",
            "lookup_gpu", "lookup_model", "match_gpu_in_text", "parse_gpu_spec"]
 
 GPU_SPEC_HELP = ("peak_flops=FLOP/s,mem_bw=B/s[,memory=B,interconnect=KIND|B/s,kind=gpu|cpu,name=TEXT]; "
@@ -41,9 +41,9 @@ _KEYS = {"peak_flops": "peak_flops", "peak": "peak_flops", "mem_bw": "mem_bw_byt
          "name": "name"}
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15, "ki": 2.0**10, "mi": 2.0**20,
            "gi": 2.0**30, "ti": 2.0**40}
-#: assumed memory when --gpu-spec gives none: only the KV-capacity estimate of a run without recorded
-#: capacity uses it, and the calibration report says so
-_NO_MEMORY = 1e15
+#: memory when --gpu-spec gives none ("unknown"): a run that records neither its KV capacity nor a KV-usage
+#: gauge nor its device memory then needs memory= (``traces.kvcapacity`` refuses)
+NO_MEMORY_BYTES = 1e15
 
 
 def __getattr__(name: str) -> Any:
@@ -112,7 +112,7 @@ def parse_gpu_spec(text: str, *, kind: str | None = None) -> HardwareSpec:
     return HardwareSpec(name=f.get("name", f"{kind} given by --gpu-spec"),
                         peak_flops=_number("peak_flops", f["peak_flops"]),
                         mem_bw_bytes_per_s=_number("mem_bw", f["mem_bw_bytes_per_s"]),
-                        memory_bytes=_number("memory", f["memory_bytes"]) if "memory_bytes" in f else _NO_MEMORY,
+                        memory_bytes=_number("memory", f["memory_bytes"]) if "memory_bytes" in f else NO_MEMORY_BYTES,
                         interconnect_bw_bytes_per_s=icx_bw, interconnect=icx, kind=kind)
 
 
@@ -121,7 +121,7 @@ def gpu_spec_entry(text: str, *, kind: str | None = None) -> GpuEntry:
     spec = parse_gpu_spec(text, kind=kind)
     given = f"given by --gpu-spec {text!r}"
     sources = {"peak_flops": given, "mem_bw_bytes_per_s": given,
-               "memory_bytes": given if spec.memory_bytes != _NO_MEMORY else
+               "memory_bytes": given if spec.memory_bytes != NO_MEMORY_BYTES else
                "not given (--gpu-spec has no memory=): unlimited, so only a recorded KV capacity is meaningful"}
     if spec.interconnect_bw_bytes_per_s is not None:
         link = interconnects().get(spec.interconnect or "")
