@@ -90,7 +90,8 @@ def test_lookup_by_alias_and_unknown_names_say_what_to_pass():
     ("NVIDIA A100-SXM4-40GB", "a100-40gb"), ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
     ("NVIDIA A100 80GB PCIe", "a100-80gb-pcie"), ("NVIDIA A10G", "a10g"), ("NVIDIA L4", "l4"),
     ("NVIDIA L40S", "l40s"), ("NVIDIA L40", "l40"), ("NVIDIA B200", "b200"), ("AMD Instinct MI300X", "mi300x"),
-    ("NVIDIA GeForce RTX 4090", "rtx4090"), ("NVIDIA H200", "h200"),
+    ("NVIDIA GeForce RTX 4090", "rtx4090"), ("NVIDIA H200", "h200"), ("NVIDIA GH200 480GB", "gh200"),
+    ("NVIDIA GH200 144G HBM3e", "gh200-144gb"), ("NVIDIA GH200 144GB HBM3e", "gh200-144gb"),
 ])
 def test_device_names_find_their_gpu(device, key):
     assert catalog.match_gpu_in_text(device).key == key
