@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import sim
+from sim import catalog
+
 from .operators import LENGTHS
 from .tasks import TaskSpec, _theta_for, calibrate
 
@@ -61,12 +64,22 @@ GPT4O_MINI_MATH_FULL = (0.702, "OpenAI, 'GPT-4o mini: advancing cost-efficient i
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelEntry:
-    """One model of the pool: its simulated serving profile, replicas and price."""
+    """One model of the pool: its simulated serving profile, replicas and price.
+
+    The model's *shape* is not restated here: ``model_id`` names the project's one catalogue entry
+    (``sim.catalog``, ``sim/data/models.json``), and ``catalogue_entry`` / ``check_profile`` tie the serving
+    profile to it. What this pool entry adds is published accuracy (``MODEL_ACCURACY``) and price.
+
+    Attributes:
+        model_id: the catalogue id (Hugging Face id) of the served model; ``None`` = the profile's
+            ``model.name``.
+    """
 
     name: str
     profile: str
     replicas: int = 2
     price_usd_per_token: float
+    model_id: str | None = None
     sources: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -78,14 +91,38 @@ class ModelEntry:
         if not self.price_usd_per_token >= 0:
             raise ValueError(f"model {self.name!r}: price_usd_per_token must be >= 0")
 
+    def catalogue_entry(self, profile: sim.Profile | None = None) -> catalog.ModelEntry:
+        """The catalogue entry of the served model (read on use, never at import)."""
+        model_id = self.model_id or (profile or sim.load_profile(self.profile)).model.name
+        entry = catalog.find_model(model_id)
+        if entry is None:
+            raise ValueError(f"model {self.name!r}: {model_id!r} is not in the catalogue {sorted(catalog.models())} "
+                             "(add it to sim/data/models.json with its config.json source, or set model_id)")
+        return entry
+
+    def check_profile(self, profile: sim.Profile) -> None:
+        """Raise when the serving profile's model shape differs from the catalogue's (one list of shapes)."""
+        spec = self.catalogue_entry(profile).spec
+        keys = ("num_layers", "hidden_size", "num_q_heads", "num_kv_heads", "head_dim", "num_experts",
+                "num_experts_per_tok", "kv_latent_dim")
+        diff = {k: (getattr(profile.model, k), getattr(spec, k)) for k in keys
+                if getattr(profile.model, k) != getattr(spec, k)}
+        if profile.model.num_params != spec.num_params:
+            diff["num_params"] = (profile.model.num_params, spec.num_params)
+        if diff:
+            raise ValueError(f"model {self.name!r}: profile {self.profile!r} serves a model whose shape differs from "
+                             f"the catalogue entry {spec.name!r}: {diff} (profile value, catalogue value); fix the "
+                             "profile or model_id")
+
 
 def default_models(replicas: int = 2) -> tuple[ModelEntry, ...]:
     """Llama-3.1-8B on one H100 and Llama-3.1-70B on four (TP4), ``replicas`` of each."""
     return (
         ModelEntry(name="llama-3.1-8b", profile="h100-llama-3.1-8b", replicas=replicas, price_usd_per_token=0.18e-6,
-                   sources={"accuracy": _META, "price": _TOGETHER}),
+                   model_id="meta-llama/Llama-3.1-8B", sources={"accuracy": _META, "price": _TOGETHER}),
         ModelEntry(name="llama-3.1-70b", profile="h100-llama-3.1-70b-tp4", replicas=replicas,
-                   price_usd_per_token=0.88e-6, sources={"accuracy": _META, "price": _TOGETHER}),
+                   price_usd_per_token=0.88e-6, model_id="meta-llama/Llama-3.1-70B",
+                   sources={"accuracy": _META, "price": _TOGETHER}),
     )
 
 

@@ -24,8 +24,11 @@ __all__ = ["build_cmdp_world", "pool_state", "unloaded_latency_s"]
 
 def build_cmdp_world(models: Sequence[ModelEntry], regime: LoadRegime, seed: int, *, router: str = "least_outstanding",
                      trace: BackgroundTrace | None = None) -> sim.World:
-    pools = [sim.PoolSpec(name=m.name, profile=sim.load_profile(m.profile), replicas=m.replicas, router=router)
-             for m in models]
+    profiles = [sim.load_profile(m.profile) for m in models]
+    for m, prof in zip(models, profiles, strict=True):
+        m.check_profile(prof)  # the pool's shape is the catalogue's (sim.catalog)
+    pools = [sim.PoolSpec(name=m.name, profile=prof, replicas=m.replicas, router=router)
+             for m, prof in zip(models, profiles, strict=True)]
     world = sim.make_world(pools, seed=seed, sample_interval_s=None, keep_records=False)
     start_background(world, [(m.name, m.profile, m.replicas) for m in models], regime, trace)
     return world

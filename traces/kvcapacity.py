@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .hardware import GpuEntry, ModelEntry
+from .hardware import NO_MEMORY_BYTES, GpuEntry, ModelEntry
 from .runs import MeasuredRun
 
 __all__ = ["KVCapacity", "kv_capacity", "memory_estimate_blocks", "usage_estimate_blocks"]
@@ -143,6 +143,9 @@ def kv_capacity(run: MeasuredRun, gpu: GpuEntry, model: ModelEntry, *, until_s: 
     alternatives = {"memory_profile": mem.num_gpu_blocks}
     if gauge is not None:
         alternatives["kv_usage_gauge"] = gauge[0]
+    if gauge is None and not mem.detail["memory_measured"] and mem.detail["total_memory_bytes"] >= NO_MEMORY_BYTES:
+        raise ValueError(f"run {run.name} records no num_gpu_blocks, no KV-usage gauge and no device memory, and "
+                         "--gpu-spec gives no memory=: pass memory=BYTES in --gpu-spec (e.g. memory=80G)")
     if gauge is not None and not mem.detail["memory_measured"]:
         blocks, detail = gauge
         detail["alternatives"] = alternatives

@@ -154,6 +154,7 @@ class EngineSettings:
 
     model: str
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int | None = None
@@ -173,6 +174,7 @@ class EngineSettings:
 # field -> (resolved_config section, kv_cache key, engine_kwargs key, default, kind)
 _SETTINGS: dict[str, tuple[str | None, bool, bool, Any, str]] = {
     "tensor_parallel_size": ("parallel_config", False, True, 1, "pos_int"),
+    "enable_expert_parallel": ("parallel_config", False, True, False, "bool"),
     "max_num_seqs": ("scheduler_config", False, True, None, "pos_int"),
     "max_num_batched_tokens": ("scheduler_config", False, True, None, "pos_int"),
     "max_model_len": ("model_config", False, True, None, "opt_pos_int"),
