@@ -39,6 +39,7 @@ import sim
 from sim.latency import BASIS_NAMES
 
 from .calreport import OVERHEAD_SOURCE, format_report, profile_provenance, report
+from .dpsplit import dp_final_errors, fit_data_parallel
 from .hardware import GPUS, GpuEntry, ModelEntry, lookup_gpu, lookup_model, match_gpu_in_text
 from .kvcapacity import KVCapacity, kv_capacity
 from .replay import METRICS, as_run, fit_mask, latency_errors, simulate_run
@@ -262,7 +263,17 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     cap = _capacity(runs, gpu_entry, model, splits)
     engine, engine_sources = _engine(runs, model, cap)
     basis = sim.PhysicsStepModel(hw, model.spec, runs[0].engine.tensor_parallel_size, PRIOR)
-    fit = fit_step_model([FitRun.of(r, m) for r, m in zip(runs, masks, strict=True)], engine, basis)
+    fit_runs, fit_masks, dp_info = runs, masks, None
+    if any(r.engine.data_parallel_size > 1 for r in runs):  # one fit run per engine (traces.dpsplit)
+        def at(coef: dict[str, float], offset_s: float | None) -> sim.Profile:
+            ov = PRIOR_OVERHEADS if offset_s is None else replace(PRIOR_OVERHEADS, frontend_s=offset_s)
+            return sim.Profile(name="dp-assignment", hardware=hw, model=model.spec, engine=engine, overheads=ov,
+                               parallel=sim.ParallelConfig(tensor_parallel_size=runs[0].engine.tensor_parallel_size),
+                               latency_coefficients=coef)
+
+        fit_runs, fit_masks, fit, dp_info = fit_data_parallel(runs, masks, engine, basis, at, seed=seed)
+    else:
+        fit = fit_step_model([FitRun.of(r, m) for r, m in zip(runs, masks, strict=True)], engine, basis)
     if not cap.measured:
         peak = max(int(p.trace.used_blocks.max(initial=0)) for p in fit.runs)
         engine_sources["engine.num_gpu_blocks"] += (f"; the reconstruction of the run peaks at {peak} blocks in use"
@@ -276,10 +287,19 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     mult, refine_info = _refine(runs, masks, base, fit, seed=seed, progress=progress,
                                 max_evals=max_evals if max_evals is not None else EVALS_PER_MULTIPLIER * n_mult)
     profile = _apply(base, fit, mult)
-    final = [latency_errors(r, simulate_run(r, profile, seed=seed), m) for r, m in zip(runs, masks, strict=True)]
-    rep = report(runs=runs, masks=masks, fit_fraction=fit_fraction, seed=seed, gpu_entry=gpu_entry, gpu_src=gpu_src,
-                 hw=hw, model=model, cap=cap, engine=engine, fit=fit, profile=profile, mult=mult,
-                 refine_info=refine_info, final=final, overhead_source=overhead_source)
+    replays = [simulate_run(r, profile, seed=seed) for r in runs]
+    final = [latency_errors(r, s, m) for r, s, m in zip(runs, replays, masks, strict=True)]
+    if dp_info is not None:
+        final_fit = dp_final_errors(runs, masks, replays, fit_runs)
+        dp_info["final_errors_pct"] = {r.name: {k: {s: e[k][s]["error_pct"] for s in e[k]} for k in e}
+                                       for r, e in zip(runs, final, strict=True)}
+    rep = report(runs=fit_runs, masks=fit_masks, fit_fraction=fit_fraction, seed=seed, gpu_entry=gpu_entry,
+                 gpu_src=gpu_src, hw=hw, model=model, cap=cap, engine=engine, fit=fit, profile=profile, mult=mult,
+                 refine_info=refine_info, final=final if dp_info is None else final_fit,
+                 overhead_source=overhead_source)
+    if dp_info is not None:
+        rep.update(run="+".join(r.name for r in runs), data_parallel=dp_info,
+                   run_dir=str(runs[0].path) if len(runs) == 1 else [str(r.path) for r in runs])
     rep["wall_s"] = time.perf_counter() - t_start
     description, sources, derived = profile_provenance(runs, hw, model, cap, fit_fraction, seed, gpu_entry, gpu_src,
                                                        hardware, engine_sources, fit, mult, overhead_source,
