@@ -158,8 +158,8 @@ class VllmDPRouter:
     # ---------------------------------------------------------------- the choice
     def choose(self, replicas: Sequence[Replica], req: Request, now_s: float) -> int:
         n = len(replicas)
-        if n == 1:
-            return 0  # DP size 1: vLLM uses the plain AsyncMPClient
+        if n == 1 or replicas[0].core.validate(req) is not None:
+            return 0  # DP size 1: vLLM uses the plain AsyncMPClient; a request vLLM's frontend refuses is never routed
         if self._clients is None:
             self._start(replicas, now_s)
         self._catch_up(now_s)

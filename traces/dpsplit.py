@@ -5,7 +5,14 @@ saying which engine served which (the API server chose, ``sim.dplb``). The recon
 and the NNLS rows (``traces.stepfit``) are per engine, so calibration splits the run:
 
 1. **assign**: replay the whole DP world at the current profile (``traces.replay.simulate_run``: N engines behind
-   vLLM's DP load balancing of the run's release); the simulator's records say which engine served each request;
+   vLLM's DP load balancing of the run's release); the simulator's records say which engine served each request.
+   An engine-side run also says it itself, in part: vLLM stamps every output batch of an engine with one
+   ``EngineCoreOutputs.timestamp`` (the ``first_token_ts``/``last_token_ts`` of every request in that batch) and
+   every ``schedule()`` call's events with one time (``scheduled_ts``; a different clock reading), so requests
+   sharing a scheduled time, or sharing an output time, ran on the same engine (the measured single-engine runs
+   show it: 300 requests with 181 distinct first-token times). Requests linked by shared timestamps (``step_groups``, union-find) form groups that must
+   sit on one engine; each group goes to the engine the replay gives most of its requests. Client-side runs
+   (times of the client's own clock) carry no such links;
 2. **split**: one ``MeasuredRun`` per engine with its requests (times, offsets and fit mask unchanged), its KV
    capacity (per engine when recorded) and its gauges when the run recorded per-engine columns
    (``running_engine<i>``, ``waiting_engine<i>``, ``kv_cache_pct_engine<i>``; ``traces.runs``), else none;
@@ -40,10 +47,51 @@ __all__ = ["MAX_ROUNDS", "assign_engines", "dp_final_errors", "engine_timeseries
 MAX_ROUNDS = 3  # fits at most (assignment at the prior, then at each fit while it changes)
 
 
+def step_groups(run: MeasuredRun) -> np.ndarray | None:
+    """Per request, the label of its group of requests linked by identical engine timestamps (``scheduled_ts``,
+    ``first_token_ts``, ``last_token_ts``): one engine's steps stamp all of their requests alike. ``None`` for a
+    client-side run."""
+    if run.client_side:
+        return None
+    n = len(run)
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for cols in (("scheduled_ts",), ("first_token_ts", "last_token_ts")):  # one schedule() call; one output batch
+        _link(run.requests, cols, parent, find)
+    return np.array([find(i) for i in range(n)], dtype=np.int64)
+
+
+def _link(requests: pd.DataFrame, cols: tuple[str, ...], parent: np.ndarray, find) -> None:
+    seen: dict[float, int] = {}
+    for col in cols:
+        for i, v in enumerate(requests[col].to_numpy()):
+            if v != v:  # nan: not recorded
+                continue
+            j = seen.setdefault(float(v), i)
+            if j != i:
+                a, b = find(i), find(j)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+
+
 def assign_engines(run: MeasuredRun, profile: sim.Profile, *, seed: int = 0) -> np.ndarray:
-    """The engine (0..N-1) that serves each request (run order) in a replay of the whole DP world."""
+    """The engine (0..N-1) of each request (run order): the replay's choice, whole step groups kept together
+    (``step_groups``: the majority of the group's requests decides, ties to the lower engine index)."""
     rec = simulate_run(run, profile, seed=seed).records
-    return rec["replica"].reindex(range(len(run))).to_numpy(np.int64)
+    engines = rec["replica"].reindex(range(len(run))).to_numpy(np.int64)
+    groups = step_groups(run)
+    if groups is None:
+        return engines
+    n = run.engine.data_parallel_size
+    votes = np.zeros((len(run), n), np.int64)
+    np.add.at(votes, (groups, engines), 1)
+    return votes.argmax(axis=1)[groups]
 
 
 def engine_timeseries(run: MeasuredRun, engine: int) -> pd.DataFrame | None:

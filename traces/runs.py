@@ -250,7 +250,8 @@ def engine_columns(num_engines: int) -> tuple[str, ...]:
 
 def _check_header(header: tuple[str, ...]) -> str | None:
     if header[:len(TIMESERIES_COLUMNS)] != TIMESERIES_COLUMNS:
-        return f"header must start with {','.join(TIMESERIES_COLUMNS)}"
+        return (f"header must be {','.join(TIMESERIES_COLUMNS)} (then optionally per-engine columns "
+                f"{'/'.join(ENGINE_GAUGES)}_engine<i>)")
     extra = header[len(TIMESERIES_COLUMNS):]
     bad = [c for c in extra if not _ENGINE_COLUMN.match(c)]
     if bad or len(set(extra)) != len(extra):
