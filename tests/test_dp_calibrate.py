@@ -11,6 +11,7 @@ import pytest
 
 import sim
 from sim.dplb import dp_router_name
+from traces.calibrate import calibrate_run
 from traces.dpsplit import split_by_engine, step_groups
 from traces.prometheus import parse_metrics, timeseries_from_scrapes
 from traces.replay import replay_run, simulate_run
@@ -147,3 +148,18 @@ def test_scrape_keeps_per_engine_gauges():
     assert plain["kv_cache_pct"].tolist() == [37.5, 37.5] and plain["running"].tolist() == [8, 8]
     per = timeseries_from_scrapes([(1.0, m), (2.0, m)], per_engine=True)
     assert per["running_engine1"].tolist() == [5, 5] and per["kv_cache_pct_engine0"].tolist() == [50.0, 50.0]
+
+
+def test_dp_capacity_estimated_from_the_mean_kv_gauge(tmp_path):
+    """No recorded capacity: the KV-usage gauge (mean over the engines) against every request's held blocks gives
+    all engines' blocks; the calibration divides by the DP degree (truth 1,500 per engine)."""
+    _dp_run(tmp_path / "run", vllm_version="0.19.0", rate_per_s=9.0, blocks=(1500, 1500))
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    del meta["kv_cache"]["num_gpu_blocks_per_engine"]
+    (tmp_path / "run" / "meta.json").write_text(json.dumps(meta))
+    run = read_run(tmp_path / "run")
+    assert run.engine.data_parallel_size == 2 and run.engine.num_gpu_blocks is None
+    res = calibrate_run(run, max_evals=1)
+    cap = res.report["kv_capacity"]
+    assert cap["method"] == "kv_usage_gauge" and cap["num_gpu_blocks"] == pytest.approx(1500, rel=0.05)
+    assert "mean over 2 DP engines" in cap["source"]

@@ -39,7 +39,7 @@ import sim
 from sim.latency import BASIS_NAMES
 
 from .calreport import OVERHEAD_SOURCE, format_report, profile_provenance, report
-from .dpsplit import dp_final_errors, fit_data_parallel
+from .dpsplit import dp_capacity, dp_final_errors, fit_data_parallel
 from .hardware import GPUS, GpuEntry, ModelEntry, lookup_gpu, lookup_model, match_gpu_in_text
 from .kvcapacity import KVCapacity, kv_capacity
 from .replay import METRICS, as_run, fit_mask, latency_errors, simulate_run
@@ -260,7 +260,7 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     gpu_entry, gpu_src = _gpu(runs, gpu, hardware)
     hw = hardware or gpu_entry.spec
     model = _model(runs)
-    cap = _capacity(runs, gpu_entry, model, splits)
+    cap = dp_capacity(_capacity(runs, gpu_entry, model, splits), runs)
     engine, engine_sources = _engine(runs, model, cap)
     basis = sim.PhysicsStepModel(hw, model.spec, runs[0].engine.tensor_parallel_size, PRIOR)
     fit_runs, fit_masks, dp_info = runs, masks, None

@@ -37,12 +37,13 @@ import pandas as pd
 import sim
 from sim.latency import BASIS_NAMES
 
+from .kvcapacity import KVCapacity
 from .replay import SimulatedRun, latency_errors, per_engine_blocks, simulate_run
 from .runs import TIMESERIES_COLUMNS, MeasuredRun
 from .stepfit import FitRun, StepFit, fit_step_model
 
-__all__ = ["MAX_ROUNDS", "assign_engines", "dp_final_errors", "engine_timeseries", "fit_data_parallel",
-           "split_by_engine"]
+__all__ = ["MAX_ROUNDS", "assign_engines", "dp_capacity", "dp_final_errors", "engine_timeseries",
+           "fit_data_parallel", "split_by_engine", "step_groups"]
 
 MAX_ROUNDS = 3  # fits at most (assignment at the prior, then at each fit while it changes)
 
@@ -78,6 +79,18 @@ def _link(requests: pd.DataFrame, cols: tuple[str, ...], parent: np.ndarray, fin
                 a, b = find(i), find(j)
                 if a != b:
                     parent[max(a, b)] = min(a, b)
+
+
+def dp_capacity(cap: KVCapacity, runs: Sequence[MeasuredRun]) -> KVCapacity:
+    """One engine's capacity from an estimate on a whole DP run: the KV-usage gauge estimate
+    (``traces.kvcapacity``) divides the blocks held by every request in flight by the usage *averaged* over the
+    engines, which gives all N engines' usable blocks; measured and memory-rule capacities are per engine already."""
+    n = runs[0].engine.data_parallel_size
+    if cap.method != "kv_usage_gauge" or n == 1:
+        return cap
+    blocks = int(round((cap.num_gpu_blocks - 1) / n)) + 1
+    return replace(cap, num_gpu_blocks=blocks, detail={**cap.detail, "all_engines_usable_blocks": cap.num_gpu_blocks - 1},
+                   source=cap.source + f"; the usage is the mean over {n} DP engines: usable blocks / {n} per engine")
 
 
 def assign_engines(run: MeasuredRun, profile: sim.Profile, *, seed: int = 0) -> np.ndarray:
