@@ -22,6 +22,10 @@ Several runs of one server (``calibrate_runs``: say, a light load that fixes the
 client-side constant and a heavy one that fixes the batching costs) are reconstructed separately and fitted
 together. With ``fit_fraction`` only the requests that arrived in the first part of each run's arrival window
 contribute measurements (timestamps, latencies, KV gauge); the replays still carry every request (the workload).
+
+A data-parallel run (``data_parallel_size`` > 1: several engines behind one API server) is split into one run per
+engine for step 3 (``traces.dpsplit``: the engine of each request from a replay of the whole DP world behind vLLM's
+DP load balancing, ``sim.dplb``); steps 4 and the final check replay the whole DP world.
 """
 
 from __future__ import annotations
