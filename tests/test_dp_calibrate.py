@@ -86,7 +86,9 @@ def test_dp_run_format_and_exact_replay(tmp_path):
     out = replay_run(run, truth)
     assert out["data_parallel"] == {"data_parallel_size": 2, "router": "vllm_dp", "api_server_count": 1,
                                     "num_gpu_blocks_per_engine": [1400, 1500]}
-    assert out["timeseries_mae"]["running"] < 0.5 and out["bar"]["passed"]
+    mae = out["timeseries_mae"]
+    assert mae["running"] == 0 and mae["per_engine"]["1"]["running"] == 0 and mae["per_engine"]["0"]["waiting"] == 0
+    assert mae["per_engine"]["0"]["kv_cache_usage_perc"] < 1e-3 and out["bar"]["passed"]
     # each engine's sub-run: its requests, its capacity, its own gauges; requests linked by a shared engine
     # timestamp never straddle engines
     subs = split_by_engine(run, df["replica"].to_numpy())

@@ -240,6 +240,22 @@ def timeseries_mae(run: MeasuredRun, simulated: SimulatedRun, *, from_s: float |
             d = d[np.isfinite(d)]  # ticks whose scrape failed carry nan: not measured
             out[k] = float(np.mean(d)) if len(d) else None
     out["ticks"] = int(len(ts))
+    engines = [i for i in range(len(g.columns)) if f"running_engine{i}" in g.columns and f"running_engine{i}" in ts]
+    if engines:  # a DP run that recorded per-engine gauges: engine label i is replica i (vLLM's rank order)
+        out["per_engine"] = {str(i): _mae_engine(ts, g, i, run.kv_cache_recorded) for i in engines}
+    return out
+
+
+def _mae_engine(ts: pd.DataFrame, g: pd.DataFrame, i: int, kv_recorded: bool) -> dict:
+    out = {}
+    for k, col in (("running", "running"), ("waiting", "waiting"), ("kv_cache_usage_perc", "kv_cache_usage_perc")):
+        name = f"{col}_engine{i}"
+        if name not in ts or (k == "kv_cache_usage_perc" and not kv_recorded):
+            out[k] = None
+            continue
+        d = np.abs(g[name].to_numpy(float) - ts[name].to_numpy(float))
+        d = d[np.isfinite(d)]
+        out[k] = float(np.mean(d)) if len(d) else None
     return out
 
 
