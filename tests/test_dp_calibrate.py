@@ -3,7 +3,11 @@ ground truth (two engines of a known profile, KV-bound, written in the measured 
 half by arrival and scored on the second)."""
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -165,3 +169,17 @@ def test_dp_capacity_estimated_from_the_mean_kv_gauge(tmp_path):
     cap = res.report["kv_capacity"]
     assert cap["method"] == "kv_usage_gauge" and cap["num_gpu_blocks"] == pytest.approx(1500, rel=0.05)
     assert "mean over 2 DP engines" in cap["source"]
+
+
+def test_cli_replay_of_a_dp_run(tmp_path):
+    """``maslat replay`` of a DP run: the engines, router and per-engine gauges in the text, one JSON object last."""
+    _, _, truth = _dp_run(tmp_path / "run", vllm_version="0.19.0", rate_per_s=6.0, blocks=(1500, 1500),
+                          num_requests=120)
+    (tmp_path / "truth.json").write_text(truth.to_json())
+    p = subprocess.run([sys.executable, "-m", "maslat", "replay", str(tmp_path / "run"), "--profile",
+                        str(tmp_path / "truth.json"), "--json"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "data parallel: 2 engines behind vllm_dp_v0.19" in p.stdout and "  engine 1: running 0.0" in p.stdout
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["data_parallel"]["router"] == "vllm_dp_v0.19" and out["bar"]["passed"]
