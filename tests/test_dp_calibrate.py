@@ -18,7 +18,7 @@ from sim.dplb import dp_router_name
 from traces.calibrate import calibrate_run
 from traces.dpsplit import split_by_engine, step_groups
 from traces.prometheus import parse_metrics, timeseries_from_scrapes
-from traces.replay import replay_run, simulate_run
+from traces.replay import replay_pool, replay_profile, replay_run, simulate_run
 from traces.runs import read_run, write_run
 from traces.scrape import parse_scrape
 
@@ -131,6 +131,14 @@ def test_meta_per_engine_capacity_errors(tmp_path):
     meta_path.write_text(json.dumps(meta))
     run = read_run(tmp_path / "run")
     assert run.engine.data_parallel_size == 2 and run.engine.num_gpu_blocks_per_engine == (1500, 1600)
+    prof = replay_profile(sim.load_profile("h100-llama-3.1-8b"), run)[0]
+    pool = replay_pool(prof, run)
+    assert pool.router == "vllm_dp_v0.19" and [e.num_gpu_blocks for e in pool.engines()] == [1500, 1600]
+    meta["engine_kwargs"]["enable_expert_parallel"] = True  # expert parallelism: an MoE model, whose engines report
+    meta["engine_kwargs"]["api_server_count"] = 2
+    meta_path.write_text(json.dumps(meta))
+    pool = replay_pool(prof, read_run(tmp_path / "run"))
+    assert pool.router == "vllm_dp_v0.19_moe" and dict(pool.router_options) == {"api_servers": 2}
 
 
 def test_scrape_keeps_per_engine_gauges():
