@@ -2,13 +2,17 @@
 
 Routers see what a gateway sees: each replica's outstanding request count (kept by the cluster) and the
 gauges its engine last published (``vllm:kv_cache_usage_perc`` etc.). Ties rotate, so equal replicas
-share load deterministically.
+share load deterministically. The ``vllm_dp*`` routers are vLLM's own data-parallel load balancing, one per
+release rule (``sim.dplb``): the engines of one ``vllm serve --data-parallel-size N``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .dplb import DP_RULES, VllmDPRouter
 
 if TYPE_CHECKING:
     from .request import Request
@@ -59,15 +63,22 @@ class LeastKVUsage:
         return min(range(n), key=lambda i: (replicas[i].kv_usage(now_s), replicas[i].outstanding, (i - rot) % n))
 
 
-ROUTERS: dict[str, Callable[[], Router]] = {
+#: name -> factory; a factory takes the pool's ``router_options`` as keywords (most take none)
+ROUTERS: dict[str, Callable[..., Router]] = {
     "round_robin": RoundRobin,
     "least_outstanding": LeastOutstanding,
     "least_kv": LeastKVUsage,
+    **{name: partial(VllmDPRouter, rule) for name, rule in DP_RULES.items()},
 }
 
 
-def make_router(name: str) -> Router:
+def make_router(name: str, **options: Any) -> Router:
+    """A fresh router; ``options`` go to its factory (e.g. ``api_servers`` for the ``vllm_dp*`` routers)."""
     try:
-        return ROUTERS[name]()
+        factory = ROUTERS[name]
     except KeyError:
         raise ValueError(f"unknown router {name!r}; choose one of {sorted(ROUTERS)}") from None
+    try:
+        return factory(**options)
+    except TypeError:
+        raise ValueError(f"router {name!r} does not take the options {sorted(options)}") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from heapq import heappop, heappush
 
 import numpy as np
@@ -109,17 +109,37 @@ class SimEnv(simpy.Environment):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PoolSpec:
-    """A model pool: ``replicas`` copies of one serving profile behind one router."""
+    """A model pool: ``replicas`` copies of one serving profile behind one router.
+
+    ``router_options`` are keyword arguments of the router's factory, as ``(name, value)`` pairs (e.g.
+    ``(("api_servers", 2),)`` for a ``vllm_dp*`` router). ``num_gpu_blocks_per_replica`` gives each replica its
+    own KV capacity (the engines of a data-parallel vLLM each profile their own device memory); ``None``: the
+    profile's for all.
+    """
 
     name: str
     profile: Profile
     replicas: int = 1
     router: str = "round_robin"
+    router_options: tuple[tuple[str, object], ...] = ()
+    num_gpu_blocks_per_replica: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.replicas, int) or self.replicas < 1:
             raise ValueError(f"pool {self.name!r}: replicas must be an integer >= 1, got {self.replicas!r}")
-        make_router(self.router)  # validates the name
+        make_router(self.router, **dict(self.router_options))  # validates the name and options
+        for _ in self.engines():  # validates the per-replica capacities
+            pass
+
+    def engines(self) -> list[EngineConfig]:
+        """Each replica's engine limits."""
+        eng, blocks = self.profile.engine, self.num_gpu_blocks_per_replica
+        if blocks is None:
+            return [eng] * self.replicas
+        if len(blocks) != self.replicas:
+            raise ValueError(f"pool {self.name!r}: num_gpu_blocks_per_replica has {len(blocks)} values for "
+                             f"{self.replicas} replicas; give one per replica")
+        return [eng if b == eng.num_gpu_blocks else replace(eng, num_gpu_blocks=b) for b in blocks]
 
 
 class Replica:
@@ -252,14 +272,14 @@ class Cluster:
         self.routers = {}
         for spec in pools:
             reps = []
-            for _ in range(spec.replicas):
-                rep = Replica(world, len(self.replicas), spec.name, spec.profile.engine, spec.profile,
+            for engine in spec.engines():
+                rep = Replica(world, len(self.replicas), spec.name, engine, spec.profile,
                               jumps=world.jumps, check_invariants=world.check_invariants,
                               force_reference=world.force_reference)
                 self.replicas.append(rep)
                 reps.append(rep)
             self.pools[spec.name] = reps
-            self.routers[spec.name] = make_router(spec.router)
+            self.routers[spec.name] = make_router(spec.router, **dict(spec.router_options))
 
 
 class World:

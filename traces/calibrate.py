@@ -25,6 +25,10 @@ Several runs of one server (``calibrate_runs``: say, a light load that fixes the
 client-side constant and a heavy one that fixes the batching costs) are reconstructed separately and fitted
 together. With ``fit_fraction`` only the requests that arrived in the first part of each run's arrival window
 contribute measurements (timestamps, latencies, KV gauge); the replays still carry every request (the workload).
+
+A data-parallel run (``data_parallel_size`` > 1: several engines behind one API server) is split into one run per
+engine for step 3 (``traces.dpsplit``: the engine of each request from a replay of the whole DP world behind vLLM's
+DP load balancing, ``sim.dplb``); steps 4 and the final check replay the whole DP world.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import sim
 from sim.latency import BASIS_NAMES
 
 from .calreport import OVERHEAD_SOURCE, format_report, profile_provenance, report
+from .dpsplit import dp_capacity, dp_final_errors, fit_data_parallel
 from .hardware import GPUS, GpuEntry, ModelEntry, gpu_spec_entry, is_cpu_run, lookup_gpu, match_gpu_in_text
 from .hfconfig import ResolvedShape, resolve_shape, unknown_shape_message
 from .kvcapacity import KVCapacity, kv_capacity
@@ -330,12 +335,21 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     _require_known(gpu_entry, gpu_src, shape, model_src)
     hw = hardware if hardware is not None else gpu_entry.spec
     model = shape.entry
-    cap = _capacity(runs, gpu_entry, model, splits)
+    cap = dp_capacity(_capacity(runs, gpu_entry, model, splits), runs)
     engine, engine_sources = _engine(runs, model, cap)
     parallel = sim.ParallelConfig(tensor_parallel_size=runs[0].engine.tensor_parallel_size,
                                   expert_parallel=runs[0].engine.enable_expert_parallel)
     basis = sim.PhysicsStepModel(hw, model.spec, parallel, PRIOR)
-    fit = fit_step_model([FitRun.of(r, m) for r, m in zip(runs, masks, strict=True)], engine, basis)
+    fit_runs, fit_masks, dp_info = runs, masks, None
+    if any(r.engine.data_parallel_size > 1 for r in runs):  # one fit run per engine (traces.dpsplit)
+        def at(coef: dict[str, float], offset_s: float | None) -> sim.Profile:
+            ov = PRIOR_OVERHEADS if offset_s is None else replace(PRIOR_OVERHEADS, frontend_s=offset_s)
+            return sim.Profile(name="dp-assignment", hardware=hw, model=model.spec, engine=engine, overheads=ov,
+                               parallel=parallel, latency_coefficients=coef)
+
+        fit_runs, fit_masks, fit, dp_info = fit_data_parallel(runs, masks, engine, basis, at, seed=seed)
+    else:
+        fit = fit_step_model([FitRun.of(r, m) for r, m in zip(runs, masks, strict=True)], engine, basis)
     if not cap.measured:
         peak = max(int(p.trace.used_blocks.max(initial=0)) for p in fit.runs)
         engine_sources["engine.num_gpu_blocks"] += (f"; the reconstruction of the run peaks at {peak} blocks in use"
@@ -349,16 +363,26 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     mult, refine_info = _refine(runs, masks, base, fit, seed=seed, progress=progress,
                                 max_evals=max_evals if max_evals is not None else EVALS_PER_MULTIPLIER * n_mult)
     profile = _apply(base, fit, mult)
-    final = [latency_errors(r, simulate_run(r, profile, seed=seed), m) for r, m in zip(runs, masks, strict=True)]
-    rep = report(runs=runs, masks=masks, fit_fraction=fit_fraction, seed=seed, gpu_entry=gpu_entry, gpu_src=gpu_src,
-                 hw=hw, model=model, cap=cap, engine=engine, fit=fit, profile=profile, mult=mult,
-                 refine_info=refine_info, final=final, overhead_source=overhead_source)
+    replays = [simulate_run(r, profile, seed=seed) for r in runs]
+    final = [latency_errors(r, s, m) for r, s, m in zip(runs, replays, masks, strict=True)]
+    if dp_info is not None:
+        final_fit = dp_final_errors(runs, masks, replays, fit_runs)
+        dp_info["final_errors_pct"] = {r.name: {k: {s: e[k][s]["error_pct"] for s in e[k]} for k in e}
+                                       for r, e in zip(runs, final, strict=True)}
+    rep = report(runs=fit_runs, masks=fit_masks, fit_fraction=fit_fraction, seed=seed, gpu_entry=gpu_entry,
+                 gpu_src=gpu_src, hw=hw, model=model, cap=cap, engine=engine, fit=fit, profile=profile, mult=mult,
+                 refine_info=refine_info, final=final if dp_info is None else final_fit,
+                 overhead_source=overhead_source)
+    if dp_info is not None:
+        rep.update(run="+".join(r.name for r in runs), data_parallel=dp_info,
+                   run_dir=str(runs[0].path) if len(runs) == 1 else [str(r.path) for r in runs])
     rep["model_source"], rep["hardware_source"] = model_src, gpu_src
     rep["model_source_kind"] = shape.kind
     rep["hardware"].update(kind=hw.kind, interconnect=hw.interconnect,
                            interconnect_bw_bytes_per_s=hw.interconnect_bw_bytes_per_s)
     rep["parallel"] = {"tensor_parallel_size": parallel.tensor_parallel_size,
-                       "expert_parallel": parallel.expert_parallel}
+                       "expert_parallel": parallel.expert_parallel,
+                       "data_parallel_size": runs[0].engine.data_parallel_size}
     spec = model.spec
     rep["model_shape"] = {"num_params": spec.num_params, "active_params": spec.params_per_token,
                           "num_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_tok,

@@ -47,7 +47,8 @@ examples:
 REPLAY_HELP = "replay a measured vLLM run through the simulator and report errors (TTFT/TPOT/E2E, queues)"
 REPLAY_DESCRIPTION = """\
 Replay a measured run: every request enters the simulation at queued_ts - min(queued_ts) with its
-measured lengths, on one replica with the run's engine settings. An engine-side run is replayed with no
+measured lengths, on one replica with the run's engine settings (a data-parallel run: data_parallel_size replicas behind
+vLLM's own DP load balancing of the run's release). An engine-side run is replayed with no
 frontend overhead and compared engine-side; a client-side run (maslat collect) reaches the engine the
 profile's overheads.frontend_s after its send and is compared client-side (send to first/last output chunk).
 Reports measured vs simulated mean/p50/p90/p99 of TTFT, TPOT and E2E with the signed error
@@ -195,7 +196,13 @@ def run_replay(args) -> int:
     print(f"run {out['run']}  profile {args.profile}  evaluated on {part}")
     print(_replay_table(out))
     print("time-series MAE: " + "  ".join(f"{k} {v if v is None else round(v, 4)}"
-                                          for k, v in out["timeseries_mae"].items()))
+                                          for k, v in out["timeseries_mae"].items() if k != "per_engine"))
+    for e, mae in out["timeseries_mae"].get("per_engine", {}).items():
+        print(f"  engine {e}: " + "  ".join(f"{k} {v if v is None else round(v, 4)}" for k, v in mae.items()))
+    dp = out["data_parallel"]
+    if dp["data_parallel_size"] > 1:
+        print(f"data parallel: {dp['data_parallel_size']} engines behind {dp['router']} "
+              f"({dp['api_server_count']} API server(s)), num_gpu_blocks per engine {dp['num_gpu_blocks_per_engine']}")
     b = out["bar"]
     print(f"accuracy bar |error| <= {b['threshold_pct']:g} % on {'/'.join(b['stats'])}: "
           f"{'PASS' if b['passed'] else 'FAIL'} (worst {b['worst']} {b['worst_error_pct']:+.2f} %)")

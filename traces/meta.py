@@ -150,11 +150,20 @@ class EngineSettings:
 
     ``max_model_len`` ``None`` means the model's default; ``num_gpu_blocks`` ``None`` means the run did not record
     its KV capacity (estimate it, and say so).
+
+    Data parallelism: ``data_parallel_size`` engines behind ``api_server_count`` API servers (vLLM's
+    ``--data-parallel-size``, ``--api-server-count``; the latter only from ``engine_kwargs``, default 1 as the
+    ``vllm.entrypoints.openai.api_server`` module runs). vLLM's ``num_gpu_blocks`` is per engine (each profiles
+    its own device); ``num_gpu_blocks_per_engine`` holds one per engine when the run recorded them
+    (``kv_cache.num_gpu_blocks`` as a list, or ``kv_cache.num_gpu_blocks_per_engine`` as a list or an
+    ``{"0": n, "1": m}`` object keyed by vLLM's ``engine`` label), and ``num_gpu_blocks`` is then engine 0's.
     """
 
     model: str
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False
+    data_parallel_size: int = 1
+    api_server_count: int = 1
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int | None = None
@@ -168,6 +177,7 @@ class EngineSettings:
     kv_cache_dtype: str = "auto"
     async_scheduling: bool | None = None
     policy: str = "fcfs"
+    num_gpu_blocks_per_engine: tuple[int, ...] | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
 
@@ -175,6 +185,8 @@ class EngineSettings:
 _SETTINGS: dict[str, tuple[str | None, bool, bool, Any, str]] = {
     "tensor_parallel_size": ("parallel_config", False, True, 1, "pos_int"),
     "enable_expert_parallel": ("parallel_config", False, True, False, "bool"),
+    "data_parallel_size": ("parallel_config", False, True, 1, "pos_int"),
+    "api_server_count": (None, False, True, 1, "pos_int"),
     "max_num_seqs": ("scheduler_config", False, True, None, "pos_int"),
     "max_num_batched_tokens": ("scheduler_config", False, True, None, "pos_int"),
     "max_model_len": ("model_config", False, True, None, "opt_pos_int"),
@@ -212,6 +224,49 @@ def _convert(kind: str, v: Any) -> tuple[bool, Any]:
     return isinstance(v, str), v
 
 
+def _per_engine_blocks(meta: RunMeta, w: _Where) -> tuple[tuple[int, ...] | None, str | None]:
+    """Per-engine ``num_gpu_blocks`` from ``kv_cache`` (a list, or an object keyed by engine index), if recorded."""
+    kv = meta.kv_cache or {}
+    for key in ("num_gpu_blocks", "num_gpu_blocks_per_engine"):
+        v = kv.get(key)
+        if isinstance(v, dict):
+            if not v or not all(isinstance(k, str) and k.isdigit() for k in v):
+                continue  # no engine label (a server without data parallelism): not per engine
+            if sorted(int(k) for k in v) != list(range(len(v))):
+                raise w.error(f"kv_cache.{key}", f"engine keys must be 0..{len(v) - 1}, got {sorted(v)}")
+            v = [v[k] for k in sorted(v, key=int)]
+        if isinstance(v, list):
+            if not v or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 2 for b in v):
+                raise w.error(f"kv_cache.{key}", f"per-engine capacities must be integers >= 2, got {v!r}")
+            return tuple(v), f"kv_cache.{key} (per engine)"
+    return None, None
+
+
+def _with_data_parallel(values: dict, sources: dict, meta: RunMeta, w: _Where) -> None:
+    """Fill the per-engine capacities and check them against ``data_parallel_size`` (inferring it if unrecorded)."""
+    ek = meta.engine_kwargs.get("data_parallel_size")
+    if (values["data_parallel_size"] == 1 and sources["data_parallel_size"].startswith("resolved")
+            and isinstance(ek, int) and not isinstance(ek, bool) and ek > 1):
+        # vLLM's run_engine_core resets a dense model's engine config to DP 1 (each rank is independent): a
+        # config dumped from an engine says 1 where the server ran ek engines
+        values["data_parallel_size"] = ek
+        sources["data_parallel_size"] = "engine_kwargs.data_parallel_size (resolved_config says 1: an engine's own view)"
+    per, src = _per_engine_blocks(meta, w)
+    if per is None:
+        return
+    dp = values["data_parallel_size"]
+    if len(per) != dp:
+        if dp == 1 and "default" in sources["data_parallel_size"] and len(per) > 1:
+            values["data_parallel_size"], sources["data_parallel_size"] = len(per), f"{src}: {len(per)} engines"
+        else:
+            raise w.error(src.split(" ")[0], f"has {len(per)} engines but data_parallel_size is {dp} "
+                          f"({sources['data_parallel_size']}); record one capacity per engine")
+    values["num_gpu_blocks_per_engine"] = per
+    sources["num_gpu_blocks_per_engine"] = src
+    if values["num_gpu_blocks"] is None:
+        values["num_gpu_blocks"], sources["num_gpu_blocks"] = per[0], f"{src}: engine 0"
+
+
 def engine_settings(meta: RunMeta, *, where: str = "meta.json", text: str | None = None) -> EngineSettings:
     """Resolve the engine settings of a run (see the module docstring for the precedence)."""
     w = _Where(where, text)
@@ -223,7 +278,8 @@ def engine_settings(meta: RunMeta, *, where: str = "meta.json", text: str | None
         sec = rc.get(section) if section else None
         if isinstance(sec, dict) and name in sec:
             cands.append((f"resolved_config.{section}.{name}", sec[name]))
-        if in_kv and meta.kv_cache is not None and name in meta.kv_cache:
+        if in_kv and meta.kv_cache is not None and name in meta.kv_cache and not (
+                name == "num_gpu_blocks" and isinstance(meta.kv_cache[name], (list, dict))):  # per engine: below
             cands.append((f"kv_cache.{name}", meta.kv_cache[name]))
         if in_kwargs and name in meta.engine_kwargs:
             cands.append((f"engine_kwargs.{name}", meta.engine_kwargs[name]))
@@ -242,6 +298,7 @@ def engine_settings(meta: RunMeta, *, where: str = "meta.json", text: str | None
             raise w.error(src.split(";")[0] if src.startswith(("resolved", "kv", "engine")) else name,
                           f"invalid value {raw!r} for {name}")
         values[name], sources[name] = val, src
+    _with_data_parallel(values, sources, meta, w)
     if values["num_gpu_blocks"] is None:
         sources["num_gpu_blocks"] = "not recorded by the run (no kv_cache.num_gpu_blocks)"
     return EngineSettings(**values, sources=sources)

@@ -200,12 +200,20 @@ def read_scrape(path: str | Path) -> MetricsScrape:
     return parse_metrics(path.read_text(encoding="utf-8"), where=str(path))
 
 
-def timeseries_from_scrapes(scrapes: list[tuple[float, MetricsScrape]]) -> pd.DataFrame:
+def _engine_labels(scrapes: list[tuple[float, MetricsScrape]]) -> list[str]:
+    labels = {v for _, s in scrapes for k in s.gauges.get("vllm:num_requests_running", {}) for n, v in k
+              if n == "engine"}
+    return sorted((e for e in labels if e.isdigit()), key=int)
+
+
+def timeseries_from_scrapes(scrapes: list[tuple[float, MetricsScrape]], *, per_engine: bool = False) -> pd.DataFrame:
     """Periodic scrapes ``(t_s, scrape)`` (increasing t) as the run format's timeseries columns.
 
-    ``running``/``waiting``/``kv_cache_pct`` are the gauges (percent for the KV usage); the throughputs are the
-    increase of ``vllm:prompt_tokens``/``vllm:generation_tokens`` since the previous scrape (the first row counts
-    from zero).
+    ``running``/``waiting`` are the gauges summed over engines and ``kv_cache_pct`` the KV usage in percent
+    (averaged over a data-parallel page's engines); the throughputs are the increase of
+    ``vllm:prompt_tokens``/``vllm:generation_tokens`` since the previous scrape (the first row counts from zero).
+    With ``per_engine`` and a page with ``engine`` labels, also ``running_engine<i>``, ``waiting_engine<i>``,
+    ``kv_cache_pct_engine<i>`` per engine label ``i`` (``traces.runs`` format).
     """
     if not scrapes:
         raise ValueError("no scrapes")
@@ -214,7 +222,7 @@ def timeseries_from_scrapes(scrapes: list[tuple[float, MetricsScrape]]) -> pd.Da
         raise ValueError("scrape times must increase")
     prompt = np.array([s.counter("vllm:prompt_tokens") for _, s in scrapes])
     gen = np.array([s.counter("vllm:generation_tokens") for _, s in scrapes])
-    return pd.DataFrame({
+    out = pd.DataFrame({
         "t": t,
         "prompt_throughput": np.diff(np.nan_to_num(prompt), prepend=0.0),
         "gen_throughput": np.diff(np.nan_to_num(gen), prepend=0.0),
@@ -222,3 +230,12 @@ def timeseries_from_scrapes(scrapes: list[tuple[float, MetricsScrape]]) -> pd.Da
         "waiting": [int(np.nan_to_num(s.gauge("vllm:num_requests_waiting"))) for _, s in scrapes],
         "kv_cache_pct": [100.0 * float(np.nan_to_num(s.gauge("vllm:kv_cache_usage_perc"))) for _, s in scrapes],
     })
+    engines = _engine_labels(scrapes)
+    kv = {e: [100.0 * s.gauge("vllm:kv_cache_usage_perc", engine=e) for _, s in scrapes] for e in engines}
+    if len(engines) > 1:
+        out["kv_cache_pct"] = pd.DataFrame(kv).mean(axis=1, skipna=True).fillna(0.0).to_numpy()
+    for e in engines if per_engine else []:
+        for col, name in (("running", "vllm:num_requests_running"), ("waiting", "vllm:num_requests_waiting")):
+            out[f"{col}_engine{e}"] = [s.gauge(name, engine=e) for _, s in scrapes]
+        out[f"kv_cache_pct_engine{e}"] = kv[e]
+    return out

@@ -2,7 +2,8 @@
 
 The replay injects every request at ``queued_ts - min(queued_ts)`` with its measured prompt and output lengths
 (``vllm.md`` s.8), on one replica with the run's engine settings (the profile supplies hardware, model and
-step-time coefficients; see ``replay_profile``). Like is compared with like:
+step-time coefficients; see ``replay_profile``); a data-parallel run (``data_parallel_size`` > 1) on that many
+replicas behind vLLM's own DP load balancing of the run's release (``replay_pool``, ``sim.dplb``). Like is compared with like:
 
 * an **engine-side** run (vLLM's own timestamps): the request enters the engine at its offset, with the frontend
   and streaming overheads set to 0; TTFT = first token - queued, E2E = last token - queued;
@@ -30,11 +31,12 @@ import numpy as np
 import pandas as pd
 
 import sim
+from sim.dplb import dp_router_name
 
 from .runs import MeasuredRun, read_run
 
-__all__ = ["METRICS", "STATS", "SimulatedRun", "fit_mask", "latency_errors", "replay_profile", "replay_run",
-           "simulate_run", "timeseries_mae"]
+__all__ = ["METRICS", "STATS", "SimulatedRun", "fit_mask", "latency_errors", "per_engine_blocks", "replay_pool",
+           "replay_profile", "replay_run", "simulate_run", "timeseries_mae"]
 
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 STATS = ("mean", "p50", "p90", "p99")
@@ -82,17 +84,50 @@ def replay_profile(profile: sim.Profile, run: MeasuredRun | None = None) -> tupl
         want["num_gpu_blocks"] = e.num_gpu_blocks
     if e.max_model_len is not None:
         want["max_model_len"] = e.max_model_len
-    blocks = want.get("num_gpu_blocks", cfg.num_gpu_blocks)
+    blocks = min(per_engine_blocks(run) or (want.get("num_gpu_blocks", cfg.num_gpu_blocks),))
     cap_tokens = (blocks - 1) * want["block_size"]
     want["max_model_len"] = min(want.get("max_model_len", cfg.max_model_len), cap_tokens)
     changed = {k: {"profile": getattr(cfg, k), "run": v} for k, v in want.items() if getattr(cfg, k) != v}
     return prof.replace(engine=replace(cfg, **want)), changed
 
 
+def per_engine_blocks(run: MeasuredRun) -> tuple[int, ...] | None:
+    """The run's per-engine KV capacities when it recorded them for a data-parallel server, else ``None``."""
+    per = run.engine.num_gpu_blocks_per_engine
+    return per if per is not None and run.engine.data_parallel_size > 1 else None
+
+
+def _is_moe(run: MeasuredRun) -> bool:
+    """Whether the served model is a mixture of experts, as far as ``meta.json`` says (expert parallelism on, or
+    an expert count in the resolved model config); vLLM balances DP engines of MoE models differently."""
+    if run.meta.engine_kwargs.get("enable_expert_parallel") is True:
+        return True
+    mc = (run.meta.resolved_config or {}).get("model_config")
+    hf = mc.get("hf_config") if isinstance(mc, dict) else None
+    keys = ("num_experts", "num_local_experts", "n_routed_experts")
+    return isinstance(hf, dict) and any(isinstance(hf.get(k), int) and hf[k] > 1 for k in keys)
+
+
+def replay_pool(profile: sim.Profile, run: MeasuredRun, name: str = "replay") -> sim.PoolSpec:
+    """The pool a replay of ``run`` serves from: ``data_parallel_size`` engines of ``profile`` (already through
+    ``replay_profile``) behind vLLM's DP load balancing of the run's release (``sim.dplb``), each with its
+    recorded KV capacity; one engine without data parallelism."""
+    e = run.engine
+    if e.data_parallel_size == 1:
+        return sim.PoolSpec(name=name, profile=profile)
+    return sim.PoolSpec(name=name, profile=profile, replicas=e.data_parallel_size,
+                        router=dp_router_name(run.meta.vllm_version, moe=_is_moe(run)),
+                        router_options=(("api_servers", e.api_server_count),),
+                        num_gpu_blocks_per_replica=per_engine_blocks(run))
+
+
 @dataclass(frozen=True, eq=False, kw_only=True)
 class SimulatedRun:
     """A replay: per-request records in the run's request order (``ttft_s``, ``tpot_s``, ``e2e_s`` as the run
-    defines them: client-side for a client-side run), and gauges at the run's ticks."""
+    defines them: client-side for a client-side run; ``replica`` = the engine that served it), and gauges at
+    the run's ticks (summed over engines, KV usage averaged, as a scrape reads a DP server; with data
+    parallelism also ``running_engine<i>``, ``waiting_engine<i>``, ``kv_cache_usage_perc_engine<i>``).
+    ``preemptions`` and ``engine_steps`` are summed over the engines."""
 
     records: pd.DataFrame
     gauges: pd.DataFrame | None
@@ -102,9 +137,10 @@ class SimulatedRun:
 
 
 def simulate_run(run: MeasuredRun, profile: sim.Profile, *, seed: int = 0) -> SimulatedRun:
-    """Replay ``run`` through one simulated replica of ``profile`` with the run's engine settings."""
+    """Replay ``run`` through the simulated engines of ``profile`` with the run's engine settings (one engine, or
+    ``data_parallel_size`` behind vLLM's DP load balancing: ``replay_pool``)."""
     prof, _ = replay_profile(profile, run)
-    world = sim.make_world(sim.PoolSpec(name="replay", profile=prof), seed=seed, sample_interval_s=None)
+    world = sim.make_world(replay_pool(prof, run), seed=seed, sample_interval_s=None)
     off = run.offsets_s
     order = np.argsort(off, kind="stable")
     sim.Workload(pool="replay", arrivals=sim.TraceArrivals(off[order]), name="replay", id_prefix="",
@@ -121,9 +157,9 @@ def simulate_run(run: MeasuredRun, profile: sim.Profile, *, seed: int = 0) -> Si
     if run.client_side:  # as the collector times them: from the send to the first / last output chunk
         df["ttft_s"] = df["first_token_s"] - df["arrival_s"]
         df["e2e_s"] = df["last_token_s"] - df["arrival_s"]
-    core = world.replicas[0].core
+    cores = [r.core for r in world.replicas]
     return SimulatedRun(records=df, gauges=None if gauges is None else pd.DataFrame(gauges),
-                        preemptions=core.num_preemptions, engine_steps=core.num_steps,
+                        preemptions=sum(c.num_preemptions for c in cores), engine_steps=sum(c.num_steps for c in cores),
                         rejected=world.num_rejected)
 
 
@@ -132,19 +168,27 @@ def _sample_ticks(run: MeasuredRun, world: sim.World) -> dict | None:
     ts = run.timeseries
     if ts is None:
         return None
-    rep = world.replicas[0]
-    out: dict[str, list] = {"t": [], "running": [], "waiting": [], "kv_cache_usage_perc": []}
+    reps = world.replicas
+    keys = ("running", "waiting", "kv_cache_usage_perc")
+    out: dict[str, list] = {k: [] for k in ("t", *keys)}
+    if len(reps) > 1:
+        out.update({f"{k}_engine{i}": [] for i in range(len(reps)) for k in keys})
     for t in ts["t"].to_numpy():
         tau = float(t) * run.meta.tick_seconds + run.tick_origin_s
         if tau < 0:
             continue
 
         def read(_ev, t=float(t), tau=tau):
-            g = rep.gauges(tau)
+            gs = [rep.gauges(tau) for rep in reps]
+            vals = [(g["num_requests_running"], g["num_requests_waiting"], g["kv_cache_usage_perc"]) for g in gs]
             out["t"].append(t)
-            out["running"].append(g["num_requests_running"])
-            out["waiting"].append(g["num_requests_waiting"])
-            out["kv_cache_usage_perc"].append(g["kv_cache_usage_perc"])
+            out["running"].append(sum(v[0] for v in vals))
+            out["waiting"].append(sum(v[1] for v in vals))
+            out["kv_cache_usage_perc"].append(sum(v[2] for v in vals) / len(vals))
+            if len(reps) > 1:
+                for i, v in enumerate(vals):
+                    for k, x in zip(keys, v, strict=True):
+                        out[f"{k}_engine{i}"].append(x)
 
         world.env.call_at(tau, read)
     return out
@@ -196,7 +240,30 @@ def timeseries_mae(run: MeasuredRun, simulated: SimulatedRun, *, from_s: float |
             d = d[np.isfinite(d)]  # ticks whose scrape failed carry nan: not measured
             out[k] = float(np.mean(d)) if len(d) else None
     out["ticks"] = int(len(ts))
+    engines = [i for i in range(len(g.columns)) if f"running_engine{i}" in g.columns and f"running_engine{i}" in ts]
+    if engines:  # a DP run that recorded per-engine gauges: engine label i is replica i (vLLM's rank order)
+        out["per_engine"] = {str(i): _mae_engine(ts, g, i, run.kv_cache_recorded) for i in engines}
     return out
+
+
+def _mae_engine(ts: pd.DataFrame, g: pd.DataFrame, i: int, kv_recorded: bool) -> dict:
+    out = {}
+    for k, col in (("running", "running"), ("waiting", "waiting"), ("kv_cache_usage_perc", "kv_cache_usage_perc")):
+        name = f"{col}_engine{i}"
+        if name not in ts or (k == "kv_cache_usage_perc" and not kv_recorded):
+            out[k] = None
+            continue
+        d = np.abs(g[name].to_numpy(float) - ts[name].to_numpy(float))
+        d = d[np.isfinite(d)]
+        out[k] = float(np.mean(d)) if len(d) else None
+    return out
+
+
+def _dp_report(run: MeasuredRun, used: sim.Profile) -> dict:
+    pool = replay_pool(used, run)
+    return {"data_parallel_size": pool.replicas, "router": pool.router,
+            "api_server_count": run.engine.api_server_count,
+            "num_gpu_blocks_per_engine": [e.num_gpu_blocks for e in pool.engines()]}
 
 
 def _bar(metrics: dict, threshold_pct: float) -> dict:
@@ -243,6 +310,7 @@ def replay_run(run_or_dir: MeasuredRun | str | Path, profile: sim.Profile | str 
            "engine": {k: getattr(used.engine, k) for k in ("max_num_seqs", "max_num_batched_tokens",
                                                            "max_model_len", "block_size", "num_gpu_blocks")},
            "engine_overridden_by_run": overrides,
+           "data_parallel": _dp_report(run, used),
            "kv_cache_recorded": run.kv_cache_recorded}
     if calibration is not None:
         out["calibration"] = calibration

@@ -8,7 +8,9 @@ A run directory holds three files (``vllm.md`` s.8)::
                      queued_ts, scheduled_ts, first_token_ts, last_token_ts
                                                                    monotonic seconds, engine-core clock
     timeseries.csv   t,prompt_throughput,gen_throughput,running,waiting,kv_cache_pct; CRLF line ends;
-                     one row per tick; kv_cache_pct in percent (0-100)
+                     one row per tick; kv_cache_pct in percent (0-100); a data-parallel server's gauges
+                     summed over engines (KV usage averaged), optionally followed by per-engine columns
+                     running_engine<i>,waiting_engine<i>,kv_cache_pct_engine<i> (i = vLLM's engine label)
     meta.json        engine_kwargs, optional kv_cache / hardware / resolved_config, ...
 
 **Two clocks.** ``arrival_time`` and the ``*_ts`` fields come from different clocks; every interval is computed
@@ -30,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,7 @@ from .errors import TraceFormatError, where
 from .meta import EngineSettings, RunMeta, engine_settings, parse_meta
 
 __all__ = [
+    "ENGINE_GAUGES",
     "EngineSettings",
     "FILES",
     "MeasuredRun",
@@ -49,6 +53,7 @@ __all__ = [
     "RunMeta",
     "TIMESERIES_COLUMNS",
     "check_meta",
+    "engine_columns",
     "read_run",
     "read_requests",
     "read_timeseries",
@@ -66,6 +71,9 @@ _ORDERED = ("queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts")
 # a collector talking HTTP cannot see the engine's first SCHEDULED event: null there means "not observed"
 _OPTIONAL_TIME_FIELDS = ("scheduled_ts",)
 TIMESERIES_COLUMNS = ("t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct")
+#: optional per-engine gauge columns after ``TIMESERIES_COLUMNS`` (a data-parallel server; ``engine_columns``)
+ENGINE_GAUGES = ("running", "waiting", "kv_cache_pct")
+_ENGINE_COLUMN = re.compile(r"^(running|waiting|kv_cache_pct)_engine(\d+)$")
 #: the run's files; ``failures`` (requests that failed, written by the collector) is not part of vllm.md s.8
 FILES = {"requests": "requests.jsonl", "timeseries": "timeseries.csv", "meta": "meta.json",
          "failures": "failures.jsonl"}
@@ -235,19 +243,36 @@ def _requests_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------- timeseries
+def engine_columns(num_engines: int) -> tuple[str, ...]:
+    """The per-engine gauge columns of ``timeseries.csv`` for engines ``0..num_engines-1``."""
+    return tuple(f"{k}_engine{i}" for i in range(num_engines) for k in ENGINE_GAUGES)
+
+
+def _check_header(header: tuple[str, ...]) -> str | None:
+    if header[:len(TIMESERIES_COLUMNS)] != TIMESERIES_COLUMNS:
+        return (f"header must be {','.join(TIMESERIES_COLUMNS)} (then optionally per-engine columns "
+                f"{'/'.join(ENGINE_GAUGES)}_engine<i>)")
+    extra = header[len(TIMESERIES_COLUMNS):]
+    bad = [c for c in extra if not _ENGINE_COLUMN.match(c)]
+    if bad or len(set(extra)) != len(extra):
+        return (f"after {','.join(TIMESERIES_COLUMNS)} only per-engine columns {'/'.join(ENGINE_GAUGES)}_engine<i> "
+                f"may follow, each once; got {bad or sorted(extra)}")
+    return None
+
+
 def read_timeseries(path: str | Path, *, skip_bad: bool = False) -> tuple[pd.DataFrame, int]:
     """Read ``timeseries.csv`` (CRLF or LF); return the validated ticks and the number of bad lines skipped."""
     path = Path(path)
     lines = path.read_text(encoding="utf-8").splitlines()
     header = tuple(h.strip() for h in lines[0].split(",")) if lines else ()
-    if header != TIMESERIES_COLUMNS:
-        raise TraceFormatError(f"{where(path, 1)}: header must be {','.join(TIMESERIES_COLUMNS)}, got "
-                               f"{lines[0] if lines else '<empty file>'!r}")
+    problem = _check_header(header) if header else "empty file"
+    if problem is not None:
+        raise TraceFormatError(f"{where(path, 1)}: {problem}, got {lines[0] if lines else '<empty file>'!r}")
     data, skipped, prev_t = [], 0, -math.inf
     for lineno, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
-        fld, problem, vals = _check_tick(line.split(","), prev_t)
+        fld, problem, vals = _check_tick(line.split(","), prev_t, header)
         if problem is not None:
             if skip_bad:
                 skipped += 1
@@ -255,19 +280,28 @@ def read_timeseries(path: str | Path, *, skip_bad: bool = False) -> tuple[pd.Dat
             raise TraceFormatError(f"{where(path, lineno, fld)}: {problem}")
         prev_t = vals[0]
         data.append(vals)
-    df = pd.DataFrame(np.array(data, dtype=np.float64).reshape(-1, len(TIMESERIES_COLUMNS)),
-                      columns=list(TIMESERIES_COLUMNS))
-    for c in ("running", "waiting"):  # counts; nullable where a scrape failed (nan = not measured)
-        df[c] = df[c].astype(np.int64) if df[c].notna().all() else df[c].astype("Int64")
+    df = pd.DataFrame(np.array(data, dtype=np.float64).reshape(-1, len(header)), columns=list(header))
+    for c in header:  # counts; nullable where a scrape failed (nan = not measured)
+        if _base(c) in ("running", "waiting"):
+            df[c] = df[c].astype(np.int64) if df[c].notna().all() else df[c].astype("Int64")
     df["kv_cache_usage_perc"] = df["kv_cache_pct"] / 100.0
+    for c in header[len(TIMESERIES_COLUMNS):]:
+        if c.startswith("kv_cache_pct_engine"):
+            df["kv_cache_usage_perc_engine" + c[len("kv_cache_pct_engine"):]] = df[c] / 100.0
     return df, skipped
 
 
-def _check_tick(parts: list[str], prev_t: float) -> tuple[str | None, str | None, list[float]]:
-    if len(parts) != len(TIMESERIES_COLUMNS):
-        return None, f"expected {len(TIMESERIES_COLUMNS)} comma-separated fields, got {len(parts)}", []
+def _base(column: str) -> str:
+    m = _ENGINE_COLUMN.match(column)
+    return m.group(1) if m else column
+
+
+def _check_tick(parts: list[str], prev_t: float,
+                columns: tuple[str, ...] = TIMESERIES_COLUMNS) -> tuple[str | None, str | None, list[float]]:
+    if len(parts) != len(columns):
+        return None, f"expected {len(columns)} comma-separated fields, got {len(parts)}", []
     vals = []
-    for name, text in zip(TIMESERIES_COLUMNS, parts, strict=True):
+    for name, text in zip(columns, parts, strict=True):
         try:
             v = float(text)
         except ValueError:
@@ -280,11 +314,12 @@ def _check_tick(parts: list[str], prev_t: float) -> tuple[str | None, str | None
         vals.append(v)
     if vals[0] <= prev_t:
         return "t", f"ticks must increase ({vals[0]!r} after {prev_t!r})", []
-    for i in (3, 4):
-        if not math.isnan(vals[i]) and vals[i] != int(vals[i]):
-            return TIMESERIES_COLUMNS[i], f"must be a whole number of requests, got {parts[i].strip()!r}", []
-    if vals[5] > 100:
-        return "kv_cache_pct", f"is a percentage (0-100), got {parts[5].strip()!r}", []
+    for i, name in enumerate(columns):
+        base = _base(name)
+        if base in ("running", "waiting") and not math.isnan(vals[i]) and vals[i] != int(vals[i]):
+            return name, f"must be a whole number of requests, got {parts[i].strip()!r}", []
+        if base == "kv_cache_pct" and vals[i] > 100:
+            return name, f"is a percentage (0-100), got {parts[i].strip()!r}", []
     return None, None, vals
 
 
@@ -351,21 +386,26 @@ def request_record(row: Mapping[str, Any], seen: set[str] | None = None, *, extr
     return out
 
 
-def tick_line(values: Iterable[Any], prev_t: float = -math.inf) -> str:
-    """One row of ``timeseries.csv`` (``TIMESERIES_COLUMNS`` order; ``None``/NaN = not measured, written ``nan``).
+def tick_line(values: Iterable[Any], prev_t: float = -math.inf,
+              columns: tuple[str, ...] = TIMESERIES_COLUMNS) -> str:
+    """One row of ``timeseries.csv`` (``columns`` order: ``TIMESERIES_COLUMNS``, then any ``engine_columns``;
+    ``None``/NaN = not measured, written ``nan``).
 
     Raises:
         ValueError: a value the reader would reject, or ``t`` not after ``prev_t``.
     """
+    problem = _check_header(tuple(columns))
+    if problem is not None:
+        raise ValueError(f"timeseries columns: {problem}")
     parts = []
-    for name, v in zip(TIMESERIES_COLUMNS, values, strict=True):
+    for name, v in zip(columns, values, strict=True):
         if v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and math.isnan(v)):
             parts.append("nan")
-        elif name in ("running", "waiting") and float(v).is_integer():
+        elif _base(name) in ("running", "waiting") and float(v).is_integer():
             parts.append(str(int(v)))  # queue lengths are counts, written as in the measured runs
         else:
             parts.append(repr(float(v)))
-    fld, problem, _ = _check_tick(parts, prev_t)
+    fld, problem, _ = _check_tick(parts, prev_t, tuple(columns))
     if problem is not None:
         raise ValueError(f"timeseries tick {parts[0]}: field {fld}: {problem}")
     return ",".join(parts)
@@ -392,7 +432,8 @@ def write_run(run_dir: str | Path, *, requests: pd.DataFrame | Iterable[Mapping[
         run_dir: the directory (created if needed; existing run files are overwritten).
         requests: one record per request with the ``REQUEST_FIELDS`` (a DataFrame or mappings), arrival order.
         meta: a ``RunMeta`` or the ``meta.json`` object (needs ``model`` and ``engine_kwargs``).
-        timeseries: ticks with the ``TIMESERIES_COLUMNS`` (``kv_cache_pct`` in percent), or ``None``.
+        timeseries: ticks with the ``TIMESERIES_COLUMNS`` (``kv_cache_pct`` in percent), and any per-engine
+            columns (``engine_columns``), or ``None``.
 
     Returns:
         The directory. Everything is validated first; on a ``ValueError`` nothing has been written.
@@ -430,11 +471,12 @@ def _timeseries_lines(ts: pd.DataFrame) -> list[str]:
     missing = [c for c in TIMESERIES_COLUMNS if c not in ts.columns]
     if missing:
         raise ValueError(f"write_run: timeseries lacks column(s) {missing}")
-    lines = [",".join(TIMESERIES_COLUMNS)]
+    cols = TIMESERIES_COLUMNS + tuple(c for c in ts.columns if _ENGINE_COLUMN.match(str(c)))
+    lines = [",".join(cols)]
     prev = -math.inf
-    for i, row in enumerate(ts[list(TIMESERIES_COLUMNS)].itertuples(index=False)):
+    for i, row in enumerate(ts[list(cols)].itertuples(index=False)):
         try:
-            lines.append(tick_line(row, prev))
+            lines.append(tick_line(row, prev, cols))
         except ValueError as e:
             raise ValueError(f"write_run: timeseries row {i}: {e}") from None
         prev = float(row[0])

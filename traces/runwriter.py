@@ -8,6 +8,7 @@ still leaves a run that ``traces.runs.read_run`` reads: complete JSON lines, com
 
     requests.jsonl   one object per completed request: REQUEST_FIELDS first, then extras
     timeseries.csv   t,prompt_throughput,gen_throughput,running,waiting,kv_cache_pct  (t = 1, 2, ...; CRLF)
+                     [,running_engine0,waiting_engine0,kv_cache_pct_engine0,...]  (``engine_gauges=N``)
     meta.json        schema_version, model, vllm_version, engine_kwargs, ..., kv_cache, collector
     failures.jsonl   one object per request that failed (not part of the measured format; counted in meta)
 
@@ -20,9 +21,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from .runs import FILES, TIMESERIES_COLUMNS, check_meta, request_record, tick_line
+from .runs import FILES, TIMESERIES_COLUMNS, check_meta, engine_columns, request_record, tick_line
 
 __all__ = ["RunWriter"]
 
@@ -35,9 +37,11 @@ class RunWriter:
         meta: the first ``meta.json`` (validated before anything is created, so a run that the reader would
             refuse, e.g. without the engine limits, fails here and not after the collection).
         overwrite: replace the run files if the directory already holds a run.
+        engine_gauges: also write the gauges of each of this many engines (a data-parallel server's
+            ``engine="<i>"`` series; ``add_tick(..., engines=...)``); 0: the summed columns only.
     """
 
-    def __init__(self, out_dir: str | Path, *, meta: dict, overwrite: bool = False):
+    def __init__(self, out_dir: str | Path, *, meta: dict, overwrite: bool = False, engine_gauges: int = 0):
         self.dir = Path(out_dir)
         meta_text = check_meta(meta)
         existing = [FILES[k] for k in ("requests", "timeseries", "meta") if (self.dir / FILES[k]).exists()]
@@ -48,7 +52,8 @@ class RunWriter:
         self._req = open(self.dir / FILES["requests"], "w", encoding="utf-8", newline="\n")  # noqa: SIM115
         self._fail = open(self.dir / FILES["failures"], "w", encoding="utf-8", newline="\n")  # noqa: SIM115
         self._ts = open(self.dir / FILES["timeseries"], "w", encoding="utf-8", newline="")  # noqa: SIM115
-        self._ts.write(",".join(TIMESERIES_COLUMNS) + "\r\n")
+        self._columns = TIMESERIES_COLUMNS + engine_columns(engine_gauges)
+        self._ts.write(",".join(self._columns) + "\r\n")
         self._ts.flush()
         self._write_meta_text(meta_text)
         self._seen: set[str] = set()
@@ -67,9 +72,15 @@ class RunWriter:
         self._fail.flush()
         self.num_failures += 1
 
-    def add_tick(self, t: int, prompt_throughput, gen_throughput, running, waiting, kv_cache_pct) -> None:
-        """One row of ``timeseries.csv`` (``None``/NaN written as ``nan``)."""
-        line = tick_line((t, prompt_throughput, gen_throughput, running, waiting, kv_cache_pct), self._last_t)
+    def add_tick(self, t: int, prompt_throughput, gen_throughput, running, waiting, kv_cache_pct,
+                 engines: Sequence[tuple] | None = None) -> None:
+        """One row of ``timeseries.csv`` (``None``/NaN written as ``nan``); ``engines``: per engine
+        ``(running, waiting, kv_cache_pct)`` when the writer has ``engine_gauges`` (missing ones: ``nan``)."""
+        n = (len(self._columns) - len(TIMESERIES_COLUMNS)) // 3
+        per = list(engines or [])[:n]
+        per += [(None, None, None)] * (n - len(per))
+        values = (t, prompt_throughput, gen_throughput, running, waiting, kv_cache_pct, *(v for e in per for v in e))
+        line = tick_line(values, self._last_t, self._columns)
         self._ts.write(line + "\r\n")
         self._ts.flush()
         self._last_t = float(t)

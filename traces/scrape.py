@@ -1,7 +1,9 @@
 """Read a vLLM ``/metrics`` page into the few numbers a collector needs.
 
 Only what a real vLLM 0.19 exposes is required (``vllm.md`` section 6). Series are summed over engines
-(a data-parallel server has one ``engine`` label per engine core) except the KV usage, which is averaged.
+(a data-parallel server has one ``engine`` label per engine core) except the KV usage, which is averaged; the
+running, waiting and KV-usage gauges are also kept per engine label (``*_per_engine``, for per-engine
+``timeseries.csv`` columns and the engines' KV capacities).
 ``process_start_time_seconds`` (from the Prometheus client's process collector, which vLLM exposes) tells
 a restarted server from one whose counters merely went on.
 Deprecated names are accepted when the current ones are missing (``vllm:gpu_cache_usage_perc``,
@@ -23,6 +25,10 @@ _COUNTERS = {  # field -> sample names, current first
     "ttft_sum_s": ("vllm:time_to_first_token_seconds_sum",),
     "ttft_count": ("vllm:time_to_first_token_seconds_count",),
 }
+
+
+_PER_ENGINE = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting",
+               "vllm:kv_cache_usage_perc": "kv", "vllm:gpu_cache_usage_perc": "kv_old"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +53,9 @@ class Scrape:
     time_scale: float | None = None  # maslat:time_scale (stand-in only)
     max_lag_s: float | None = None  # maslat:max_lag_seconds (stand-in only)
     process_start_time_s: float | None = None  # process_start_time_seconds: changes when the server restarts
+    running_per_engine: dict[str, float] = field(default_factory=dict)  # by engine label, summed over models
+    waiting_per_engine: dict[str, float] = field(default_factory=dict)
+    kv_usage_per_engine: dict[str, float] = field(default_factory=dict)  # 0..1, mean over the label's series
 
 
 def parse_scrape(text: str, model: str | None = None) -> Scrape:
@@ -58,6 +67,7 @@ def parse_scrape(text: str, model: str | None = None) -> Scrape:
 
     values: dict[str, list[float]] = {}
     engines, models, info, engine_config = set(), set(), [], []
+    per: dict[tuple[str, str], list[float]] = {}
     time_scale = max_lag = start = None
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -86,6 +96,8 @@ def parse_scrape(text: str, model: str | None = None) -> Scrape:
                 info.append(labels)
                 continue
             values.setdefault(name, []).append(float(s.value))
+            if name in _PER_ENGINE and "engine" in labels:
+                per.setdefault((_PER_ENGINE[name], labels["engine"]), []).append(float(s.value))
     if "vllm:num_requests_running" not in values:
         raise ValueError("no vllm:num_requests_running series: this does not look like a vLLM /metrics page"
                          + (f" for model {model!r}" if model else ""))
@@ -94,6 +106,9 @@ def parse_scrape(text: str, model: str | None = None) -> Scrape:
         return next((values[n] for n in names if n in values), None)
 
     kv = first("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+    kv_name = "kv" if "vllm:kv_cache_usage_perc" in values else "kv_old"
+    per_engine = {f: {e: (sum(v) / len(v) if f.startswith("kv") else sum(v)) for (g, e), v in per.items() if g == f}
+                  for f in ("running", "waiting", "kv", "kv_old")}
     counters = {}
     for f, names in _COUNTERS.items():
         v = first(*names)
@@ -108,4 +123,5 @@ def parse_scrape(text: str, model: str | None = None) -> Scrape:
                   cache_config={k: v for k, v in info[0].items() if k != "engine"} if info else {},
                   engine_config={k: v for k, v in engine_config[0].items() if k != "engine"} if engine_config else {},
                   num_gpu_blocks_per_engine=blocks, time_scale=time_scale, max_lag_s=max_lag,
-                  process_start_time_s=start)
+                  process_start_time_s=start, running_per_engine=per_engine["running"],
+                  waiting_per_engine=per_engine["waiting"], kv_usage_per_engine=per_engine[kv_name])

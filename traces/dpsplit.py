@@ -1,0 +1,221 @@
+"""Data-parallel runs: which engine served each request, and one sub-run per engine for the step-time fit.
+
+A run of ``vllm serve --data-parallel-size N`` holds the requests of N independent engines in one file, without
+saying which engine served which (the API server chose, ``sim.dplb``). The reconstruction (``traces.reconstruct``)
+and the NNLS rows (``traces.stepfit``) are per engine, so calibration splits the run:
+
+1. **assign**: replay the whole DP world at the current profile (``traces.replay.simulate_run``: N engines behind
+   vLLM's DP load balancing of the run's release); the simulator's records say which engine served each request.
+   An engine-side run also says it itself, in part: vLLM stamps every output batch of an engine with one
+   ``EngineCoreOutputs.timestamp`` (the ``first_token_ts``/``last_token_ts`` of every request in that batch) and
+   every ``schedule()`` call's events with one time (``scheduled_ts``; a different clock reading), so requests
+   sharing a scheduled time, or sharing an output time, ran on the same engine (the measured single-engine runs
+   show it: 300 requests with 181 distinct first-token times). Requests linked by shared timestamps (``step_groups``, union-find) form groups that must
+   sit on one engine; each group goes to the engine the replay gives most of its requests. Client-side runs
+   (times of the client's own clock) carry no such links;
+2. **split**: one ``MeasuredRun`` per engine with its requests (times, offsets and fit mask unchanged), its KV
+   capacity (per engine when recorded) and its gauges when the run recorded per-engine columns
+   (``running_engine<i>``, ``waiting_engine<i>``, ``kv_cache_pct_engine<i>``; ``traces.runs``), else none;
+3. **fit** the sub-runs together as separate runs of one engine (``fit_step_model``), re-assign at the fitted
+   profile and repeat while the assignment changes (at most ``MAX_ROUNDS`` fits).
+
+The refinement and the final check replay the whole DP world (``traces.calibrate``).
+
+What this cannot know: the true assignment. Under 0.19-0.26 (dense models) it is round robin with 5 s resets:
+the replay recovers it exactly when the reset phase is right (no run records it; 0 assumed). Under vLLM >= 0.27
+it depends on the engines' published load and thus on the step times: measured on a simulated 2-engine run, a
+1 % change of every coefficient changes 30-45 % of the replay's choices, so the split is right in aggregate
+(per-engine load over time) but not request by request, and the per-engine fit carries a bias of a few percent
+in step time (held-out TPOT -3.5 % at 7.5 req/s, where the true split gives the fit within the refinement's
+trade-offs). ``assignment_changes`` in the report says how much it moved between rounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+
+import sim
+from sim.latency import BASIS_NAMES
+
+from .kvcapacity import KVCapacity
+from .replay import SimulatedRun, latency_errors, per_engine_blocks, simulate_run
+from .runs import TIMESERIES_COLUMNS, MeasuredRun
+from .stepfit import FitRun, StepFit, fit_step_model
+
+__all__ = ["MAX_ROUNDS", "assign_engines", "dp_capacity", "dp_final_errors", "engine_timeseries",
+           "fit_data_parallel", "split_by_engine", "step_groups"]
+
+MAX_ROUNDS = 3  # fits at most (assignment at the prior, then at each fit while it changes)
+
+
+def step_groups(run: MeasuredRun) -> np.ndarray | None:
+    """Per request, the label of its group of requests linked by identical engine timestamps (``scheduled_ts``,
+    ``first_token_ts``, ``last_token_ts``): one engine's steps stamp all of their requests alike. ``None`` for a
+    client-side run."""
+    if run.client_side:
+        return None
+    n = len(run)
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for cols in (("scheduled_ts",), ("first_token_ts", "last_token_ts")):  # one schedule() call; one output batch
+        _link(run.requests, cols, parent, find)
+    return np.array([find(i) for i in range(n)], dtype=np.int64)
+
+
+def _link(requests: pd.DataFrame, cols: tuple[str, ...], parent: np.ndarray, find) -> None:
+    seen: dict[float, int] = {}
+    for col in cols:
+        for i, v in enumerate(requests[col].to_numpy()):
+            if v != v:  # nan: not recorded
+                continue
+            j = seen.setdefault(float(v), i)
+            if j != i:
+                a, b = find(i), find(j)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+
+
+def dp_capacity(cap: KVCapacity, runs: Sequence[MeasuredRun]) -> KVCapacity:
+    """One engine's capacity from an estimate on a whole DP run: the KV-usage gauge estimate
+    (``traces.kvcapacity``) divides the blocks held by every request in flight by the usage *averaged* over the
+    engines, which gives all N engines' usable blocks; measured and memory-rule capacities are per engine already."""
+    n = runs[0].engine.data_parallel_size
+    if cap.method != "kv_usage_gauge" or n == 1:
+        return cap
+    blocks = int(round((cap.num_gpu_blocks - 1) / n)) + 1
+    return replace(cap, num_gpu_blocks=blocks, detail={**cap.detail, "all_engines_usable_blocks": cap.num_gpu_blocks - 1},
+                   source=cap.source + f"; the usage is the mean over {n} DP engines: usable blocks / {n} per engine")
+
+
+def assign_engines(run: MeasuredRun, profile: sim.Profile, *, seed: int = 0) -> np.ndarray:
+    """The engine (0..N-1) of each request (run order): the replay's choice, whole step groups kept together
+    (``step_groups``: the majority of the group's requests decides, ties to the lower engine index)."""
+    rec = simulate_run(run, profile, seed=seed).records
+    engines = rec["replica"].reindex(range(len(run))).to_numpy(np.int64)
+    groups = step_groups(run)
+    if groups is None:
+        return engines
+    n = run.engine.data_parallel_size
+    votes = np.zeros((len(run), n), np.int64)
+    np.add.at(votes, (groups, engines), 1)
+    return votes.argmax(axis=1)[groups]
+
+
+def engine_timeseries(run: MeasuredRun, engine: int) -> pd.DataFrame | None:
+    """The run's gauges of one engine in the run format's columns, or ``None`` when it recorded no per-engine
+    columns (the throughputs are not per engine: ``nan``)."""
+    ts = run.timeseries
+    cols = [f"{k}_engine{engine}" for k in ("running", "waiting", "kv_cache_pct")]
+    if ts is None or not all(c in ts.columns for c in cols):
+        return None
+    out = pd.DataFrame({"t": ts["t"], "prompt_throughput": np.nan, "gen_throughput": np.nan,
+                        "running": ts[cols[0]], "waiting": ts[cols[1]], "kv_cache_pct": ts[cols[2]]})
+    out = out[list(TIMESERIES_COLUMNS)].reset_index(drop=True)
+    out["kv_cache_usage_perc"] = out["kv_cache_pct"] / 100.0
+    return out
+
+
+def split_by_engine(run: MeasuredRun, engines: np.ndarray) -> list[tuple[MeasuredRun, np.ndarray]]:
+    """One sub-run per engine (a run of one engine: DP 1, that engine's capacity) and the indices of its
+    requests in ``run``. Request offsets keep the whole run's origin, so every sub-run shares one clock."""
+    n = run.engine.data_parallel_size
+    per = per_engine_blocks(run)
+    out = []
+    for i in range(n):
+        idx = np.flatnonzero(engines == i)
+        if len(idx) == 0:
+            raise ValueError(f"run {run.name}: the replay of its {n} DP engines sends no request to engine {i}; "
+                             "too few requests to calibrate a data-parallel run")
+        blocks = per[i] if per is not None else run.engine.num_gpu_blocks
+        kv = {**(run.meta.kv_cache or {}), "num_gpu_blocks": blocks}
+        kv.pop("num_gpu_blocks_per_engine", None)
+        meta = replace(run.meta, kv_cache=kv if blocks is not None or run.meta.kv_cache else None,
+                       engine_kwargs={**run.meta.engine_kwargs, "data_parallel_size": 1})
+        settings = replace(run.engine, data_parallel_size=1, num_gpu_blocks=blocks, num_gpu_blocks_per_engine=None,
+                           sources={**run.engine.sources, "data_parallel_size": f"engine {i} of run {run.name}"})
+        sub = MeasuredRun(path=run.path, name=f"{run.name}[engine {i}]",
+                          requests=run.requests.iloc[idx].reset_index(drop=True),
+                          timeseries=engine_timeseries(run, i), meta=meta, engine=settings,
+                          file_sha256=run.file_sha256, skipped=run.skipped)
+        out.append((sub, idx))
+    return out
+
+
+def fit_data_parallel(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], engine: sim.EngineConfig,
+                      basis: sim.PhysicsStepModel, make_profile: Callable[[dict[str, float], float | None], sim.Profile],
+                      *, seed: int = 0) -> tuple[list[MeasuredRun], list[np.ndarray], StepFit, dict]:
+    """Assign, split and fit until the assignment settles (see the module docstring).
+
+    Args:
+        runs, masks: the runs (DP or not) and their fit masks.
+        engine: the limits the reconstructions use (engine 0's capacity when the engines' capacities differ).
+        basis: hardware, model and TP of the step-time basis (its coefficients are the first guess).
+        make_profile: ``(coefficients, client-side offset or None) -> Profile`` to replay the DP world with.
+        seed: world seed of the replays.
+
+    Returns:
+        The sub-runs (a run without DP stays whole), their masks, the fit, and a report section.
+    """
+    coef = dict(zip(BASIS_NAMES, basis.coefficients.as_tuple(), strict=True))
+    offset, assigned, info = None, None, {"rounds": []}
+    for rnd in range(MAX_ROUNDS):
+        prof = make_profile(coef, offset)
+        new = [assign_engines(r, prof, seed=seed) if r.engine.data_parallel_size > 1 else None for r in runs]
+        changes = None if assigned is None else int(sum(int((a != b).sum()) for a, b in zip(assigned, new, strict=True)
+                                                        if a is not None))
+        if changes == 0:
+            break
+        assigned = new
+        subs, sub_masks = _split_all(runs, masks, assigned)
+        fit = fit_step_model([FitRun.of(r, m) for r, m in zip(subs, sub_masks, strict=True)], engine, basis)
+        coef = dict(zip(BASIS_NAMES, fit.coefficients.as_tuple(), strict=True))
+        offset = fit.offset_s
+        info["rounds"].append({"round": rnd, "assignment_changes": changes,
+                               "requests_per_engine": {r.name: [int((a == i).sum()) for i in range(r.engine.data_parallel_size)]
+                                                       for r, a in zip(runs, assigned, strict=True) if a is not None}})
+    info["method"] = ("each DP run split into one run per engine by replaying the whole DP world (vLLM's DP load "
+                      "balancing, sim.dplb) at the current profile; the sub-runs fitted together; repeated while "
+                      f"the assignment changed (at most {MAX_ROUNDS} fits)")
+    info["sub_runs"] = [r.name for r in subs]
+    return subs, sub_masks, fit, info
+
+
+def _split_all(runs, masks, assigned) -> tuple[list[MeasuredRun], list[np.ndarray]]:
+    subs, sub_masks = [], []
+    for run, mask, a in zip(runs, masks, assigned, strict=True):
+        if a is None:
+            subs.append(run)
+            sub_masks.append(mask)
+            continue
+        for sub, idx in split_by_engine(run, a):
+            subs.append(sub)
+            sub_masks.append(np.asarray(mask, bool)[idx])
+    return subs, sub_masks
+
+
+def dp_final_errors(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], replays: Sequence[SimulatedRun],
+                    fit_runs: Sequence[MeasuredRun]) -> list[dict]:
+    """Per fit run (a sub-run per engine, or a whole run without DP): the errors of its requests in the replay of
+    its whole run (``latency_errors``), for the calibration report."""
+    out = []
+    for sub in fit_runs:
+        k = next(j for j, r in enumerate(runs) if sub.name == r.name or sub.name.startswith(f"{r.name}[engine "))
+        run, rec = runs[k], replays[k].records
+        if sub is run:
+            out.append(latency_errors(run, replays[k], masks[k]))
+            continue
+        pos = pd.Index(run.requests["request_id"]).get_indexer(sub.requests["request_id"])
+        part = SimulatedRun(records=rec.iloc[pos].reset_index(drop=True), gauges=None, preemptions=0,
+                            engine_steps=0, rejected=0)
+        out.append(latency_errors(sub, part, np.asarray(masks[k], bool)[pos]))
+    return out
