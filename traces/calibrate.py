@@ -6,14 +6,20 @@ Pipeline (each step general: nothing here knows a particular run, GPU or model):
 1. **Settings.** The runs' engine limits (``traces.meta``; several runs must agree); the GPU from
    ``meta.hardware.device_name`` (or the run's name, or ``gpu=``) and the model from ``meta.model``, whose
    constants come from ``traces.hardware``.
-2. **KV capacity.** ``num_gpu_blocks`` as measured, or estimated and labelled so (``traces.kvcapacity``).
-3. **Reconstruction and NNLS** (``traces.stepfit``): what the engine did, step by step, from the per-request
-   timestamps, and the step-time coefficients of ``sim.latency.PhysicsStepModel`` fitted on whole-step spans.
+2. **Step-time family.** The physics model (``sim.latency.PhysicsStepModel``) when both the GPU and the model's
+   shape are known; otherwise, automatically, the shape-free ``sim.latency_linear.LinearStepModel``, fitted from
+   the reconstructed batches alone (``report["step_time_model"]`` and ``["step_time_model_reason"]`` say which
+   and why; ``step_time_model=`` forces one).
+3. **KV capacity and block size.** ``num_gpu_blocks`` as measured, or estimated and labelled so; a block size the
+   run does not record is inferred from the KV-usage gauge; with neither a memory rule nor a gauge the capacity
+   is treated as not binding, and said so (``traces.kvcapacity``).
+4. **Reconstruction and NNLS** (``traces.stepfit``): what the engine did, step by step, from the per-request
+   timestamps, and the step-time coefficients of the chosen family fitted on whole-step spans.
    For client-side runs (collected over HTTP by ``traces.collect``: no ``scheduled_ts``, TTFT and E2E include
    the API server and HTTP) the fit also estimates the client-side constant, which becomes the profile's
    ``overheads.frontend_s``.
-4. **Refinement.** A deterministic Nelder-Mead over three multipliers (per-step/per-request base cost, decode
-   KV-read factor, prefill factor; plus the client-side constant for client-side runs) replays every run in
+5. **Refinement.** A deterministic Nelder-Mead over three multipliers (per-step/per-request base cost, decode
+   context cost, prefill cost: ``FitFamily.multipliers``; plus the client-side constant for client-side runs) replays every run in
    the simulator and minimises the squared log errors of TTFT, TPOT and E2E (mean, p50, p90; p99 at a quarter
    weight) against the measured distributions, summed over the runs. A client-side run is replayed and compared
    client-side (``traces.replay``).
@@ -36,29 +42,28 @@ import numpy as np
 from scipy.optimize import minimize
 
 import sim
-from sim.latency import BASIS_NAMES
 
 from .calreport import OVERHEAD_SOURCE, format_report, profile_provenance, report
 from .hardware import GPUS, GpuEntry, ModelEntry, lookup_gpu, lookup_model, match_gpu_in_text
 from .kvcapacity import KVCapacity, kv_capacity
 from .replay import METRICS, as_run, fit_mask, latency_errors, simulate_run
 from .runs import MeasuredRun
-from .stepfit import PRIOR, FitRun, StepFit, fit_step_model
+from .stepfit import PHYSICS_MULTIPLIERS, FitRun, StepFit, fit_step_model, physics_family
+from .stepfit_linear import linear_family
 
-__all__ = ["CalibrationResult", "MULTIPLIERS", "PRIOR_OVERHEADS", "calibrate_run", "calibrate_runs",
-           "format_report", "main"]
+__all__ = ["CalibrationResult", "MULTIPLIERS", "PRIOR_OVERHEADS", "STEP_TIME_CHOICES", "Shape", "calibrate_run",
+           "calibrate_runs", "format_report", "main"]
 
 #: Per-request overheads outside the engine, from BLIS (latency_physics.md s.4). An engine-side run cannot
 #: identify any of them; a client-side run identifies ``frontend_s`` (fitted) but not the other two, which the
 #: simulator adds after the last output chunk, where the collector stops timing.
 PRIOR_OVERHEADS = sim.Overheads(frontend_s=0.0156, post_decode_s=0.00078, per_output_token_s=46e-6)
 
-#: multiplier name -> coefficients it scales (only those NNLS fitted: held ones stay at their published values)
-MULTIPLIERS: dict[str, tuple[str, ...]] = {
-    "base": ("weight", "req_s"),
-    "dc_kv": ("dc_kv",),
-    "prefill": ("pf_compute",),
-}
+#: multiplier name -> coefficients it scales, physics family (only those NNLS fitted: held ones stay at their
+#: published values); the shape-free family's are ``traces.stepfit_linear.LINEAR_MULTIPLIERS``
+MULTIPLIERS: dict[str, tuple[str, ...]] = PHYSICS_MULTIPLIERS
+#: ``step_time_model=`` values: "auto" (physics when the GPU and the model's shape are known, else linear)
+STEP_TIME_CHOICES = ("auto", "physics", "linear")
 #: the multiplier of the fitted client-side constant (refined only when a run is client-side)
 OFFSET_MULTIPLIER = "frontend"
 _STAT_WEIGHTS = {"mean": 1.0, "p50": 1.0, "p90": 1.0, "p99": 0.25}
@@ -107,10 +112,63 @@ def _model(runs: Sequence[MeasuredRun]) -> ModelEntry:
     return models[0]
 
 
-def _capacity(runs: Sequence[MeasuredRun], gpu_entry: GpuEntry, model: ModelEntry,
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Shape:
+    """What is known of the runs' GPU and model; ``None`` for what is not (``*_why`` then says why)."""
+
+    gpu: GpuEntry | None
+    gpu_src: str
+    model: ModelEntry | None
+    model_why: str = ""
+
+
+#: the messages of the table lookups' "not in the table" refusals (``traces.hardware``, ``_gpu``): only these mean
+#: "unknown"; any other error (runs of different GPUs or models) still stops the calibration
+_UNKNOWN = ("unknown GPU", "names no known GPU", "unknown model")
+
+
+def _shape_or_none(runs: Sequence[MeasuredRun], gpu: str | None, hardware: sim.HardwareSpec | None) -> Shape:
+    """The GPU and the model of the runs, each ``None`` when unknown. The one place where a lookup's refusal
+    becomes "unknown" (and so the shape-free model): a richer resolution (catalogue, Hugging Face config,
+    ``--model-config``, ``--gpu-spec``) plugs in here."""
+    try:
+        gpu_entry, gpu_src = _gpu(runs, gpu, hardware)
+    except ValueError as e:
+        if not any(m in str(e) for m in _UNKNOWN):
+            raise
+        gpu_entry, gpu_src = None, f"unknown ({e})"
+    try:
+        return Shape(gpu=gpu_entry, gpu_src=gpu_src, model=_model(runs))
+    except ValueError as e:
+        if not any(m in str(e) for m in _UNKNOWN):
+            raise
+        return Shape(gpu=gpu_entry, gpu_src=gpu_src, model=None, model_why=str(e))
+
+
+def _family_choice(shape: Shape, step_time_model: str) -> tuple[str, str]:
+    """The step-time family to fit and why (``report["step_time_model"]``, ``["step_time_model_reason"]``)."""
+    if step_time_model not in STEP_TIME_CHOICES:
+        raise ValueError(f"step_time_model must be one of {STEP_TIME_CHOICES}, got {step_time_model!r}")
+    missing = ([] if shape.model is not None else [f"the model's shape ({shape.model_why})"]) + (
+        [] if shape.gpu is not None else [f"the GPU's peak rates: {shape.gpu_src}"])
+    if step_time_model == "physics" and missing:
+        raise ValueError("step_time_model='physics' needs " + " and ".join(missing) + "; pass gpu= (--gpu) for the "
+                         "GPU, or use the shape-free model (step_time_model='auto' or 'linear')")
+    if step_time_model == "linear":
+        return "linear", "asked for (step_time_model='linear'): the shape-free model, fitted from the batches alone"
+    if missing:
+        return "linear", ("shape-free model chosen automatically: unknown " + "; unknown ".join(missing)
+                          + ". Its terms (per step, prefill token, attention unit, chunk, decode sequence, context "
+                            "token) are fitted from the reconstructed batches alone")
+    return "physics", (f"the GPU ({shape.gpu.spec.name}) and the model's shape ({shape.model.spec.name}) are known: "
+                       "roofline basis x fitted efficiency factors")
+
+
+def _capacity(runs: Sequence[MeasuredRun], gpu_entry: GpuEntry | None, model: ModelEntry | None,
               splits: Sequence[float | None]) -> KVCapacity:
     """One capacity for all runs: the measured one (runs that record it must agree), else the first estimate."""
-    caps = [kv_capacity(r, gpu_entry, model, until_s=s) for r, s in zip(runs, splits, strict=True)]
+    caps = [kv_capacity(r, gpu_entry, model, until_s=s, max_model_len=_max_model_len(r, model)[0])
+            for r, s in zip(runs, splits, strict=True)]
     measured = {c.num_gpu_blocks for c in caps if c.measured}
     if len(measured) > 1:
         raise ValueError(f"the runs record different KV capacities (num_gpu_blocks {sorted(measured)}); they were "
@@ -118,7 +176,7 @@ def _capacity(runs: Sequence[MeasuredRun], gpu_entry: GpuEntry, model: ModelEntr
     return next((c for c in caps if c.measured), caps[0])
 
 
-def _engine(runs: Sequence[MeasuredRun], model: ModelEntry,
+def _engine(runs: Sequence[MeasuredRun], model: ModelEntry | None,
             cap: KVCapacity) -> tuple[sim.EngineConfig, dict[str, str]]:
     configs = [_engine_of(r, model, cap) for r in runs]
     first, sources = configs[0]
@@ -133,42 +191,54 @@ def _engine(runs: Sequence[MeasuredRun], model: ModelEntry,
     return first, sources
 
 
-def _engine_of(run: MeasuredRun, model: ModelEntry, cap: KVCapacity) -> tuple[sim.EngineConfig, dict[str, str]]:
+def _max_model_len(run: MeasuredRun, model: ModelEntry | None) -> tuple[int, str]:
+    """The run's ``max_model_len``: recorded, else the model's default, else (model unknown) its longest request."""
+    e = run.engine
+    if e.max_model_len is not None:
+        return e.max_model_len, f"run {run.name}: {e.sources['max_model_len']}"
+    if model is not None:
+        return model.max_position_embeddings, (f"model default ({model.sources.get('max_position_embeddings')}); "
+                                               "the run's max_model_len is null")
+    longest = int((run.prompt_tokens + run.output_tokens).max(initial=1))
+    return longest, (f"the longest request of run {run.name} ({longest} tokens): the run records no max_model_len "
+                     "and the model is unknown")
+
+
+def _engine_of(run: MeasuredRun, model: ModelEntry | None,
+               cap: KVCapacity) -> tuple[sim.EngineConfig, dict[str, str]]:
     e, src = run.engine, run.engine.sources
     if e.policy != "fcfs":
         raise ValueError(f"run {run.name}: scheduling policy {e.policy!r} is not simulated (FCFS only)")
-    mml, mml_src = e.max_model_len, f"run {run.name}: {src['max_model_len']}"
-    if mml is None:
-        mml = model.max_position_embeddings
-        mml_src = f"model default ({model.sources.get('max_position_embeddings')}); the run's max_model_len is null"
-    cap_tokens = (cap.num_gpu_blocks - 1) * e.block_size
+    mml, mml_src = _max_model_len(run, model)
+    cap_tokens = (cap.num_gpu_blocks - 1) * cap.block_size
     if mml > cap_tokens:
         mml, mml_src = cap_tokens, mml_src + f"; capped at the KV capacity ({cap_tokens} tokens)"
     cfg = sim.EngineConfig(max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-                           max_model_len=mml, block_size=e.block_size, num_gpu_blocks=cap.num_gpu_blocks,
+                           max_model_len=mml, block_size=cap.block_size, num_gpu_blocks=cap.num_gpu_blocks,
                            enable_prefix_caching=e.enable_prefix_caching,
                            scheduler_reserve_full_isl=e.scheduler_reserve_full_isl,
                            long_prefill_token_threshold=e.long_prefill_token_threshold)
     sources = {f"engine.{k}": f"run {run.name}: {src[k]}" for k in
-               ("max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
+               ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
                 "scheduler_reserve_full_isl", "long_prefill_token_threshold")}
+    sources["engine.block_size"] = cap.block_size_source
     sources["engine.max_model_len"] = mml_src
     sources["engine.num_gpu_blocks"] = cap.source
     return cfg, sources
 
 
-def _scaled(coef: sim.PhysicsCoefficients, mult: dict[str, float], free: tuple[str, ...]) -> dict[str, float]:
-    out = dict(zip(BASIS_NAMES, coef.as_tuple(), strict=True))
-    for m, names in MULTIPLIERS.items():
+def _scaled(fit: StepFit, mult: dict[str, float]) -> dict[str, float]:
+    out = dict(fit.coefficients)
+    for m, names in fit.family.multipliers.items():
         for n in names:
-            if n in free:
+            if n in fit.free:
                 out[n] *= mult[m]
     return out
 
 
 def _apply(base: sim.Profile, fit: StepFit, mult: dict[str, float]) -> sim.Profile:
     """``base`` with the fitted coefficients (and client-side constant) times the refinement's multipliers."""
-    prof = base.replace(latency_coefficients=_scaled(fit.coefficients, mult, fit.free))
+    prof = base.replace(latency_coefficients=_scaled(fit, mult))
     if OFFSET_MULTIPLIER in mult:
         prof = prof.replace(overheads=replace(base.overheads, frontend_s=fit.offset_s * mult[OFFSET_MULTIPLIER]))
     return prof
@@ -180,7 +250,7 @@ def _objective(errors: dict) -> float:
 
 
 def _multiplier_names(fit: StepFit) -> list[str]:
-    return list(MULTIPLIERS) + ([OFFSET_MULTIPLIER] if fit.offset_s else [])
+    return list(fit.family.multipliers) + ([OFFSET_MULTIPLIER] if fit.offset_s else [])
 
 
 def _refine(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], base: sim.Profile, fit: StepFit, *,
@@ -239,7 +309,7 @@ def _load(runs_or_dirs: Sequence[MeasuredRun | str | Path]) -> list[MeasuredRun]
 
 def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_fraction: float | None = None,
                    seed: int = 0, gpu: str | None = None, hardware: sim.HardwareSpec | None = None,
-                   name: str | None = None, max_evals: int | None = None,
+                   name: str | None = None, max_evals: int | None = None, step_time_model: str = "auto",
                    progress: Callable[[int], None] | None = None) -> CalibrationResult:
     """Calibrate one profile from one or more runs of the same engine (see the module docstring).
 
@@ -251,39 +321,44 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
         hardware: use these peak rates instead of the GPU table's.
         name: profile name (default: the runs' names joined by ``+``).
         max_evals: replays of every run the refinement may spend (default 15 per multiplier).
+        step_time_model: ``"auto"`` (physics when the GPU and the model's shape are known, else the shape-free
+            ``"linear"``), ``"physics"`` or ``"linear"``.
         progress: called with 1 after every refinement replay (for a progress bar).
     """
     t_start = time.perf_counter()
     runs = _load(runs_or_dirs)
     masks, splits = zip(*(fit_mask(r, fit_fraction) for r in runs), strict=True)
-    gpu_entry, gpu_src = _gpu(runs, gpu, hardware)
-    hw = hardware or gpu_entry.spec
-    model = _model(runs)
-    cap = _capacity(runs, gpu_entry, model, splits)
-    engine, engine_sources = _engine(runs, model, cap)
-    basis = sim.PhysicsStepModel(hw, model.spec, runs[0].engine.tensor_parallel_size, PRIOR)
-    fit = fit_step_model([FitRun.of(r, m) for r, m in zip(runs, masks, strict=True)], engine, basis)
+    shape = _shape_or_none(runs, gpu, hardware)
+    family_name, family_reason = _family_choice(shape, step_time_model)
+    hw = hardware or (shape.gpu.spec if shape.gpu is not None else None)
+    cap = _capacity(runs, shape.gpu, shape.model, splits)
+    engine, engine_sources = _engine(runs, shape.model, cap)
+    fit_runs = [FitRun.of(r, m) for r, m in zip(runs, masks, strict=True)]
+    tp = runs[0].engine.tensor_parallel_size
+    family = (physics_family(hw, shape.model.spec, tp) if family_name == "physics" else linear_family(fit_runs))
+    fit = fit_step_model(fit_runs, engine, family)
     if not cap.measured:
         peak = max(int(p.trace.used_blocks.max(initial=0)) for p in fit.runs)
         engine_sources["engine.num_gpu_blocks"] += (f"; the reconstruction of the run peaks at {peak} blocks in use"
                                                     f" ({100 * peak / (cap.num_gpu_blocks - 1):.0f} % of this)")
     overheads, overhead_source = _overheads(fit, runs)
-    base = sim.Profile(name=name or "+".join(r.name for r in runs), hardware=hw, model=model.spec,
-                       parallel=sim.ParallelConfig(tensor_parallel_size=runs[0].engine.tensor_parallel_size),
-                       engine=engine, overheads=overheads,
-                       latency_coefficients=dict(zip(BASIS_NAMES, fit.coefficients.as_tuple(), strict=True)))
+    base = sim.Profile(name=name or "+".join(r.name for r in runs), hardware=hw,
+                       model=None if shape.model is None else shape.model.spec,
+                       parallel=sim.ParallelConfig(tensor_parallel_size=tp), engine=engine, overheads=overheads,
+                       latency_model=family.latency_model, latency_coefficients=dict(fit.coefficients))
     n_mult = len(_multiplier_names(fit))
     mult, refine_info = _refine(runs, masks, base, fit, seed=seed, progress=progress,
                                 max_evals=max_evals if max_evals is not None else EVALS_PER_MULTIPLIER * n_mult)
     profile = _apply(base, fit, mult)
     final = [latency_errors(r, simulate_run(r, profile, seed=seed), m) for r, m in zip(runs, masks, strict=True)]
-    rep = report(runs=runs, masks=masks, fit_fraction=fit_fraction, seed=seed, gpu_entry=gpu_entry, gpu_src=gpu_src,
-                 hw=hw, model=model, cap=cap, engine=engine, fit=fit, profile=profile, mult=mult,
-                 refine_info=refine_info, final=final, overhead_source=overhead_source)
+    rep = report(runs=runs, masks=masks, fit_fraction=fit_fraction, seed=seed, gpu_entry=shape.gpu,
+                 gpu_src=shape.gpu_src, hw=hw, model=shape.model, cap=cap, engine=engine, fit=fit, profile=profile,
+                 mult=mult, refine_info=refine_info, final=final, overhead_source=overhead_source,
+                 family_reason=family_reason)
     rep["wall_s"] = time.perf_counter() - t_start
-    description, sources, derived = profile_provenance(runs, hw, model, cap, fit_fraction, seed, gpu_entry, gpu_src,
-                                                       hardware, engine_sources, fit, mult, overhead_source,
-                                                       MULTIPLIERS)
+    description, sources, derived = profile_provenance(runs, hw, shape.model, cap, fit_fraction, seed, shape.gpu,
+                                                       shape.gpu_src, hardware, engine_sources, fit, mult,
+                                                       overhead_source, fit.family.multipliers)
     profile = profile.replace(description=description, sources=sources, derived_from=derived)
     return CalibrationResult(profile=profile, report=rep, fit=fit)
 

@@ -17,6 +17,7 @@ The capacity decides when a KV-bound engine preempts, so it must come from measu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +25,8 @@ import numpy as np
 from .hardware import GpuEntry, ModelEntry
 from .runs import MeasuredRun
 
-__all__ = ["KVCapacity", "kv_capacity", "memory_estimate_blocks", "usage_estimate_blocks"]
+__all__ = ["BLOCK_SIZES", "KVCapacity", "kv_capacity", "memory_estimate_blocks", "nonbinding_blocks",
+           "usage_estimate_blocks"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,6 +39,8 @@ class KVCapacity:
         method: ``"measured"``, ``"kv_usage_gauge"`` or ``"memory_profile"``.
         source: one sentence for the profile's sources.
         detail: the numbers behind an estimate.
+        block_size: tokens per block (the run's, or inferred from the gauge when the run does not record it).
+        block_size_source: where ``block_size`` comes from.
     """
 
     num_gpu_blocks: int
@@ -44,6 +48,8 @@ class KVCapacity:
     method: str
     source: str
     detail: dict = field(default_factory=dict)
+    block_size: int = 16
+    block_size_source: str = ""
 
 
 def memory_estimate_blocks(*, total_memory_bytes: float, gpu_memory_utilization: float, model: ModelEntry,
@@ -74,19 +80,16 @@ def _held_tokens(run: MeasuredRun, t_engine: float) -> np.ndarray:
     return np.where(in_prefill, p * frac_p, 0.0) + np.where(in_decode, p + 1 + (n - 1) * frac_d, 0.0)
 
 
-def usage_estimate_blocks(run: MeasuredRun, *, until_s: float | None = None,
-                          band: tuple[float, float] = (0.05, 0.95)) -> tuple[int, dict] | None:
-    """``num_gpu_blocks`` from the recorded KV-usage gauge, or ``None`` when it was not recorded (or the run's
-    times are a client's, which do not say when the engine held the tokens).
+#: block sizes vLLM accepts on GPUs (``CacheConfig.block_size``; 16 is the default), tried when a run does not
+#: record its own
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 
-    Uses ticks whose usage lies inside ``band`` (a saturated cache preempts, and a near-empty one says little),
-    up to replay time ``until_s``.
-    """
+
+def _gauge_ticks(run: MeasuredRun, until_s: float | None, band: tuple[float, float]):
+    """Tick times (engine clock) and usage fractions of the ticks the gauge estimate may use, or ``None``."""
     if not run.kv_cache_recorded or run.client_side:  # a client's times are not the engine's: no held tokens
         return None
     ts = run.timeseries
-    bs = run.engine.block_size
-    q0 = run.requests["queued_ts"].min()
     tau = ts["t"].to_numpy() * run.meta.tick_seconds + run.tick_origin_s
     use = ts["kv_cache_usage_perc"].to_numpy()
     ok = (use > band[0]) & (use < band[1]) & (tau >= 0)
@@ -94,13 +97,50 @@ def usage_estimate_blocks(run: MeasuredRun, *, until_s: float | None = None,
         ok &= tau <= until_s
     if ok.sum() < 3:
         return None
-    held = np.array([np.ceil(_held_tokens(run, q0 + t) / bs).sum() for t in tau[ok]])
-    usable = held.sum() / use[ok].sum()
-    return int(round(usable)) + 1, {"ticks_used": int(ok.sum()), "band": list(band),
-                                    "ratio_spread": float(np.std(held / use[ok]) / usable)}
+    return run.requests["queued_ts"].min() + tau[ok], use[ok]
 
 
-def _memory_capacity(run: MeasuredRun, gpu: GpuEntry, model: ModelEntry) -> KVCapacity:
+def usage_estimate_blocks(run: MeasuredRun, *, until_s: float | None = None,
+                          band: tuple[float, float] = (0.05, 0.95), block_sizes: Sequence[int] | None = None,
+                          num_gpu_blocks: int | None = None) -> tuple[int, dict] | None:
+    """``num_gpu_blocks`` (and the block size) from the recorded KV-usage gauge, or ``None`` when it was not
+    recorded (or the run's times are a client's, which do not say when the engine held the tokens).
+
+    Uses ticks whose usage lies inside ``band`` (a saturated cache preempts, and a near-empty one says little),
+    up to replay time ``until_s``. With several ``block_sizes`` (a run that does not record its block size),
+    each candidate ``b`` rounds every in-flight request's tokens up to whole blocks, and the one whose block
+    counts best explain the gauge (least squares, the capacity free, or ``num_gpu_blocks`` when measured) is
+    chosen: block rounding costs each request ``b/2`` tokens on average, so the candidates differ in how the
+    gauge moves with the number of requests in flight. Limits: it needs ticks at which the number of requests
+    in flight varies; the held tokens are interpolated between a request's timestamps (a preempted request is
+    counted as holding its tokens), which blurs candidates closer than that error (16 vs 32 with long
+    sequences and few requests); a wrong choice mostly shifts tokens between rounding and capacity, and the
+    capacity in tokens, which decides preemption, stays close. ``detail["block_size_residuals"]`` shows the
+    margin.
+    """
+    got = _gauge_ticks(run, until_s, band)
+    if got is None:
+        return None
+    times, use = got
+    sizes = tuple(block_sizes) if block_sizes else (run.engine.block_size,)
+    tokens = np.array([_held_tokens(run, t) for t in times])  # ticks x requests
+    resid, held_by = {}, {}
+    for b in sizes:
+        held = np.ceil(tokens / b).sum(axis=1)
+        k = (held @ use) / (held @ held) if num_gpu_blocks is None else 1.0 / (num_gpu_blocks - 1)
+        resid[b] = float(np.sum((use - k * held) ** 2) / np.sum(use**2))
+        held_by[b] = held
+    bs = min(sizes, key=lambda b: resid[b])
+    held = held_by[bs]
+    usable = held.sum() / use.sum()
+    detail = {"ticks_used": int(len(use)), "band": list(band), "ratio_spread": float(np.std(held / use) / usable),
+              "block_size": bs}
+    if len(sizes) > 1:
+        detail["block_size_residuals"] = {str(b): r for b, r in resid.items()}
+    return int(round(usable)) + 1, detail
+
+
+def _memory_capacity(run: MeasuredRun, gpu: GpuEntry, model: ModelEntry, block_size: int) -> KVCapacity:
     e = run.engine
     hw = run.meta.hardware or {}
     total = hw.get("device_total_memory_bytes")
@@ -124,30 +164,77 @@ def _memory_capacity(run: MeasuredRun, gpu: GpuEntry, model: ModelEntry) -> KVCa
                              f"/ {detail['bytes_per_block'] / 2**20:.0f} MiB per block")
 
 
-def kv_capacity(run: MeasuredRun, gpu: GpuEntry, model: ModelEntry, *, until_s: float | None = None) -> KVCapacity:
-    """The run's capacity, best source first.
+def nonbinding_blocks(run: MeasuredRun, block_size: int, max_model_len: int | None = None) -> tuple[int, dict]:
+    """A capacity the run cannot fill: 1.25 x the blocks its requests could hold together if each held its whole
+    sequence from its arrival (``queued_ts``) to its last token (at least one ``max_model_len`` sequence)."""
+    q = run.requests
+    need = np.ceil((run.prompt_tokens + run.output_tokens) / block_size)
+    t = np.concatenate([q["queued_ts"].to_numpy(float), q["last_token_ts"].to_numpy(float)])
+    delta = np.concatenate([need, -need])
+    order = np.lexsort((delta, t))  # at equal times, releases (negative) first
+    peak = float(np.cumsum(delta[order]).max(initial=0.0))
+    floor = int(np.ceil((max_model_len or int(need.max(initial=1)) * block_size) / block_size))
+    blocks = int(max(np.ceil(1.25 * peak), floor)) + 1
+    return blocks, {"peak_upper_bound_blocks": int(peak), "margin": 1.25}
+
+
+def _block_size(run: MeasuredRun, gauge: tuple[int, dict] | None) -> tuple[int, str]:
+    e = run.engine
+    if e.recorded("block_size"):
+        return e.block_size, f"run {run.name}: {e.sources['block_size']}"
+    if gauge is not None:
+        r = gauge[1]["block_size_residuals"]
+        return gauge[1]["block_size"], (
+            f"INFERRED (run {run.name} records no block_size): of {sorted(map(int, r))}, the block size whose "
+            f"block-rounded in-flight tokens best explain the recorded kv_cache_pct over {gauge[1]['ticks_used']} "
+            "ticks (relative squared residuals " + ", ".join(f"{b}: {v:.3g}" for b, v in r.items()) + ")")
+    return e.block_size, (f"ASSUMED vLLM's default {e.block_size} (run {run.name} records no block_size and no "
+                          "usable KV-usage gauge to infer it from)")
+
+
+def kv_capacity(run: MeasuredRun, gpu: GpuEntry | None, model: ModelEntry | None, *,
+                until_s: float | None = None, max_model_len: int | None = None) -> KVCapacity:
+    """The run's capacity and block size, best source first.
 
     1. measured (``kv_cache.num_gpu_blocks`` or the resolved cache config);
     2. the memory rule, when the run recorded its device memory (0.04 % off on the RTX 4090 run);
     3. the KV-usage gauge, when recorded (about 6 % high on the RTX 4090 run: timestamps cannot tell which
        requests sit preempted, and tick times are known to a fraction of a second);
-    4. the memory rule with the GPU table's nominal memory.
+    4. the memory rule with the GPU table's nominal memory;
+    5. with neither a known GPU and model nor a usable gauge: **not binding** (``nonbinding_blocks``), said so.
+    The memory rule needs ``gpu`` and ``model`` (``None``: unknown). A block size the run does not record is
+    inferred from the gauge when there is one (``usage_estimate_blocks``), else vLLM's default 16 is assumed.
     Every estimate lists the other available estimates in ``detail["alternatives"]``.
     """
     e = run.engine
+    sizes = None if e.recorded("block_size") else BLOCK_SIZES
+    gauge = usage_estimate_blocks(run, until_s=until_s, block_sizes=sizes, num_gpu_blocks=e.num_gpu_blocks)
+    bs, bs_src = _block_size(run, gauge)
     if e.num_gpu_blocks is not None:
-        return KVCapacity(num_gpu_blocks=e.num_gpu_blocks, measured=True, method="measured",
+        return KVCapacity(num_gpu_blocks=e.num_gpu_blocks, measured=True, method="measured", block_size=bs,
+                          block_size_source=bs_src,
                           source=f"measured: {e.sources.get('num_gpu_blocks', 'meta.json')} of run {run.name}")
-    mem = _memory_capacity(run, gpu, model)
-    gauge = usage_estimate_blocks(run, until_s=until_s)
-    alternatives = {"memory_profile": mem.num_gpu_blocks}
+    mem = None if gpu is None or model is None else _memory_capacity(run, gpu, model, bs)
+    alternatives = {} if mem is None else {"memory_profile": mem.num_gpu_blocks}
     if gauge is not None:
         alternatives["kv_usage_gauge"] = gauge[0]
-    if gauge is not None and not mem.detail["memory_measured"]:
+    if gauge is not None and (mem is None or not mem.detail["memory_measured"]):
         blocks, detail = gauge
         detail["alternatives"] = alternatives
         return KVCapacity(num_gpu_blocks=blocks, measured=False, method="kv_usage_gauge", detail=detail,
+                          block_size=bs, block_size_source=bs_src,
                           source=f"ESTIMATED (run {run.name} records no num_gpu_blocks): blocks held by in-flight "
                                  f"requests over the recorded kv_cache_pct, {detail['ticks_used']} ticks")
-    mem.detail["alternatives"] = alternatives
-    return mem
+    if mem is not None:
+        mem.detail["alternatives"] = alternatives
+        return KVCapacity(num_gpu_blocks=mem.num_gpu_blocks, measured=False, method=mem.method, detail=mem.detail,
+                          source=mem.source, block_size=bs, block_size_source=bs_src)
+    blocks, detail = nonbinding_blocks(run, bs, max_model_len)
+    why = ("its times are a client's (they do not say when the engine held the tokens)" if run.client_side
+           and run.kv_cache_recorded else "it records no usable kv_cache_pct gauge")
+    return KVCapacity(num_gpu_blocks=blocks, measured=False, method="not_binding", detail=detail, block_size=bs,
+                      block_size_source=bs_src,
+                      source=f"NOT BINDING (assumed): run {run.name} records no num_gpu_blocks, its model or GPU is "
+                             f"unknown (no memory rule) and {why}; {blocks} blocks = 1.25 x the most its requests "
+                             "could hold together, so the simulated cache never preempts. If the real engine was "
+                             "KV-bound, record kv_cache.num_gpu_blocks or the KV-usage gauge")
