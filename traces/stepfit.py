@@ -112,6 +112,11 @@ class FitFamily:
         multipliers: the refinement's multipliers (name -> the free coefficients each scales).
         make: coefficients (name -> value) -> a step-time model with ``basis(n_dec, ctx_dec, chunks)``.
         detail: the numbers behind ``start`` and ``prior`` when they come from the data (for the report).
+        damping: weight of the previous round's coefficients in the next reconstruction's (0: none). A basis with
+            free terms that trade against each other (the shape-free one) can otherwise oscillate between two
+            reconstructions (a slow prefill queues requests, which makes the next fit's prefill fast, ...).
+        max_iterations: reconstruction/fit rounds at most.
+        prior_weight: relative weight of the prior rows against the data rows (``PRIOR_WEIGHT`` by default).
     """
 
     latency_model: str
@@ -124,6 +129,9 @@ class FitFamily:
     multipliers: Mapping[str, tuple[str, ...]]
     make: Callable[[dict[str, float]], object]
     detail: Mapping[str, float] = field(default_factory=dict)
+    damping: float = 0.0
+    max_iterations: int = 6
+    prior_weight: float = PRIOR_WEIGHT
 
 
 #: refinement multipliers of the physics family: name -> the fitted coefficients each scales
@@ -282,7 +290,7 @@ def _nnls(rows: _Rows, family: FitFamily) -> tuple[np.ndarray, float | None]:
     b = (rows.y - rows.X @ hv) * w
     wanted = [family.prior.get(c) for c in free] + [None] * with_offset  # no prior on the offset (data alone)
     prior = np.array([0.0 if p is None else float(p) for p in wanted])
-    scale = np.sqrt(PRIOR_WEIGHT * len(b)) * np.sqrt((A**2).mean(axis=0))
+    scale = np.sqrt(family.prior_weight * len(b)) * np.sqrt((A**2).mean(axis=0))
     has = np.array([p is not None for p in wanted])
     R = np.diag(scale)[has]
     sol, _ = nnls(np.vstack([A, R]), np.concatenate([b, R @ prior]), maxiter=50 * A.shape[1])
@@ -300,7 +308,7 @@ def _reconstruct(runs: Sequence[FitRun], engine: EngineConfig, model) -> list[En
 
 
 def fit_step_model(runs: Sequence[FitRun], engine: EngineConfig, family: FitFamily | PhysicsStepModel, *,
-                   max_iterations: int = 6) -> StepFit:
+                   max_iterations: int | None = None) -> StepFit:
     """Reconstruct the runs and fit the coefficients (and the client-side offset), alternating until they settle.
 
     Args:
@@ -308,13 +316,15 @@ def fit_step_model(runs: Sequence[FitRun], engine: EngineConfig, family: FitFami
         engine: the runs' limits and KV capacity.
         family: the family to fit (``physics_family``, ``traces.stepfit_linear.linear_family``); a
             ``PhysicsStepModel`` stands for ``physics_family`` of its hardware, model and TP.
-        max_iterations: reconstruction/fit rounds at most (stops earlier when everything moves < 0.5 %).
+        max_iterations: reconstruction/fit rounds at most (stops earlier when everything moves < 0.5 %); default
+            the family's.
     """
     if not runs:
         raise ValueError("fit_step_model needs at least one run")
     if isinstance(family, PhysicsStepModel):
         family = physics_family(family.hardware, family.model, family.tp)
-    free, names = family.free, family.names
+    free, names, d = family.free, family.names, family.damping
+    max_iterations = family.max_iterations if max_iterations is None else max_iterations
     traces = _reconstruct(runs, engine, family.make(dict(family.start)))
     iterations, coef, offset = [], None, None
     for it in range(max_iterations):
@@ -329,6 +339,9 @@ def fit_step_model(runs: Sequence[FitRun], engine: EngineConfig, family: FitFami
                            **({} if new_offset is None else {"offset_s": new_offset})})
         settled = coef is not None and np.allclose(new, coef, rtol=5e-3, atol=1e-9) and (
             new_offset is None or abs(new_offset - offset) <= 5e-3 * max(offset, 1e-3))
+        if coef is not None and d and not settled:
+            new = (1 - d) * new + d * coef
+            new_offset = None if new_offset is None else (1 - d) * new_offset + d * offset
         coef, offset = new, new_offset
         if settled or it == max_iterations - 1:
             break
