@@ -68,15 +68,17 @@ def memory_estimate_blocks(*, total_memory_bytes: float, gpu_memory_utilization:
                     "bytes_per_block": per_block}
 
 
-def _held_tokens(run: MeasuredRun, t_engine: float) -> np.ndarray:
-    """Tokens each request holds at engine time ``t_engine``, interpolated between its timestamps."""
+def _held_tokens(run: MeasuredRun, t_engine: np.ndarray | float) -> np.ndarray:
+    """Tokens each request holds at engine time(s) ``t_engine`` (ticks x requests), interpolated between its
+    timestamps (prefill: from scheduled to first token; decode: one token per step, first to last token)."""
+    t = np.atleast_1d(np.asarray(t_engine, float))[:, None]
     rq = run.requests
-    s, f, last = (rq[c].to_numpy() for c in ("scheduled_ts", "first_token_ts", "last_token_ts"))
-    p, n = run.prompt_tokens, run.output_tokens
-    in_prefill = (s <= t_engine) & (t_engine < f)
-    in_decode = (f <= t_engine) & (t_engine < last)
-    frac_p = np.where(f > s, (t_engine - s) / np.where(f > s, f - s, 1.0), 1.0)
-    frac_d = np.where(last > f, (t_engine - f) / np.where(last > f, last - f, 1.0), 1.0)
+    s, f, last = (rq[c].to_numpy(float)[None, :] for c in ("scheduled_ts", "first_token_ts", "last_token_ts"))
+    p, n = run.prompt_tokens[None, :], run.output_tokens[None, :]
+    in_prefill = (s <= t) & (t < f)
+    in_decode = (f <= t) & (t < last)
+    frac_p = np.clip((t - s) / np.where(f > s, f - s, 1.0), 0.0, 1.0)
+    frac_d = np.clip((t - f) / np.where(last > f, last - f, 1.0), 0.0, 1.0)
     return np.where(in_prefill, p * frac_p, 0.0) + np.where(in_decode, p + 1 + (n - 1) * frac_d, 0.0)
 
 
@@ -95,6 +97,14 @@ def _gauge_ticks(run: MeasuredRun, until_s: float | None, band: tuple[float, flo
     ok = (use > band[0]) & (use < band[1]) & (tau >= 0)
     if until_s is not None:
         ok &= tau <= until_s
+    # while the cache is saturated the engine preempts, and a preempted request holds no blocks although its
+    # timestamps say it is in flight: use the ticks before the first saturated one and after the last, when
+    # there are enough of them
+    full = np.flatnonzero(use >= band[1])
+    if len(full):
+        clean = ok & ((np.arange(len(use)) < full[0]) | (np.arange(len(use)) > full[-1]))
+        if clean.sum() >= 3:
+            ok = clean
     if ok.sum() < 3:
         return None
     return run.requests["queued_ts"].min() + tau[ok], use[ok]
@@ -123,18 +133,23 @@ def usage_estimate_blocks(run: MeasuredRun, *, until_s: float | None = None,
         return None
     times, use = got
     sizes = tuple(block_sizes) if block_sizes else (run.engine.block_size,)
-    tokens = np.array([_held_tokens(run, t) for t in times])  # ticks x requests
-    resid, held_by = {}, {}
-    for b in sizes:
-        held = np.ceil(tokens / b).sum(axis=1)
-        k = (held @ use) / (held @ held) if num_gpu_blocks is None else 1.0 / (num_gpu_blocks - 1)
-        resid[b] = float(np.sum((use - k * held) ** 2) / np.sum(use**2))
-        held_by[b] = held
-    bs = min(sizes, key=lambda b: resid[b])
-    held = held_by[bs]
+    # without meta.started_at the ticks' origin is taken at the first arrival; search the offset that best
+    # aligns the gauge with the in-flight tokens (a misalignment of a fraction of a tick blurs everything)
+    shifts = (0.0,) if run.meta.started_at is not None else tuple(np.linspace(-1.0, 1.0, 41) * run.meta.tick_seconds)
+    best, resid = None, {}
+    for dt in shifts:
+        tokens = _held_tokens(run, times + dt)  # ticks x requests
+        for b in sizes:
+            held = np.ceil(tokens / b).sum(axis=1)
+            k = (held @ use) / (held @ held) if num_gpu_blocks is None else 1.0 / (num_gpu_blocks - 1)
+            r = float(np.sum((use - k * held) ** 2) / np.sum(use**2))
+            resid[b] = min(resid.get(b, np.inf), r)
+            if best is None or r < best[0]:
+                best = (r, b, dt, held)
+    _, bs, shift, held = best
     usable = held.sum() / use.sum()
     detail = {"ticks_used": int(len(use)), "band": list(band), "ratio_spread": float(np.std(held / use) / usable),
-              "block_size": bs}
+              "block_size": bs, "tick_shift_s": float(shift)}
     if len(sizes) > 1:
         detail["block_size_residuals"] = {str(b): r for b, r in resid.items()}
     return int(round(usable)) + 1, detail
