@@ -110,6 +110,20 @@ def _gauge_ticks(run: MeasuredRun, until_s: float | None, band: tuple[float, flo
     return run.requests["queued_ts"].min() + tau[ok], use[ok]
 
 
+#: a block size other than the run's default (vLLM's 16) is chosen only when its residual is this much lower
+DEFAULT_BLOCK_MARGIN = 0.10
+
+
+def _candidates(run: MeasuredRun, times: np.ndarray, use: np.ndarray, shifts, sizes, num_gpu_blocks: int | None):
+    """``(relative squared residual, block size, tick shift, blocks held per tick)`` for every shift and size."""
+    for dt in shifts:
+        tokens = _held_tokens(run, times + dt)  # ticks x requests
+        for b in sizes:
+            held = np.ceil(tokens / b).sum(axis=1)
+            k = (held @ use) / (held @ held) if num_gpu_blocks is None else 1.0 / (num_gpu_blocks - 1)
+            yield float(np.sum((use - k * held) ** 2) / np.sum(use**2)), b, float(dt), held
+
+
 def usage_estimate_blocks(run: MeasuredRun, *, until_s: float | None = None,
                           band: tuple[float, float] = (0.05, 0.95), block_sizes: Sequence[int] | None = None,
                           num_gpu_blocks: int | None = None) -> tuple[int, dict] | None:
@@ -125,8 +139,9 @@ def usage_estimate_blocks(run: MeasuredRun, *, until_s: float | None = None,
     in flight varies; the held tokens are interpolated between a request's timestamps (a preempted request is
     counted as holding its tokens), which blurs candidates closer than that error (16 vs 32 with long
     sequences and few requests); a wrong choice mostly shifts tokens between rounding and capacity, and the
-    capacity in tokens, which decides preemption, stays close. ``detail["block_size_residuals"]`` shows the
-    margin.
+    capacity in tokens, which decides preemption, stays close. So a size other than the default (16) is chosen
+    only when it is clearly better (``DEFAULT_BLOCK_MARGIN``); ``detail["block_size_residuals"]`` shows the
+    margin. Without ``meta.started_at`` the ticks' origin is unknown: it is searched too (within one tick).
     """
     got = _gauge_ticks(run, until_s, band)
     if got is None:
@@ -137,16 +152,16 @@ def usage_estimate_blocks(run: MeasuredRun, *, until_s: float | None = None,
     # aligns the gauge with the in-flight tokens (a misalignment of a fraction of a tick blurs everything)
     shifts = (0.0,) if run.meta.started_at is not None else tuple(np.linspace(-1.0, 1.0, 41) * run.meta.tick_seconds)
     best, resid = None, {}
-    for dt in shifts:
-        tokens = _held_tokens(run, times + dt)  # ticks x requests
-        for b in sizes:
-            held = np.ceil(tokens / b).sum(axis=1)
-            k = (held @ use) / (held @ held) if num_gpu_blocks is None else 1.0 / (num_gpu_blocks - 1)
-            r = float(np.sum((use - k * held) ** 2) / np.sum(use**2))
-            resid[b] = min(resid.get(b, np.inf), r)
-            if best is None or r < best[0]:
-                best = (r, b, dt, held)
+    for cand in _candidates(run, times, use, shifts, sizes, num_gpu_blocks):
+        r, b = cand[0], cand[1]
+        resid[b] = min(resid.get(b, np.inf), r)
+        if best is None or r < best[0]:
+            best = cand
     _, bs, shift, held = best
+    default = run.engine.block_size
+    if default in resid and bs != default and resid[bs] > (1 - DEFAULT_BLOCK_MARGIN) * resid[default]:
+        bs = default  # not clearly better than vLLM's default: keep the default
+        _, _, shift, held = min(_candidates(run, times, use, shifts, (bs,), num_gpu_blocks), key=lambda c: c[0])
     usable = held.sum() / use.sum()
     detail = {"ticks_used": int(len(use)), "band": list(band), "ratio_spread": float(np.std(held / use) / usable),
               "block_size": bs, "tick_shift_s": float(shift)}
@@ -200,9 +215,11 @@ def _block_size(run: MeasuredRun, gauge: tuple[int, dict] | None) -> tuple[int, 
     if gauge is not None:
         r = gauge[1]["block_size_residuals"]
         return gauge[1]["block_size"], (
-            f"INFERRED (run {run.name} records no block_size): of {sorted(map(int, r))}, the block size whose "
-            f"block-rounded in-flight tokens best explain the recorded kv_cache_pct over {gauge[1]['ticks_used']} "
-            "ticks (relative squared residuals " + ", ".join(f"{b}: {v:.3g}" for b, v in r.items()) + ")")
+            f"INFERRED from the trace (run {run.name} records no block_size): of {sorted(map(int, r))}, the block size "
+            f"whose block-rounded in-flight tokens best explain the recorded kv_cache_pct over "
+            f"{gauge[1]['ticks_used']} ticks, vLLM's default {e.block_size} unless another is "
+            f"{100 * DEFAULT_BLOCK_MARGIN:.0f} % better (relative squared residuals "
+            + ", ".join(f"{b}: {v:.3g}" for b, v in r.items()) + ")")
     return e.block_size, (f"ASSUMED vLLM's default {e.block_size} (run {run.name} records no block_size and no "
                           "usable KV-usage gauge to infer it from)")
 
@@ -238,8 +255,8 @@ def kv_capacity(run: MeasuredRun, gpu: GpuEntry | None, model: ModelEntry | None
         detail["alternatives"] = alternatives
         return KVCapacity(num_gpu_blocks=blocks, measured=False, method="kv_usage_gauge", detail=detail,
                           block_size=bs, block_size_source=bs_src,
-                          source=f"ESTIMATED (run {run.name} records no num_gpu_blocks): blocks held by in-flight "
-                                 f"requests over the recorded kv_cache_pct, {detail['ticks_used']} ticks")
+                          source=f"INFERRED from the trace (run {run.name} records no num_gpu_blocks): blocks held by "
+                                 f"in-flight requests over the recorded kv_cache_pct, {detail['ticks_used']} ticks")
     if mem is not None:
         mem.detail["alternatives"] = alternatives
         return KVCapacity(num_gpu_blocks=mem.num_gpu_blocks, measured=False, method=mem.method, detail=mem.detail,
