@@ -82,9 +82,16 @@ def draw(seed: int, base: str, regime: str) -> World:
                  output_mean=out, num_requests=400, regime=regime)
 
 
-def write_world_run(world: World, path: Path, *, seed: int = 0) -> dict:
-    """Serve the world's workload in the simulator and write it as a sparse-metadata run; returns its facts."""
-    w = sim.make_world(sim.PoolSpec(name="p", profile=world.profile), seed=seed, sample_interval_s=1.0)
+def write_world_run(world: World, path: Path, *, seed: int = 0, client_offset_s: float | None = None) -> dict:
+    """Serve the world's workload in the simulator and write it as a sparse-metadata run; returns its facts.
+
+    With ``client_offset_s`` the run is timed as ``maslat collect`` times it (client send, first and last chunk;
+    no ``scheduled_ts``), the request reaching the engine that long after its send.
+    """
+    prof = world.profile
+    if client_offset_s is not None:
+        prof = prof.replace(overheads=sim.Overheads(frontend_s=client_offset_s))
+    w = sim.make_world(sim.PoolSpec(name="p", profile=prof), seed=seed, sample_interval_s=1.0)
     sim.Workload(pool="p", arrivals=sim.PoissonArrivals(world.rate_per_s),
                  lengths=sim.LognormalLengths(world.prompt_mean, world.output_mean, sigma=0.6, max_prompt=8000,
                                               max_output=1500),
@@ -97,6 +104,9 @@ def write_world_run(world: World, path: Path, *, seed: int = 0) -> dict:
                         "output_toks": df.output_tokens.values, "arrival_time": START_EPOCH_S + df.arrival_s.values,
                         **{f"{k}_ts": mono + df[f"{k}_s"].values
                            for k in ("queued", "scheduled", "first_token", "last_token")}})
+    if client_offset_s is not None:
+        req["queued_ts"] = mono + df.arrival_s.values
+        req["scheduled_ts"] = None
     ts = w.timeseries.to_dataframe()
     tsr = pd.DataFrame({"t": ts.t_s.values, "prompt_throughput": ts.prompt_throughput.values.astype(float),
                         "gen_throughput": ts.gen_throughput.values.astype(float), "running": ts.running.values,
@@ -108,7 +118,9 @@ def write_world_run(world: World, path: Path, *, seed: int = 0) -> dict:
                               "max_num_batched_tokens": e.max_num_batched_tokens,
                               "tensor_parallel_size": world.profile.parallel.tensor_parallel_size,
                               "async_scheduling": False}}  # the simulator schedules synchronously
-    write_run(path, requests=req, meta=meta, timeseries=tsr)
+    if client_offset_s is not None:
+        meta["collector"] = {"timestamps": "client"}
+    write_run(path, requests=req.to_dict("records"), meta=meta, timeseries=tsr)
     core = w.replicas[0].core
     return {"preemptions": core.num_preemptions, "peak_kv": float(ts.kv_cache_usage_perc.max()),
             "peak_waiting": int(ts.waiting.max()), "peak_running": int(ts.running.max())}
@@ -119,9 +131,9 @@ WORLDS = [(11, "h100-llama-3.1-8b", "slot_bound"), (12, "h100-llama-3.1-70b-tp4"
           (15, "h100-llama-3.1-70b-tp4", "slot_bound")]
 
 
-def _held_out(world: World, tmp_path: Path) -> tuple[dict, dict, dict]:
+def _held_out(world: World, tmp_path: Path, **kwargs) -> tuple[dict, dict, dict]:
     """Calibrate on the first half of the arrivals; errors (%) on the second half."""
-    facts = write_world_run(world, tmp_path / world.name)
+    facts = write_world_run(world, tmp_path / world.name, **kwargs)
     run = read_run(tmp_path / world.name)
     cal = calibrate_run(run, fit_fraction=0.5, max_evals=24)
     fit, _ = fit_mask(run, 0.5)
@@ -134,7 +146,13 @@ def test_sparse_unknown_model_calibrates_within_10pct_held_out(seed, base, regim
     facts, rep, errs = _held_out(world, tmp_path)
     assert rep["step_time_model"] == "linear" and "unknown" in rep["step_time_model_reason"]
     kv = rep["kv_capacity"]
-    assert kv["inferred"] and kv["method"] == "kv_usage_gauge" and kv["block_size_inferred"]
+    assert kv["inferred"] and rep["engine"]["num_gpu_blocks"] == kv["num_gpu_blocks"]
+    if facts["peak_kv"] > 0.2:  # a gauge that moved: capacity and block size from it
+        assert kv["method"] == "kv_usage_gauge" and kv["block_size_inferred"]
+        true_tokens = (world.profile.engine.num_gpu_blocks - 1) * world.profile.engine.block_size
+        assert (kv["num_gpu_blocks"] - 1) * kv["block_size"] == pytest.approx(true_tokens, rel=0.10)
+    else:  # the gauge never left the band it is read in (5-95 %): not binding, said so
+        assert kv["method"] in ("kv_usage_gauge", "not_binding")
     e = world.profile.engine
     worst = {f"{m}.{s}": errs[m][s]["error_pct"] for m in ("ttft_s", "tpot_s", "e2e_s")
              for s in ("mean", "p50", "p90")}
@@ -142,3 +160,49 @@ def test_sparse_unknown_model_calibrates_within_10pct_held_out(seed, base, regim
                               "num_gpu_blocks": (kv["num_gpu_blocks"], e.num_gpu_blocks)},
           {k: round(v, 2) for k, v in worst.items()})
     assert all(abs(v) <= 10.0 for v in worst.values()), worst
+
+
+def test_client_side_sparse_run_treats_capacity_as_not_binding(tmp_path):
+    """A client-timed run (no scheduled_ts) without capacity: the gauge cannot be used, so the capacity is
+    treated as not binding and said so; the client-side constant is fitted with the shape-free terms."""
+    world = draw(21, "rtx4090-llama-3.1-8b", "slot_bound")
+    facts, rep, errs = _held_out(world, tmp_path, client_offset_s=0.03)
+    assert rep["step_time_model"] == "linear" and rep["overheads"]["frontend_fitted"]
+    kv = rep["kv_capacity"]
+    assert kv["method"] == "not_binding" and kv["source"].startswith("NOT BINDING") and not kv["binding"]
+    assert rep["overheads"]["frontend_s"] == pytest.approx(0.03, abs=3e-3)
+    worst = {f"{m}.{s}": errs[m][s]["error_pct"] for m in ("ttft_s", "tpot_s", "e2e_s") for s in ("mean", "p50", "p90")}
+    print(world.name, facts, {k: round(v, 2) for k, v in worst.items()})
+    assert all(abs(v) <= 10.0 for v in worst.values()), worst
+
+
+def test_cli_calibrates_a_sparse_run_and_names_the_model(tmp_path):
+    """``python -m maslat calibrate RUN --out X.json --json`` on a sparse run of an unknown model: exit 0, the
+    shape-free model named in the text and the JSON, a profile without hardware or model that replays."""
+    world = draw(31, "h100-llama-3.1-8b", "slot_bound")
+    write_world_run(world, tmp_path / "run")
+    out = tmp_path / "p.json"
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-m", "maslat", "calibrate", str(tmp_path / "run"), "--out", str(out),
+                          "--json", "--max-evals", "10"], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    rep = json.loads(res.stdout.strip().splitlines()[-1])
+    assert rep["step_time_model"] == "linear" and "acme/never-seen-model" in rep["step_time_model_reason"]
+    assert "step-time model: linear" in res.stdout
+    prof = json.loads(out.read_text())
+    assert "hardware" not in prof and "model" not in prof and prof["latency"]["model"] == "linear"
+    assert prof["sources"]["engine.block_size"].startswith("INFERRED")
+    assert prof["sources"]["engine.num_gpu_blocks"].startswith("INFERRED")
+    rep2 = subprocess.run([sys.executable, "-m", "maslat", "replay", str(tmp_path / "run"), "--profile", str(out),
+                           "--json"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert rep2.returncode == 0, rep2.stderr
+    replay = json.loads(rep2.stdout.strip().splitlines()[-1])
+    assert replay["bar"]["passed"], replay["bar"]
+
+
+def test_physics_on_an_unknown_model_names_what_to_pass(tmp_path):
+    world = draw(31, "h100-llama-3.1-8b", "slot_bound")
+    write_world_run(world, tmp_path / "run")
+    with pytest.raises(ValueError, match="needs the model's shape.*unknown model 'acme/never-seen-model'.*linear"):
+        calibrate_run(tmp_path / "run", step_time_model="physics")
