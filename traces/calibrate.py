@@ -45,7 +45,7 @@ import sim
 
 from .calreport import OVERHEAD_SOURCE, format_report, profile_provenance, report
 from .hardware import GPUS, GpuEntry, ModelEntry, lookup_gpu, lookup_model, match_gpu_in_text
-from .kvcapacity import KVCapacity, kv_capacity
+from .kvcapacity import KVCapacity, kv_capacity, refine_capacity_by_replay
 from .replay import METRICS, as_run, fit_mask, latency_errors, simulate_run
 from .runs import MeasuredRun
 from .stepfit import PHYSICS_MULTIPLIERS, FitRun, StepFit, fit_step_model, physics_family
@@ -227,6 +227,26 @@ def _engine_of(run: MeasuredRun, model: ModelEntry | None,
     return cfg, sources
 
 
+def _replay_capacity(runs, splits, shape: Shape, hw, cap: KVCapacity, fit: StepFit, fit_runs, seed: int):
+    """A gauge-estimated capacity, refined by replaying the fit (``kvcapacity.refine_capacity_by_replay``),
+    then the step times refitted at it. Returns the new capacity, engine, engine sources and fit."""
+    engine, sources = _engine(runs, shape.model, cap)
+    prof = sim.Profile(name="capacity", hardware=hw, model=None if shape.model is None else shape.model.spec,
+                       parallel=sim.ParallelConfig(tensor_parallel_size=runs[0].engine.tensor_parallel_size),
+                       engine=engine, overheads=_overheads(fit, runs)[0], latency_model=fit.family.latency_model,
+                       latency_coefficients=dict(fit.coefficients))
+    blocks, detail = refine_capacity_by_replay(runs, splits, prof, seed=seed)
+    if not detail:
+        return cap, engine, sources, fit
+    cap = replace(cap, num_gpu_blocks=blocks, detail={**cap.detail, "replay": detail},
+                  source=cap.source + f"; refined by replay: the capacity whose replay with the fitted step times best "
+                         f"reproduces the recorded gauge ({detail['start_blocks']} -> {blocks} blocks, gauge MAE "
+                         f"{detail['gauge_mae_start']:.4f} -> {detail['gauge_mae']:.4f}, {detail['replays']} replays)")
+    engine, sources = _engine(runs, shape.model, cap)
+    fit = fit_step_model(fit_runs, engine, replace(fit.family, start=dict(fit.coefficients)))
+    return cap, engine, sources, fit
+
+
 def _scaled(fit: StepFit, mult: dict[str, float]) -> dict[str, float]:
     out = dict(fit.coefficients)
     for m, names in fit.family.multipliers.items():
@@ -337,6 +357,8 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     tp = runs[0].engine.tensor_parallel_size
     family = (physics_family(hw, shape.model.spec, tp) if family_name == "physics" else linear_family(fit_runs))
     fit = fit_step_model(fit_runs, engine, family)
+    if cap.method == "kv_usage_gauge":
+        cap, engine, engine_sources, fit = _replay_capacity(runs, splits, shape, hw, cap, fit, fit_runs, seed)
     if not cap.measured:
         peak = max(int(p.trace.used_blocks.max(initial=0)) for p in fit.runs)
         engine_sources["engine.num_gpu_blocks"] += (f"; the reconstruction of the run peaks at {peak} blocks in use"

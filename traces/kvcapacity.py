@@ -18,7 +18,7 @@ The capacity decides when a KV-bound engine preempts, so it must come from measu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -270,3 +270,53 @@ def kv_capacity(run: MeasuredRun, gpu: GpuEntry | None, model: ModelEntry | None
                              f"unknown (no memory rule) and {why}; {blocks} blocks = 1.25 x the most its requests "
                              "could hold together, so the simulated cache never preempts. If the real engine was "
                              "KV-bound, record kv_cache.num_gpu_blocks or the KV-usage gauge")
+
+
+def _gauge_error(run: MeasuredRun, profile, until_s: float | None, seed: int) -> float:
+    """Mean absolute difference of the replayed and the recorded KV-usage gauge (fraction) up to ``until_s``."""
+    from .replay import simulate_run  # the replay needs the calibrated step-time model; import at use
+
+    g = simulate_run(run, profile, seed=seed).gauges
+    ts = run.timeseries.set_index("t")
+    g = g.set_index("t")
+    t = ts.index[ts.index.isin(g.index)]
+    tau = t.to_numpy() * run.meta.tick_seconds + run.tick_origin_s
+    keep = tau <= (until_s if until_s is not None else np.inf)
+    d = np.abs(g.loc[t[keep], "kv_cache_usage_perc"].to_numpy() - ts.loc[t[keep], "kv_cache_usage_perc"].to_numpy())
+    d = d[np.isfinite(d)]
+    return float(d.mean()) if len(d) else np.inf
+
+
+def refine_capacity_by_replay(runs: Sequence[MeasuredRun], splits: Sequence[float | None], profile, *,
+                              seed: int = 0, span: float = 0.4, points: int = 9) -> tuple[int, dict]:
+    """``num_gpu_blocks`` whose replay best reproduces the recorded KV-usage gauge (fit part of every run).
+
+    The timestamp estimate (``usage_estimate_blocks``) cannot see which requests sit preempted; the replay
+    can: it runs vLLM's scheduler with the calibrated step times, so its gauge saturates and preempts as the
+    engine's did when the capacity is right. A log grid of ``points`` capacities within ``x exp(+-span)`` of the
+    profile's, then the best neighbourhood halved twice; the objective is the mean absolute gauge difference
+    summed over the runs (only runs with a recorded gauge on engine-side times count).
+    """
+    use = [(r, s) for r, s in zip(runs, splits, strict=True) if r.kv_cache_recorded and not r.client_side]
+    c0 = profile.engine.num_gpu_blocks
+    if not use:
+        return c0, {}
+    cache: dict[int, float] = {}
+
+    def err(log_c: float) -> float:
+        c = max(2, int(round(c0 * np.exp(log_c))))
+        if c not in cache:
+            e = profile.engine
+            mml = min(e.max_model_len, (c - 1) * e.block_size)
+            prof = profile.replace(engine=replace(e, num_gpu_blocks=c, max_model_len=mml))
+            cache[c] = sum(_gauge_error(r, prof, s, seed) for r, s in use)
+        return cache[c]
+
+    grid = np.linspace(-span, span, points)
+    step = grid[1] - grid[0]
+    best = min(grid, key=err)
+    for _ in range(2):
+        step /= 2
+        best = min((best - step, best, best + step), key=err)
+    c = max(2, int(round(c0 * np.exp(best))))
+    return c, {"start_blocks": c0, "gauge_mae": cache[c], "gauge_mae_start": err(0.0), "replays": len(cache)}

@@ -8,8 +8,8 @@ per step, so its TPOT is the mean duration of the steps it was in), spread over 
 * ``step_s`` -> ``tau / 2`` (the fixed cost of a pass is half a typical step);
 * ``dc_seq_s`` -> ``tau / 4`` over the mean number of decoding requests, ``dc_ctx_s`` -> ``tau / 4`` over their
   mean total context (Little's law on the fit requests' decode spans, no reconstruction needed);
-* ``pf_attn_s`` and ``chunk_s`` -> 0 (second-order terms, identified only by a spread of chunk sizes;
-  ``sim.latency_linear`` explains the collinearity);
+* ``pf_attn_s`` -> 0 (a second-order term, identified only by a spread of chunk sizes; ``sim.latency_linear``
+  explains the collinearity); ``chunk_s`` is held at 0 (``LINEAR_HELD``);
 * ``pf_token_s``: no prior (every request has a prefill, the prefill spans identify it); its first guess is the
   10th percentile of TTFT per prompt token.
 
@@ -27,13 +27,17 @@ from sim.latency_linear import LINEAR_BASIS_NAMES, LINEAR_MODEL, LinearStepModel
 
 from .stepfit import FitFamily, FitRun
 
-__all__ = ["LINEAR_FREE", "LINEAR_MULTIPLIERS", "LINEAR_UNITS", "linear_family", "time_scale"]
+__all__ = ["LINEAR_FREE", "LINEAR_HELD", "LINEAR_MULTIPLIERS", "LINEAR_UNITS", "linear_family", "time_scale"]
 
 #: the priors only break ties: where the data separate the terms (a noise-free simulated run recovers every
 #: coefficient exactly without priors), a stronger prior (the physics fit's 0.01) moved them by up to 7x
 LINEAR_PRIOR_WEIGHT = 1e-4
 
-LINEAR_FREE: tuple[str, ...] = LINEAR_BASIS_NAMES  # every term is fitted (weak priors decide the collinear ones)
+#: the fitted terms (weak priors decide the collinear ones); chunk_s is held at 0 (``LINEAR_HELD``)
+LINEAR_FREE: tuple[str, ...] = ("step_s", "pf_token_s", "pf_attn_s", "dc_seq_s", "dc_ctx_s")
+LINEAR_HELD = {"chunk_s": "held at 0: the number of chunks in a step moves with its prefill tokens and its sequences, "
+                          "so a per-chunk cost trades against pf_token_s and dc_seq_s; left free it took whole steps' "
+                          "worth (10 ms per chunk) in KV-bound runs, where recomputed prefills blur the chunk count"}
 
 LINEAR_UNITS = {"step_s": "s per step", "pf_token_s": "s per prefill token",
                 "pf_attn_s": "s per prefill attention unit (n^2 + 2np)", "chunk_s": "s per prefill chunk",
@@ -82,10 +86,10 @@ def linear_family(runs: Sequence[FitRun]) -> FitFamily:
     tau = sc["tau_s"]
     prior: dict[str, float | None] = {"step_s": tau / 2, "dc_seq_s": tau / 4 / sc["mean_decodes"],
                                       "dc_ctx_s": tau / 4 / sc["mean_context_tokens"], "pf_attn_s": 0.0,
-                                      "chunk_s": 0.0, "pf_token_s": None}
-    start = {n: prior[n] or 0.0 for n in LINEAR_BASIS_NAMES}
+                                      "pf_token_s": None}
+    start = {n: prior.get(n) or 0.0 for n in LINEAR_BASIS_NAMES}
     start["pf_token_s"] = sc["prefill_s_per_token"]
-    return FitFamily(latency_model=LINEAR_MODEL, names=LINEAR_BASIS_NAMES, free=LINEAR_FREE, held={},
+    return FitFamily(latency_model=LINEAR_MODEL, names=LINEAR_BASIS_NAMES, free=LINEAR_FREE, held=LINEAR_HELD,
                      units=LINEAR_UNITS, start=start, prior=prior, multipliers=LINEAR_MULTIPLIERS,
                      make=LinearStepModel, detail=sc, damping=0.5,
                      max_iterations=10, prior_weight=LINEAR_PRIOR_WEIGHT)
