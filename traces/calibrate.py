@@ -136,13 +136,13 @@ def _shape_or_none(runs: Sequence[MeasuredRun], gpu: str | None, hardware: sim.H
     except ValueError as e:
         if not any(m in str(e) for m in _UNKNOWN):
             raise
-        gpu_entry, gpu_src = None, f"unknown ({e})"
+        gpu_entry, gpu_src = None, f"unknown ({str(e).split('; ')[0]})"
     try:
         return Shape(gpu=gpu_entry, gpu_src=gpu_src, model=_model(runs))
     except ValueError as e:
         if not any(m in str(e) for m in _UNKNOWN):
             raise
-        return Shape(gpu=gpu_entry, gpu_src=gpu_src, model=None, model_why=str(e))
+        return Shape(gpu=gpu_entry, gpu_src=gpu_src, model=None, model_why=str(e).split("; ")[0])
 
 
 def _family_choice(shape: Shape, step_time_model: str) -> tuple[str, str]:
@@ -150,16 +150,17 @@ def _family_choice(shape: Shape, step_time_model: str) -> tuple[str, str]:
     if step_time_model not in STEP_TIME_CHOICES:
         raise ValueError(f"step_time_model must be one of {STEP_TIME_CHOICES}, got {step_time_model!r}")
     missing = ([] if shape.model is not None else [f"the model's shape ({shape.model_why})"]) + (
-        [] if shape.gpu is not None else [f"the GPU's peak rates: {shape.gpu_src}"])
+        [] if shape.gpu is not None else [f"the GPU's peak rates ({shape.gpu_src.removeprefix('unknown (')}"])
     if step_time_model == "physics" and missing:
         raise ValueError("step_time_model='physics' needs " + " and ".join(missing) + "; pass gpu= (--gpu) for the "
-                         "GPU, or use the shape-free model (step_time_model='auto' or 'linear')")
+                         "GPU, add the model to traces.hardware.MODELS, or use the shape-free model "
+                         "(step_time_model='auto' or 'linear', --step-time-model)")
     if step_time_model == "linear":
         return "linear", "asked for (step_time_model='linear'): the shape-free model, fitted from the batches alone"
     if missing:
-        return "linear", ("shape-free model chosen automatically: unknown " + "; unknown ".join(missing)
-                          + ". Its terms (per step, prefill token, attention unit, chunk, decode sequence, context "
-                            "token) are fitted from the reconstructed batches alone")
+        return "linear", ("shape-free model chosen automatically: unknown " + " and ".join(missing)
+                          + ". Its terms (per step, prefill token, prefill attention unit, decode sequence, decode "
+                            "context token) are fitted from the reconstructed batches alone")
     return "physics", (f"the GPU ({shape.gpu.spec.name}) and the model's shape ({shape.model.spec.name}) are known: "
                        "roofline basis x fitted efficiency factors")
 
