@@ -243,3 +243,13 @@ def test_measured_runs_stripped_to_sparse_metadata(traces_dir, tmp_path, name):
     errs = latency_errors(run, simulate_run(run, cal.profile), ~fit)
     worst = {f"{m}.{s}": errs[m][s]["error_pct"] for m in ("ttft_s", "tpot_s", "e2e_s") for s in ("mean", "p50", "p90")}
     assert all(abs(v) <= 10.0 for v in worst.values()), worst
+
+
+def test_shape_free_calibration_is_deterministic(tmp_path):
+    world = replace(draw(41, "rtx4090-llama-3.1-8b", "kv_bound"), num_requests=150)
+    write_world_run(world, tmp_path / "run")
+    run = read_run(tmp_path / "run")
+    a, b = (calibrate_run(run, max_evals=6) for _ in range(2))
+    assert a.profile.to_json() == b.profile.to_json()
+    strip = [{k: v for k, v in r.report.items() if k != "wall_s"} for r in (a, b)]
+    assert json.dumps(strip[0], default=str) == json.dumps(strip[1], default=str)
