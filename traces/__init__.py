@@ -3,6 +3,7 @@
 Readers (typed, validated; errors name file, line and field): ``traces.runs`` (the measured vLLM run format,
 ``read_run``/``write_run``), ``traces.bench_json`` (``vllm bench serve`` result JSON), ``traces.prometheus``
 (``/metrics`` scrapes), ``traces.azure`` (Azure 2023 CSVs). Calibration: ``traces.calibrate.calibrate_run``
-(built on ``traces.reconstruct``, ``traces.stepfit``, ``traces.kvcapacity``, ``traces.hardware``). Validation:
+(built on ``traces.reconstruct``, ``traces.stepfit`` and ``traces.stepfit_linear``, ``traces.kvcapacity``,
+``traces.hardware``). Validation:
 ``traces.replay.replay_run`` and ``traces.plots``. Importing this package imports nothing else.
 """
