@@ -22,6 +22,7 @@ import pytest
 
 import sim
 from traces.calibrate import calibrate_run
+from traces.kvcapacity import kv_capacity
 from traces.replay import fit_mask, latency_errors, simulate_run
 from traces.runs import read_run, write_run
 
@@ -167,21 +168,38 @@ def test_sparse_unknown_model_calibrates_within_10pct_held_out(seed, base, regim
     assert all(abs(v) <= 10.0 for v in worst.values()), worst
 
 
-def test_client_side_sparse_run_treats_capacity_as_not_binding(tmp_path):
-    """A client-timed run (no scheduled_ts) without capacity: the gauge cannot be used, so the capacity is
-    treated as not binding and said so; the client-side constant is fitted with the shape-free terms."""
-    world = draw(21, "rtx4090-llama-3.1-8b", "slot_bound")
+def test_client_side_sparse_kv_bound_run_infers_capacity_by_replay(tmp_path):
+    """A client-timed run (no scheduled_ts; times later than the engine's by the client-side constant) of a
+    KV-bound engine without recorded capacity: capacity and block size from the gauge, refined by replay and
+    labelled; the client-side constant fitted with the shape-free terms; held-out within 10 %."""
+    world = draw(21, "rtx4090-llama-3.1-8b", "kv_bound")
     facts, rep, errs = _held_out(world, tmp_path, client_offset_s=0.03)
+    assert facts["preemptions"] > 0
     assert rep["step_time_model"] == "linear" and rep["overheads"]["frontend_fitted"]
     kv = rep["kv_capacity"]
-    assert kv["method"] == "not_binding" and kv["source"].startswith("NOT BINDING") and not kv["binding"]
-    # in a queueing run few requests are admitted at the first step boundary after their send (the only ones
+    assert kv["method"] == "kv_usage_gauge" and kv["source"].startswith("INFERRED from the trace")
+    assert "refined by replay" in kv["source"] and kv["block_size_inferred"]
+    true_tokens = (world.profile.engine.num_gpu_blocks - 1) * world.profile.engine.block_size
+    assert (kv["num_gpu_blocks"] - 1) * kv["block_size"] == pytest.approx(true_tokens, rel=0.15)
+    # few requests of a queueing run are admitted at the first step boundary after their send (the only ones
     # that make first-token rows, stepfit), so the constant trades against the prefill cost: only its
-    # presence and order of magnitude are asserted; the latencies below are what the fit must get right
+    # order of magnitude is asserted; the latencies below are what the fit must get right
     assert 0.0 < rep["overheads"]["frontend_s"] < 0.3
     worst = {f"{m}.{s}": errs[m][s]["error_pct"] for m in ("ttft_s", "tpot_s", "e2e_s") for s in ("mean", "p50", "p90")}
-    print(world.name, facts, {k: round(v, 2) for k, v in worst.items()})
+    print(world.name, facts, (kv["num_gpu_blocks"] - 1) * kv["block_size"], true_tokens, {k: round(v, 2) for k, v in worst.items()})
     assert all(abs(v) <= 10.0 for v in worst.values()), worst
+
+
+def test_capacity_without_any_gauge_is_not_binding_and_says_so(tmp_path):
+    world = draw(22, "h100-llama-3.1-8b", "slot_bound")
+    write_world_run(world, tmp_path / "run")
+    (tmp_path / "run" / "timeseries.csv").unlink()
+    run = read_run(tmp_path / "run")
+    cap = kv_capacity(run, None, None)
+    assert cap.method == "not_binding" and cap.source.startswith("NOT BINDING") and not cap.measured
+    assert cap.block_size == 16 and cap.block_size_source.startswith("ASSUMED")
+    longest = int((run.prompt_tokens + run.output_tokens).max())
+    assert (cap.num_gpu_blocks - 1) * 16 >= longest
 
 
 def test_cli_calibrates_a_sparse_run_and_names_the_model(tmp_path):

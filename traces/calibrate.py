@@ -229,23 +229,34 @@ def _engine_of(run: MeasuredRun, model: ModelEntry | None,
 
 
 def _replay_capacity(runs, splits, shape: Shape, hw, cap: KVCapacity, fit: StepFit, fit_runs, seed: int):
-    """A gauge-estimated capacity, refined by replaying the fit (``kvcapacity.refine_capacity_by_replay``),
-    then the step times refitted at it. Returns the new capacity, engine, engine sources and fit."""
+    """A capacity estimated from the gauge (or, for client-side times, only bounded), found by replaying the fit
+    (``kvcapacity.refine_capacity_by_replay``), then the step times refitted at it; a bound is searched widely
+    and then narrowed in two more rounds (the fit at the bound saw no preemptions). Returns the new capacity,
+    engine, engine sources and fit."""
     engine, sources = _engine(runs, shape.model, cap)
-    prof = sim.Profile(name="capacity", hardware=hw, model=None if shape.model is None else shape.model.spec,
-                       parallel=sim.ParallelConfig(tensor_parallel_size=runs[0].engine.tensor_parallel_size),
-                       engine=engine, overheads=_overheads(fit, runs)[0], latency_model=fit.family.latency_model,
-                       latency_coefficients=dict(fit.coefficients))
-    blocks, detail = refine_capacity_by_replay(runs, splits, prof, seed=seed)
-    if not detail:
-        return cap, engine, sources, fit
-    cap = replace(cap, num_gpu_blocks=blocks, detail={**cap.detail, "replay": detail},
-                  source=cap.source + f"; refined by replay: the capacity whose replay with the fitted step times best "
-                         f"reproduces the recorded gauge ({detail['start_blocks']} -> {blocks} blocks, gauge MAE "
-                         f"{detail['gauge_mae_start']:.4f} -> {detail['gauge_mae']:.4f}, {detail['replays']} replays)")
-    engine, sources = _engine(runs, shape.model, cap)
-    fit = fit_step_model(fit_runs, engine, replace(fit.family, start=dict(fit.coefficients)))
-    return cap, engine, sources, fit
+    wide = cap.method == "not_binding"  # no estimate to start from (client-side times): search below the bound
+    first = None
+    for k in range(3 if wide else 1):
+        prof = sim.Profile(name="capacity", hardware=hw, model=None if shape.model is None else shape.model.spec,
+                           parallel=sim.ParallelConfig(tensor_parallel_size=runs[0].engine.tensor_parallel_size),
+                           engine=engine, overheads=_overheads(fit, runs)[0], latency_model=fit.family.latency_model,
+                           latency_coefficients=dict(fit.coefficients))
+        blocks, detail = refine_capacity_by_replay(runs, splits, prof, seed=seed, factors=(
+            (1 / 64, 1.0) if wide and k == 0 else (0.67, 1.5)), points=19 if wide and k == 0 else 9)
+        if not detail:
+            return cap, engine, sources, fit
+        first = first or detail
+        cap = replace(cap, num_gpu_blocks=blocks)
+        engine, sources = _engine(runs, shape.model, cap)
+        fit = fit_step_model(fit_runs, engine, replace(fit.family, start=dict(fit.coefficients)))
+    how = (f"the capacity whose replay with the fitted step times best reproduces the recorded gauge "
+           f"({first['start_blocks']} -> {blocks} blocks, gauge MAE {first['gauge_mae_start']:.4f} -> "
+           f"{detail['gauge_mae']:.4f}, {k + 1} round(s) of search and refit)")
+    cap = replace(cap, detail={**cap.detail, "replay": detail}, method="kv_usage_gauge",
+                  source=(f"INFERRED from the trace by replay (the run records no num_gpu_blocks, and its client-side "
+                          f"times do not say when the engine held the tokens): {how}" if wide else
+                          f"{cap.source}; refined by replay: {how}"))
+    return cap, engine, _engine(runs, shape.model, cap)[1], fit
 
 
 def _scaled(fit: StepFit, mult: dict[str, float]) -> dict[str, float]:
@@ -358,7 +369,8 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     tp = runs[0].engine.tensor_parallel_size
     family = (physics_family(hw, shape.model.spec, tp) if family_name == "physics" else linear_family(fit_runs))
     fit = fit_step_model(fit_runs, engine, family)
-    if cap.method == "kv_usage_gauge":
+    peak = max((float(r.timeseries["kv_cache_usage_perc"].max()) for r in runs if r.kv_cache_recorded), default=0.0)
+    if cap.method == "kv_usage_gauge" or (cap.method == "not_binding" and peak >= 0.5):  # a gauge says it can bind
         cap, engine, engine_sources, fit = _replay_capacity(runs, splits, shape, hw, cap, fit, fit_runs, seed)
     if not cap.measured:
         peak = max(int(p.trace.used_blocks.max(initial=0)) for p in fit.runs)

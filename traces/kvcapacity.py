@@ -74,6 +74,7 @@ def _held_tokens(run: MeasuredRun, t_engine: np.ndarray | float) -> np.ndarray:
     t = np.atleast_1d(np.asarray(t_engine, float))[:, None]
     rq = run.requests
     s, f, last = (rq[c].to_numpy(float)[None, :] for c in ("scheduled_ts", "first_token_ts", "last_token_ts"))
+    s = np.where(np.isnan(s), f, s)  # client-side times have no scheduled_ts: the prompt counts from its first token
     p, n = run.prompt_tokens[None, :], run.output_tokens[None, :]
     in_prefill = (s <= t) & (t < f)
     in_decode = (f <= t) & (t < last)
@@ -89,7 +90,7 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 def _gauge_ticks(run: MeasuredRun, until_s: float | None, band: tuple[float, float]):
     """Tick times (engine clock) and usage fractions of the ticks the gauge estimate may use, or ``None``."""
-    if not run.kv_cache_recorded or run.client_side:  # a client's times are not the engine's: no held tokens
+    if not run.kv_cache_recorded:
         return None
     ts = run.timeseries
     tau = ts["t"].to_numpy() * run.meta.tick_seconds + run.tick_origin_s
@@ -128,7 +129,9 @@ def usage_estimate_blocks(run: MeasuredRun, *, until_s: float | None = None,
                           band: tuple[float, float] = (0.05, 0.95), block_sizes: Sequence[int] | None = None,
                           num_gpu_blocks: int | None = None) -> tuple[int, dict] | None:
     """``num_gpu_blocks`` (and the block size) from the recorded KV-usage gauge, or ``None`` when it was not
-    recorded (or the run's times are a client's, which do not say when the engine held the tokens).
+    recorded. A client's times (no ``scheduled_ts``) count a prompt from its first token and are later than the
+    engine's by the client-side constant, which the tick-origin search absorbs when ``started_at`` is absent;
+    the replay refinement (``refine_capacity_by_replay``) then corrects what the timestamps cannot see.
 
     Uses ticks whose usage lies inside ``band`` (a saturated cache preempts, and a near-empty one says little),
     up to replay time ``until_s``. With several ``block_sizes`` (a run that does not record its block size),
@@ -288,35 +291,41 @@ def _gauge_error(run: MeasuredRun, profile, until_s: float | None, seed: int) ->
 
 
 def refine_capacity_by_replay(runs: Sequence[MeasuredRun], splits: Sequence[float | None], profile, *,
-                              seed: int = 0, span: float = 0.4, points: int = 9) -> tuple[int, dict]:
+                              seed: int = 0, factors: tuple[float, float] = (0.67, 1.5),
+                              points: int = 9) -> tuple[int, dict]:
     """``num_gpu_blocks`` whose replay best reproduces the recorded KV-usage gauge (fit part of every run).
 
-    The timestamp estimate (``usage_estimate_blocks``) cannot see which requests sit preempted; the replay
-    can: it runs vLLM's scheduler with the calibrated step times, so its gauge saturates and preempts as the
-    engine's did when the capacity is right. A log grid of ``points`` capacities within ``x exp(+-span)`` of the
-    profile's, then the best neighbourhood halved twice; the objective is the mean absolute gauge difference
-    summed over the runs (only runs with a recorded gauge on engine-side times count).
+    The timestamp estimate (``usage_estimate_blocks``) cannot see which requests sit preempted, and a client's
+    times do not say when the engine held the tokens; the replay can: it runs vLLM's scheduler with the
+    calibrated step times, so its gauge moves, saturates and preempts as the engine's did when the capacity is
+    right. A log grid of ``points`` capacities between ``factors`` x the profile's, then the best neighbourhood
+    halved twice; the objective is the mean absolute gauge difference summed over the runs with a recorded
+    gauge. Never below one longest request of the runs (it could not be served).
     """
-    use = [(r, s) for r, s in zip(runs, splits, strict=True) if r.kv_cache_recorded and not r.client_side]
-    c0 = profile.engine.num_gpu_blocks
+    use = [(r, s) for r, s in zip(runs, splits, strict=True) if r.kv_cache_recorded]
+    c0, e = profile.engine.num_gpu_blocks, profile.engine
     if not use:
         return c0, {}
+    longest = max(int((r.prompt_tokens + r.output_tokens).max(initial=1)) for r in runs)
+    c_min = int(np.ceil(longest / e.block_size)) + 2
     cache: dict[int, float] = {}
 
+    def blocks(log_c: float) -> int:
+        return max(c_min, int(round(c0 * np.exp(log_c))))
+
     def err(log_c: float) -> float:
-        c = max(2, int(round(c0 * np.exp(log_c))))
+        c = blocks(log_c)
         if c not in cache:
-            e = profile.engine
             mml = min(e.max_model_len, (c - 1) * e.block_size)
             prof = profile.replace(engine=replace(e, num_gpu_blocks=c, max_model_len=mml))
             cache[c] = sum(_gauge_error(r, prof, s, seed) for r, s in use)
         return cache[c]
 
-    grid = np.linspace(-span, span, points)
+    grid = np.linspace(np.log(factors[0]), np.log(factors[1]), points)
     step = grid[1] - grid[0]
     best = min(grid, key=err)
     for _ in range(2):
         step /= 2
         best = min((best - step, best, best + step), key=err)
-    c = max(2, int(round(c0 * np.exp(best))))
+    c = blocks(best)
     return c, {"start_blocks": c0, "gauge_mae": cache[c], "gauge_mae_start": err(0.0), "replays": len(cache)}
