@@ -168,6 +168,7 @@ def test_sparse_unknown_model_calibrates_within_10pct_held_out(seed, base, regim
     assert all(abs(v) <= 10.0 for v in worst.values()), worst
 
 
+@pytest.mark.slow
 def test_client_side_sparse_kv_bound_run_infers_capacity_by_replay(tmp_path):
     """A client-timed run (no scheduled_ts; times later than the engine's by the client-side constant) of a
     KV-bound engine without recorded capacity: capacity and block size from the gauge, refined by replay and
