@@ -276,18 +276,24 @@ def kv_capacity(run: MeasuredRun, gpu: GpuEntry | None, model: ModelEntry | None
 
 
 def _gauge_error(run: MeasuredRun, profile, until_s: float | None, seed: int) -> float:
-    """Mean absolute difference of the replayed and the recorded KV-usage gauge (fraction) up to ``until_s``."""
+    """How far the replay's gauges are from the recorded ones up to ``until_s``: the mean absolute difference of
+    the KV usage (fraction) plus that of the running requests relative to their recorded mean. A saturated cache
+    reads ~100 % whatever its size; how many requests it holds then is what tells the size."""
     from .replay import simulate_run  # the replay needs the calibrated step-time model; import at use
 
-    g = simulate_run(run, profile, seed=seed).gauges
+    g = simulate_run(run, profile, seed=seed).gauges.set_index("t")
     ts = run.timeseries.set_index("t")
-    g = g.set_index("t")
     t = ts.index[ts.index.isin(g.index)]
     tau = t.to_numpy() * run.meta.tick_seconds + run.tick_origin_s
-    keep = tau <= (until_s if until_s is not None else np.inf)
-    d = np.abs(g.loc[t[keep], "kv_cache_usage_perc"].to_numpy() - ts.loc[t[keep], "kv_cache_usage_perc"].to_numpy())
-    d = d[np.isfinite(d)]
-    return float(d.mean()) if len(d) else np.inf
+    t = t[tau <= (until_s if until_s is not None else np.inf)]
+    out = 0.0
+    for col, scale in (("kv_cache_usage_perc", 1.0), ("running", np.nanmean(ts.loc[t, "running"].to_numpy()))):
+        d = np.abs(g.loc[t, col].to_numpy(float) - ts.loc[t, col].to_numpy(float))
+        d = d[np.isfinite(d)]
+        if not len(d) or not scale > 0:
+            return np.inf if col == "kv_cache_usage_perc" else out
+        out += float(d.mean()) / scale
+    return out
 
 
 def refine_capacity_by_replay(runs: Sequence[MeasuredRun], splits: Sequence[float | None], profile, *,
@@ -299,8 +305,8 @@ def refine_capacity_by_replay(runs: Sequence[MeasuredRun], splits: Sequence[floa
     times do not say when the engine held the tokens; the replay can: it runs vLLM's scheduler with the
     calibrated step times, so its gauge moves, saturates and preempts as the engine's did when the capacity is
     right. A log grid of ``points`` capacities between ``factors`` x the profile's, then the best neighbourhood
-    halved twice; the objective is the mean absolute gauge difference summed over the runs with a recorded
-    gauge. Never below one longest request of the runs (it could not be served).
+    halved twice; the objective is the gauges' difference (KV usage and running requests, ``_gauge_error``)
+    summed over the runs with a recorded KV gauge. Never below one longest request of the runs (it could not be served).
     """
     use = [(r, s) for r, s in zip(runs, splits, strict=True) if r.kv_cache_recorded]
     c0, e = profile.engine.num_gpu_blocks, profile.engine
