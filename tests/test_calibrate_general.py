@@ -239,8 +239,9 @@ def test_physics_on_an_unknown_model_names_what_to_pass(tmp_path):
 @pytest.mark.parametrize("name", ["rtx4090-llama-3.1-8b", "rtxpro6000-llama-3.1-8b"])
 def test_measured_runs_stripped_to_sparse_metadata(traces_dir, tmp_path, name):
     """The measured vLLM runs with their meta.json cut to an unknown model and its engine_kwargs (no hardware,
-    no kv_cache, no block size, no started_at): shape-free, held-out within 10 % (measured: rtx4090 worst 2.4 %,
-    with the capacity inferred 1.5 % above the recorded 2,588 blocks; rtxpro6000 worst 2.1 %, no gauge there)."""
+    no kv_cache, no block size, no started_at): shape-free, held-out within 10 % (measured: rtx4090 worst TTFT
+    p90 +8.1 %, the physics fit on the full meta.json +9.2 %, with the capacity inferred at 2,568 blocks against
+    the recorded 2,588; rtxpro6000 worst 2.1 %, no gauge there: capacity not binding)."""
     src = traces_dir / "vllm" / name
     run_dir = tmp_path / name
     run_dir.mkdir()
