@@ -228,6 +228,18 @@ def _engine_of(run: MeasuredRun, model: ModelEntry | None,
     return cfg, sources
 
 
+def _gauge_peak(runs: Sequence[MeasuredRun], splits: Sequence[float | None]) -> float:
+    """The highest recorded KV usage (fraction) in the fit part of the runs (0 without a gauge)."""
+    peak = 0.0
+    for r, split in zip(runs, splits, strict=True):
+        if r.kv_cache_recorded:
+            ts = r.timeseries
+            tau = ts["t"].to_numpy() * r.meta.tick_seconds + r.tick_origin_s
+            use = ts["kv_cache_usage_perc"].to_numpy()[tau <= (split if split is not None else np.inf)]
+            peak = max(peak, float(np.nanmax(use, initial=0.0)))
+    return peak
+
+
 def _replay_capacity(runs, splits, shape: Shape, hw, cap: KVCapacity, fit: StepFit, fit_runs, seed: int):
     """A capacity estimated from the gauge (or, for client-side times, only bounded), found by replaying the fit
     (``kvcapacity.refine_capacity_by_replay``), then the step times refitted at it; a bound is searched widely
@@ -369,8 +381,7 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     tp = runs[0].engine.tensor_parallel_size
     family = (physics_family(hw, shape.model.spec, tp) if family_name == "physics" else linear_family(fit_runs))
     fit = fit_step_model(fit_runs, engine, family)
-    peak = max((float(r.timeseries["kv_cache_usage_perc"].max()) for r in runs if r.kv_cache_recorded), default=0.0)
-    if cap.method == "kv_usage_gauge" or (cap.method == "not_binding" and peak >= 0.5):  # a gauge says it can bind
+    if cap.method == "kv_usage_gauge" or (cap.method == "not_binding" and _gauge_peak(runs, splits) >= 0.5):
         cap, engine, engine_sources, fit = _replay_capacity(runs, splits, shape, hw, cap, fit, fit_runs, seed)
     if not cap.measured:
         peak = max(int(p.trace.used_blocks.max(initial=0)) for p in fit.runs)
