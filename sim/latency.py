@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .config import HardwareSpec, ModelSpec, ParallelConfig
+from .latency_linear import LinearStepModel
 from .timebase import TICKS_PER_S
 
 if TYPE_CHECKING:
@@ -224,6 +225,7 @@ class PhysicsStepModel:
 
 STEP_TIME_MODELS: dict[str, Callable[[Profile], StepTimeModel]] = {
     "physics": PhysicsStepModel.from_profile,
+    "linear": LinearStepModel.from_profile,  # shape-free (sim/latency_linear.py)
 }
 
 

@@ -13,10 +13,13 @@ any other profile loads by path. Schema (``schema_version`` 1)::
                "num_shared_experts", "kv_latent_dim"},
      "parallel": {"tensor_parallel_size", "expert_parallel"?, "data_parallel_size"?},
      "engine": {EngineConfig fields},
-     "latency": {"model": "physics", "coefficients": {name: value}},
+     "latency": {"model": "physics" | "linear", "coefficients": {name: value}},
      "overheads": {"frontend_s", "post_decode_s", "per_output_token_s"},
      "sources": {"<section>.<field>" or "<section>": str},
      "derived_from": {...}?}
+
+``hardware`` and ``model`` may be absent (``None``) only with the shape-free latency model ``"linear"``
+(``sim.latency_linear``), which needs neither; the physics model refuses a profile without them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import EngineConfig, HardwareSpec, ModelSpec, Overheads, ParallelConfig
+from .latency_linear import LINEAR_MODEL
 
 __all__ = ["Profile", "ProfileError", "list_profiles", "load_profile", "profile_from_dict", "profile_path"]
 
@@ -42,8 +46,8 @@ class ProfileError(ValueError):
 class Profile:
     name: str
     description: str = ""
-    hardware: HardwareSpec
-    model: ModelSpec
+    hardware: HardwareSpec | None = None
+    model: ModelSpec | None = None
     parallel: ParallelConfig = ParallelConfig()
     engine: EngineConfig
     latency_model: str = "physics"
@@ -52,14 +56,21 @@ class Profile:
     sources: dict[str, str] = field(default_factory=dict)
     derived_from: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        missing = [k for k in ("hardware", "model") if getattr(self, k) is None]
+        if missing and self.latency_model != LINEAR_MODEL:
+            raise ValueError(f"profile {self.name!r}: latency model {self.latency_model!r} needs the profile's "
+                             f"{' and '.join(missing)} (its basis is built from the GPU's peak rates and the model's "
+                             f"shape); give {'it' if len(missing) == 1 else 'them'}, or use the shape-free latency model {LINEAR_MODEL!r}")
+
     def to_dict(self) -> dict[str, Any]:
         ov = {f.name: getattr(self.overheads, f.name) for f in fields(Overheads) if f.name != "sources"}
         out: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "name": self.name,
             "description": self.description,
-            "hardware": _compact(self.hardware),
-            "model": _compact(self.model),
+            **({} if self.hardware is None else {"hardware": _compact(self.hardware)}),
+            **({} if self.model is None else {"model": _compact(self.model)}),
             "parallel": _compact(self.parallel),
             "engine": asdict(self.engine),
             "latency": {"model": self.latency_model, "coefficients": dict(self.latency_coefficients)},
@@ -99,7 +110,9 @@ def _compact(config) -> dict[str, Any]:
 
 def _section(data: dict, key: str, where: str) -> dict:
     if key not in data:
-        raise ProfileError(f"{where}: missing section {key!r}")
+        hint = (f" (only the shape-free latency model {LINEAR_MODEL!r} runs without it)"
+                if key in ("hardware", "model") else "")
+        raise ProfileError(f"{where}: missing section {key!r}{hint}")
     v = data[key]
     if not isinstance(v, dict):
         raise ProfileError(f"{where}: section {key!r} must be an object, got {type(v).__name__}")
@@ -129,11 +142,14 @@ def profile_from_dict(data: dict, where: str = "<profile>") -> Profile:
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise ProfileError(f"{where}: field 'name' must be a non-empty string")
-    hardware = _build(HardwareSpec, _section(data, "hardware", where), where, "hardware")
-    model = _build(ModelSpec, _section(data, "model", where), where, "model")
+    lat = _section(data, "latency", where)
+    shape_free = lat.get("model", "physics") == LINEAR_MODEL
+    hardware = None if shape_free and "hardware" not in data else _build(
+        HardwareSpec, _section(data, "hardware", where), where, "hardware")
+    model = None if shape_free and "model" not in data else _build(
+        ModelSpec, _section(data, "model", where), where, "model")
     parallel = _build(ParallelConfig, data.get("parallel", {}), where, "parallel")
     engine = _build(EngineConfig, _section(data, "engine", where), where, "engine")
-    lat = _section(data, "latency", where)
     coeffs = lat.get("coefficients", {})
     if not isinstance(coeffs, dict):
         raise ProfileError(f"{where}: latency.coefficients must be an object")

@@ -3,7 +3,8 @@
 Readers (typed, validated; errors name file, line and field): ``traces.runs`` (the measured vLLM run format,
 ``read_run``/``write_run``), ``traces.bench_json`` (``vllm bench serve`` result JSON), ``traces.prometheus``
 (``/metrics`` scrapes), ``traces.azure`` (Azure 2023 CSVs). Calibration: ``traces.calibrate.calibrate_run``
-(built on ``traces.reconstruct``, ``traces.stepfit``, ``traces.kvcapacity``, ``traces.hardware`` and
-``traces.hfconfig``: the hardware and the model's shape, from the catalogue ``sim.catalog`` or the user). Validation:
+(built on ``traces.reconstruct``, ``traces.stepfit`` and ``traces.stepfit_linear``, ``traces.kvcapacity``,
+``traces.hardware`` and ``traces.hfconfig``: the hardware and the model's shape, from the catalogue ``sim.catalog``
+or the user; the shape-free model when neither knows them). Validation:
 ``traces.replay.replay_run`` and ``traces.plots``. Importing this package imports nothing else.
 """

@@ -5,18 +5,24 @@ Pipeline (each step general: nothing here knows a particular run, GPU or model):
 
 1. **Settings.** The runs' engine limits (``traces.meta``; several runs must agree); the hardware from
    ``--gpu-spec`` / ``gpu=`` / ``meta.hardware.device_name`` / the run's name (catalogue GPUs in
-   ``sim.catalog``; a CPU run needs ``--gpu-spec``); the model's shape from ``--model-config``, the served
-   model directory, the local Hugging Face cache or the catalogue (``traces.hfconfig.resolve_shape``).
-   Where either stays unknown, ``_require_known`` refuses and says what to pass (the report names both
-   sources: ``model_source``, ``hardware_source``).
-2. **KV capacity.** ``num_gpu_blocks`` as measured, or estimated and labelled so (``traces.kvcapacity``).
-3. **Reconstruction and NNLS** (``traces.stepfit``): what the engine did, step by step, from the per-request
-   timestamps, and the step-time coefficients of ``sim.latency.PhysicsStepModel`` fitted on whole-step spans.
+   ``sim.catalog``; a CPU run has no table peak); the model's shape from ``--model-config``, the served
+   model directory, the local Hugging Face cache or the catalogue (``traces.hfconfig.resolve_shape``). The
+   report names both sources (``model_source``, ``hardware_source``).
+2. **Step-time family.** The physics model (``sim.latency.PhysicsStepModel``) when both the hardware and the
+   model's shape are known; otherwise, automatically, the shape-free ``sim.latency_linear.LinearStepModel``,
+   fitted from the reconstructed batches alone (``report["step_time_model"]`` and ``["step_time_model_reason"]``
+   say which and why; ``step_time_model=`` forces one).
+3. **KV capacity and block size.** ``num_gpu_blocks`` as measured, or estimated and labelled so; a block size the
+   run does not record is inferred from the KV-usage gauge; with neither a memory rule nor a gauge the capacity
+   is treated as not binding, and said so (``traces.kvcapacity``).
+4. **Reconstruction and NNLS** (``traces.stepfit``): what the engine did, step by step, from the per-request
+   timestamps, and the step-time coefficients of the chosen family fitted on whole-step spans. A data-parallel
+   run is split into one run per engine first (``traces.dpsplit``).
    For client-side runs (collected over HTTP by ``traces.collect``: no ``scheduled_ts``, TTFT and E2E include
    the API server and HTTP) the fit also estimates the client-side constant, which becomes the profile's
    ``overheads.frontend_s``.
-4. **Refinement.** A deterministic Nelder-Mead over three multipliers (per-step/per-request base cost, decode
-   KV-read factor, prefill factor; plus the client-side constant for client-side runs) replays every run in
+5. **Refinement.** A deterministic Nelder-Mead over three multipliers (per-step/per-request base cost, decode
+   context cost, prefill cost: ``FitFamily.multipliers``; plus the client-side constant for client-side runs) replays every run in
    the simulator and minimises the squared log errors of TTFT, TPOT and E2E (mean, p50, p90; p99 at a quarter
    weight) against the measured distributions, summed over the runs. A client-side run is replayed and compared
    client-side (``traces.replay``).
@@ -43,31 +49,30 @@ import numpy as np
 from scipy.optimize import minimize
 
 import sim
-from sim.latency import BASIS_NAMES
 
 from .calreport import OVERHEAD_SOURCE, format_report, profile_provenance, report
 from .dpsplit import dp_capacity, dp_final_errors, fit_data_parallel
 from .hardware import GPUS, GpuEntry, ModelEntry, gpu_spec_entry, is_cpu_run, lookup_gpu, match_gpu_in_text
 from .hfconfig import ResolvedShape, resolve_shape, unknown_shape_message
-from .kvcapacity import KVCapacity, kv_capacity
+from .kvcapacity import KVCapacity, kv_capacity, refine_capacity_by_replay
 from .replay import METRICS, as_run, fit_mask, latency_errors, simulate_run
 from .runs import MeasuredRun
-from .stepfit import PRIOR, FitRun, StepFit, fit_step_model
+from .stepfit import PHYSICS_MULTIPLIERS, FitRun, StepFit, fit_step_model, physics_family
+from .stepfit_linear import linear_family
 
-__all__ = ["CalibrationResult", "MULTIPLIERS", "PRIOR_OVERHEADS", "calibrate_run", "calibrate_runs",
-           "format_report", "main"]
+__all__ = ["CalibrationResult", "MULTIPLIERS", "PRIOR_OVERHEADS", "STEP_TIME_CHOICES", "Shape", "calibrate_run",
+           "calibrate_runs", "format_report", "main"]
 
 #: Per-request overheads outside the engine, from BLIS (latency_physics.md s.4). An engine-side run cannot
 #: identify any of them; a client-side run identifies ``frontend_s`` (fitted) but not the other two, which the
 #: simulator adds after the last output chunk, where the collector stops timing.
 PRIOR_OVERHEADS = sim.Overheads(frontend_s=0.0156, post_decode_s=0.00078, per_output_token_s=46e-6)
 
-#: multiplier name -> coefficients it scales (only those NNLS fitted: held ones stay at their published values)
-MULTIPLIERS: dict[str, tuple[str, ...]] = {
-    "base": ("weight", "req_s"),
-    "dc_kv": ("dc_kv",),
-    "prefill": ("pf_compute",),
-}
+#: multiplier name -> coefficients it scales, physics family (only those NNLS fitted: held ones stay at their
+#: published values); the shape-free family's are ``traces.stepfit_linear.LINEAR_MULTIPLIERS``
+MULTIPLIERS: dict[str, tuple[str, ...]] = PHYSICS_MULTIPLIERS
+#: ``step_time_model=`` values: "auto" (physics when the GPU and the model's shape are known, else linear)
+STEP_TIME_CHOICES = ("auto", "physics", "linear")
 #: the multiplier of the fitted client-side constant (refined only when a run is client-side)
 OFFSET_MULTIPLIER = "frontend"
 _STAT_WEIGHTS = {"mean": 1.0, "p50": 1.0, "p90": 1.0, "p99": 0.25}
@@ -154,32 +159,57 @@ def _model(runs: Sequence[MeasuredRun], model_config: str | Path | None) -> tupl
 def resolve_model_and_hardware(runs: Sequence[MeasuredRun], *, gpu: str | None = None, gpu_spec: str | None = None,
                                hardware: sim.HardwareSpec | None = None, model_config: str | Path | None = None
                                ) -> tuple[GpuEntry | None, str, ResolvedShape | None, str]:
-    """(GPU entry or None, hardware source, shape or None, model source): ``None`` = unknown.
-
-    The one place that decides whether the physics basis can be built. With an unknown shape or hardware,
-    ``calibrate_runs`` refuses in ``_require_known`` (the hook for a shape-free step-time model).
-    """
+    """(GPU entry or None, hardware source, shape or None, model source): ``None`` = unknown, and then the
+    calibration fits the shape-free step-time model (``_family_choice``)."""
     gpu_entry, gpu_src = _gpu(runs, gpu, gpu_spec, hardware)
     shape, model_src = _model(runs, model_config)
     return gpu_entry, gpu_src, shape, model_src
 
 
-def _require_known(gpu_entry: GpuEntry | None, gpu_src: str, shape: ResolvedShape | None, model_src: str) -> None:
-    missing = []
-    if shape is None:
-        missing.append(f"model shape unknown: {model_src}")
-    if gpu_entry is None:
-        missing.append(f"hardware unknown: {gpu_src}. Pass --gpu-spec peak_flops=...,mem_bw=... "
-                       "(e.g. peak_flops=989T,mem_bw=3.35T,interconnect=nvlink4) or --gpu KEY of a catalogue GPU")
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Shape:
+    """What is known of the runs' hardware and model; ``None`` for what is not (``*_src`` then says why)."""
+
+    gpu: GpuEntry | None
+    gpu_src: str
+    model: ModelEntry | None
+    model_src: str
+    model_kind: str | None = None
+
+
+def _shape_or_none(runs: Sequence[MeasuredRun], *, gpu: str | None, gpu_spec: str | None,
+                   hardware: sim.HardwareSpec | None, model_config: str | Path | None) -> Shape:
+    gpu_entry, gpu_src, resolved, model_src = resolve_model_and_hardware(
+        runs, gpu=gpu, gpu_spec=gpu_spec, hardware=hardware, model_config=model_config)
+    return Shape(gpu=gpu_entry, gpu_src=gpu_src, model=None if resolved is None else resolved.entry,
+                 model_src=model_src, model_kind=None if resolved is None else resolved.kind)
+
+
+def _family_choice(shape: Shape, step_time_model: str) -> tuple[str, str]:
+    """The step-time family to fit and why (``report["step_time_model"]``, ``["step_time_model_reason"]``)."""
+    if step_time_model not in STEP_TIME_CHOICES:
+        raise ValueError(f"step_time_model must be one of {STEP_TIME_CHOICES}, got {step_time_model!r}")
+    missing = ([] if shape.model is not None else [f"the model's shape ({shape.model_src})"]) + (
+        [] if shape.gpu is not None else [f"the hardware's peak rates ({shape.gpu_src})"])
+    if step_time_model == "physics" and missing:
+        raise ValueError("step_time_model='physics' needs " + " and ".join(missing) + "; pass --model-config PATH "
+                         "for the model and --gpu-spec peak_flops=...,mem_bw=... (or --gpu KEY) for the hardware, or "
+                         "use the shape-free model (step_time_model='auto' or 'linear', --step-time-model)")
+    if step_time_model == "linear":
+        return "linear", "asked for (step_time_model='linear'): the shape-free model, fitted from the batches alone"
     if missing:
-        raise ValueError("cannot build the roofline basis of the step-time model: " + "; ".join(missing)
-                         + " (pass --model-config PATH and --gpu-spec SPEC)")
+        return "linear", ("shape-free model chosen automatically: unknown " + " and ".join(missing)
+                          + ". Its terms (per step, prefill token, prefill attention unit, decode sequence, decode "
+                            "context token) are fitted from the reconstructed batches alone")
+    return "physics", (f"the GPU ({shape.gpu.spec.name}) and the model's shape ({shape.model.spec.name}) are known: "
+                       "roofline basis x fitted efficiency factors")
 
 
-def _capacity(runs: Sequence[MeasuredRun], gpu_entry: GpuEntry, model: ModelEntry,
+def _capacity(runs: Sequence[MeasuredRun], gpu_entry: GpuEntry | None, model: ModelEntry | None,
               splits: Sequence[float | None]) -> KVCapacity:
     """One capacity for all runs: the measured one (runs that record it must agree), else the first estimate."""
-    caps = [kv_capacity(r, gpu_entry, model, until_s=s) for r, s in zip(runs, splits, strict=True)]
+    caps = [kv_capacity(r, gpu_entry, model, until_s=s, max_model_len=_max_model_len(r, model)[0])
+            for r, s in zip(runs, splits, strict=True)]
     measured = {c.num_gpu_blocks for c in caps if c.measured}
     if len(measured) > 1:
         raise ValueError(f"the runs record different KV capacities (num_gpu_blocks {sorted(measured)}); they were "
@@ -187,7 +217,7 @@ def _capacity(runs: Sequence[MeasuredRun], gpu_entry: GpuEntry, model: ModelEntr
     return next((c for c in caps if c.measured), caps[0])
 
 
-def _engine(runs: Sequence[MeasuredRun], model: ModelEntry,
+def _engine(runs: Sequence[MeasuredRun], model: ModelEntry | None,
             cap: KVCapacity) -> tuple[sim.EngineConfig, dict[str, str]]:
     configs = [_engine_of(r, model, cap) for r in runs]
     first, sources = configs[0]
@@ -202,42 +232,97 @@ def _engine(runs: Sequence[MeasuredRun], model: ModelEntry,
     return first, sources
 
 
-def _engine_of(run: MeasuredRun, model: ModelEntry, cap: KVCapacity) -> tuple[sim.EngineConfig, dict[str, str]]:
+def _max_model_len(run: MeasuredRun, model: ModelEntry | None) -> tuple[int, str]:
+    """The run's ``max_model_len``: recorded, else the model's default, else (model unknown) its longest request."""
+    e = run.engine
+    if e.max_model_len is not None:
+        return e.max_model_len, f"run {run.name}: {e.sources['max_model_len']}"
+    if model is not None:
+        return model.max_position_embeddings, (f"model default ({model.sources.get('max_position_embeddings')}); "
+                                               "the run's max_model_len is null")
+    longest = int((run.prompt_tokens + run.output_tokens).max(initial=1))
+    return longest, (f"the longest request of run {run.name} ({longest} tokens): the run records no max_model_len "
+                     "and the model is unknown")
+
+
+def _engine_of(run: MeasuredRun, model: ModelEntry | None,
+               cap: KVCapacity) -> tuple[sim.EngineConfig, dict[str, str]]:
     e, src = run.engine, run.engine.sources
     if e.policy != "fcfs":
         raise ValueError(f"run {run.name}: scheduling policy {e.policy!r} is not simulated (FCFS only)")
-    mml, mml_src = e.max_model_len, f"run {run.name}: {src['max_model_len']}"
-    if mml is None:
-        mml = model.max_position_embeddings
-        mml_src = f"model default ({model.sources.get('max_position_embeddings')}); the run's max_model_len is null"
-    cap_tokens = (cap.num_gpu_blocks - 1) * e.block_size
+    mml, mml_src = _max_model_len(run, model)
+    cap_tokens = (cap.num_gpu_blocks - 1) * cap.block_size
     if mml > cap_tokens:
         mml, mml_src = cap_tokens, mml_src + f"; capped at the KV capacity ({cap_tokens} tokens)"
     cfg = sim.EngineConfig(max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-                           max_model_len=mml, block_size=e.block_size, num_gpu_blocks=cap.num_gpu_blocks,
+                           max_model_len=mml, block_size=cap.block_size, num_gpu_blocks=cap.num_gpu_blocks,
                            enable_prefix_caching=e.enable_prefix_caching,
                            scheduler_reserve_full_isl=e.scheduler_reserve_full_isl,
                            long_prefill_token_threshold=e.long_prefill_token_threshold)
     sources = {f"engine.{k}": f"run {run.name}: {src[k]}" for k in
-               ("max_num_seqs", "max_num_batched_tokens", "block_size", "enable_prefix_caching",
+               ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
                 "scheduler_reserve_full_isl", "long_prefill_token_threshold")}
+    sources["engine.block_size"] = cap.block_size_source
     sources["engine.max_model_len"] = mml_src
     sources["engine.num_gpu_blocks"] = cap.source
     return cfg, sources
 
 
-def _scaled(coef: sim.PhysicsCoefficients, mult: dict[str, float], free: tuple[str, ...]) -> dict[str, float]:
-    out = dict(zip(BASIS_NAMES, coef.as_tuple(), strict=True))
-    for m, names in MULTIPLIERS.items():
+def _gauge_peak(runs: Sequence[MeasuredRun], splits: Sequence[float | None]) -> float:
+    """The highest recorded KV usage (fraction) in the fit part of the runs (0 without a gauge)."""
+    peak = 0.0
+    for r, split in zip(runs, splits, strict=True):
+        if r.kv_cache_recorded:
+            ts = r.timeseries
+            tau = ts["t"].to_numpy() * r.meta.tick_seconds + r.tick_origin_s
+            use = ts["kv_cache_usage_perc"].to_numpy()[tau <= (split if split is not None else np.inf)]
+            peak = max(peak, float(np.nanmax(use, initial=0.0)))
+    return peak
+
+
+def _replay_capacity(runs, splits, shape: Shape, hw, cap: KVCapacity, fit: StepFit, fit_runs, seed: int):
+    """A capacity estimated from the gauge (or, for client-side times, only bounded), found by replaying the fit
+    (``kvcapacity.refine_capacity_by_replay``), then the step times refitted at it; a bound is searched widely
+    and then narrowed in two more rounds (the fit at the bound saw no preemptions). Returns the new capacity,
+    engine, engine sources and fit."""
+    engine, sources = _engine(runs, shape.model, cap)
+    wide = cap.method == "not_binding"  # no estimate to start from (client-side times): search below the bound
+    first = None
+    for k in range(3 if wide else 1):
+        prof = sim.Profile(name="capacity", hardware=hw, model=None if shape.model is None else shape.model.spec,
+                           parallel=sim.ParallelConfig(tensor_parallel_size=runs[0].engine.tensor_parallel_size),
+                           engine=engine, overheads=_overheads(fit, runs)[0], latency_model=fit.family.latency_model,
+                           latency_coefficients=dict(fit.coefficients))
+        blocks, detail = refine_capacity_by_replay(runs, splits, prof, seed=seed, factors=(
+            (1 / 64, 1.0) if wide and k == 0 else (0.67, 1.5)), points=19 if wide and k == 0 else 9)
+        if not detail:
+            return cap, engine, sources, fit
+        first = first or detail
+        cap = replace(cap, num_gpu_blocks=blocks)
+        engine, sources = _engine(runs, shape.model, cap)
+        fit = fit_step_model(fit_runs, engine, replace(fit.family, start=dict(fit.coefficients)))
+    how = (f"the capacity whose replay with the fitted step times best reproduces the recorded gauge "
+           f"({first['start_blocks']} -> {blocks} blocks, gauge MAE {first['gauge_mae_start']:.4f} -> "
+           f"{detail['gauge_mae']:.4f}, {k + 1} round(s) of search and refit)")
+    cap = replace(cap, detail={**cap.detail, "replay": detail}, method="kv_usage_gauge",
+                  source=(f"INFERRED from the trace by replay (the run records no num_gpu_blocks, and its client-side "
+                          f"times do not say when the engine held the tokens): {how}" if wide else
+                          f"{cap.source}; refined by replay: {how}"))
+    return cap, engine, _engine(runs, shape.model, cap)[1], fit
+
+
+def _scaled(fit: StepFit, mult: dict[str, float]) -> dict[str, float]:
+    out = dict(fit.coefficients)
+    for m, names in fit.family.multipliers.items():
         for n in names:
-            if n in free:
+            if n in fit.free:
                 out[n] *= mult[m]
     return out
 
 
 def _apply(base: sim.Profile, fit: StepFit, mult: dict[str, float]) -> sim.Profile:
     """``base`` with the fitted coefficients (and client-side constant) times the refinement's multipliers."""
-    prof = base.replace(latency_coefficients=_scaled(fit.coefficients, mult, fit.free))
+    prof = base.replace(latency_coefficients=_scaled(fit, mult))
     if OFFSET_MULTIPLIER in mult:
         prof = prof.replace(overheads=replace(base.overheads, frontend_s=fit.offset_s * mult[OFFSET_MULTIPLIER]))
     return prof
@@ -249,7 +334,7 @@ def _objective(errors: dict) -> float:
 
 
 def _multiplier_names(fit: StepFit) -> list[str]:
-    return list(MULTIPLIERS) + ([OFFSET_MULTIPLIER] if fit.offset_s else [])
+    return list(fit.family.multipliers) + ([OFFSET_MULTIPLIER] if fit.offset_s else [])
 
 
 def _refine(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], base: sim.Profile, fit: StepFit, *,
@@ -309,7 +394,7 @@ def _load(runs_or_dirs: Sequence[MeasuredRun | str | Path]) -> list[MeasuredRun]
 def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_fraction: float | None = None,
                    seed: int = 0, gpu: str | None = None, hardware: sim.HardwareSpec | None = None,
                    gpu_spec: str | None = None, model_config: str | Path | None = None,
-                   name: str | None = None, max_evals: int | None = None,
+                   name: str | None = None, max_evals: int | None = None, step_time_model: str = "auto",
                    progress: Callable[[int], None] | None = None) -> CalibrationResult:
     """Calibrate one profile from one or more runs of the same engine (see the module docstring).
 
@@ -325,40 +410,44 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
             Hugging Face cache and the catalogue, ``traces.hfconfig.resolve_shape``).
         name: profile name (default: the runs' names joined by ``+``).
         max_evals: replays of every run the refinement may spend (default 15 per multiplier).
+        step_time_model: ``"auto"`` (physics when the GPU and the model's shape are known, else the shape-free
+            ``"linear"``), ``"physics"`` or ``"linear"``.
         progress: called with 1 after every refinement replay (for a progress bar).
     """
     t_start = time.perf_counter()
     runs = _load(runs_or_dirs)
     masks, splits = zip(*(fit_mask(r, fit_fraction) for r in runs), strict=True)
-    gpu_entry, gpu_src, shape, model_src = resolve_model_and_hardware(runs, gpu=gpu, gpu_spec=gpu_spec,
-                                                                      hardware=hardware, model_config=model_config)
-    _require_known(gpu_entry, gpu_src, shape, model_src)
-    hw = hardware if hardware is not None else gpu_entry.spec
-    model = shape.entry
-    cap = dp_capacity(_capacity(runs, gpu_entry, model, splits), runs)
-    engine, engine_sources = _engine(runs, model, cap)
+    shape = _shape_or_none(runs, gpu=gpu, gpu_spec=gpu_spec, hardware=hardware, model_config=model_config)
+    family_name, family_reason = _family_choice(shape, step_time_model)
+    hw = hardware or (shape.gpu.spec if shape.gpu is not None else None)
+    cap = dp_capacity(_capacity(runs, shape.gpu, shape.model, splits), runs)
+    engine, engine_sources = _engine(runs, shape.model, cap)
     parallel = sim.ParallelConfig(tensor_parallel_size=runs[0].engine.tensor_parallel_size,
                                   expert_parallel=runs[0].engine.enable_expert_parallel)
-    basis = sim.PhysicsStepModel(hw, model.spec, parallel, PRIOR)
-    fit_runs, fit_masks, dp_info = runs, masks, None
+    fit_runs = [FitRun.of(r, m) for r, m in zip(runs, masks, strict=True)]
+    family = (physics_family(hw, shape.model.spec, parallel) if family_name == "physics"
+              else linear_family(fit_runs))
+    model_spec = None if shape.model is None else shape.model.spec
+    dp_runs, dp_masks, dp_info = runs, masks, None
     if any(r.engine.data_parallel_size > 1 for r in runs):  # one fit run per engine (traces.dpsplit)
         def at(coef: dict[str, float], offset_s: float | None) -> sim.Profile:
             ov = PRIOR_OVERHEADS if offset_s is None else replace(PRIOR_OVERHEADS, frontend_s=offset_s)
-            return sim.Profile(name="dp-assignment", hardware=hw, model=model.spec, engine=engine, overheads=ov,
-                               parallel=parallel, latency_coefficients=coef)
+            return sim.Profile(name="dp-assignment", hardware=hw, model=model_spec, engine=engine, overheads=ov,
+                               parallel=parallel, latency_model=family.latency_model, latency_coefficients=coef)
 
-        fit_runs, fit_masks, fit, dp_info = fit_data_parallel(runs, masks, engine, basis, at, seed=seed)
+        dp_runs, dp_masks, fit, dp_info = fit_data_parallel(runs, masks, engine, family, at, seed=seed)
     else:
-        fit = fit_step_model([FitRun.of(r, m) for r, m in zip(runs, masks, strict=True)], engine, basis)
+        fit = fit_step_model(fit_runs, engine, family)
+        if cap.method == "kv_usage_gauge" or (cap.method == "not_binding" and _gauge_peak(runs, splits) >= 0.5):
+            cap, engine, engine_sources, fit = _replay_capacity(runs, splits, shape, hw, cap, fit, fit_runs, seed)
     if not cap.measured:
         peak = max(int(p.trace.used_blocks.max(initial=0)) for p in fit.runs)
         engine_sources["engine.num_gpu_blocks"] += (f"; the reconstruction of the run peaks at {peak} blocks in use"
                                                     f" ({100 * peak / (cap.num_gpu_blocks - 1):.0f} % of this)")
     overheads, overhead_source = _overheads(fit, runs)
-    base = sim.Profile(name=name or "+".join(r.name for r in runs), hardware=hw, model=model.spec,
-                       parallel=parallel,
-                       engine=engine, overheads=overheads,
-                       latency_coefficients=dict(zip(BASIS_NAMES, fit.coefficients.as_tuple(), strict=True)))
+    base = sim.Profile(name=name or "+".join(r.name for r in runs), hardware=hw, model=model_spec,
+                       parallel=parallel, engine=engine, overheads=overheads,
+                       latency_model=family.latency_model, latency_coefficients=dict(fit.coefficients))
     n_mult = len(_multiplier_names(fit))
     mult, refine_info = _refine(runs, masks, base, fit, seed=seed, progress=progress,
                                 max_evals=max_evals if max_evals is not None else EVALS_PER_MULTIPLIER * n_mult)
@@ -366,31 +455,34 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     replays = [simulate_run(r, profile, seed=seed) for r in runs]
     final = [latency_errors(r, s, m) for r, s, m in zip(runs, replays, masks, strict=True)]
     if dp_info is not None:
-        final_fit = dp_final_errors(runs, masks, replays, fit_runs)
+        final_fit = dp_final_errors(runs, masks, replays, dp_runs)
         dp_info["final_errors_pct"] = {r.name: {k: {s: e[k][s]["error_pct"] for s in e[k]} for k in e}
                                        for r, e in zip(runs, final, strict=True)}
-    rep = report(runs=fit_runs, masks=fit_masks, fit_fraction=fit_fraction, seed=seed, gpu_entry=gpu_entry,
-                 gpu_src=gpu_src, hw=hw, model=model, cap=cap, engine=engine, fit=fit, profile=profile, mult=mult,
-                 refine_info=refine_info, final=final if dp_info is None else final_fit,
-                 overhead_source=overhead_source)
+    rep = report(runs=dp_runs, masks=dp_masks, fit_fraction=fit_fraction, seed=seed, gpu_entry=shape.gpu,
+                 gpu_src=shape.gpu_src, hw=hw, model=shape.model, cap=cap, engine=engine, fit=fit, profile=profile,
+                 mult=mult, refine_info=refine_info, final=final if dp_info is None else final_fit,
+                 overhead_source=overhead_source, family_reason=family_reason)
     if dp_info is not None:
         rep.update(run="+".join(r.name for r in runs), data_parallel=dp_info,
                    run_dir=str(runs[0].path) if len(runs) == 1 else [str(r.path) for r in runs])
-    rep["model_source"], rep["hardware_source"] = model_src, gpu_src
-    rep["model_source_kind"] = shape.kind
-    rep["hardware"].update(kind=hw.kind, interconnect=hw.interconnect,
-                           interconnect_bw_bytes_per_s=hw.interconnect_bw_bytes_per_s)
+    rep["model_source"], rep["hardware_source"] = shape.model_src, shape.gpu_src
+    rep["model_source_kind"] = shape.model_kind
+    if hw is not None:
+        rep["hardware"].update(kind=hw.kind, interconnect=hw.interconnect,
+                               interconnect_bw_bytes_per_s=hw.interconnect_bw_bytes_per_s)
     rep["parallel"] = {"tensor_parallel_size": parallel.tensor_parallel_size,
                        "expert_parallel": parallel.expert_parallel,
                        "data_parallel_size": runs[0].engine.data_parallel_size}
-    spec = model.spec
-    rep["model_shape"] = {"num_params": spec.num_params, "active_params": spec.params_per_token,
-                          "num_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_tok,
-                          "kv_bytes_per_token": spec.kv_bytes_per_token, "dtype_bytes": spec.dtype_bytes}
+    if model_spec is not None:
+        rep["model_shape"] = {"num_params": model_spec.num_params, "active_params": model_spec.params_per_token,
+                              "num_experts": model_spec.num_experts,
+                              "num_experts_per_tok": model_spec.num_experts_per_tok,
+                              "kv_bytes_per_token": model_spec.kv_bytes_per_token,
+                              "dtype_bytes": model_spec.dtype_bytes}
     rep["wall_s"] = time.perf_counter() - t_start
-    description, sources, derived = profile_provenance(runs, hw, model, cap, fit_fraction, seed, gpu_entry, gpu_src,
-                                                       hardware, engine_sources, fit, mult, overhead_source,
-                                                       MULTIPLIERS)
+    description, sources, derived = profile_provenance(runs, hw, shape.model, cap, fit_fraction, seed, shape.gpu,
+                                                       shape.gpu_src, hardware, engine_sources, fit, mult,
+                                                       overhead_source, fit.family.multipliers)
     profile = profile.replace(description=description, sources=sources, derived_from=derived)
     return CalibrationResult(profile=profile, report=rep, fit=fit)
 

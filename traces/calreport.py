@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 
 import sim
-from sim.latency import BASIS_NAMES
 
-from .stepfit import HELD, UNITS, RunFit, StepFit
+from .stepfit import RunFit, StepFit
 
 __all__ = ["OVERHEAD_SOURCE", "format_report", "profile_provenance", "report"]
 
@@ -33,15 +32,16 @@ def _residuals(pred: np.ndarray, y: np.ndarray) -> dict:
 
 
 def _nnls_report(fit: StepFit, coef_final: dict[str, float]) -> dict:
-    free = set(fit.free)
+    free, fam = set(fit.free), fit.family
     coefs = {}
-    for n in BASIS_NAMES:
+    for n in fam.names:
         status = "fitted (NNLS, refined)" if n in free else "held"
-        coefs[n] = {"value": coef_final[n], "nnls": getattr(fit.coefficients, n), "unit": UNITS[n],
-                    "status": status, **({"why": HELD[n]} if n in HELD and n not in free else {})}
+        coefs[n] = {"value": coef_final[n], "nnls": fit.coefficients[n], "unit": fam.units[n],
+                    "status": status, **({"why": fam.held[n]} if n in fam.held and n not in free else {})}
     dec_y = np.concatenate([p.decode_only_y_s for p in fit.runs])
     dec_pred = np.concatenate([p.decode_only_pred_s for p in fit.runs])
     return {"coefficients": coefs, "offset_s": fit.offset_s, "iterations": fit.iterations,
+            "priors": {c: fam.prior.get(c) for c in fit.free}, "prior_detail": dict(fam.detail),
             "residuals": {"decode_spans": _residuals(fit.pred_s[fit.rows_kind == "decode"],
                                                      fit.y_s[fit.rows_kind == "decode"]),
                           "prefill_spans": _residuals(fit.pred_s[fit.rows_kind == "prefill"],
@@ -60,31 +60,41 @@ def _reconstruction(part: RunFit, fit: StepFit) -> dict:
                                    "p90_abs": float(np.percentile(np.abs(err), 90)) if len(err) else None}}
 
 
+def _model_name(model, runs) -> str:
+    return model.spec.name if model is not None else runs[0].meta.model
+
+
 def report(*, runs, masks, fit_fraction, seed, gpu_entry, gpu_src, hw, model, cap, engine, fit: StepFit,
-           profile: sim.Profile, mult, refine_info, final, overhead_source) -> dict:
-    """The JSON-ready report of one calibration (see the module docstring)."""
+           profile: sim.Profile, mult, refine_info, final, overhead_source, family_reason: str = "") -> dict:
+    """The JSON-ready report of one calibration (see the module docstring); ``gpu_entry``, ``hw`` and ``model``
+    are ``None`` where unknown (the shape-free model was fitted)."""
     peak = max(int(p.trace.used_blocks.max(initial=0)) for p in fit.runs)
     preempted = any(p.trace.num_preemptions.sum() > 0 for p in fit.runs)
     ov = profile.overheads
     return {
         "run": "+".join(r.name for r in runs), "run_dir": str(runs[0].path) if len(runs) == 1 else
         [str(r.path) for r in runs], "fit_fraction": fit_fraction, "fit_requests": int(sum(m.sum() for m in masks)),
-        "seed": seed,
-        "hardware": {"name": hw.name, "table_entry": gpu_entry.key, "identified_by": gpu_src,
-                     "peak_flops": hw.peak_flops, "mem_bw_bytes_per_s": hw.mem_bw_bytes_per_s},
-        "model": model.spec.name, "tensor_parallel_size": runs[0].engine.tensor_parallel_size,
+        "seed": seed, "step_time_model": fit.family.latency_model, "step_time_model_reason": family_reason,
+        "hardware": {"name": None if hw is None else hw.name, "table_entry": None if gpu_entry is None else
+                     gpu_entry.key, "identified_by": gpu_src, "peak_flops": None if hw is None else hw.peak_flops,
+                     "mem_bw_bytes_per_s": None if hw is None else hw.mem_bw_bytes_per_s},
+        "model": _model_name(model, runs), "model_shape_known": model is not None,
+        "tensor_parallel_size": runs[0].engine.tensor_parallel_size,
         "engine": {k: getattr(engine, k) for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len",
                                                    "block_size", "num_gpu_blocks", "enable_prefix_caching",
                                                    "scheduler_reserve_full_isl")},
         "kv_capacity": {"num_gpu_blocks": cap.num_gpu_blocks, "measured": cap.measured, "method": cap.method,
-                        "source": cap.source, "detail": cap.detail, "peak_used_blocks_reconstructed": peak,
+                        "inferred": not cap.measured, "source": cap.source, "detail": cap.detail,
+                        "block_size": cap.block_size, "block_size_source": cap.block_size_source,
+                        "block_size_inferred": cap.block_size_source.startswith("INFERRED"), "peak_used_blocks_reconstructed": peak,
                         "binding": bool(preempted or peak >= 0.95 * (cap.num_gpu_blocks - 1))},
         "runs": [{"run": r.name, "run_dir": str(r.path), "timestamps": r.timestamps, "fit_requests": int(m.sum()),
                   "async_scheduling": r.engine.async_scheduling, "reconstruction": _reconstruction(p, fit),
                   "fit_errors_pct": {k: {s: e[k][s]["error_pct"] for s in e[k]} for k in e}}
                  for r, m, p, e in zip(runs, masks, fit.runs, final, strict=True)],
         "nnls": _nnls_report(fit, profile.latency_coefficients),
-        "physical_reading": _physical(profile.latency_coefficients, hw),
+        "physical_reading": (_physical(profile.latency_coefficients, hw) if fit.family.latency_model == "physics"
+                             else None),
         "refinement": {"multipliers": mult, **refine_info},
         "overheads": {"frontend_s": ov.frontend_s, "post_decode_s": ov.post_decode_s,
                       "per_output_token_s": ov.per_output_token_s, "frontend_fitted": fit.offset_s is not None,
@@ -112,12 +122,14 @@ def profile_provenance(runs, hw, model, cap, fit_fraction, seed, gpu_entry, gpu_
     """The calibrated profile's ``description``, ``sources`` and ``derived_from`` (``multipliers``: the
     refinement's multiplier name -> the coefficients it scales)."""
     part = "" if fit_fraction is None else f" (first {fit_fraction:g} of their arrivals)"
-    kv = "measured" if cap.measured else "ESTIMATED"
+    kv = "measured" if cap.measured else ("NOT BINDING (assumed)" if cap.method == "not_binding" else "ESTIMATED")
     timed = "/".join(sorted({r.timestamps for r in runs}))
     versions = ", ".join(sorted({r.meta.vllm_version or "?" for r in runs}))
-    description = (f"{model.spec.name} on {hw.name}, calibrated by traces.calibrate from the measured vLLM "
-                   f"({versions}) run(s) {', '.join(r.name for r in runs)}{part} ({timed}-side times); engine "
-                   f"settings of the run(s); KV capacity {kv}.")
+    shape_free = "" if fit.family.latency_model == "physics" else " with the shape-free step-time model"
+    description = (f"{_model_name(model, runs)} on {'unknown hardware' if hw is None else hw.name}, calibrated by "
+                   f"traces.calibrate{shape_free} from the measured vLLM ({versions}) run(s) "
+                   f"{', '.join(r.name for r in runs)}{part} ({timed}-side times); engine settings of the run(s); "
+                   f"KV capacity {kv}.")
     return description, _sources(runs, gpu_entry, gpu_src, hardware, model, engine_sources, fit, mult,
                                  overhead_source, multipliers), _derived_from(runs, fit_fraction, seed)
 
@@ -128,21 +140,25 @@ def _sources(runs, gpu_entry, gpu_src, hardware, model, engine_sources, fit: Ste
     for k in ("peak_flops", "mem_bw_bytes_per_s", "memory_bytes", "interconnect_bw_bytes_per_s"):
         if hardware is not None:
             out[f"hardware.{k}"] = "given by the caller (the hardware of the profile passed to the replay)"
-        elif k in gpu_entry.sources:
+        elif gpu_entry is not None and k in gpu_entry.sources:
             out[f"hardware.{k}"] = f"{gpu_entry.sources[k]}; GPU {gpu_src}"
-    out["model"] = model.sources.get("model", "traces.hardware.MODELS")
+    if gpu_entry is None and hardware is None:
+        out["hardware"] = f"not in the profile: GPU {gpu_src}; the shape-free step-time model needs none"
+    out["model"] = (model.sources.get("model", "traces.hardware.MODELS") if model is not None else
+                    f"not in the profile: the shape of {runs[0].meta.model!r} is unknown; the shape-free step-time "
+                    "model needs none")
     out.update(engine_sources)
     n_dec = int((fit.rows_kind == "decode").sum())
     n_pre = int((fit.rows_kind == "prefill").sum())
     names = " + ".join(r.name for r in runs)
-    for n in BASIS_NAMES:
+    for n in fit.family.names:
         if n in fit.free:
             m = next(k for k, names_ in multipliers.items() if n in names_)
             out[f"latency.coefficients.{n}"] = (f"NNLS on {n_dec} decode spans and {n_pre} prefill spans "
-                                                f"reconstructed from run {names} (= {getattr(fit.coefficients, n):.6g})"
+                                                f"reconstructed from run {names} (= {fit.coefficients[n]:.6g})"
                                                 f", x {mult[m]:.4f} by the replay refinement (multiplier {m!r})")
         else:
-            out[f"latency.coefficients.{n}"] = HELD[n]
+            out[f"latency.coefficients.{n}"] = fit.family.held[n]
     out["overheads"] = overhead_source
     return out
 
@@ -162,9 +178,12 @@ def _derived_from(runs: Sequence, fit_fraction, seed) -> dict:
 def format_report(report: dict) -> str:
     """The human-readable fit report: settings, reconstruction, coefficients with units, residuals, errors."""
     r, kv = report, report["kv_capacity"]
-    lines = [f"run {r['run']}  model {r['model']}  GPU {r['hardware']['name']} ({r['hardware']['identified_by']})",
+    lines = [f"run {r['run']}  model {r['model']}  GPU {r['hardware']['name'] or 'unknown'} "
+             f"({r['hardware']['identified_by']})",
+             f"step-time model: {r['step_time_model']} ({r['step_time_model_reason']})",
              "engine: " + "  ".join(f"{k}={v}" for k, v in r["engine"].items()),
              f"KV capacity: {kv['num_gpu_blocks']} blocks, {kv['method']}: {kv['source']}",
+             f"  block size {kv['block_size']}: {kv['block_size_source']}",
              f"  reconstructed peak use {kv['peak_used_blocks_reconstructed']} blocks: the capacity is "
              f"{'binding (preemptions)' if kv['binding'] else 'not binding for this run'}"]
     for part in r["runs"]:
@@ -190,10 +209,11 @@ def format_report(report: dict) -> str:
             lines.append(f"  {k:22s} rows {v['rows']:4d}  median |err| {v['median_abs_rel_pct']:5.2f} %  "
                          f"p90 |err| {v['p90_abs_rel_pct']:5.2f} %  total bias {v['bias_pct']:+.2f} %")
     ph = r["physical_reading"]
-    lines.append(f"reading: weight streaming at {100 * (ph['weight_stream_bandwidth_fraction'] or 0):.0f} % of peak "
-                 f"bandwidth, decode KV reads at {100 * (ph['decode_kv_bandwidth_fraction'] or 0):.0f} %, prefill MFU "
-                 f"{100 * (ph['prefill_mfu'] or 0):.0f} % of {ph['peak_flops'] / 1e12:.0f} TFLOP/s")
-    lines += [f"  note: {n}" for n in ph["notes"]]
+    if ph is not None:
+        lines.append(f"reading: weight streaming at {100 * (ph['weight_stream_bandwidth_fraction'] or 0):.0f} % of "
+                     f"peak bandwidth, decode KV reads at {100 * (ph['decode_kv_bandwidth_fraction'] or 0):.0f} %, "
+                     f"prefill MFU {100 * (ph['prefill_mfu'] or 0):.0f} % of {ph['peak_flops'] / 1e12:.0f} TFLOP/s")
+        lines += [f"  note: {n}" for n in ph["notes"]]
     ref = r["refinement"]
     lines.append("refinement: " + "  ".join(f"{k} x{v:.4f}" for k, v in ref["multipliers"].items())
                  + f"  ({ref['evaluations']} replays, objective {ref['objective_start']:.4g} -> "

@@ -24,7 +24,9 @@ Calibrate a simulator profile from one or more measured vLLM run directories of 
 
 It reads the runs' engine settings, takes num_gpu_blocks from meta.json (or estimates it and says so),
 reconstructs the engine's steps from the per-request timestamps, fits the step-time coefficients of
-sim.latency.PhysicsStepModel by NNLS, then refines three multipliers by replaying the runs until the
+sim.latency.PhysicsStepModel by NNLS (or, when the GPU or the model's shape is unknown, those of the
+shape-free sim.latency_linear.LinearStepModel: chosen automatically and named in the report; a block size
+the run does not record is inferred from its KV-usage gauge), then refines three multipliers by replaying the runs until the
 simulated TTFT/TPOT/E2E distributions match the measured ones. Runs collected over HTTP (maslat collect:
 client-side times, no scheduled_ts) are calibrated too: the fit also estimates the client-side constant
 (API server frontend + HTTP), written as the profile's overheads.frontend_s, and the replays compare
@@ -112,6 +114,9 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
                    help="the served model's Hugging Face config.json (or its directory); default: the served model "
                         "directory, the local Hugging Face cache, then the bundled catalogue")
     p.add_argument("--name", default=None, help="profile name (default: the runs' directory names joined by +)")
+    p.add_argument("--step-time-model", choices=("auto", "physics", "linear"), default="auto",
+                   help="step-time model to fit: physics (needs the GPU and the model's shape), linear (shape-free, "
+                        "fitted from the batches alone) or auto (default: physics when both are known, else linear)")
     p.add_argument("--max-evals", type=int, default=None,
                    help="replays the refinement may spend (default 15 per multiplier: 45, or 60 for client-side runs)")
     p.add_argument("--seed", type=int, default=0, help="world seed of the replays (default 0)")
@@ -127,8 +132,8 @@ def run_calibrate(args) -> int:
         raise ValueError("--max-evals must be at least 5 (the initial simplex of up to four multipliers)")
     with _bar(args.max_evals, "refining") as bar:
         res = calibrate_runs(args.runs, fit_fraction=args.fit_fraction, seed=args.seed, gpu=args.gpu,
-                             gpu_spec=args.gpu_spec, model_config=args.model_config,
-                             name=args.name, max_evals=args.max_evals, progress=bar.update)
+                             gpu_spec=args.gpu_spec, model_config=args.model_config, name=args.name,
+                             max_evals=args.max_evals, step_time_model=args.step_time_model, progress=bar.update)
     cmd = ["maslat calibrate", *map(_portable, args.runs), "--out", str(args.out)]
     if args.fit_fraction is not None:
         cmd += ["--fit-fraction", str(args.fit_fraction)]
@@ -138,12 +143,15 @@ def run_calibrate(args) -> int:
         cmd += ["--gpu-spec", args.gpu_spec]
     if args.model_config is not None:
         cmd += ["--model-config", str(args.model_config)]
+    if args.step_time_model != "auto":
+        cmd += ["--step-time-model", args.step_time_model]
     profile = res.profile.replace(derived_from={**res.profile.derived_from, "command": " ".join(cmd)})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(profile.to_json())
     print(format_report(res.report))
     print(f"model shape: {res.report['model_source']}\nhardware: {res.report['hardware_source']}")
-    print(f"wrote profile {res.profile.name!r} to {args.out} ({res.report['wall_s']:.1f} s)")
+    print(f"wrote profile {res.profile.name!r} to {args.out} ({res.report['wall_s']:.1f} s); step-time model "
+          f"{res.report['step_time_model']!r}")
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(_clean(res.report), indent=2) + "\n")

@@ -39,12 +39,11 @@ import numpy as np
 import pandas as pd
 
 import sim
-from sim.latency import BASIS_NAMES
 
 from .kvcapacity import KVCapacity
 from .replay import SimulatedRun, latency_errors, per_engine_blocks, simulate_run
 from .runs import TIMESERIES_COLUMNS, MeasuredRun
-from .stepfit import FitRun, StepFit, fit_step_model
+from .stepfit import FitFamily, FitRun, StepFit, fit_step_model
 
 __all__ = ["MAX_ROUNDS", "assign_engines", "dp_capacity", "dp_final_errors", "engine_timeseries",
            "fit_data_parallel", "split_by_engine", "step_groups"]
@@ -152,21 +151,21 @@ def split_by_engine(run: MeasuredRun, engines: np.ndarray) -> list[tuple[Measure
 
 
 def fit_data_parallel(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], engine: sim.EngineConfig,
-                      basis: sim.PhysicsStepModel, make_profile: Callable[[dict[str, float], float | None], sim.Profile],
+                      family: FitFamily, make_profile: Callable[[dict[str, float], float | None], sim.Profile],
                       *, seed: int = 0) -> tuple[list[MeasuredRun], list[np.ndarray], StepFit, dict]:
     """Assign, split and fit until the assignment settles (see the module docstring).
 
     Args:
         runs, masks: the runs (DP or not) and their fit masks.
         engine: the limits the reconstructions use (engine 0's capacity when the engines' capacities differ).
-        basis: hardware, model and TP of the step-time basis (its coefficients are the first guess).
+        family: the step-time family to fit (``traces.stepfit.FitFamily``; its ``start`` is the first guess).
         make_profile: ``(coefficients, client-side offset or None) -> Profile`` to replay the DP world with.
         seed: world seed of the replays.
 
     Returns:
         The sub-runs (a run without DP stays whole), their masks, the fit, and a report section.
     """
-    coef = dict(zip(BASIS_NAMES, basis.coefficients.as_tuple(), strict=True))
+    coef = dict(family.start)
     offset, assigned, info = None, None, {"rounds": []}
     for rnd in range(MAX_ROUNDS):
         prof = make_profile(coef, offset)
@@ -177,8 +176,8 @@ def fit_data_parallel(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], 
             break
         assigned = new
         subs, sub_masks = _split_all(runs, masks, assigned)
-        fit = fit_step_model([FitRun.of(r, m) for r, m in zip(subs, sub_masks, strict=True)], engine, basis)
-        coef = dict(zip(BASIS_NAMES, fit.coefficients.as_tuple(), strict=True))
+        fit = fit_step_model([FitRun.of(r, m) for r, m in zip(subs, sub_masks, strict=True)], engine, family)
+        coef = dict(fit.coefficients)
         offset = fit.offset_s
         info["rounds"].append({"round": rnd, "assignment_changes": changes,
                                "requests_per_engine": {r.name: [int((a == i).sum()) for i in range(r.engine.data_parallel_size)]

@@ -16,7 +16,10 @@ from typing import Any
 
 from .errors import TraceFormatError, line_of_key
 
-__all__ = ["EngineSettings", "RunMeta", "TIMESTAMPS", "engine_settings", "parse_meta"]
+__all__ = ["DEFAULT_SOURCE", "EngineSettings", "RunMeta", "TIMESTAMPS", "engine_settings", "parse_meta"]
+
+#: how a setting's source starts when the run did not record it and vLLM's default is assumed
+DEFAULT_SOURCE = "vLLM 0.19.0 default"
 
 #: whose clock a run's request times are on (``collector.timestamps`` in ``meta.json``; ``"engine"`` when absent)
 TIMESTAMPS = ("engine", "client")
@@ -180,6 +183,10 @@ class EngineSettings:
     num_gpu_blocks_per_engine: tuple[int, ...] | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
+    def recorded(self, name: str) -> bool:
+        """Whether the run recorded setting ``name`` (``False``: it is vLLM's default, assumed)."""
+        return not self.sources.get(name, DEFAULT_SOURCE).startswith(DEFAULT_SOURCE)
+
 
 # field -> (resolved_config section, kv_cache key, engine_kwargs key, default, kind)
 _SETTINGS: dict[str, tuple[str | None, bool, bool, Any, str]] = {
@@ -292,7 +299,7 @@ def engine_settings(meta: RunMeta, *, where: str = "meta.json", text: str | None
         elif default is None and kind == "pos_int":
             raise w.error(f"engine_kwargs.{name}", "missing (the run's engine limits are required)")
         else:
-            src, raw = f"vLLM 0.19.0 default (vllm.md s.4); not recorded in {Path(where).name}", default
+            src, raw = f"{DEFAULT_SOURCE} (vllm.md s.4); not recorded in {Path(where).name}", default
         ok, val = _convert(kind, raw)
         if not ok:
             raise w.error(src.split(";")[0] if src.startswith(("resolved", "kv", "engine")) else name,

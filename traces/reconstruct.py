@@ -17,14 +17,16 @@ two agree. ``step_rows`` pairs the reconstruction's steps with the measured time
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
-from sim import TICKS_PER_S, EngineConfig, EngineCore, PhysicsStepModel, Request
+from sim import TICKS_PER_S, EngineConfig, EngineCore, Request
 
-__all__ = ["EngineTrace", "Events", "StepRows", "event_time_errors", "observed_events", "reconstruct_engine",
+__all__ = ["BasisModel", "EngineTrace", "Events", "StepRows", "event_time_errors", "observed_events", "reconstruct_engine",
            "step_rows"]
 
 
@@ -69,12 +71,20 @@ def observed_events(requests: pd.DataFrame, mask: np.ndarray | None = None, *, o
     return Events(times_s=times, members=members)
 
 
+class BasisModel(Protocol):
+    """A step-time model that also gives a step's basis terms (``PhysicsStepModel``, ``LinearStepModel``)."""
+
+    def step_ticks(self, n_dec: int, ctx_dec: int, chunks: Sequence[tuple[int, int]]) -> int: ...
+
+    def basis(self, n_dec: int, ctx_dec: int, chunks: Sequence[tuple[int, int]]) -> tuple[float, ...]: ...
+
+
 class _Recorder:
     """Wraps a step-time model and records every step's composition."""
 
     linear_decode = None  # no closed-form decode jumps: every step is seen
 
-    def __init__(self, model: PhysicsStepModel) -> None:
+    def __init__(self, model: BasisModel) -> None:
         self.model = model
         self.steps: list[tuple[int, int, tuple[tuple[int, int], ...]]] = []
 
@@ -88,7 +98,7 @@ class EngineTrace:
     """The steps of a reconstruction.
 
     Attributes:
-        basis: one row per step, the ten ``sim.latency.BASIS_NAMES`` terms.
+        basis: one row per step, the model's basis terms (``sim.latency.BASIS_NAMES`` for the physics model).
         n_dec, ctx_dec, prefill_tokens, n_chunks: per step.
         start, end: per step, its start and end time (seconds after the first arrival).
         used_blocks: per step, KV blocks in use after it.
@@ -116,7 +126,7 @@ class EngineTrace:
 
 
 def reconstruct_engine(prompt_tokens: np.ndarray, output_tokens: np.ndarray, arrivals_s: np.ndarray,
-                       engine: EngineConfig, model: PhysicsStepModel) -> EngineTrace:
+                       engine: EngineConfig, model: BasisModel) -> EngineTrace:
     """Replay requests through the vLLM v1 scheduler under ``model`` and record every step.
 
     Args:
@@ -158,7 +168,7 @@ def reconstruct_engine(prompt_tokens: np.ndarray, output_tokens: np.ndarray, arr
 
 
 def _trace(rec: _Recorder, reqs: list[Request], starts: list[int], ends: list[int], used: list[int],
-           model: PhysicsStepModel) -> EngineTrace:
+           model: BasisModel) -> EngineTrace:
     m = len(rec.steps)
     step_of = {e / TICKS_PER_S: i + 1 for i, e in enumerate(ends)}
     started = {s / TICKS_PER_S: i + 1 for i, s in enumerate(starts)}

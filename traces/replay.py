@@ -69,7 +69,7 @@ def replay_profile(profile: sim.Profile, run: MeasuredRun | None = None) -> tupl
     Overheads: none for an engine-side run; only the profile's ``frontend_s`` for a client-side one (see the
     module docstring). The engine limits are the run's (the profile supplies hardware, model and latency): every
     setting the run records replaces the profile's, and ``num_gpu_blocks`` only when measured (an unrecorded
-    capacity keeps the profile's).
+    capacity or block size keeps the profile's).
     """
     client = run is not None and run.client_side
     prof = profile.replace(overheads=sim.Overheads(frontend_s=profile.overheads.frontend_s if client else 0.0))
@@ -82,10 +82,12 @@ def replay_profile(profile: sim.Profile, run: MeasuredRun | None = None) -> tupl
             "long_prefill_token_threshold": e.long_prefill_token_threshold}
     if e.num_gpu_blocks is not None:
         want["num_gpu_blocks"] = e.num_gpu_blocks
+    if not e.recorded("block_size"):  # vLLM's default assumed: the profile's (inferred by the calibration) stays
+        del want["block_size"]
     if e.max_model_len is not None:
         want["max_model_len"] = e.max_model_len
     blocks = min(per_engine_blocks(run) or (want.get("num_gpu_blocks", cfg.num_gpu_blocks),))
-    cap_tokens = (blocks - 1) * want["block_size"]
+    cap_tokens = (blocks - 1) * want.get("block_size", cfg.block_size)
     want["max_model_len"] = min(want.get("max_model_len", cfg.max_model_len), cap_tokens)
     changed = {k: {"profile": getattr(cfg, k), "run": v} for k, v in want.items() if getattr(cfg, k) != v}
     return prof.replace(engine=replace(cfg, **want)), changed

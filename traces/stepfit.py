@@ -1,4 +1,9 @@
-"""Fit the step-time coefficients of ``sim.latency.PhysicsStepModel`` on reconstructed runs by NNLS.
+"""Fit the step-time coefficients of a step-time model on reconstructed runs by NNLS.
+
+The same pipeline fits either family (``FitFamily``): the physics model ``sim.latency.PhysicsStepModel``
+(``physics_family``: its roofline basis needs the GPU and the model's shape; held, free and prior coefficients
+below) or the shape-free ``sim.latency_linear.LinearStepModel`` (``traces.stepfit_linear.linear_family``: its
+own free set and scale-free priors taken from the run's own step times).
 
 Regression rows (every one a sum of whole engine steps, so linear in the coefficients):
 
@@ -22,7 +27,7 @@ Each row carries the summed basis terms of the reconstruction's steps (``traces.
 weighted by ``1/sqrt(steps)`` (independent per-step noise). Several runs of one engine (say, at two load
 levels) are reconstructed separately and fitted together: their rows are stacked.
 
-**Identifiability** (``latency_physics.md`` s.4). For one model and TP degree ``X_weight``, ``L`` and the
+**Identifiability of the physics basis** (``latency_physics.md`` s.4). For one model and TP degree ``X_weight``, ``L`` and the
 constant are all constant per step: only their sum is identified. It is fitted through ``weight`` while
 ``layer_s`` and ``step_s`` are held at published values. ``dc_compute`` is collinear with ``req_s`` (decode FLOPs
 grow with the decodes) and ``dc_kv`` (attention FLOPs with the context): held at 0, decode being memory-bound.
@@ -37,8 +42,8 @@ which do not contain it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -56,8 +61,8 @@ from .reconstruct import (
     step_rows,
 )
 
-__all__ = ["FitRun", "HELD", "PRIOR", "PRIOR_WEIGHT", "RunFit", "StepFit", "UNITS", "fit_step_model",
-           "free_coefficients"]
+__all__ = ["FitFamily", "FitRun", "HELD", "PRIOR", "PRIOR_WEIGHT", "RunFit", "StepFit", "UNITS", "fit_step_model",
+           "free_coefficients", "physics_family"]
 
 #: Published factors on this basis (BLIS trained-physics on H100 vLLM traces, latency_physics.md s.4); the
 #: prefill factor is 1/0.45 (BLIS's H100 prefill MFU on the peak-rate basis).
@@ -89,6 +94,62 @@ def free_coefficients(tp: int) -> tuple[str, ...]:
     """The coefficients NNLS fits for a run at tensor-parallel degree ``tp`` (``tp`` itself never: see HELD)."""
     del tp
     return ("weight", "req_s", "dc_kv", "pf_compute")
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class FitFamily:
+    """A step-time model family as the fit sees it.
+
+    Attributes:
+        latency_model: the profile's ``latency.model`` (a key of ``sim.latency.STEP_TIME_MODELS``).
+        names: the coefficients, in the order of the model's ``basis(...)`` terms.
+        free: the coefficients NNLS fits; the others stay at their ``start`` value.
+        held: why each coefficient that is not free is held (for the report).
+        units: per coefficient, what it multiplies.
+        start: every coefficient's first value (the first reconstruction's model; held ones keep it).
+        prior: per free coefficient, the value a weak prior row pulls it toward (``PRIOR_WEIGHT``), or ``None``
+            for no prior (identified by the data alone).
+        multipliers: the refinement's multipliers (name -> the free coefficients each scales).
+        make: coefficients (name -> value) -> a step-time model with ``basis(n_dec, ctx_dec, chunks)``.
+        detail: the numbers behind ``start`` and ``prior`` when they come from the data (for the report).
+        damping: weight of the previous round's coefficients in the next reconstruction's (0: none). A basis with
+            free terms that trade against each other (the shape-free one) can otherwise oscillate between two
+            reconstructions (a slow prefill queues requests, which makes the next fit's prefill fast, ...).
+        max_iterations: reconstruction/fit rounds at most.
+        prior_weight: relative weight of the prior rows against the data rows (``PRIOR_WEIGHT`` by default).
+    """
+
+    latency_model: str
+    names: tuple[str, ...]
+    free: tuple[str, ...]
+    held: Mapping[str, str]
+    units: Mapping[str, str]
+    start: Mapping[str, float]
+    prior: Mapping[str, float | None]
+    multipliers: Mapping[str, tuple[str, ...]]
+    make: Callable[[dict[str, float]], object]
+    detail: Mapping[str, float] = field(default_factory=dict)
+    damping: float = 0.0
+    max_iterations: int = 6
+    prior_weight: float = PRIOR_WEIGHT
+
+
+#: refinement multipliers of the physics family: name -> the fitted coefficients each scales
+PHYSICS_MULTIPLIERS: dict[str, tuple[str, ...]] = {"base": ("weight", "req_s"), "dc_kv": ("dc_kv",),
+                                                    "prefill": ("pf_compute",)}
+
+
+def physics_family(hardware, model, tp: int) -> FitFamily:
+    """The physics basis of ``hardware`` x ``model`` at tensor-parallel degree ``tp``, with the published
+    ``PRIOR`` as first guess, held values and prior."""
+    free = free_coefficients(tp)
+    start = dict(zip(BASIS_NAMES, PRIOR.as_tuple(), strict=True))
+
+    def make(coef: dict[str, float]) -> PhysicsStepModel:
+        return PhysicsStepModel(hardware, model, tp, PhysicsCoefficients(**coef))
+
+    return FitFamily(latency_model="physics", names=BASIS_NAMES, free=free, held=HELD, units=UNITS, start=start,
+                     prior={c: start[c] for c in free}, multipliers=PHYSICS_MULTIPLIERS, make=make)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -148,7 +209,8 @@ class StepFit:
     """Result of the NNLS stage.
 
     Attributes:
-        coefficients: all ten coefficients (fitted and held).
+        family: the fitted family.
+        coefficients: every coefficient of the family (fitted and held), by name.
         free: the fitted names.
         offset_s: the fitted client-side constant (seconds), or ``None`` when no run is client-side.
         rows_kind: per row, ``"decode"`` or ``"prefill"``; ``y_s`` measured and ``pred_s`` fitted durations
@@ -158,7 +220,8 @@ class StepFit:
         runs: per run, its reconstruction, rows and checks.
     """
 
-    coefficients: PhysicsCoefficients
+    family: FitFamily
+    coefficients: dict[str, float]
     free: tuple[str, ...]
     offset_s: float | None
     rows_kind: np.ndarray
@@ -212,11 +275,12 @@ def _stack(rows: list[_Rows]) -> _Rows:
     return _Rows(*(np.concatenate([getattr(r, f) for r in rows]) for f in ("X", "y", "k", "kind", "has_offset")))
 
 
-def _nnls(rows: _Rows, free: tuple[str, ...], held: PhysicsCoefficients) -> tuple[np.ndarray, float | None]:
+def _nnls(rows: _Rows, family: FitFamily) -> tuple[np.ndarray, float | None]:
     """Weighted NNLS on the free columns (held terms subtracted; plus the offset column when a row has it), with
     weak prior rows on the coefficients; the full coefficient vector and the offset (``None`` without one)."""
-    cols = [BASIS_NAMES.index(c) for c in free]
-    hv = np.array(held.as_tuple())
+    free = family.free
+    cols = [family.names.index(c) for c in free]
+    hv = np.array([float(family.start[n]) for n in family.names])
     hv[cols] = 0.0
     w = 1.0 / np.sqrt(np.maximum(rows.k, 1))
     with_offset = bool(rows.has_offset.any())
@@ -224,9 +288,10 @@ def _nnls(rows: _Rows, free: tuple[str, ...], held: PhysicsCoefficients) -> tupl
     if with_offset:
         A = np.hstack([A, (rows.has_offset * w)[:, None]])
     b = (rows.y - rows.X @ hv) * w
-    prior = np.array([getattr(PRIOR, c) for c in free] + [0.0] * with_offset)
-    scale = np.sqrt(PRIOR_WEIGHT * len(b)) * np.sqrt((A**2).mean(axis=0))
-    has = prior > 0  # no prior on the offset: it is identified by the data alone
+    wanted = [family.prior.get(c) for c in free] + [None] * with_offset  # no prior on the offset (data alone)
+    prior = np.array([0.0 if p is None else float(p) for p in wanted])
+    scale = np.sqrt(family.prior_weight * len(b)) * np.sqrt((A**2).mean(axis=0))
+    has = np.array([p is not None for p in wanted])
     R = np.diag(scale)[has]
     sol, _ = nnls(np.vstack([A, R]), np.concatenate([b, R @ prior]), maxiter=50 * A.shape[1])
     out = hv.copy()
@@ -234,46 +299,53 @@ def _nnls(rows: _Rows, free: tuple[str, ...], held: PhysicsCoefficients) -> tupl
     return out, (float(sol[-1]) if with_offset else None)
 
 
-def _model(base: PhysicsStepModel, coef: np.ndarray) -> PhysicsStepModel:
-    return PhysicsStepModel(base.hardware, base.model, base.tp,
-                            PhysicsCoefficients(**dict(zip(BASIS_NAMES, map(float, coef), strict=True))))
+def _coef_dict(family: FitFamily, coef: np.ndarray) -> dict[str, float]:
+    return dict(zip(family.names, map(float, coef), strict=True))
 
 
-def _reconstruct(runs: Sequence[FitRun], engine: EngineConfig, model: PhysicsStepModel) -> list[EngineTrace]:
+def _reconstruct(runs: Sequence[FitRun], engine: EngineConfig, model) -> list[EngineTrace]:
     return [reconstruct_engine(r.prompt_tokens, r.output_tokens, r.offsets_s, engine, model) for r in runs]
 
 
-def fit_step_model(runs: Sequence[FitRun], engine: EngineConfig, basis_model: PhysicsStepModel, *,
-                   max_iterations: int = 6) -> StepFit:
+def fit_step_model(runs: Sequence[FitRun], engine: EngineConfig, family: FitFamily | PhysicsStepModel, *,
+                   max_iterations: int | None = None) -> StepFit:
     """Reconstruct the runs and fit the coefficients (and the client-side offset), alternating until they settle.
 
     Args:
         runs: one or more runs served by the same engine (``FitRun.of(run, mask)``).
         engine: the runs' limits and KV capacity.
-        basis_model: hardware, model and TP of the basis (its coefficients are the first guess).
-        max_iterations: reconstruction/fit rounds at most (stops earlier when everything moves < 0.5 %).
+        family: the family to fit (``physics_family``, ``traces.stepfit_linear.linear_family``); a
+            ``PhysicsStepModel`` stands for ``physics_family`` of its hardware, model and TP.
+        max_iterations: reconstruction/fit rounds at most (stops earlier when everything moves < 0.5 %); default
+            the family's.
     """
     if not runs:
         raise ValueError("fit_step_model needs at least one run")
-    free = free_coefficients(basis_model.tp)
-    traces = _reconstruct(runs, engine, basis_model)
+    if isinstance(family, PhysicsStepModel):
+        family = physics_family(family.hardware, family.model, family.tp)
+    free, names, d = family.free, family.names, family.damping
+    max_iterations = family.max_iterations if max_iterations is None else max_iterations
+    traces = _reconstruct(runs, engine, family.make(dict(family.start)))
     iterations, coef, offset = [], None, None
     for it in range(max_iterations):
         rows = _stack([_rows(t, r) for t, r in zip(traces, runs, strict=True)])
         if len(rows.y) < len(free) + 2 + bool(rows.has_offset.any()):
             raise ValueError(f"only {len(rows.y)} usable rows to fit {len(free)} coefficients; the run needs more "
                              "requests that were not preempted")
-        new, new_offset = _nnls(rows, free, PRIOR)
+        new, new_offset = _nnls(rows, family)
         iterations.append({"iteration": it, "engine_steps": sum(t.num_steps for t in traces),
                            "preemptions": int(sum(t.num_preemptions.sum() for t in traces)), "rows": int(len(rows.y)),
-                           **{c: float(new[BASIS_NAMES.index(c)]) for c in free},
+                           **{c: float(new[names.index(c)]) for c in free},
                            **({} if new_offset is None else {"offset_s": new_offset})})
         settled = coef is not None and np.allclose(new, coef, rtol=5e-3, atol=1e-9) and (
             new_offset is None or abs(new_offset - offset) <= 5e-3 * max(offset, 1e-3))
+        if coef is not None and d and not settled:
+            new = (1 - d) * new + d * coef
+            new_offset = None if new_offset is None else (1 - d) * new_offset + d * offset
         coef, offset = new, new_offset
         if settled or it == max_iterations - 1:
             break
-        traces = _reconstruct(runs, engine, _model(basis_model, coef))
+        traces = _reconstruct(runs, engine, family.make(_coef_dict(family, coef)))
     pred = rows.X @ coef + (0.0 if offset is None else offset * rows.has_offset)
     parts, at = [], 0
     for t, r in zip(traces, runs, strict=True):
@@ -284,6 +356,5 @@ def fit_step_model(runs: Sequence[FitRun], engine: EngineConfig, basis_model: Ph
         parts.append(RunFit(name=r.name, trace=t, rows=slice(at, at + n), events=events, decode_only_y_s=st.y_s[d],
                             decode_only_pred_s=st.X[d] @ coef, event_errors_s=event_time_errors(events, t)))
         at += n
-    return StepFit(coefficients=PhysicsCoefficients(**dict(zip(BASIS_NAMES, map(float, coef), strict=True))),
-                   free=free, offset_s=offset, rows_kind=rows.kind, y_s=rows.y, pred_s=pred, steps=rows.k,
+    return StepFit(family=family, coefficients=_coef_dict(family, coef), free=free, offset_s=offset, rows_kind=rows.kind, y_s=rows.y, pred_s=pred, steps=rows.k,
                    iterations=iterations, runs=tuple(parts))

@@ -22,7 +22,8 @@ def run(args) -> int:
     rows = []
     for name in list_profiles():
         p = load_profile(name)
-        rows.append([name, p.model.name, p.hardware.name, p.parallel.tensor_parallel_size, p.engine.num_gpu_blocks,
+        rows.append([name, p.model.name if p.model else "(shape-free)", p.hardware.name if p.hardware else "-",
+                     p.parallel.tensor_parallel_size, p.engine.num_gpu_blocks,
                      p.engine.max_num_seqs, p.engine.max_num_batched_tokens])
     print(format_table(rows, ["profile", "model", "hardware", "tp", "num_gpu_blocks", "max_num_seqs",
                               "max_num_batched_tokens"]))
