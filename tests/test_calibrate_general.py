@@ -231,7 +231,7 @@ def test_cli_calibrates_a_sparse_run_and_names_the_model(tmp_path):
 def test_physics_on_an_unknown_model_names_what_to_pass(tmp_path):
     world = draw(31, "h100-llama-3.1-8b", "slot_bound")
     write_world_run(world, tmp_path / "run")
-    with pytest.raises(ValueError, match="needs the model's shape.*unknown model 'acme/never-seen-model'.*linear"):
+    with pytest.raises(ValueError, match="needs the model's shape.*'acme/never-seen-model'.*--model-config.*linear"):
         calibrate_run(tmp_path / "run", step_time_model="physics")
 
 

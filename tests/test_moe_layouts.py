@@ -202,8 +202,12 @@ def test_moe_from_model_config_on_a_gpu_spec_over_pcie(tmp_path):
     cfg = tmp_path / "private-moe" / "config.json"
     cfg.parent.mkdir()
     cfg.write_text(json.dumps({**raw["config"], "architectures": ["MixtralForCausalLM"], "torch_dtype": "bfloat16"}))
-    # without the two flags the run is refused, and the refusal names both
-    assert calibrate_main([str(tmp_path / "run"), "--out", str(tmp_path / "p.json")]) == 2
+    # without the two flags the shape-free model is fitted instead, and the report says what was missing
+    rep0 = tmp_path / "report0.json"
+    assert calibrate_main([str(tmp_path / "run"), "--out", str(tmp_path / "p0.json"), "--max-evals", "5",
+                           "--report", str(rep0)]) == 0
+    r0 = json.loads(rep0.read_text())
+    assert r0["step_time_model"] == "linear" and "--model-config" in r0["model_source"]
     rep = tmp_path / "report.json"
     code = calibrate_main([str(tmp_path / "run"), "--out", str(tmp_path / "p.json"), "--fit-fraction", "0.5",
                            "--model-config", str(cfg.parent), "--gpu-spec", gpu, "--max-evals", "15",
@@ -221,8 +225,8 @@ def test_refusals_name_what_to_pass(tmp_path, capsys):
     prof = _moe_profile("meta-llama/Llama-3.2-1B", tp=1, ep=False, blocks=2000)
     _write_simulated_run(tmp_path / "cpu", prof, "acme/unknown-model", rate=2.0, n=40, seed=1,
                          extra_meta={"vllm_version": "0.32.0+cpu"})
-    with pytest.raises(ValueError) as e:
-        calibrate_run(tmp_path / "cpu")
+    with pytest.raises(ValueError) as e:  # the physics model asked for: what to pass (auto falls back to linear)
+        calibrate_run(tmp_path / "cpu", step_time_model="physics")
     msg = str(e.value)
     assert "--model-config" in msg and "--gpu-spec" in msg and "CPU backend" in msg and "acme/unknown-model" in msg
     assert calibrate_main([str(tmp_path / "cpu"), "--out", str(tmp_path / "p.json"), "--gpu-spec", "peak=1T"]) == 2
