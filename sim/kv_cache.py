@@ -88,6 +88,9 @@ class KVCacheManager:
         self._head = head
         self._index: dict[int, list[_Run]] = {}
         self.num_evicted_blocks = 0
+        # vLLM >= 0.28 (``BlockPool.free_blocks``): a freed block without a hash goes to the front of the free
+        # queue. With caching off every block is anonymous and the order among them is unobservable.
+        self.partial_first = self.enable_caching and config.has_behaviour("unhashed_blocks_reused_first")
         self._link_tail(_Run(None, 0, self.num_usable, 0))
 
     # ----------------------------------------------------------------- free queue
@@ -366,8 +369,21 @@ class KVCacheManager:
             del self._index[node]
 
     def free_request(self, req) -> None:
-        """Release all of ``req``'s blocks, tail first (``KVCacheManager.free``)."""
+        """Release all of ``req``'s blocks, tail first (``KVCacheManager.free``).
+
+        From vLLM 0.28 on, the partial last block (the only one vLLM leaves without a hash) goes to the front
+        of the free queue instead; the request's other anonymous blocks carry hashes in vLLM (private content
+        nobody else can hit) and still go to the back.
+        """
         anon = req.kv_anon
+        if anon and self.partial_first and req._c % self.block_size:
+            anon -= 1
+            self.free += 1
+            first = self._head.next
+            if first is not self._head and first.node is None:
+                first.hi += 1
+            else:
+                self._link_after(self._head, _Run(None, 0, 1, 0))
         if anon:
             self.free += anon
             tail = self._head.prev  # _append_anon(anon), inlined: once per request

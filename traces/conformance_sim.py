@@ -104,10 +104,11 @@ def _take_step(core: EngineCore, step: int, stop_s: float | None) -> list[dict]:
     return recs
 
 
-def run_sim(case: dict, mode: str = "reference", **config_overrides) -> list[dict]:
-    """Every step's record of ``case`` through ``sim``'s engine in ``mode`` (``MODES``)."""
-    core = EngineCore(engine_config(case, **config_overrides), _OneSecondSteps(), check_invariants=True,
-                      **MODES[mode])
+def run_sim(case: dict, mode: str = "reference", vllm_version: str = "0.19.0", **config_overrides) -> list[dict]:
+    """Every step's record of ``case`` through ``sim``'s engine in ``mode`` (``MODES``), mirroring the scheduler
+    of ``vllm_version`` (``EngineConfig.vllm_version``)."""
+    core = EngineCore(engine_config(case, vllm_version=vllm_version, **config_overrides), _OneSecondSteps(),
+                      check_invariants=True, **MODES[mode])
     reqs = _requests(case)
     for r in reqs.values():
         if core.validate(r) is not None:
