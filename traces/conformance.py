@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FIELDS", "ConformanceError", "first_divergence", "random_case", "random_cases", "run_vllm",
-           "segment_tokens", "vllm_batch"]
+__all__ = ["FIELDS", "ConformanceError", "compare_cases", "describe_divergence", "first_divergence", "random_case",
+           "random_cases", "run_vllm", "segment_tokens", "vllm_batch"]
 
 #: the per-step record, compared field by field in this order (see ``traces/vllm_sched_driver.py``)
 FIELDS = ("scheduled", "preempted", "admitted", "finished", "used_blocks", "running", "waiting")
@@ -209,3 +209,33 @@ def first_divergence(expected: Sequence[dict], got: Sequence[dict]) -> dict | No
         n = min(len(expected), len(got))
         return {"step": n, "field": "num_steps", "expected": len(expected), "got": len(got)}
     return None
+
+
+def describe_divergence(case: dict, d: dict, version: str, mode: str) -> str:
+    reqs = {r["id"]: r for r in case["requests"]}
+    ids = {x[0] for f in ("expected", "got") if isinstance(d[f], list) for x in d[f] if isinstance(x, (list, tuple))}
+    lines = [f"vLLM {version} vs sim ({mode}): {case['id']} (traces.conformance.random_case({case['seed']})), "
+             f"step {d['step']}, field {d['field']!r}: vLLM {d['expected']} != sim {d['got']}",
+             f"  engine {json.dumps(case['engine'])}"]
+    lines += [f"  {rid}: {json.dumps(reqs[rid])}" for rid in sorted(ids) if rid in reqs]
+    if "expected_step" in d:
+        lines += [f"  vLLM step: {json.dumps(d['expected_step'])}", f"  sim step:  {json.dumps(d['got_step'])}"]
+    return "\n".join(lines)
+
+
+def compare_cases(cases: Sequence[dict], expected: dict[str, list], sim_steps) -> dict:
+    """Case and step agreement of one version and one mode: ``sim_steps(case) -> steps``."""
+    identical = steps_same = steps = 0
+    first = None
+    for case in cases:
+        want, got = expected[case["id"]], sim_steps(case)
+        steps += len(want)
+        d = first_divergence(want, got)
+        if d is None:
+            identical += 1
+            steps_same += len(want)
+        else:
+            steps_same += d["step"]
+            first = first or (case, d)
+    return {"cases": len(cases), "cases_identical": identical, "steps": steps, "steps_identical": steps_same,
+            "first_divergence": first}
