@@ -27,6 +27,10 @@ both computing at once) registers a second copy under the same hash. Lookups tak
 ``copy``); evicting primary blocks promotes, block by block, the oldest duplicate. A request's ranges name the
 copy they hold, so freeing releases exactly its own blocks, in vLLM's tail-first order.
 
+Release differences (``EngineConfig.vllm_version``): from vLLM 0.28 on, ``BlockPool.free_blocks`` puts a freed
+block that has no hash (a request's partial last block) at the FRONT of the free queue, to be reused before any
+cached block is evicted; 0.19 appends it like the others.
+
 Differences from vLLM (documented, deliberate):
 - Hits are counted per admitted request (``prefix_cache_queries`` += request tokens, ``hits`` += hit
   tokens), not per lookup attempt.
