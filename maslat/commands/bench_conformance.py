@@ -30,7 +30,14 @@ def configure(p) -> None:
 
 
 def run(args) -> int:
-    from traces.conformance import compare_cases, describe_divergence, random_case, random_cases, run_vllm
+    from traces.conformance import (
+        compare_cases,
+        describe_divergence,
+        first_divergence,
+        random_case,
+        random_cases,
+        run_vllm,
+    )
     from traces.conformance_sim import MODES, run_sim
 
     versions = [v.strip() for v in args.versions.split(",") if v.strip()]
@@ -56,7 +63,14 @@ def run(args) -> int:
             if first is not None and (not texts or texts[-1][0] != (v, first[0]["id"], first[1]["step"])):
                 texts.append(((v, first[0]["id"], first[1]["step"]), res["first_divergence"]))
     report["sim_wall_s"] = round(time.monotonic() - t0, 2)
+    if len(versions) > 1:  # how much the releases themselves differ on these cases (what vllm_version mirrors)
+        a, b = versions[0], versions[-1]
+        report["cases_differing_between_versions"] = {
+            f"{a} vs {b}": sum(first_divergence(expected[a][c["id"]], expected[b][c["id"]]) is not None
+                               for c in cases)}
     print(format_table(rows, ["vLLM", "sim mode", "cases identical", "steps identical"]))
+    for pair, n in report.get("cases_differing_between_versions", {}).items():
+        print(f"vLLM {pair}: {n}/{len(cases)} cases scheduled differently by the two releases")
     for _, t in texts:  # once per version when the modes agree on it
         print("\nfirst divergence, " + t)
     if args.json:
