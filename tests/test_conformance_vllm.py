@@ -25,51 +25,42 @@ NUM_CASES = 120
 SEED = 20260
 
 
-@pytest.fixture(scope="module")
-def vllm_steps() -> tuple[list[dict], dict[str, dict[str, list]]]:
-    cases = random_cases(NUM_CASES, SEED)
-    return cases, run_vllm(cases, VERSIONS)
-
-
 def _features(cases: list[dict], steps: dict[str, list]) -> dict[str, int]:
     """What the cases exercised on vLLM's side (so a generator change cannot silently drop a feature)."""
-    out = {"preempted": 0, "prefix_hits": 0, "aborted": 0, "lone_request_capped": 0}
+    out = {"preempted": 0, "prefix_hits": 0, "aborted": 0, "threshold": 0}
     for c in cases:
         st = steps[c["id"]]
         out["preempted"] += any(s["preempted"] for s in st)
         out["prefix_hits"] += any(h > 0 for s in st for _, h in s["admitted"])
         out["aborted"] += bool(c["aborts"])
-        out["lone_request_capped"] += c["engine"]["long_prefill_token_threshold"] > 0
+        out["threshold"] += c["engine"]["long_prefill_token_threshold"] > 0
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("mode", list(MODES))
-def test_sim_equals_vllm_step_by_step(vllm_steps, version, mode):
-    cases, steps = vllm_steps
+def test_sim_equals_vllm_step_by_step():
+    """One test (one vLLM subprocess per release, whatever the number of pytest workers): every case, every
+    release, every engine mode, step by step; the cases exercise what they should; the releases really schedule
+    differently on some cases, and sim told the wrong release misses some (the switch is what makes it agree)."""
+    cases = random_cases(NUM_CASES, SEED)
+    steps = run_vllm(cases, VERSIONS)
     bad = []
-    for case in cases:
-        d = first_divergence(steps[version][case["id"]], run_sim(case, mode, vllm_version=version))
-        if d is not None:
-            bad.append(f"{case['id']} step {d['step']} {d['field']}: vLLM {d['expected']} sim {d['got']}")
-    assert not bad, f"{len(bad)}/{len(cases)} cases diverge from vLLM {version} ({mode}):\n" + "\n".join(bad[:10])
-
-
-@pytest.mark.slow
-def test_cases_exercise_the_features_and_the_versions_differ(vllm_steps):
-    """The generated streams preempt, hit the prefix cache and abort; and the two releases really schedule
-    differently on some of them (else the version switch would be tested by nothing)."""
-    cases, steps = vllm_steps
+    for version in VERSIONS:
+        for mode in MODES:
+            for case in cases:
+                d = first_divergence(steps[version][case["id"]], run_sim(case, mode, vllm_version=version))
+                if d is not None:
+                    bad.append(f"vLLM {version} / sim {mode}: {case['id']} step {d['step']} {d['field']}: "
+                               f"vLLM {d['expected']} sim {d['got']}")
+    assert not bad, f"{len(bad)} (case, release, mode) triples diverge:\n" + "\n".join(bad[:10])
     f = _features(cases, steps[VERSIONS[0]])
     assert f["preempted"] >= NUM_CASES // 10 and f["prefix_hits"] >= NUM_CASES // 4, f
-    assert f["aborted"] >= 5 and f["lone_request_capped"] >= 10, f
-    differ = sum(first_divergence(steps[VERSIONS[0]][c["id"]], steps[VERSIONS[1]][c["id"]]) is not None
-                 for c in cases)
+    assert f["aborted"] >= 5 and f["threshold"] >= 10, f
+    old, new = steps[VERSIONS[0]], steps[VERSIONS[1]]
+    differ = sum(first_divergence(old[c["id"]], new[c["id"]]) is not None for c in cases)
     assert differ >= NUM_CASES // 20, differ
-    # and the simulator told about the wrong release misses some of them: the switch is what makes it agree
-    wrong = sum(first_divergence(steps[VERSIONS[1]][c["id"]], run_sim(c, "reference", vllm_version=VERSIONS[0]))
-                is not None for c in cases)
+    wrong = sum(first_divergence(new[c["id"]], run_sim(c, "reference", vllm_version=VERSIONS[0])) is not None
+                for c in cases)
     assert wrong >= NUM_CASES // 20, wrong
 
 
@@ -85,3 +76,20 @@ def test_random_cases_are_reproducible_and_valid():
             assert 1 <= sum(n for _, n in r["segments"]) <= e["max_model_len"] - r["max_tokens"]
         ref = run_sim(case, "reference")
         assert run_sim(case, "jump") == ref and run_sim(case, "fast") == ref
+
+
+@pytest.mark.slow
+def test_bench_conformance_cli_reports_per_version_json(capsys):
+    from maslat.cli import main
+
+    assert main(["bench", "conformance", "--cases", "6", "--seed", "3", "--versions", DEFAULT_VERSION,
+                 "--modes", "reference,jump", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    import json
+
+    rep = json.loads(out[-1])
+    per = rep["versions"][DEFAULT_VERSION]
+    assert set(per) == {"reference", "jump"} and rep["cases"] == 6
+    for res in per.values():
+        assert res["cases_identical"] == 6 and res["steps_identical"] == res["steps"] > 0
+        assert res["first_divergence"] is None

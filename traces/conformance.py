@@ -57,7 +57,8 @@ def _engine(rng: np.random.Generator) -> dict:
     return {"block_size": bs, "num_gpu_blocks": min_blocks + extra + 1, "max_num_seqs": max_num_seqs,
             "max_num_batched_tokens": budget, "max_model_len": max_model_len,
             "enable_prefix_caching": bool(rng.random() < 0.75),
-            "long_prefill_token_threshold": int(rng.integers(1, max_model_len + 1)) if rng.random() < 0.3 else 0}
+            "long_prefill_token_threshold": int(rng.integers(1, max_model_len + 1)) if rng.random() < 0.3 else 0,
+            "scheduler_reserve_full_isl": bool(rng.random() < 0.75)}
 
 
 def _segments(rng: np.random.Generator, i: int, room: int, pool: list[int], earlier: list[list]) -> list[list]:

@@ -40,7 +40,8 @@ def engine_config(case: dict, **overrides) -> EngineConfig:
     return EngineConfig(block_size=e["block_size"], num_gpu_blocks=e["num_gpu_blocks"],
                         max_num_seqs=e["max_num_seqs"], max_num_batched_tokens=e["max_num_batched_tokens"],
                         max_model_len=e["max_model_len"], enable_prefix_caching=e["enable_prefix_caching"],
-                        long_prefill_token_threshold=e["long_prefill_token_threshold"] or None, **overrides)
+                        long_prefill_token_threshold=e["long_prefill_token_threshold"] or None,
+                        scheduler_reserve_full_isl=e.get("scheduler_reserve_full_isl", True), **overrides)
 
 
 def _requests(case: dict) -> dict[str, Request]:

@@ -11,14 +11,15 @@ Usage: ``python vllm_sched_driver.py CASES.json RECORDS.json``. The batch is
 ``{"model_dir": DIR, "cases": [case, ...]}``; a case is (``traces.conformance`` builds them)::
 
     {"id": str, "engine": {"block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens",
-                           "max_model_len", "enable_prefix_caching", "long_prefill_token_threshold" (0 = off)},
+                           "max_model_len", "enable_prefix_caching", "long_prefill_token_threshold" (0 = off),
+                           "scheduler_reserve_full_isl" (optional, default true)},
      "requests": [{"id", "arrival_step", "prompt": [token ids], "output": [token ids], "max_tokens"}],
      "aborts": [{"id", "step"}], "max_steps": int}
 
 ``output`` lists the tokens "sampled" at each output position (unique per request, so nobody else can hit a
 request's output blocks). Arrivals and aborts of step s happen before step s's ``schedule()``. The answer is
 ``{"vllm_version": str, "results": [{"id", "steps": [record, ...], "error": str|None}]}``, one record per
-step (``traces.conformance.StepRecord``'s fields): scheduled tokens per request, admitted requests with the
+step (``traces.conformance.FIELDS``): scheduled tokens per request, admitted requests with the
 tokens their prefix-cache lookup hit, preempted and finished ids, used KV blocks (``num_gpu_blocks - 1 -
 free``, the usage gauge's numerator) and queue lengths after the step.
 
@@ -51,7 +52,8 @@ def _build_scheduler(eng: dict, model_dir: str):
     scheduler_config = SchedulerConfig(
         max_num_seqs=eng["max_num_seqs"], max_num_batched_tokens=eng["max_num_batched_tokens"],
         max_model_len=eng["max_model_len"], long_prefill_token_threshold=thr, enable_chunked_prefill=True,
-        is_encoder_decoder=False, async_scheduling=False)
+        is_encoder_decoder=False, async_scheduling=False,
+        scheduler_reserve_full_isl=eng.get("scheduler_reserve_full_isl", True))
     cache_config = CacheConfig(block_size=bs, enable_prefix_caching=eng["enable_prefix_caching"])
     vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config,
                              cache_config=cache_config)
@@ -65,8 +67,9 @@ def _build_scheduler(eng: dict, model_dir: str):
            "max_model_len": sched.max_model_len, "block_size": sched.block_size,
            "enable_prefix_caching": sched.kv_cache_manager.enable_caching,
            "long_prefill_token_threshold": sched.scheduler_config.long_prefill_token_threshold,
-           "num_gpu_blocks": sched.kv_cache_manager.block_pool.num_gpu_blocks}
-    want = {**{k: eng[k] for k in got}, "long_prefill_token_threshold": thr}
+           "num_gpu_blocks": sched.kv_cache_manager.block_pool.num_gpu_blocks,
+           "scheduler_reserve_full_isl": sched.scheduler_config.scheduler_reserve_full_isl}
+    want = {**{k: eng.get(k, True) for k in got}, "long_prefill_token_threshold": thr}
     if got != want:
         raise RuntimeError(f"vLLM adjusted the engine limits: asked {want}, got {got}")
     return sched
