@@ -88,3 +88,25 @@ def test_duplicate_copy_serves_hits_once_the_first_copy_is_evicted(version, mode
     d = _serve(h, "D", ((1, 4), (3, 4)), 1)
     assert d.num_cached_tokens == 4
     h.core.check_invariants()
+
+
+def test_calibration_takes_the_release_from_meta_json(traces_dir, tmp_path):
+    """``maslat calibrate`` mirrors the scheduler of the release that served the run (``meta.vllm_version``)."""
+    import json
+    import shutil
+
+    from traces.calibrate import calibrate_run
+    from traces.runs import read_run
+
+    run = tmp_path / "rtxpro6000-llama-3.1-8b-v032"
+    shutil.copytree(traces_dir / "vllm" / "rtxpro6000-llama-3.1-8b", run)
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["vllm_version"] == OLD
+    meta["vllm_version"] = NEW
+    (run / "meta.json").write_text(json.dumps(meta))
+    prof = calibrate_run(read_run(run)).profile
+    assert prof.engine.vllm_version == NEW and "meta.vllm_version" in prof.sources["engine.vllm_version"]
+    meta["vllm_version"] = "nightly"
+    (run / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="vllm_version 'nightly' is not a vLLM release"):
+        calibrate_run(read_run(run))
