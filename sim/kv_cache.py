@@ -464,12 +464,24 @@ class KVCacheManager:
                 tail.hi += anon
             else:
                 self._link_tail(_Run(None, 0, anon, 0))
+        dups = self._dups
         for node, lo, hi, cp in reversed(req.kv_ranges):
-            for r in self._runs_of(node, lo, hi, cp):
+            if node in dups:
+                for r in self._runs_of(node, lo, hi, cp):
+                    r.ref -= 1
+                    if r.ref == 0:
+                        self.free += r.hi - r.lo
+                        self._link_tail(r)
+                continue
+            runs = self._index[node]  # no duplicates: the request's copy is the primary one
+            i = self._find(runs, hi - 1)
+            while i >= 0 and runs[i].hi > lo:
+                r = runs[i]
                 r.ref -= 1
                 if r.ref == 0:
                     self.free += r.hi - r.lo
                     self._link_tail(r)
+                i -= 1
         req.kv_ranges = []
         req.kv_anon = req.kv_blocks = req.kv_reg = 0
 
