@@ -23,6 +23,10 @@ Three ways to take a step, all producing identical results (tests check this to 
 Whenever the fast conditions fail (a preemption would be needed, a prefill sits before a decode with too
 little budget for both, ...) the step falls back to the reference algorithm.
 
+Release differences follow ``EngineConfig.vllm_version`` (``sim.config.VLLM_BEHAVIOURS``; checked step by step
+against vLLM's own ``Scheduler`` by ``traces.conformance``): from 0.31 ``long_prefill_token_threshold`` is not
+applied while a single request is in the scheduler (``begin`` sets the cap in force for the step).
+
 Not simulated: async scheduling placeholders (outputs are still one batch per step), speculative
 decoding, PRIORITY policy, pipeline parallelism, KV connectors, encoder inputs, stop strings.
 """
