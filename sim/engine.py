@@ -23,6 +23,10 @@ Three ways to take a step, all producing identical results (tests check this to 
 Whenever the fast conditions fail (a preemption would be needed, a prefill sits before a decode with too
 little budget for both, ...) the step falls back to the reference algorithm.
 
+Release differences follow ``EngineConfig.vllm_version`` (``sim.config.VLLM_BEHAVIOURS``; checked step by step
+against vLLM's own ``Scheduler`` by ``traces.conformance``): from 0.31 ``long_prefill_token_threshold`` is not
+applied while a single request is in the scheduler (``begin`` sets the cap in force for the step).
+
 Not simulated: async scheduling placeholders (outputs are still one batch per step), speculative
 decoding, PRIORITY policy, pipeline parallelism, KV connectors, encoder inputs, stop strings.
 """
@@ -80,6 +84,8 @@ class EngineCore:
         self.force_reference = force_reference
         self.check = check_invariants
         self.ttft_ema_alpha = ttft_ema_alpha
+        self._thr = self._thr_now = config.long_prefill_token_threshold  # the cap in force this step
+        self._lone_uncapped = config.has_behaviour("lone_request_prefill_uncapped")
         self.t = 0  # tick of the last emitted output batch
         self.t_s = 0.0  # the same in seconds
         self._plan: _Plan | None = None
@@ -207,6 +213,10 @@ class EngineCore:
         assert self._plan is None, "begin() while a step is in flight"
         if not self.running and not self.waiting:
             return None
+        thr = self._thr
+        if thr is not None and self._lone_uncapped and len(self.running) + len(self.waiting) <= 1:
+            thr = None  # vLLM >= 0.31: a request alone in the scheduler has nobody to starve
+        self._thr_now = thr
         if self.force_reference:
             plan = self._schedule_reference(t0)
         else:
@@ -226,7 +236,7 @@ class EngineCore:
         cfg, kv, waiting, running = self.cfg, self.kv, self.waiting, self.running
         bs, max_seqs, gate = cfg.block_size, cfg.max_num_seqs, cfg.scheduler_reserve_full_isl
         now_s = plan.t0_s
-        thr = cfg.long_prefill_token_threshold
+        thr = self._thr_now
         sched, prefilling = plan.sched, (self.prefilling if self._valid else None)
         while waiting and budget > 0 and len(running) < max_seqs:
             r = waiting[0]
@@ -303,7 +313,7 @@ class EngineCore:
         ``free`` blocks; ``None`` when the fast path cannot take them (blocks run out, or a prefill admitted
         before some decode would not leave that decode its token)."""
         cfg = self.cfg
-        bs, thr, max_c = cfg.block_size, cfg.long_prefill_token_threshold, cfg.max_model_len - 1
+        bs, thr, max_c = cfg.block_size, self._thr_now, cfg.max_model_len - 1
         demand = 0
         ordered = True
         max_dec_seq = self.max_dec_seq
@@ -421,7 +431,7 @@ class EngineCore:
         cfg, kv = self.cfg, self.kv
         plan = _Plan(_SINGLE, t0, t0 / TICKS_PER_S)
         budget = cfg.max_num_batched_tokens
-        thr = cfg.long_prefill_token_threshold
+        thr = self._thr_now
         order = list(self.running)
         preempted: list[Request] = []
         i = 0

@@ -19,9 +19,19 @@ request after a preemption, so its identities are registered when the request is
 block by block as it is computed; a finished request releases them as anonymous blocks. Nothing
 observable differs: nobody else could have looked them up.
 
+Duplicates: vLLM does not de-duplicate (``BlockHashToBlockMap``): a request that computes a block whose
+content is already cached (it could not hit it: the last-token cap, an evicted block earlier in the chain,
+both computing at once) registers a second copy under the same hash. Lookups take the oldest copy
+(``get_one_block``); evicting it exposes the next oldest. Here the first copy of a block lives in the index
+(*primary* runs) and later copies in ``_dups`` (one run per registration, stamped with a creation counter,
+``copy``); evicting primary blocks promotes, block by block, the oldest duplicate. A request's ranges name the
+copy they hold, so freeing releases exactly its own blocks, in vLLM's tail-first order.
+
+Release differences (``EngineConfig.vllm_version``): from vLLM 0.28 on, ``BlockPool.free_blocks`` puts a freed
+block that has no hash (a request's partial last block) at the FRONT of the free queue, to be reused before any
+cached block is evicted; 0.19 appends it like the others.
+
 Differences from vLLM (documented, deliberate):
-- A block computed twice concurrently (vLLM keeps both copies under one hash) is kept as an anonymous
-  block for the second request, so only one cached copy survives its release.
 - Hits are counted per admitted request (``prefix_cache_queries`` += request tokens, ``hits`` += hit
   tokens), not per lookup attempt.
 """
@@ -64,14 +74,14 @@ def build_chain(prompt_segments, num_prompt_tokens: int, seq_id: int) -> tuple[t
 
 
 class _Run:
-    __slots__ = ("node", "lo", "hi", "ref", "prev", "next")
+    __slots__ = ("node", "lo", "hi", "ref", "prev", "next", "copy", "dup")
 
-    def __init__(self, node, lo, hi, ref):
-        self.node, self.lo, self.hi, self.ref = node, lo, hi, ref
+    def __init__(self, node, lo, hi, ref, copy=0, dup=False):
+        self.node, self.lo, self.hi, self.ref, self.copy, self.dup = node, lo, hi, ref, copy, dup
         self.prev = self.next = None
 
     def __repr__(self):
-        return f"_Run({self.node}, {self.lo}, {self.hi}, ref={self.ref})"
+        return f"_Run({self.node}, {self.lo}, {self.hi}, ref={self.ref}, copy={self.copy}{', dup' if self.dup else ''})"
 
 
 class KVCacheManager:
@@ -86,8 +96,13 @@ class KVCacheManager:
         head = _Run(None, 0, 0, -1)
         head.prev = head.next = head
         self._head = head
-        self._index: dict[int, list[_Run]] = {}
+        self._index: dict[int, list[_Run]] = {}  # node -> primary runs (the oldest copy of each block)
+        self._dups: dict[int, list[_Run]] = {}  # node -> later copies, one run per registration
+        self._copies = 0  # copy stamps, in registration order
         self.num_evicted_blocks = 0
+        # vLLM >= 0.28 (``BlockPool.free_blocks``): a freed block without a hash goes to the front of the free
+        # queue. With caching off every block is anonymous and the order among them is unobservable.
+        self.partial_first = self.enable_caching and config.has_behaviour("unhashed_blocks_reused_first")
         self._link_tail(_Run(None, 0, self.num_usable, 0))
 
     # ----------------------------------------------------------------- free queue
@@ -136,19 +151,70 @@ class KVCacheManager:
                 self._unlink(r)
                 if r.node is not None:
                     self.num_evicted_blocks += size
-                    self._index_remove(r)
+                    self._evict(r, r.lo, r.hi, True)
             else:
                 r.hi -= m  # highest indices first
                 if r.node is not None:
                     self.num_evicted_blocks += m
+                    self._evict(r, r.hi, r.hi + m, False)
                 m = 0
 
     # ----------------------------------------------------------------- cached index
-    def _index_remove(self, run: _Run) -> None:
-        runs = self._index[run.node]
-        runs.remove(run)
-        if not runs:
-            del self._index[run.node]
+    def _evict(self, run: _Run, a: int, b: int, whole: bool) -> None:
+        """Blocks [a, b) of ``run`` lost their identity (``whole``: the run is gone); an evicted primary block
+        exposes its oldest duplicate (``BlockHashToBlockMap.pop`` then ``get_one_block``)."""
+        store = self._dups if run.dup else self._index
+        if whole:
+            runs = store[run.node]
+            runs.remove(run)
+            if not runs:
+                del store[run.node]
+        if not run.dup and run.node in self._dups:
+            self._promote(run.node, a, b)
+
+    def _promote(self, node: int, a: int, b: int) -> None:
+        """Make the oldest duplicate of each block in [a, b) of ``node`` its primary copy."""
+        gaps = [(a, b)]  # blocks still without a primary copy, ascending
+        for d in sorted(self._dups[node], key=attrgetter("copy")):
+            todo = []
+            for u, v in gaps:
+                c = max(u, d.lo) if d is not None else v
+                e = min(v, d.hi) if d is not None else v
+                if c >= e:
+                    todo.append((u, v))
+                    continue
+                d = self._carve(d, c, e)  # what is left of d lies right of e
+                todo += [g for g in ((u, c), (e, v)) if g[0] < g[1]]
+            gaps = todo
+            if not gaps:
+                break
+        if not self._dups[node]:
+            del self._dups[node]
+
+    def _carve(self, d: _Run, c: int, e: int) -> _Run | None:
+        """Move blocks [c, e) of duplicate run ``d`` into the primary index, keeping free-queue order; return
+        the part of ``d`` right of ``e`` (still a duplicate), or None."""
+        dups = self._dups[d.node]
+        if d.lo < c:
+            dups.append(self._cut(d, c))  # [lo, c) stays a duplicate; d is now [c, hi)
+        if d.hi > e:
+            mid, rest = self._cut(d, e), d  # d keeps [e, hi) and its place in the list
+        else:
+            dups.remove(d)
+            mid, rest = d, None
+        mid.dup = False
+        runs = self._index.setdefault(mid.node, [])
+        runs.insert(bisect_right(runs, mid.lo, key=_lo), mid)
+        return rest
+
+    def _cut(self, r: _Run, at: int) -> _Run:
+        """Split ``r`` at block ``at``: ``r`` keeps [at, hi), the returned run is [lo, at) (same copy); a free
+        run's low part follows it in the queue (higher indices are evicted first)."""
+        low = _Run(r.node, r.lo, at, r.ref, r.copy, r.dup)
+        r.lo = at
+        if r.ref == 0:
+            self._link_after(r, low)
+        return low
 
     def _find(self, runs: list[_Run], k: int) -> int:
         """Index in ``runs`` of the run containing block k, or -1."""
@@ -159,12 +225,7 @@ class KVCacheManager:
 
     def _split(self, runs: list[_Run], i: int, at: int) -> None:
         """Split runs[i] at block ``at`` into [lo, at) and [at, hi); queue order is kept (high part first)."""
-        r = runs[i]
-        low = _Run(r.node, r.lo, at, r.ref)
-        r.lo = at
-        runs.insert(i, low)
-        if r.ref == 0:
-            self._link_after(r, low)
+        runs.insert(i, self._cut(runs[i], at))
 
     # ----------------------------------------------------------------- lookups
     @staticmethod
@@ -224,8 +285,8 @@ class KVCacheManager:
                 yield node, k, b
                 k = b
 
-    def _acquire(self, node: int, lo: int, hi: int) -> None:
-        """ref += 1 over [lo, hi) of ``node``; free runs leave the queue."""
+    def _acquire(self, req, node: int, lo: int, hi: int) -> None:
+        """ref += 1 over [lo, hi) of ``node``'s primary copies, held by ``req``; free runs leave the queue."""
         runs = self._index[node]
         i = self._find(runs, lo)
         if runs[i].lo < lo:
@@ -240,15 +301,16 @@ class KVCacheManager:
                 self._unlink(r)
                 self.free -= r.hi - r.lo
             r.ref += 1
+            self._add_range(req, node, r.lo, r.hi, r.copy)
             i += 1
 
     @staticmethod
-    def _add_range(req, node: int, lo: int, hi: int) -> None:
+    def _add_range(req, node: int, lo: int, hi: int, copy: int) -> None:
         rs = req.kv_ranges
-        if rs and rs[-1][0] == node and rs[-1][2] == lo:
+        if rs and rs[-1][0] == node and rs[-1][2] == lo and rs[-1][3] == copy:
             rs[-1][2] = hi
         else:
-            rs.append([node, lo, hi])
+            rs.append([node, lo, hi, copy])
 
     # ----------------------------------------------------------------- allocation
     def blocks_needed(self, req, num_new_tokens: int, hit_blocks: int = 0, evictable: int = 0,
@@ -286,8 +348,7 @@ class KVCacheManager:
             return False
         if hit_blocks:
             for node, lo, hi in self._hit_ranges(req, hit_blocks):
-                self._acquire(node, lo, hi)
-                self._add_range(req, node, lo, hi)
+                self._acquire(req, node, lo, hi)
             req.kv_blocks += hit_blocks
             req.kv_reg = hit_blocks
         if need:
@@ -327,47 +388,75 @@ class KVCacheManager:
         req.kv_reg = new_full
 
     def cache_private(self, req, num_tokens: int) -> None:
-        """Register the full blocks of private content (before a preemption frees them)."""
+        """Register the full blocks of private content (before a preemption frees them).
+
+        The request's blocks with an identity are a prefix (hits, then shared content registered as computed);
+        the private blocks after it are its anonymous ones.
+        """
         if not self.enable_caching:
             return
         bs = self.block_size
         new_full = num_tokens // bs
+        held = req.kv_blocks - req.kv_anon
         for node, s, e, shared in self._chain(req):
             a = s // bs
             if a >= new_full:
                 break
             if not shared:
                 b = e // bs
-                self._register(req, node, a, b if b < new_full else new_full)
+                b = b if b < new_full else new_full
+                if b > held:
+                    self._register(req, node, a if a > held else held, b)
 
     def _register(self, req, node: int, x: int, y: int) -> None:
+        """Give ``req``'s anonymous blocks [x, y) of ``node`` their identity: primary where no copy is cached,
+        else a duplicate (``BlockPool.cache_full_blocks`` inserts without de-duplicating)."""
         runs = self._index.get(node)
         if runs is None:
             runs = self._index[node] = []
         k = x
+        rs = req.kv_ranges
         while k < y:
             i = bisect_right(runs, k, key=_lo) - 1
-            if i >= 0 and runs[i].hi > k:  # already cached: a duplicate copy stays anonymous
-                k = min(runs[i].hi, y)
-                continue
-            nxt = runs[i + 1].lo if i + 1 < len(runs) else y
-            end = nxt if nxt < y else y
-            prev = runs[i] if i >= 0 else None
-            rs = req.kv_ranges
-            if (prev is not None and prev.hi == k and prev.ref == 1 and rs and rs[-1][0] == node
-                    and rs[-1][2] == k):
-                prev.hi = end  # extend this request's own run
+            if i >= 0 and runs[i].hi > k:  # already cached: this copy is a duplicate
+                end = min(runs[i].hi, y)
+                self._copies += 1
+                self._dups.setdefault(node, []).append(_Run(node, k, end, 1, self._copies, True))
+                self._add_range(req, node, k, end, self._copies)
             else:
-                runs.insert(i + 1, _Run(node, k, end, 1))
-            self._add_range(req, node, k, end)
+                nxt = runs[i + 1].lo if i + 1 < len(runs) else y
+                end = nxt if nxt < y else y
+                prev = runs[i] if i >= 0 else None
+                if (prev is not None and prev.hi == k and prev.ref == 1 and rs and rs[-1][0] == node
+                        and rs[-1][2] == k and rs[-1][3] == prev.copy):
+                    prev.hi = end  # extend this request's own run
+                    cp = prev.copy
+                else:
+                    self._copies += 1
+                    cp = self._copies
+                    runs.insert(i + 1, _Run(node, k, end, 1, cp))
+                self._add_range(req, node, k, end, cp)
             req.kv_anon -= end - k
             k = end
         if not runs:
             del self._index[node]
 
     def free_request(self, req) -> None:
-        """Release all of ``req``'s blocks, tail first (``KVCacheManager.free``)."""
+        """Release all of ``req``'s blocks, tail first (``KVCacheManager.free``).
+
+        From vLLM 0.28 on, the partial last block (the only one vLLM leaves without a hash) goes to the front
+        of the free queue instead; the request's other anonymous blocks carry hashes in vLLM (private content
+        nobody else can hit) and still go to the back.
+        """
         anon = req.kv_anon
+        if anon and self.partial_first and req._c % self.block_size:
+            anon -= 1
+            self.free += 1
+            first = self._head.next
+            if first is not self._head and first.node is None:
+                first.hi += 1
+            else:
+                self._link_after(self._head, _Run(None, 0, 1, 0))
         if anon:
             self.free += anon
             tail = self._head.prev  # _append_anon(anon), inlined: once per request
@@ -375,8 +464,16 @@ class KVCacheManager:
                 tail.hi += anon
             else:
                 self._link_tail(_Run(None, 0, anon, 0))
-        for node, lo, hi in reversed(req.kv_ranges):
-            runs = self._index[node]
+        dups = self._dups
+        for node, lo, hi, cp in reversed(req.kv_ranges):
+            if node in dups:
+                for r in self._runs_of(node, lo, hi, cp):
+                    r.ref -= 1
+                    if r.ref == 0:
+                        self.free += r.hi - r.lo
+                        self._link_tail(r)
+                continue
+            runs = self._index[node]  # no duplicates: the request's copy is the primary one
             i = self._find(runs, hi - 1)
             while i >= 0 and runs[i].hi > lo:
                 r = runs[i]
@@ -387,6 +484,22 @@ class KVCacheManager:
                 i -= 1
         req.kv_ranges = []
         req.kv_anon = req.kv_blocks = req.kv_reg = 0
+
+    def _runs_of(self, node: int, lo: int, hi: int, cp: int) -> list[_Run]:
+        """The runs of copy ``cp`` inside [lo, hi) of ``node``, highest blocks first (primary or duplicate)."""
+        out = []
+        runs = self._index.get(node)
+        if runs:
+            i = bisect_right(runs, hi - 1, key=_lo) - 1
+            while i >= 0 and runs[i].hi > lo:
+                if runs[i].copy == cp:
+                    out.append(runs[i])
+                i -= 1
+        dups = self._dups.get(node)
+        if dups:
+            out += [d for d in dups if d.copy == cp and d.lo < hi and d.hi > lo]
+            out.sort(key=_lo, reverse=True)
+        return out
 
     # ----------------------------------------------------------------- gauges and checks
     @property
@@ -407,22 +520,28 @@ class KVCacheManager:
             q += r.hi - r.lo
             r = r.next
         assert q == self.free, f"free queue holds {q} blocks, free count says {self.free}"
-        in_use = 0
         for node, runs in self._index.items():
             assert runs, f"empty run list for node {node}"
             for a, b in zip(runs, runs[1:], strict=False):
                 assert a.hi <= b.lo, f"overlapping runs {a} {b}"
-            in_use += sum(x.hi - x.lo for x in runs if x.ref > 0)
+            assert not any(x.dup for x in runs), f"a duplicate among the primary runs of {node}"
+        for node, dups in self._dups.items():
+            assert dups and all(d.dup for d in dups), f"bad duplicate list for node {node}"
+            for d in dups:  # a duplicate always has an older primary copy
+                runs = self._index.get(node, [])
+                covered = sum(min(r.hi, d.hi) - max(r.lo, d.lo) for r in runs if r.lo < d.hi and r.hi > d.lo)
+                assert covered == d.hi - d.lo, f"duplicate {d} without a primary copy"
+        every = [x for store in (self._index, self._dups) for runs in store.values() for x in runs]
+        in_use = sum(x.hi - x.lo for x in every if x.ref > 0)
         anon = sum(h.kv_anon for h in holders)
         assert in_use + anon == self.num_usable - self.free, (
             f"blocks not conserved: in-use cached {in_use} + anonymous {anon} != used {self.num_usable - self.free}")
-        refs: dict[tuple[int, int], int] = {}
+        refs: dict[int, int] = {}
         for h in holders:
-            for node, lo, hi in h.kv_ranges:
-                for run in self._index[node]:
-                    if run.lo < hi and run.hi > lo:
-                        assert lo <= run.lo and run.hi <= hi, f"holder range {(lo, hi)} cuts run {run}"
-                        refs[(node, run.lo)] = refs.get((node, run.lo), 0) + 1
-        for node, runs in self._index.items():
-            for run in runs:
-                assert refs.get((node, run.lo), 0) == run.ref, f"run {run} ref {run.ref} != holders {refs.get((node, run.lo), 0)}"
+            for node, lo, hi, cp in h.kv_ranges:
+                mine = self._runs_of(node, lo, hi, cp)
+                assert sum(r.hi - r.lo for r in mine) == hi - lo, f"holder range {(node, lo, hi, cp)} not all held"
+                for r in mine:
+                    refs[id(r)] = refs.get(id(r), 0) + 1
+        for run in every:
+            assert refs.get(id(run), 0) == run.ref, f"run {run} ref {run.ref} != holders {refs.get(id(run), 0)}"

@@ -254,17 +254,26 @@ def _engine_of(run: MeasuredRun, model: ModelEntry | None,
     cap_tokens = (cap.num_gpu_blocks - 1) * cap.block_size
     if mml > cap_tokens:
         mml, mml_src = cap_tokens, mml_src + f"; capped at the KV capacity ({cap_tokens} tokens)"
+    # the scheduler rules of the run's vLLM release (sim.config.VLLM_BEHAVIOURS); 0.19.0's when not recorded
+    version = run.meta.vllm_version or "0.19.0"
+    try:
+        sim.config.parse_vllm_version(version)
+    except ValueError as err:
+        raise ValueError(f"run {run.name}: meta.json vllm_version {version!r} is not a vLLM release "
+                         f"(write it as '0.19.0')") from err
     cfg = sim.EngineConfig(max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
                            max_model_len=mml, block_size=cap.block_size, num_gpu_blocks=cap.num_gpu_blocks,
                            enable_prefix_caching=e.enable_prefix_caching,
                            scheduler_reserve_full_isl=e.scheduler_reserve_full_isl,
-                           long_prefill_token_threshold=e.long_prefill_token_threshold)
+                           long_prefill_token_threshold=e.long_prefill_token_threshold, vllm_version=version)
     sources = {f"engine.{k}": f"run {run.name}: {src[k]}" for k in
                ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching",
                 "scheduler_reserve_full_isl", "long_prefill_token_threshold")}
     sources["engine.block_size"] = cap.block_size_source
     sources["engine.max_model_len"] = mml_src
     sources["engine.num_gpu_blocks"] = cap.source
+    sources["engine.vllm_version"] = (f"run {run.name}: meta.vllm_version" if run.meta.vllm_version
+                                      else "not recorded in meta.json; 0.19.0's scheduler rules")
     return cfg, sources
 
 

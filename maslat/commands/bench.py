@@ -13,6 +13,7 @@ BENCHES: dict[str, str] = {
     "sim": "maslat.commands.bench_sim",
     "serve": "maslat.commands.bench_serve",
     "env": "maslat.commands.bench_env",
+    "conformance": "maslat.commands.bench_conformance",
 }
 
 
