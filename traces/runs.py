@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import TraceFormatError, where
+from .errors import INT32_MAX, TraceFormatError, decode_utf8, loads, unicode_problem, where
 from .meta import EngineSettings, RunMeta, engine_settings, parse_meta
+from .plausibility import RunBounds, request_problems, run_bounds, tick_problem
 
 __all__ = [
     "EngineSettings",
@@ -156,8 +157,16 @@ def sha256_file(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- requests
-def _check_request(obj: Any, seen: set[str]) -> tuple[str | None, str | None]:
-    """``(field, problem)`` of the first bad field of one request object, or ``(None, None)``."""
+#: a timestamp beyond this many seconds (3,000 years) is no clock reading
+MAX_ABS_TIME_S = 1e11
+
+
+def _check_request(obj: Any, seen: set[str], max_model_len: int | None = None) -> tuple[str | None, str | None]:
+    """``(field, problem)`` of the first bad field of one request object, or ``(None, None)``.
+
+    ``max_model_len`` (the run's, when recorded): vLLM refuses a request whose prompt and output do not fit it
+    (``vllm/entrypoints/openai/serving_engine.py``), so a measured request never exceeds it.
+    """
     if not isinstance(obj, dict):
         return None, f"expected a JSON object, got {type(obj).__name__}"
     for f in REQUEST_FIELDS:
@@ -166,18 +175,28 @@ def _check_request(obj: Any, seen: set[str]) -> tuple[str | None, str | None]:
     rid = obj["request_id"]
     if not isinstance(rid, str) or not rid:
         return "request_id", f"must be a non-empty string, got {rid!r}"
+    bad = unicode_problem(obj)
+    if bad is not None:
+        return bad
     if rid in seen:
         return "request_id", f"duplicate request_id {rid!r}"
     for f in ("input_toks", "output_toks"):
         v = obj[f]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             return f, f"must be an integer >= 1, got {v!r}"
+        if v > INT32_MAX:
+            return f, f"{v} tokens is more than vLLM can serve (at most {INT32_MAX:,}, int32 token counts)"
+    if max_model_len is not None and obj["input_toks"] + obj["output_toks"] > max_model_len:
+        return "output_toks", (f"input_toks {obj['input_toks']} + output_toks {obj['output_toks']} exceed the run's "
+                               f"max_model_len {max_model_len}; vLLM refuses such a request, so it was not measured")
     for f in _TIME_FIELDS:
         v = obj[f]
         if v is None and f in _OPTIONAL_TIME_FIELDS:
             continue
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             return f, f"must be a finite number of seconds, got {v!r}"
+        if abs(v) > MAX_ABS_TIME_S:
+            return f, f"{v!r} s is no clock reading (expected seconds within +-{MAX_ABS_TIME_S:.0e})"
     present = [f for f in _ORDERED if obj[f] is not None]
     for a, b in zip(present, present[1:], strict=False):
         if obj[b] < obj[a]:
@@ -185,31 +204,45 @@ def _check_request(obj: Any, seen: set[str]) -> tuple[str | None, str | None]:
     return None, None
 
 
-def read_requests(path: str | Path, *, skip_bad: bool = False) -> tuple[pd.DataFrame, int]:
-    """Read ``requests.jsonl``; return the validated rows and the number of bad lines skipped."""
-    path = Path(path)
+def _request_lines(path: Path, skip_bad: bool,
+                   max_model_len: int | None) -> tuple[list[dict], list[int], int]:
+    """The valid request objects of ``requests.jsonl``, their line numbers, and the bad lines skipped."""
     rows: list[dict] = []
+    linenos: list[int] = []
     seen: set[str] = set()
     skipped = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                if skip_bad:
-                    skipped += 1
+                line = decode_utf8(raw, path, lineno)
+                if not line.strip():
                     continue
-                raise TraceFormatError(f"{where(path, lineno)}: invalid JSON at column {e.colno}: {e.msg}") from None
-            fld, problem = _check_request(obj, seen)
-            if problem is not None:
-                if skip_bad:
-                    skipped += 1
-                    continue
-                raise TraceFormatError(f"{where(path, lineno, fld)}: {problem}")
+                obj, problem, _ = loads(line)
+                if problem is not None:
+                    raise TraceFormatError(f"{where(path, lineno)}: {problem}")
+                fld, problem = _check_request(obj, seen, max_model_len)
+                if problem is not None:
+                    raise TraceFormatError(f"{where(path, lineno, fld)}: {problem}")
+            except TraceFormatError:
+                if not skip_bad:
+                    raise
+                skipped += 1
+                continue
             seen.add(obj["request_id"])
             rows.append(obj)
+            linenos.append(lineno)
+    return rows, linenos, skipped
+
+
+def read_requests(path: str | Path, *, skip_bad: bool = False,
+                  max_model_len: int | None = None) -> tuple[pd.DataFrame, int]:
+    """Read ``requests.jsonl``; return the validated rows and the number of bad lines skipped.
+
+    Each line is checked on its own (``read_run`` also checks the requests against each other and the run's
+    window: ``traces.plausibility``).
+    """
+    path = Path(path)
+    rows, _, skipped = _request_lines(path, skip_bad, max_model_len)
     if not rows:
         raise TraceFormatError(f"{path}: no requests" + (f" ({skipped} bad lines skipped)" if skipped else ""))
     return _requests_frame(rows), skipped
@@ -235,19 +268,26 @@ def _requests_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------- timeseries
-def read_timeseries(path: str | Path, *, skip_bad: bool = False) -> tuple[pd.DataFrame, int]:
-    """Read ``timeseries.csv`` (CRLF or LF); return the validated ticks and the number of bad lines skipped."""
+def read_timeseries(path: str | Path, *, skip_bad: bool = False,
+                    bounds: RunBounds | None = None) -> tuple[pd.DataFrame, int]:
+    """Read ``timeseries.csv`` (CRLF or LF); return the validated ticks and the number of bad lines skipped.
+
+    ``bounds`` (from the run's ``meta.json``, ``traces.plausibility``) also refuses gauges beyond the engine's limits
+    and ticks outside the run's window.
+    """
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = decode_utf8(path.read_bytes(), path).splitlines()
     header = tuple(h.strip() for h in lines[0].split(",")) if lines else ()
     if header != TIMESERIES_COLUMNS:
         raise TraceFormatError(f"{where(path, 1)}: header must be {','.join(TIMESERIES_COLUMNS)}, got "
-                               f"{lines[0] if lines else '<empty file>'!r}")
+                               f"{lines[0][:200] if lines else '<empty file>'!r}")
     data, skipped, prev_t = [], 0, -math.inf
     for lineno, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
         fld, problem, vals = _check_tick(line.split(","), prev_t)
+        if problem is None and bounds is not None:
+            fld, problem = tick_problem(vals, bounds)
         if problem is not None:
             if skip_bad:
                 skipped += 1
@@ -271,18 +311,19 @@ def _check_tick(parts: list[str], prev_t: float) -> tuple[str | None, str | None
         try:
             v = float(text)
         except ValueError:
-            return name, f"not a number: {text.strip()!r}", []
+            return name, f"not a number: {text.strip()[:50]!r}", []
         if math.isnan(v) and name != "t":  # a tick whose scrape failed: not measured, never invented
             vals.append(v)
             continue
         if not math.isfinite(v) or v < 0:
-            return name, f"must be a finite number >= 0 (or nan: not measured), got {text.strip()!r}", []
+            return name, f"must be a finite number >= 0 (or nan: not measured), got {text.strip()[:50]!r}", []
         vals.append(v)
     if vals[0] <= prev_t:
         return "t", f"ticks must increase ({vals[0]!r} after {prev_t!r})", []
     for i in (3, 4):
-        if not math.isnan(vals[i]) and vals[i] != int(vals[i]):
-            return TIMESERIES_COLUMNS[i], f"must be a whole number of requests, got {parts[i].strip()!r}", []
+        if not math.isnan(vals[i]) and (vals[i] > INT32_MAX or vals[i] != int(vals[i])):
+            return TIMESERIES_COLUMNS[i], (f"must be a whole number of requests (at most {INT32_MAX:,}), got "
+                                           f"{parts[i].strip()[:50]!r}"), []
     if vals[5] > 100:
         return "kv_cache_pct", f"is a percentage (0-100), got {parts[5].strip()!r}", []
     return None, None, vals
@@ -292,13 +333,17 @@ def _check_tick(parts: list[str], prev_t: float) -> tuple[str | None, str | None
 def read_run(run_dir: str | Path, *, skip_bad: bool = False) -> MeasuredRun:
     """Read and validate one run directory (``requests.jsonl``, ``meta.json``, optional ``timeseries.csv``).
 
+    Every line is checked on its own, then against the run (``traces.plausibility``: the clocks agree, times lie
+    inside the run's window, gauges within the engine's limits).
+
     Args:
         run_dir: the directory.
-        skip_bad: skip (and count in ``skipped``) bad request and tick lines instead of raising.
+        skip_bad: skip bad request and tick lines instead of raising, and count them in ``skipped``
+            (``maslat replay|calibrate --skip-bad-lines``). A bad ``meta.json`` is always refused.
 
     Raises:
         FileNotFoundError: the directory or a required file is missing.
-        TraceFormatError: malformed content (file, line and field in the message).
+        TraceFormatError: malformed or implausible content (file, line and field in the message).
     """
     d = Path(run_dir)
     expected = ", ".join(FILES[k] for k in _RUN_FILES)
@@ -308,14 +353,34 @@ def read_run(run_dir: str | Path, *, skip_bad: bool = False) -> MeasuredRun:
         if not (d / FILES[key]).is_file():
             raise FileNotFoundError(f"{d / FILES[key]}: missing; a run directory holds {expected}")
     meta = parse_meta(d / FILES["meta"])
-    requests, bad_req = read_requests(d / FILES["requests"], skip_bad=skip_bad)
+    engine = engine_settings(meta, where=str(d / FILES["meta"]))
+    bounds = run_bounds(meta, engine)
+    requests, bad_req = _read_checked_requests(d / FILES["requests"], skip_bad, engine.max_model_len, bounds)
     ts_path = d / FILES["timeseries"]
-    timeseries, bad_ts = read_timeseries(ts_path, skip_bad=skip_bad) if ts_path.is_file() else (None, 0)
+    timeseries, bad_ts = (read_timeseries(ts_path, skip_bad=skip_bad, bounds=bounds) if ts_path.is_file()
+                          else (None, 0))
     shas = {p.name: sha256_file(p) for p in (d / FILES[k] for k in _RUN_FILES) if p.is_file()}
     skipped = {FILES["requests"]: bad_req, FILES["timeseries"]: bad_ts} if skip_bad else {}
     return MeasuredRun(path=d, name=d.resolve().name, requests=requests, timeseries=timeseries, meta=meta,
-                       engine=engine_settings(meta, where=str(d / FILES["meta"])), file_sha256=shas,
-                       skipped=skipped)
+                       engine=engine, file_sha256=shas, skipped=skipped)
+
+
+def _read_checked_requests(path: Path, skip_bad: bool, max_model_len: int | None,
+                           bounds: RunBounds) -> tuple[pd.DataFrame, int]:
+    rows, linenos, skipped = _request_lines(path, skip_bad, max_model_len)
+    whole, found = request_problems(rows, bounds)
+    if whole is not None:
+        raise TraceFormatError(f"{where(path, None, 'last_token_ts')}: {whole}")
+    if found and not skip_bad:
+        i, fld, problem = found[0]
+        more = f" ({len(found) - 1} more implausible line(s); --skip-bad-lines skips them)" if len(found) > 1 else ""
+        raise TraceFormatError(f"{where(path, linenos[i], fld)}: {problem}{more}")
+    drop = {i for i, _, _ in found}
+    rows = [r for i, r in enumerate(rows) if i not in drop]
+    skipped += len(drop)
+    if not rows:
+        raise TraceFormatError(f"{path}: no requests" + (f" ({skipped} bad lines skipped)" if skipped else ""))
+    return _requests_frame(rows), skipped
 
 
 def _json_number(v: Any, integral: bool) -> Any:
