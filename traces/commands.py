@@ -129,10 +129,14 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
 
 
 def run_calibrate(args) -> int:
+    from .atomic import output_path, write_text
     from .calibrate import calibrate_runs, format_report
 
     if args.max_evals is not None and args.max_evals < 5:
         raise ValueError("--max-evals must be at least 5 (the initial simplex of up to four multipliers)")
+    output_path(args.out, (".json",), what="--out")  # checked before the work, not after
+    if args.report is not None:
+        output_path(args.report, (".json",), what="--report")
     runs = _read_runs(args.runs, args.skip_bad_lines)
     with _bar(args.max_evals, "refining") as bar:
         res = calibrate_runs(runs, fit_fraction=args.fit_fraction, seed=args.seed, gpu=args.gpu,
@@ -143,13 +147,11 @@ def run_calibrate(args) -> int:
     if args.gpu is not None:
         cmd += ["--gpu", args.gpu]
     profile = res.profile.replace(derived_from={**res.profile.derived_from, "command": " ".join(cmd)})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(profile.to_json())
+    write_text(args.out, profile.to_json())  # atomic: a failed write leaves the old profile
     print(format_report(res.report))
     print(f"wrote profile {res.profile.name!r} to {args.out} ({res.report['wall_s']:.1f} s)")
     if args.report is not None:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(_clean(res.report), indent=2) + "\n")
+        write_text(args.report, json.dumps(_clean(res.report), indent=2) + "\n")
     if args.json:
         _emit_json({"profile_path": str(args.out), "profile": res.profile.name, **res.report,
                     "skipped_lines": _skipped(runs)})
@@ -192,9 +194,12 @@ def _replay_table(out: dict) -> str:
 def run_replay(args) -> int:
     import sim
 
+    from .atomic import output_dir
     from .replay import replay_run
 
     prof = sim.load_profile(args.profile)
+    if args.plots is not None:
+        output_dir(args.plots, what="--plots")
     run = _read_runs([args.run], args.skip_bad_lines)[0]
     with _bar(45 if args.fit_fraction else 0, "calibrating") as bar:
         out = replay_run(run, prof, fit_fraction=args.fit_fraction, seed=args.seed, plots_dir=args.plots,

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .atomic import atomic_open, write_text
 from .errors import INT32_MAX, TraceFormatError, decode_utf8, loads, unicode_problem, where
 from .meta import EngineSettings, RunMeta, engine_settings, parse_meta
 from .plausibility import RunBounds, request_problems, run_bounds, tick_problem
@@ -480,14 +481,12 @@ def write_run(run_dir: str | Path, *, requests: pd.DataFrame | Iterable[Mapping[
     except ValueError as e:
         raise ValueError(f"write_run: {e}") from None
     ts_lines = None if timeseries is None else _timeseries_lines(timeseries)
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / FILES["requests"], "w", encoding="utf-8", newline="\n") as f:
+    with atomic_open(d / FILES["requests"], "w", newline="\n") as f:  # each file whole or not at all
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    (d / FILES["meta"]).write_text(meta_text, encoding="utf-8")
+    write_text(d / FILES["meta"], meta_text)
     if ts_lines is not None:
-        with open(d / FILES["timeseries"], "w", encoding="utf-8", newline="") as f:
-            f.write("\r\n".join(ts_lines) + "\r\n")
+        write_text(d / FILES["timeseries"], "\r\n".join(ts_lines) + "\r\n", newline="")
     return d
 
 

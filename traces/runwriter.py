@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
+from .atomic import write_text
 from .runs import FILES, TIMESERIES_COLUMNS, check_meta, request_record, tick_line
 
 __all__ = ["RunWriter"]
@@ -80,9 +80,7 @@ class RunWriter:
         self._write_meta_text(check_meta(meta))
 
     def _write_meta_text(self, text: str) -> None:
-        tmp = self.dir / (FILES["meta"] + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.dir / FILES["meta"])
+        write_text(self.dir / FILES["meta"], text)
 
     def close(self, *, sort_requests: bool = True) -> None:
         """Close the files; put ``requests.jsonl`` in arrival order (``bench-<i>``), as the format has it."""
@@ -92,6 +90,4 @@ class RunWriter:
             path = self.dir / FILES["requests"]
             lines = path.read_text(encoding="utf-8").splitlines()
             lines.sort(key=lambda ln: int(json.loads(ln)["request_id"].rsplit("-", 1)[1]))
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
-            os.replace(tmp, path)
+            write_text(path, "".join(ln + "\n" for ln in lines), newline="\n")
