@@ -44,6 +44,7 @@ class RunWriter:
         if existing and not overwrite:
             raise ValueError(f"{self.dir} already holds a run ({', '.join(existing)}); choose another --out "
                              f"or pass --overwrite")
+        self._created_dir = not self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._req = open(self.dir / FILES["requests"], "w", encoding="utf-8", newline="\n")  # noqa: SIM115
         self._fail = open(self.dir / FILES["failures"], "w", encoding="utf-8", newline="\n")  # noqa: SIM115
@@ -81,6 +82,16 @@ class RunWriter:
 
     def _write_meta_text(self, text: str) -> None:
         write_text(self.dir / FILES["meta"], text)
+
+    def discard(self) -> None:
+        """Close the files and remove the run files (a run without a request is no run); ``failures.jsonl`` stays
+        when it holds failures, and the directory goes when this writer left it empty."""
+        for f in (self._req, self._fail, self._ts):
+            f.close()
+        for key in ("requests", "timeseries", "meta") + (() if self.num_failures else ("failures",)):
+            (self.dir / FILES[key]).unlink(missing_ok=True)
+        if self._created_dir and not any(self.dir.iterdir()):
+            self.dir.rmdir()
 
     def close(self, *, sort_requests: bool = True) -> None:
         """Close the files; put ``requests.jsonl`` in arrival order (``bench-<i>``), as the format has it."""
