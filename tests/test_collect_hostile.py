@@ -113,3 +113,34 @@ def test_an_absurd_time_scale_is_a_clear_error(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "time scale 1e-300 (maslat:time_scale" in p.stderr and "outside 0.0001..10000" in p.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_validate_policy_scores_failed_live_calls_as_failures(tmp_path):
+    """Before: every call answered HTTP 500, live score 100 %, exit 0. Now the failed calls fail their queries
+    in the table, the exit status is 1, and --out holds the result."""
+    res_path = tmp_path / "res.json"
+    with FakeServer("http500") as srv:
+        p = subprocess.run([sys.executable, "-m", "maslat", "validate-policy", "single_cot", "--task", "humaneval",
+                            "--endpoints", srv.url, "--num-queries", "2", "--concurrency", "2",
+                            "--request-timeout", "5", "--out", str(res_path), "--json"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr[-2000:]
+    res = last_json_line(p.stdout)
+    assert res["failed_live_calls"] >= 2 and res["queries_with_failed_calls"] == 2
+    assert res["table"]["score_pct"]["live"] == 0.0 and not res["bar"]["passed"]
+    assert "live call(s) failed" in p.stderr and "Traceback" not in p.stderr
+    assert json.loads(res_path.read_text())["failed_live_calls"] == res["failed_live_calls"]
+
+
+def test_validate_policy_request_timeout_fails_calls_that_never_answer(tmp_path):
+    with FakeServer("hang") as srv:
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "maslat", "validate-policy", "single_cot", "--task", "humaneval",
+                            "--endpoints", srv.url, "--num-queries", "1", "--concurrency", "1",
+                            "--request-timeout", "2", "--json"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        wall = time.monotonic() - t0
+    assert p.returncode == 1, p.stderr[-2000:]
+    res = last_json_line(p.stdout)
+    assert res["failed_live_calls"] >= 1 and "no answer within 2.0 s" in json.dumps(res["live"]["endpoints"])
+    assert wall < 120  # not 600 s per call
