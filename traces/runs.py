@@ -19,7 +19,8 @@ queue = scheduled - queued). ``offset_s = queued_ts - min(queued_ts)`` is where 
 HTTP (``traces.collect``, ``meta.collector.timestamps = "client"``) has the client's send and output-chunk times
 instead: ``scheduled_ts`` is null and TTFT/E2E include HTTP and the API server's frontend (``MeasuredRun.timestamps``).
 
-This module is the one definition of the format: ``read_run`` validates everything (a bad line raises
+This module (with ``traces.linecheck``, the line rules, and ``traces.plausibility``, the whole-run rules) is
+the one definition of the format: ``read_run`` validates everything (a bad line raises
 ``TraceFormatError`` naming the file, the line and the field, unless ``skip_bad=True``, in which case bad lines
 are counted in ``MeasuredRun.skipped``); ``write_run`` writes a whole run and ``traces.runwriter`` streams one,
 both through ``request_record`` / ``tick_line`` / ``check_meta``, so neither writes what the reader rejects.
@@ -39,7 +40,16 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_open, write_text
-from .errors import INT32_MAX, TraceFormatError, decode_utf8, loads, unicode_problem, where
+from .errors import TraceFormatError, decode_utf8, where
+from .linecheck import (
+    ORDERED_TIME_FIELDS,
+    REQUEST_FIELDS,
+    TIME_FIELDS,
+    TIMESERIES_COLUMNS,
+    check_request,
+    check_tick,
+    request_lines,
+)
 from .meta import EngineSettings, RunMeta, engine_settings, parse_meta
 from .plausibility import RunBounds, request_problems, run_bounds, tick_problem
 
@@ -60,14 +70,6 @@ __all__ = [
     "write_run",
 ]
 
-REQUEST_FIELDS = ("request_id", "input_toks", "output_toks", "arrival_time", "queued_ts", "scheduled_ts",
-                  "first_token_ts", "last_token_ts")
-_TIME_FIELDS = REQUEST_FIELDS[3:]
-# engine-clock fields must not go backwards in this order
-_ORDERED = ("queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts")
-# a collector talking HTTP cannot see the engine's first SCHEDULED event: null there means "not observed"
-_OPTIONAL_TIME_FIELDS = ("scheduled_ts",)
-TIMESERIES_COLUMNS = ("t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct")
 #: the run's files; ``failures`` (requests that failed, written by the collector) is not part of vllm.md s.8
 FILES = {"requests": "requests.jsonl", "timeseries": "timeseries.csv", "meta": "meta.json",
          "failures": "failures.jsonl"}
@@ -158,82 +160,6 @@ def sha256_file(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- requests
-#: a timestamp beyond this many seconds (3,000 years) is no clock reading
-MAX_ABS_TIME_S = 1e11
-
-
-def _check_request(obj: Any, seen: set[str], max_model_len: int | None = None) -> tuple[str | None, str | None]:
-    """``(field, problem)`` of the first bad field of one request object, or ``(None, None)``.
-
-    ``max_model_len`` (the run's, when recorded): vLLM refuses a request whose prompt and output do not fit it
-    (``vllm/entrypoints/openai/serving_engine.py``), so a measured request never exceeds it.
-    """
-    if not isinstance(obj, dict):
-        return None, f"expected a JSON object, got {type(obj).__name__}"
-    for f in REQUEST_FIELDS:
-        if f not in obj:
-            return f, "missing"
-    rid = obj["request_id"]
-    if not isinstance(rid, str) or not rid:
-        return "request_id", f"must be a non-empty string, got {rid!r}"
-    bad = unicode_problem(obj)
-    if bad is not None:
-        return bad
-    if rid in seen:
-        return "request_id", f"duplicate request_id {rid!r}"
-    for f in ("input_toks", "output_toks"):
-        v = obj[f]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            return f, f"must be an integer >= 1, got {v!r}"
-        if v > INT32_MAX:
-            return f, f"{v} tokens is more than vLLM can serve (at most {INT32_MAX:,}, int32 token counts)"
-    if max_model_len is not None and obj["input_toks"] + obj["output_toks"] > max_model_len:
-        return "output_toks", (f"input_toks {obj['input_toks']} + output_toks {obj['output_toks']} exceed the run's "
-                               f"max_model_len {max_model_len}; vLLM refuses such a request, so it was not measured")
-    for f in _TIME_FIELDS:
-        v = obj[f]
-        if v is None and f in _OPTIONAL_TIME_FIELDS:
-            continue
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            return f, f"must be a finite number of seconds, got {v!r}"
-        if abs(v) > MAX_ABS_TIME_S:
-            return f, f"{v!r} s is no clock reading (expected seconds within +-{MAX_ABS_TIME_S:.0e})"
-    present = [f for f in _ORDERED if obj[f] is not None]
-    for a, b in zip(present, present[1:], strict=False):
-        if obj[b] < obj[a]:
-            return b, f"{obj[b]!r} is before {a} {obj[a]!r} (engine timestamps must not go backwards)"
-    return None, None
-
-
-def _request_lines(path: Path, skip_bad: bool,
-                   max_model_len: int | None) -> tuple[list[dict], list[int], int]:
-    """The valid request objects of ``requests.jsonl``, their line numbers, and the bad lines skipped."""
-    rows: list[dict] = []
-    linenos: list[int] = []
-    seen: set[str] = set()
-    skipped = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = decode_utf8(raw, path, lineno)
-                if not line.strip():
-                    continue
-                obj, problem, _ = loads(line)
-                if problem is not None:
-                    raise TraceFormatError(f"{where(path, lineno)}: {problem}")
-                fld, problem = _check_request(obj, seen, max_model_len)
-                if problem is not None:
-                    raise TraceFormatError(f"{where(path, lineno, fld)}: {problem}")
-            except TraceFormatError:
-                if not skip_bad:
-                    raise
-                skipped += 1
-                continue
-            seen.add(obj["request_id"])
-            rows.append(obj)
-            linenos.append(lineno)
-    return rows, linenos, skipped
-
 
 def read_requests(path: str | Path, *, skip_bad: bool = False,
                   max_model_len: int | None = None) -> tuple[pd.DataFrame, int]:
@@ -243,7 +169,7 @@ def read_requests(path: str | Path, *, skip_bad: bool = False,
     window: ``traces.plausibility``).
     """
     path = Path(path)
-    rows, _, skipped = _request_lines(path, skip_bad, max_model_len)
+    rows, _, skipped = request_lines(path, skip_bad, max_model_len)
     if not rows:
         raise TraceFormatError(f"{path}: no requests" + (f" ({skipped} bad lines skipped)" if skipped else ""))
     return _requests_frame(rows), skipped
@@ -256,9 +182,9 @@ def _requests_frame(rows: list[dict]) -> pd.DataFrame:
         df[k] = [r.get(k) for r in rows]
     df["input_toks"] = df["input_toks"].astype(np.int64)
     df["output_toks"] = df["output_toks"].astype(np.int64)
-    for f in _TIME_FIELDS:
+    for f in TIME_FIELDS:
         df[f] = df[f].astype(np.float64)
-    q, s, ft, lt = (df[f].to_numpy() for f in _ORDERED)
+    q, s, ft, lt = (df[f].to_numpy() for f in ORDERED_TIME_FIELDS)
     n = df["output_toks"].to_numpy()
     df["offset_s"] = q - q.min()
     df["ttft_s"] = ft - q
@@ -286,7 +212,7 @@ def read_timeseries(path: str | Path, *, skip_bad: bool = False,
     for lineno, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
-        fld, problem, vals = _check_tick(line.split(","), prev_t)
+        fld, problem, vals = check_tick(line.split(","), prev_t)
         if problem is None and bounds is not None:
             fld, problem = tick_problem(vals, bounds)
         if problem is not None:
@@ -302,32 +228,6 @@ def read_timeseries(path: str | Path, *, skip_bad: bool = False,
         df[c] = df[c].astype(np.int64) if df[c].notna().all() else df[c].astype("Int64")
     df["kv_cache_usage_perc"] = df["kv_cache_pct"] / 100.0
     return df, skipped
-
-
-def _check_tick(parts: list[str], prev_t: float) -> tuple[str | None, str | None, list[float]]:
-    if len(parts) != len(TIMESERIES_COLUMNS):
-        return None, f"expected {len(TIMESERIES_COLUMNS)} comma-separated fields, got {len(parts)}", []
-    vals = []
-    for name, text in zip(TIMESERIES_COLUMNS, parts, strict=True):
-        try:
-            v = float(text)
-        except ValueError:
-            return name, f"not a number: {text.strip()[:50]!r}", []
-        if math.isnan(v) and name != "t":  # a tick whose scrape failed: not measured, never invented
-            vals.append(v)
-            continue
-        if not math.isfinite(v) or v < 0:
-            return name, f"must be a finite number >= 0 (or nan: not measured), got {text.strip()[:50]!r}", []
-        vals.append(v)
-    if vals[0] <= prev_t:
-        return "t", f"ticks must increase ({vals[0]!r} after {prev_t!r})", []
-    for i in (3, 4):
-        if not math.isnan(vals[i]) and (vals[i] > INT32_MAX or vals[i] != int(vals[i])):
-            return TIMESERIES_COLUMNS[i], (f"must be a whole number of requests (at most {INT32_MAX:,}), got "
-                                           f"{parts[i].strip()[:50]!r}"), []
-    if vals[5] > 100:
-        return "kv_cache_pct", f"is a percentage (0-100), got {parts[5].strip()!r}", []
-    return None, None, vals
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -368,7 +268,7 @@ def read_run(run_dir: str | Path, *, skip_bad: bool = False) -> MeasuredRun:
 
 def _read_checked_requests(path: Path, skip_bad: bool, max_model_len: int | None,
                            bounds: RunBounds) -> tuple[pd.DataFrame, int]:
-    rows, linenos, skipped = _request_lines(path, skip_bad, max_model_len)
+    rows, linenos, skipped = request_lines(path, skip_bad, max_model_len)
     whole, found = request_problems(rows, bounds)
     if whole is not None:
         raise TraceFormatError(f"{where(path, None, 'last_token_ts')}: {whole}")
@@ -407,7 +307,7 @@ def request_record(row: Mapping[str, Any], seen: set[str] | None = None, *, extr
         raise ValueError(f"request lacks field(s) {missing}")
     out = {f: _json_number(row[f], f in ("input_toks", "output_toks")) if f != "request_id" else row[f]
            for f in REQUEST_FIELDS}
-    fld, problem = _check_request(out, seen if seen is not None else set())
+    fld, problem = check_request(out, seen if seen is not None else set())
     if problem is not None:
         raise ValueError(f"field {fld}: {problem} (request_id {row.get('request_id')!r})")
     if seen is not None:
@@ -431,7 +331,7 @@ def tick_line(values: Iterable[Any], prev_t: float = -math.inf) -> str:
             parts.append(str(int(v)))  # queue lengths are counts, written as in the measured runs
         else:
             parts.append(repr(float(v)))
-    fld, problem, _ = _check_tick(parts, prev_t)
+    fld, problem, _ = check_tick(parts, prev_t)
     if problem is not None:
         raise ValueError(f"timeseries tick {parts[0]}: field {fld}: {problem}")
     return ",".join(parts)
