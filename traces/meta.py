@@ -221,6 +221,12 @@ _UPPER: dict[str, tuple[int, str]] = {
 }
 
 
+_EXPECTED = {"pos_int": "an integer >= 1", "opt_pos_int": "an integer >= 1 or null",
+             "opt_blocks": "an integer >= 2 or null", "threshold": "an integer >= 0 or null (0: off)",
+             "bool": "true or false", "opt_bool": "true, false or null", "fraction": "a number in (0, 1]",
+             "str": "a string"}
+
+
 def _convert(kind: str, v: Any) -> tuple[bool, Any]:
     is_int = isinstance(v, int) and not isinstance(v, bool)
     if kind == "pos_int":
@@ -270,7 +276,7 @@ def engine_settings(meta: RunMeta, *, where: str = "meta.json", text: str | None
         ok, val = _convert(kind, raw)
         fld = src.split(";")[0] if src.startswith(("resolved", "kv", "engine")) else name
         if not ok:
-            raise w.error(fld, f"invalid value {raw!r} for {name}")
+            raise w.error(fld, f"invalid value {raw!r} for {name}; expected {_EXPECTED[kind]}")
         if name in _UPPER and val is not None and val > _UPPER[name][0]:
             raise w.error(fld, f"{val} is more than {_UPPER[name][0]:,}, {_UPPER[name][1]}; expected the engine's "
                                "real setting")

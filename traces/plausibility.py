@@ -96,7 +96,7 @@ def request_problems(rows: list[dict], bounds: RunBounds) -> tuple[str | None, l
     last = np.array([r["last_token_ts"] for r in rows], np.float64)
     arr = np.array([r["arrival_time"] for r in rows], np.float64)
     if len(rows) > 1 and last.max() == q.min():
-        return (f"every request has the same timestamps ({q.min()!r}): the run spans 0 s, which no engine "
+        return (f"every request has the same timestamps ({float(q.min())!r}): the run spans 0 s, which no engine "
                 "serves in; expected measured times"), []
     found: dict[int, tuple[str, str]] = {}
     lo, hi = np.percentile(arr, [10, 90])
