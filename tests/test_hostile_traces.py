@@ -162,6 +162,9 @@ def test_skip_bad_lines_skips_and_counts(tmp_path, capsys):
     assert rc == 0, err
     obj = json.loads(out.strip().splitlines()[-1])
     assert obj["skipped_lines"] == {"requests.jsonl": 4, "timeseries.csv": 1}
+    ex = obj["skipped_examples"]["requests.jsonl"]
+    assert len(ex) == 4 and any(":10: field queued_ts: -5.0 is" in m for m in ex)  # the outlier is reported
+    assert any(":31: invalid JSON: nested deeper" in m for m in ex)
     assert obj["evaluated_requests"] == 28
     assert "skipped 4 bad line(s) of requests.jsonl" in err
     run = read_run(d, skip_bad=True)

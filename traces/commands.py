@@ -102,12 +102,16 @@ def _read_runs(paths: list[Path], skip_bad: bool) -> list:
     for run in runs:
         for name, n in run.skipped.items():
             if n:
-                print(f"{run.path}: skipped {n} bad line(s) of {name} (--skip-bad-lines)", file=sys.stderr)
+                print(f"{run.path}: skipped {n} bad line(s) of {name} (--skip-bad-lines), e.g.", file=sys.stderr)
+                for msg in run.skipped_detail.get(name, [])[:3]:
+                    print(f"  {msg}", file=sys.stderr)
     return runs
 
 
-def _skipped(runs: list) -> dict:
-    return {run.name: dict(run.skipped) for run in runs} if len(runs) > 1 else dict(runs[0].skipped)
+def _skipped(runs: list, detail: bool = False) -> dict:
+    """Skipped lines per file (``detail``: their messages), per run when there are several."""
+    of = (lambda r: dict(r.skipped_detail)) if detail else (lambda r: dict(r.skipped))
+    return {run.name: of(run) for run in runs} if len(runs) > 1 else of(runs[0])
 
 
 def configure_calibrate(p: argparse.ArgumentParser) -> None:
@@ -154,7 +158,7 @@ def run_calibrate(args) -> int:
         write_text(args.report, json.dumps(_clean(res.report), indent=2) + "\n")
     if args.json:
         _emit_json({"profile_path": str(args.out), "profile": res.profile.name, **res.report,
-                    "skipped_lines": _skipped(runs)})
+                    "skipped_lines": _skipped(runs), "skipped_examples": _skipped(runs, detail=True)})
     return 0
 
 
@@ -206,6 +210,7 @@ def run_replay(args) -> int:
                          progress=bar.update)
     out["profile"] = str(args.profile)
     out["skipped_lines"] = _skipped([run])
+    out["skipped_examples"] = _skipped([run], detail=True)
     part = (f"held-out requests after {out['split_s']:.1f} s ({out['evaluated_requests']})"
             if args.fit_fraction else f"all {out['evaluated_requests']} requests")
     print(f"run {out['run']}  profile {args.profile}  evaluated on {part}")

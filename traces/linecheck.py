@@ -73,12 +73,13 @@ def check_request(obj: Any, seen: set[str], max_model_len: int | None = None) ->
 
 
 def request_lines(path: Path, skip_bad: bool,
-                   max_model_len: int | None) -> tuple[list[dict], list[int], int]:
-    """The valid request objects of ``requests.jsonl``, their line numbers, and the bad lines skipped."""
+                   max_model_len: int | None) -> tuple[list[dict], list[int], list[str]]:
+    """The valid request objects of ``requests.jsonl``, their line numbers, and the messages of the bad lines
+    skipped (``skip_bad``; without it the first bad line raises ``TraceFormatError``)."""
     rows: list[dict] = []
     linenos: list[int] = []
     seen: set[str] = set()
-    skipped = 0
+    skipped: list[str] = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -91,10 +92,10 @@ def request_lines(path: Path, skip_bad: bool,
                 fld, problem = check_request(obj, seen, max_model_len)
                 if problem is not None:
                     raise TraceFormatError(f"{where(path, lineno, fld)}: {problem}")
-            except TraceFormatError:
+            except TraceFormatError as e:
                 if not skip_bad:
                     raise
-                skipped += 1
+                skipped.append(str(e))
                 continue
             seen.add(obj["request_id"])
             rows.append(obj)

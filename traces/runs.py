@@ -74,6 +74,8 @@ __all__ = [
 FILES = {"requests": "requests.jsonl", "timeseries": "timeseries.csv", "meta": "meta.json",
          "failures": "failures.jsonl"}
 _RUN_FILES = ("requests", "timeseries", "meta")
+#: skipped lines whose message ``MeasuredRun.skipped_detail`` keeps, per file
+SKIPPED_DETAIL = 20
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -91,6 +93,7 @@ class MeasuredRun:
         engine: the engine settings the run was served with, each with its source.
         file_sha256: SHA-256 of every file read, by file name.
         skipped: bad lines skipped per file (only with ``skip_bad=True``).
+        skipped_detail: per file, the messages (``file:line: field F: ...``) of the first skipped lines.
     """
 
     path: Path
@@ -101,6 +104,7 @@ class MeasuredRun:
     engine: EngineSettings
     file_sha256: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    skipped_detail: dict[str, list[str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -169,10 +173,10 @@ def read_requests(path: str | Path, *, skip_bad: bool = False,
     window: ``traces.plausibility``).
     """
     path = Path(path)
-    rows, _, skipped = request_lines(path, skip_bad, max_model_len)
+    rows, _, bad = request_lines(path, skip_bad, max_model_len)
     if not rows:
-        raise TraceFormatError(f"{path}: no requests" + (f" ({skipped} bad lines skipped)" if skipped else ""))
-    return _requests_frame(rows), skipped
+        raise TraceFormatError(f"{path}: no requests" + (f" ({len(bad)} bad lines skipped)" if bad else ""))
+    return _requests_frame(rows), len(bad)
 
 
 def _requests_frame(rows: list[dict]) -> pd.DataFrame:
@@ -202,13 +206,18 @@ def read_timeseries(path: str | Path, *, skip_bad: bool = False,
     ``bounds`` (from the run's ``meta.json``, ``traces.plausibility``) also refuses gauges beyond the engine's limits
     and ticks outside the run's window.
     """
-    path = Path(path)
+    df, bad = _read_ticks(Path(path), skip_bad, bounds)
+    return df, len(bad)
+
+
+def _read_ticks(path: Path, skip_bad: bool, bounds: RunBounds | None) -> tuple[pd.DataFrame, list[str]]:
+    """The ticks and the messages of the bad lines skipped."""
     lines = decode_utf8(path.read_bytes(), path).splitlines()
     header = tuple(h.strip() for h in lines[0].split(",")) if lines else ()
     if header != TIMESERIES_COLUMNS:
         raise TraceFormatError(f"{where(path, 1)}: header must be {','.join(TIMESERIES_COLUMNS)}, got "
                                f"{lines[0][:200] if lines else '<empty file>'!r}")
-    data, skipped, prev_t = [], 0, -math.inf
+    data, skipped, prev_t = [], [], -math.inf
     for lineno, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -216,10 +225,11 @@ def read_timeseries(path: str | Path, *, skip_bad: bool = False,
         if problem is None and bounds is not None:
             fld, problem = tick_problem(vals, bounds)
         if problem is not None:
-            if skip_bad:
-                skipped += 1
-                continue
-            raise TraceFormatError(f"{where(path, lineno, fld)}: {problem}")
+            msg = f"{where(path, lineno, fld)}: {problem}"
+            if not skip_bad:
+                raise TraceFormatError(msg)
+            skipped.append(msg)
+            continue
         prev_t = vals[0]
         data.append(vals)
     df = pd.DataFrame(np.array(data, dtype=np.float64).reshape(-1, len(TIMESERIES_COLUMNS)),
@@ -258,16 +268,17 @@ def read_run(run_dir: str | Path, *, skip_bad: bool = False) -> MeasuredRun:
     bounds = run_bounds(meta, engine)
     requests, bad_req = _read_checked_requests(d / FILES["requests"], skip_bad, engine.max_model_len, bounds)
     ts_path = d / FILES["timeseries"]
-    timeseries, bad_ts = (read_timeseries(ts_path, skip_bad=skip_bad, bounds=bounds) if ts_path.is_file()
-                          else (None, 0))
+    timeseries, bad_ts = _read_ticks(ts_path, skip_bad, bounds) if ts_path.is_file() else (None, [])
     shas = {p.name: sha256_file(p) for p in (d / FILES[k] for k in _RUN_FILES) if p.is_file()}
-    skipped = {FILES["requests"]: bad_req, FILES["timeseries"]: bad_ts} if skip_bad else {}
+    bad = {FILES["requests"]: bad_req, FILES["timeseries"]: bad_ts}
     return MeasuredRun(path=d, name=d.resolve().name, requests=requests, timeseries=timeseries, meta=meta,
-                       engine=engine, file_sha256=shas, skipped=skipped)
+                       engine=engine, file_sha256=shas,
+                       skipped={k: len(v) for k, v in bad.items()} if skip_bad else {},
+                       skipped_detail={k: v[:SKIPPED_DETAIL] for k, v in bad.items() if v})
 
 
 def _read_checked_requests(path: Path, skip_bad: bool, max_model_len: int | None,
-                           bounds: RunBounds) -> tuple[pd.DataFrame, int]:
+                           bounds: RunBounds) -> tuple[pd.DataFrame, list[str]]:
     rows, linenos, skipped = request_lines(path, skip_bad, max_model_len)
     whole, found = request_problems(rows, bounds)
     if whole is not None:
@@ -278,9 +289,9 @@ def _read_checked_requests(path: Path, skip_bad: bool, max_model_len: int | None
         raise TraceFormatError(f"{where(path, linenos[i], fld)}: {problem}{more}")
     drop = {i for i, _, _ in found}
     rows = [r for i, r in enumerate(rows) if i not in drop]
-    skipped += len(drop)
+    skipped = skipped + [f"{where(path, linenos[i], fld)}: {problem}" for i, fld, problem in found]
     if not rows:
-        raise TraceFormatError(f"{path}: no requests" + (f" ({skipped} bad lines skipped)" if skipped else ""))
+        raise TraceFormatError(f"{path}: no requests" + (f" ({len(skipped)} bad lines skipped)" if skipped else ""))
     return _requests_frame(rows), skipped
 
 
