@@ -3,7 +3,7 @@ raises ``TraceFormatError`` (file, line, field), nothing else, with and without 
 
 Inputs: random bytes in place of each file, random JSON values as request lines and as ``meta.json``, and
 mutations (a field replaced by a hostile value, bytes flipped / inserted / cut) of a real measured run (the first
-40 requests of ``rtx4090-llama-3.1-8b``) and of a small run written here. ``derandomize`` keeps CI repeatable.
+40 requests of ``rtx4090-llama-3.1-8b``) and of two small runs written here (engine-side and client-side). ``derandomize`` keeps CI repeatable.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from traces.errors import INT32_MAX, TraceFormatError
 from traces.runs import REQUEST_FIELDS, read_run
 
 FILES = ("requests.jsonl", "meta.json", "timeseries.csv")
-EXAMPLES = {"bytes": 150, "json": 150, "mutation": 300}
+EXAMPLES = {"bytes": 150, "json": 150, "mutation": 350}
+BASES = ["real", "small", "client"]
 FUZZ = settings(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -51,8 +52,10 @@ def bases(traces_dir, tmp_path_factory):
     shutil.copy(src / "meta.json", real / "meta.json")
     shutil.copy(src / "timeseries.csv", real / "timeseries.csv")
     small = hostile.write(root / "small")
+    client_meta = {**hostile.meta(), "collector": {"timestamps": "client"}}
+    client = hostile.write(root / "client", [{**r, "scheduled_ts": None} for r in hostile.requests()], client_meta)
     out = {}
-    for d in (real, small):
+    for d in (real, small, client):
         read_run(d)  # both are valid to start with
         out[d.name] = {f: (d / f).read_bytes() for f in FILES}
     return out
@@ -100,7 +103,7 @@ def _assert_valid(run) -> None:
 
 
 @settings(FUZZ, max_examples=EXAMPLES["bytes"])
-@given(which=st.sampled_from(FILES), data=st.binary(max_size=2000), base=st.sampled_from(["real", "small"]))
+@given(which=st.sampled_from(FILES), data=st.binary(max_size=2000), base=st.sampled_from(BASES))
 def test_random_bytes(bases, which, data, base):
     _check({**bases[base], which: data})
 
@@ -137,7 +140,7 @@ def _meta_paths(meta: dict) -> list[list[str]]:
 
 
 @settings(FUZZ, max_examples=EXAMPLES["mutation"])
-@given(base=st.sampled_from(["real", "small"]), kind=st.sampled_from(["request", "meta", "tick", "bytes"]),
+@given(base=st.sampled_from(BASES), kind=st.sampled_from(["request", "meta", "tick", "bytes"]),
        value=SCALARS, pick=st.integers(0, 10**6), blob=st.binary(min_size=1, max_size=8),
        op=st.sampled_from(["flip", "insert", "cut"]))
 def test_mutations_of_valid_runs(bases, base, kind, value, pick, blob, op):
