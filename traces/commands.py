@@ -236,6 +236,6 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return run_calibrate(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a full disk, a folder where a file goes...
         print(f"python -m traces.calibrate: error: {e}", file=sys.stderr)
         return 2
