@@ -144,3 +144,21 @@ def test_validate_policy_request_timeout_fails_calls_that_never_answer(tmp_path)
     res = last_json_line(p.stdout)
     assert res["failed_live_calls"] >= 1 and "no answer within 2.0 s" in json.dumps(res["live"]["endpoints"])
     assert wall < 120  # not 600 s per call
+
+
+def test_validate_policy_saves_partial_results_when_interrupted(tmp_path):
+    res_path = tmp_path / "partial.json"
+    with FakeServer("ok", token_gap_s=0.01) as srv:
+        p = subprocess.Popen([sys.executable, "-m", "maslat", "validate-policy", "single_cot", "--task", "humaneval",
+                              "--endpoints", srv.url, "--num-queries", "40", "--concurrency", "1", "--out",
+                              str(res_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while srv.count < 4 and time.monotonic() < deadline:
+            assert p.poll() is None, p.communicate()[1][-2000:]
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130, stderr[-2000:]
+    saved = json.loads(res_path.read_text())
+    assert saved["partial"] is True and saved["error"].startswith("KeyboardInterrupt")
+    assert 1 <= len(saved["live_queries"]) < 40 and "finished live queries saved to" in stderr
