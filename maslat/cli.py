@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"maslat {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a folder where a file goes...: a message, not a traceback
+        name = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"maslat {args.command}: error:{name} {e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,11 +16,16 @@ def _plt():
 
 def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     """Write ``fig`` to ``path`` (creating its folder) and close it."""
+    from traces.atomic import atomic_open, output_path
+
     plt = _plt()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        output_path(path, (".png", ".pdf", ".svg"), what="plot")
+        fig.tight_layout()
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, dpi=dpi, format=Path(path).suffix[1:].lower())
+    finally:
+        plt.close(fig)
     return path
 
 

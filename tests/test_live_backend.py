@@ -88,7 +88,8 @@ def test_failed_calls_are_counted_never_hidden(tmp_path):
     prof = small_profile(tmp_path, "short", max_model_len=600)
     with serving("--profile", str(prof), "--time-scale", "0.25") as srv:
         out = maslat("validate-policy", "all_parallel", "--task", "humaneval", "--endpoints", srv.url,
-                     "--num-queries", "1", "--concurrency", "1", "--profile", str(prof), "--json")
+                     "--num-queries", "1", "--concurrency", "1", "--profile", str(prof), "--json", check=False)
+    assert out.returncode == 1, out.stderr[-3000:]  # a failed live call fails the command (issue 19)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["failed_live_calls"] > 0 and res["live"]["endpoints"]["llm"]["failed"] == res["failed_live_calls"]
     assert not res["bar"]["passed"] and "HTTP 400" in res["live"]["endpoints"]["llm"]["errors"]

@@ -339,7 +339,7 @@ def _apply(base: sim.Profile, fit: StepFit, mult: dict[str, float]) -> sim.Profi
 
 def _objective(errors: dict) -> float:
     return float(sum(w * np.log1p(errors[m][s]["error_pct"] / 100.0) ** 2
-                     for m in METRICS for s, w in _STAT_WEIGHTS.items()))
+                     for m in METRICS for s, w in _STAT_WEIGHTS.items() if errors[m][s]["error_pct"] is not None))
 
 
 def _multiplier_names(fit: StepFit) -> list[str]:
@@ -388,6 +388,23 @@ def _overheads(fit: StepFit, runs: Sequence[MeasuredRun]) -> tuple[sim.Overheads
     return replace(PRIOR_OVERHEADS, frontend_s=fit.offset_s), src
 
 
+def _check_servable(runs: Sequence[MeasuredRun], engine: sim.EngineConfig) -> None:
+    """Refuse, up front, a request the engine can never serve (as ``replay`` does): the reconstruction would
+    otherwise wait for it forever."""
+    cap_tokens = (engine.num_gpu_blocks - 1) * engine.block_size
+    for run in runs:
+        need = run.prompt_tokens + run.output_tokens
+        bad = np.flatnonzero(need > engine.max_model_len)
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(
+                f"{run.path}: request {run.requests['request_id'].iloc[i]} (input_toks {run.prompt_tokens[i]} + "
+                f"output_toks {run.output_tokens[i]}) can never be served by the run's engine (max_model_len "
+                f"{engine.max_model_len}, KV capacity {cap_tokens} tokens = (num_gpu_blocks {engine.num_gpu_blocks}"
+                f" - 1) x block_size {engine.block_size}); {len(bad)} such request(s). Calibration needs every "
+                "request served: check the run's engine limits in meta.json")
+
+
 def _load(runs_or_dirs: Sequence[MeasuredRun | str | Path]) -> list[MeasuredRun]:
     runs = [as_run(r) for r in runs_or_dirs]
     if not runs:
@@ -431,6 +448,7 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     hw = hardware or (shape.gpu.spec if shape.gpu is not None else None)
     cap = dp_capacity(_capacity(runs, shape.gpu, shape.model, splits), runs)
     engine, engine_sources = _engine(runs, shape.model, cap)
+    _check_servable(runs, engine)
     parallel = sim.ParallelConfig(tensor_parallel_size=runs[0].engine.tensor_parallel_size,
                                   expert_parallel=runs[0].engine.enable_expert_parallel)
     fit_runs = [FitRun.of(r, m) for r, m in zip(runs, masks, strict=True)]

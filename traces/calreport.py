@@ -221,5 +221,6 @@ def format_report(report: dict) -> str:
     for part in r["runs"]:
         lines.append(f"replay errors on the fit requests of {part['run']} (%):")
         for m, st in part["fit_errors_pct"].items():
-            lines.append(f"  {m:7s} " + "  ".join(f"{s} {v:+6.2f}" for s, v in st.items()))
+            lines.append(f"  {m:7s} " + "  ".join(f"{s} {'n/a':>6s}" if v is None else f"{s} {v:+6.2f}"
+                                               for s, v in st.items()))
     return "\n".join(lines)

@@ -29,12 +29,20 @@ _WORDS = ("time", "data", "model", "plan", "code", "test", "graph", "node", "val
           "agent", "task", "step", "query", "table", "index", "cache", "block")
 
 
+#: time scales the collector plays (wall seconds per server second): beyond them its arithmetic on clocks and
+#: timeouts overflows or loses every digit (``maslat serve --time-scale`` is typically 0.01 to 10)
+TIME_SCALE_RANGE = (1e-4, 1e4)
+
+
 class Clock:
     """Monotonic and epoch clocks in server seconds (wall seconds divided by ``time_scale``)."""
 
     def __init__(self, time_scale: float = 1.0):
-        if not time_scale > 0:
-            raise ValueError(f"time_scale must be positive, got {time_scale!r}")
+        lo, hi = TIME_SCALE_RANGE
+        if not (isinstance(time_scale, (int, float)) and lo <= time_scale <= hi):
+            raise ValueError(f"time scale {time_scale!r} (maslat:time_scale, wall seconds per server second) is "
+                             f"outside {lo:g}..{hi:g}; a stand-in server runs at such a scale, and a real vLLM "
+                             "publishes none (1)")
         self.time_scale = float(time_scale)
         self._m0, self._e0 = time.monotonic(), time.time()
 
@@ -135,8 +143,15 @@ async def stream_request(session, url: str, body: dict, clock: Clock, res: Strea
         res.error = "cancelled"
         raise
     except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
-        res.error = f"{type(e).__name__}: {e}".strip()
+        res.error = _describe(e)
+    except Exception as e:  # noqa: BLE001 - e.g. aiohttp's LineTooLong (a stream line over 512 KiB): a failed
+        res.error = _describe(e)  # request, recorded with its error, never an exception that kills a client task
     return res
+
+
+def _describe(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return text if len(text) <= 500 else text[:500] + "..."
 
 
 def base_url(endpoint: str) -> str:

@@ -165,6 +165,9 @@ class Collector:
         self.stand_in_max_lag_s: float | None = None  # the stand-in server's worst clock lag (wall s)
         self.extra_meta: dict = {}  # added to meta["collector"] (phase 2 counts)
         self.closers: list = []  # called once at the end (phase 2 closes its CSV)
+        self.task_errors: list[str] = []  # tasks that died of an exception (a bug): the run is not complete
+        self.first_error: str | None = None  # of a failed request, for the message when none succeeded
+        self.signal: str | None = None  # SIGINT / SIGTERM that stopped the collection
 
     # ------------------------------------------------------------------ discovery
     async def discover(self, session) -> None:
@@ -269,7 +272,9 @@ class Collector:
             self.first_send = res.sent_mono
         try:
             await stream_request(session, url, body, self.clock, res)
-        finally:  # also when cancelled (Ctrl-C): the partial result is recorded
+        except Exception as e:  # noqa: BLE001 - stream_request records errors itself; never lose a request
+            res.error = res.error or f"{type(e).__name__}: {e}"[:500]
+        finally:  # also when cancelled (Ctrl-C, SIGTERM): the partial result is recorded
             self.record(rid, body, res, extra or {})
         return res
 
@@ -300,6 +305,7 @@ class Collector:
             self.itl.extend(row["itls"])
         else:
             t = res.chunk_times
+            self.first_error = self.first_error or res.error or "no output"
             self.writer.add_failure({"request_id": rid, "error": res.error, "http_status": res.status,
                                      "arrival_time": res.sent_epoch, "queued_ts": res.sent_mono, "failed_ts": now,
                                      "max_tokens": body["max_tokens"], "output_toks_received": len(t),
@@ -311,8 +317,16 @@ class Collector:
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self.inflight.add(task)
-        task.add_done_callback(self.inflight.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        """A task that died of an exception stops the collection (never a silently truncated, complete run)."""
+        self.inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            e = task.exception()
+            self.task_errors.append(f"{type(e).__name__}: {e}"[:500])
+            self.stop.set()
 
     async def pause(self, wall_s: float) -> None:
         """Sleep, waking early if the collection is stopped."""
@@ -374,6 +388,10 @@ class Collector:
             "ok": n_ok, "failed": self.writer.num_failures if self.writer else 0,
             "skipped_oversize": self.skipped, "scrape_failures": self.scrape_failures,
             "counter_resets": self.counter_resets, "interrupted": self.interrupted, "complete": complete}
+        if self.signal is not None:
+            meta["collector"]["interrupted_by"] = self.signal
+        if self.task_errors:
+            meta["collector"]["task_errors"] = self.task_errors[:10]
         if self.stand_in_max_lag_s is not None:
             meta["collector"]["stand_in_max_lag_s"] = self.stand_in_max_lag_s
         meta["collector"].update(self.extra_meta)
@@ -392,32 +410,43 @@ class Collector:
                 "throughput_req_per_s": n_ok / span if span and span > 0 else None,
                 "output_tokens_per_s": sum(self.out_tokens) / span if span and span > 0 else None,
                 "scrape_failures": self.scrape_failures, "counter_resets": self.counter_resets,
-                "time_scale": self.clock.time_scale, "stand_in_max_lag_s": self.stand_in_max_lag_s}
+                "time_scale": self.clock.time_scale, "stand_in_max_lag_s": self.stand_in_max_lag_s,
+                "signal": self.signal, "task_errors": self.task_errors, "first_error": self.first_error,
+                "run_written": bool(self.writer is not None and n_ok > 0)}
 
 
-async def collect_async(cfg: CollectConfig, *, progress=None, stop: asyncio.Event | None = None) -> dict:
+async def collect_async(cfg: CollectConfig, *, progress=None, stop: asyncio.Event | None = None,
+                        collector: Collector | None = None) -> dict:
     """Run one collection inside a running event loop; set ``stop`` to end it early (a valid partial run)."""
     from .loadgen import run_collection
 
-    col = Collector(cfg, progress)
+    col = collector or Collector(cfg, progress)
     if stop is not None:
         col.stop = stop
     return await run_collection(col)
 
 
+#: signals that stop a collection gracefully: Ctrl-C, and what ``timeout``, ``docker stop`` and systemd send
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def collect(cfg: CollectConfig, *, progress=None) -> dict:
-    """Run one collection (blocking). In the main thread, the first Ctrl-C stops it gracefully (the run
-    stays valid and says ``interrupted``); a second one aborts at once."""
+    """Run one collection (blocking). In the main thread, the first Ctrl-C or SIGTERM stops it gracefully (the
+    run stays valid and says ``interrupted``, in-flight requests are recorded as failures); a second one aborts at
+    once."""
 
     async def main() -> dict:
         stop = asyncio.Event()
+        col = Collector(cfg, progress)
         loop = asyncio.get_running_loop()
         if threading.current_thread() is threading.main_thread():
-            def on_sigint() -> None:
+            def on_signal(sig: signal.Signals) -> None:
+                col.signal = col.signal or sig.name
                 stop.set()
-                loop.remove_signal_handler(signal.SIGINT)
+                loop.remove_signal_handler(sig)
 
-            loop.add_signal_handler(signal.SIGINT, on_sigint)
-        return await collect_async(cfg, progress=progress, stop=stop)
+            for sig in STOP_SIGNALS:
+                loop.add_signal_handler(sig, on_signal, sig)
+        return await collect_async(cfg, progress=progress, stop=stop, collector=col)
 
     return asyncio.run(main())

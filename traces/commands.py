@@ -98,6 +98,32 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _skip_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip malformed or implausible lines of requests.jsonl / timeseries.csv and count them "
+                        "(skipped_lines in the report) instead of refusing the run")
+
+
+def _read_runs(paths: list[Path], skip_bad: bool) -> list:
+    """Read every run first (a bad line is refused before any work, or skipped and said on stderr)."""
+    from .runs import read_run
+
+    runs = [read_run(p, skip_bad=skip_bad) for p in paths]
+    for run in runs:
+        for name, n in run.skipped.items():
+            if n:
+                print(f"{run.path}: skipped {n} bad line(s) of {name} (--skip-bad-lines), e.g.", file=sys.stderr)
+                for msg in run.skipped_detail.get(name, [])[:3]:
+                    print(f"  {msg}", file=sys.stderr)
+    return runs
+
+
+def _skipped(runs: list, detail: bool = False) -> dict:
+    """Skipped lines per file (``detail``: their messages), per run when there are several."""
+    of = (lambda r: dict(r.skipped_detail)) if detail else (lambda r: dict(r.skipped))
+    return {run.name: of(run) for run in runs} if len(runs) > 1 else of(runs[0])
+
+
 def configure_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
                    help="measured run directories of one engine (requests.jsonl, timeseries.csv, meta.json)")
@@ -121,17 +147,23 @@ def configure_calibrate(p: argparse.ArgumentParser) -> None:
                    help="replays the refinement may spend (default 15 per multiplier: 45, or 60 for client-side runs)")
     p.add_argument("--seed", type=int, default=0, help="world seed of the replays (default 0)")
     p.add_argument("--report", type=Path, default=None, help="also write the full fit report as JSON here")
+    _skip_flag(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (the fit report and the profile path) as the last line")
 
 
 def run_calibrate(args) -> int:
+    from .atomic import output_path, write_text
     from .calibrate import calibrate_runs, format_report
 
     if args.max_evals is not None and args.max_evals < 5:
         raise ValueError("--max-evals must be at least 5 (the initial simplex of up to four multipliers)")
+    output_path(args.out, (".json",), what="--out")  # checked before the work, not after
+    if args.report is not None:
+        output_path(args.report, (".json",), what="--report")
+    runs = _read_runs(args.runs, args.skip_bad_lines)
     with _bar(args.max_evals, "refining") as bar:
-        res = calibrate_runs(args.runs, fit_fraction=args.fit_fraction, seed=args.seed, gpu=args.gpu,
+        res = calibrate_runs(runs, fit_fraction=args.fit_fraction, seed=args.seed, gpu=args.gpu,
                              gpu_spec=args.gpu_spec, model_config=args.model_config, name=args.name,
                              max_evals=args.max_evals, step_time_model=args.step_time_model, progress=bar.update)
     cmd = ["maslat calibrate", *map(_portable, args.runs), "--out", str(args.out)]
@@ -146,17 +178,16 @@ def run_calibrate(args) -> int:
     if args.step_time_model != "auto":
         cmd += ["--step-time-model", args.step_time_model]
     profile = res.profile.replace(derived_from={**res.profile.derived_from, "command": " ".join(cmd)})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(profile.to_json())
+    write_text(args.out, profile.to_json())  # atomic: a failed write leaves the old profile
     print(format_report(res.report))
     print(f"model shape: {res.report['model_source']}\nhardware: {res.report['hardware_source']}")
     print(f"wrote profile {res.profile.name!r} to {args.out} ({res.report['wall_s']:.1f} s); step-time model "
           f"{res.report['step_time_model']!r}")
     if args.report is not None:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(_clean(res.report), indent=2) + "\n")
+        write_text(args.report, json.dumps(_clean(res.report), indent=2) + "\n")
     if args.json:
-        _emit_json({"profile_path": str(args.out), "profile": res.profile.name, **res.report})
+        _emit_json({"profile_path": str(args.out), "profile": res.profile.name, **res.report,
+                    "skipped_lines": _skipped(runs), "skipped_examples": _skipped(runs, detail=True)})
     return 0
 
 
@@ -178,6 +209,7 @@ def configure_replay(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plots", type=Path, default=None, help="write CDF and queue plots (PNG) into this directory")
     p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     p.add_argument("--check", action="store_true", help="exit with status 1 when the accuracy bar fails")
+    _skip_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
@@ -185,20 +217,29 @@ def _replay_table(out: dict) -> str:
     rows = [f"{'metric':8s} {'stat':5s} {'measured':>12s} {'simulated':>12s} {'error %':>8s}"]
     for m, stats in out["metrics"].items():
         for s, v in stats.items():
-            rows.append(f"{m:8s} {s:5s} {v['measured']:12.5g} {v['simulated']:12.5g} {v['error_pct']:+8.2f}")
+            cells = [f"{'n/a':>{w}s}" if x is None else format(x, f)
+                     for x, w, f in ((v["measured"], 12, "12.5g"), (v["simulated"], 12, "12.5g"),
+                                     (v["error_pct"], 8, "+8.2f"))]
+            rows.append(f"{m:8s} {s:5s} " + " ".join(cells))
     return "\n".join(rows)
 
 
 def run_replay(args) -> int:
     import sim
 
+    from .atomic import output_dir
     from .replay import replay_run
 
     prof = sim.load_profile(args.profile)
+    if args.plots is not None:
+        output_dir(args.plots, what="--plots")
+    run = _read_runs([args.run], args.skip_bad_lines)[0]
     with _bar(45 if args.fit_fraction else 0, "calibrating") as bar:
-        out = replay_run(args.run, prof, fit_fraction=args.fit_fraction, seed=args.seed, plots_dir=args.plots,
+        out = replay_run(run, prof, fit_fraction=args.fit_fraction, seed=args.seed, plots_dir=args.plots,
                          progress=bar.update)
     out["profile"] = str(args.profile)
+    out["skipped_lines"] = _skipped([run])
+    out["skipped_examples"] = _skipped([run], detail=True)
     part = (f"held-out requests after {out['split_s']:.1f} s ({out['evaluated_requests']})"
             if args.fit_fraction else f"all {out['evaluated_requests']} requests")
     print(f"run {out['run']}  profile {args.profile}  evaluated on {part}")
@@ -213,7 +254,9 @@ def run_replay(args) -> int:
               f"({dp['api_server_count']} API server(s)), num_gpu_blocks per engine {dp['num_gpu_blocks_per_engine']}")
     b = out["bar"]
     print(f"accuracy bar |error| <= {b['threshold_pct']:g} % on {'/'.join(b['stats'])}: "
-          f"{'PASS' if b['passed'] else 'FAIL'} (worst {b['worst']} {b['worst_error_pct']:+.2f} %)")
+          f"{'PASS' if b['passed'] else 'FAIL'} "
+          + (f"(worst {b['worst']} {b['worst_error_pct']:+.2f} %)" if b["worst"] else "(no defined error)")
+          + (f"; undefined: {', '.join(b['undefined'])}" if b.get("undefined") else ""))
     if "plots" in out:
         print("plots: " + ", ".join(out["plots"].values()))
     if args.json:
@@ -228,6 +271,6 @@ def calibrate_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return run_calibrate(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a full disk, a folder where a file goes...
         print(f"python -m traces.calibrate: error: {e}", file=sys.stderr)
         return 2

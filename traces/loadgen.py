@@ -131,7 +131,7 @@ async def run_collection(col) -> dict:
             else:
                 await _open_loop(col, s)
             await drain(col)
-            complete = not col.stop.is_set()
+            complete = not col.stop.is_set() and not col.task_errors
         finally:
             col.interrupted = not complete
             pending = list(col.inflight)
@@ -145,6 +145,9 @@ async def run_collection(col) -> dict:
                 scraper.cancel()
                 await asyncio.gather(scraper, return_exceptions=True)
             col.close_extras()
-            col.writer.write_meta(col.meta(started=started, finished=col.clock.epoch(), complete=complete))
-            col.writer.close()
+            if col.writer.num_requests:
+                col.writer.write_meta(col.meta(started=started, finished=col.clock.epoch(), complete=complete))
+                col.writer.close()
+            else:  # nothing completed: no run the reader would refuse (failures.jsonl stays, for the errors)
+                col.writer.discard()
     return col.summary()

@@ -7,14 +7,13 @@ vLLM 0.19.0 defaults of ``vllm.md`` s.4.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import TraceFormatError, line_of_key
+from .errors import INT32_MAX, TraceFormatError, decode_utf8, line_of_key, loads, unicode_problem
 
 __all__ = ["DEFAULT_SOURCE", "EngineSettings", "RunMeta", "TIMESTAMPS", "engine_settings", "parse_meta"]
 
@@ -80,6 +79,10 @@ class RunMeta:
     def started_at_epoch_s(self) -> float | None:
         return None if self.started_at is None else _epoch(self.started_at)
 
+    @property
+    def finished_at_epoch_s(self) -> float | None:
+        return None if self.finished_at is None else _epoch(self.finished_at)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k in _KNOWN:
@@ -94,6 +97,9 @@ class RunMeta:
         w = _Where(where, text)
         if not isinstance(data, dict):
             raise TraceFormatError(f"{where}: meta must be a JSON object, got {type(data).__name__}")
+        bad = unicode_problem(data)
+        if bad is not None:
+            raise w.error(bad[0].split("[")[0], bad[1])
         model = data.get("model")
         if model is None and isinstance(data.get("engine_kwargs"), dict):
             model = data["engine_kwargs"].get("model")
@@ -108,10 +114,9 @@ class RunMeta:
         for k in ("started_at", "finished_at"):
             v = data.get(k)
             if v is not None:
-                try:
-                    _epoch(v)
-                except (TypeError, ValueError):
-                    raise w.error(k, f"must be an ISO-8601 time such as 2026-04-25T18:47:18.27Z, got {v!r}") from None
+                problem = _time_problem(v)
+                if problem is not None:
+                    raise w.error(k, problem)
         n = data.get("num_requests")
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
             raise w.error("num_requests", f"must be an integer >= 0, got {n!r}")
@@ -134,14 +139,26 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
+def _time_problem(v: Any) -> str | None:
+    """Why ``v`` is not a usable ``started_at``/``finished_at``, or ``None``. A time without a zone is refused,
+    never read in the local zone of whoever reads it (which would move the run by hours)."""
+    example = "2026-04-25T18:47:18.27Z"
+    try:
+        t = datetime.fromisoformat(v.replace("Z", "+00:00"))
+    except (TypeError, ValueError, AttributeError):
+        return f"must be an ISO-8601 time such as {example}, got {v!r}"
+    if t.tzinfo is None:
+        return f"{v!r} has no time zone; write it in UTC with a Z (e.g. {example}) or with an offset (+02:00)"
+    return None
+
+
 def parse_meta(path: str | Path) -> RunMeta:
     """Read and validate ``meta.json``; errors name the file, the line and the field."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TraceFormatError(f"{path}:{e.lineno}: invalid JSON at column {e.colno}: {e.msg}") from None
+    text = decode_utf8(path.read_bytes(), path)
+    data, problem, line = loads(text)
+    if problem is not None:
+        raise TraceFormatError(f"{path}:{line}: {problem}")
     meta = RunMeta.from_dict(data, where=str(path), text=text)
     engine_settings(meta, where=str(path), text=text)  # fail early on bad limits
     return meta
@@ -208,6 +225,27 @@ _SETTINGS: dict[str, tuple[str | None, bool, bool, Any, str]] = {
     "async_scheduling": ("scheduler_config", False, True, True, "opt_bool"),
     "policy": ("scheduler_config", False, True, "fcfs", "str"),
 }
+
+
+_INT32_WHY = "the largest count vLLM's model runner can hold (int32 tensors in vllm/v1/worker/gpu_model_runner.py)"
+#: plausibility ceilings of the engine limits: vLLM's config takes any positive integer, but its model runner
+#: allocates int32 buffers of these sizes, so a larger value was never served
+_UPPER: dict[str, tuple[int, str]] = {
+    "max_num_seqs": (INT32_MAX, _INT32_WHY),
+    "max_num_batched_tokens": (INT32_MAX, _INT32_WHY),
+    "max_model_len": (INT32_MAX, _INT32_WHY),
+    "long_prefill_token_threshold": (INT32_MAX, _INT32_WHY),
+    "num_gpu_blocks": (INT32_MAX, "the largest block id of vLLM's int32 block table (vllm/v1/worker/block_table.py)"),
+    "block_size": (65536, "far above any KV block vLLM uses (attention kernels take 16 to 128 tokens; hybrid "
+                          "Mamba models align attention blocks to a few thousand)"),
+    "tensor_parallel_size": (65536, "more GPUs than any deployment has"),
+}
+
+
+_EXPECTED = {"pos_int": "an integer >= 1", "opt_pos_int": "an integer >= 1 or null",
+             "opt_blocks": "an integer >= 2 or null", "threshold": "an integer >= 0 or null (0: off)",
+             "bool": "true or false", "opt_bool": "true, false or null", "fraction": "a number in (0, 1]",
+             "str": "a string"}
 
 
 def _convert(kind: str, v: Any) -> tuple[bool, Any]:
@@ -301,10 +339,17 @@ def engine_settings(meta: RunMeta, *, where: str = "meta.json", text: str | None
         else:
             src, raw = f"{DEFAULT_SOURCE} (vllm.md s.4); not recorded in {Path(where).name}", default
         ok, val = _convert(kind, raw)
+        fld = src.split(";")[0] if src.startswith(("resolved", "kv", "engine")) else name
         if not ok:
-            raise w.error(src.split(";")[0] if src.startswith(("resolved", "kv", "engine")) else name,
-                          f"invalid value {raw!r} for {name}")
+            raise w.error(fld, f"invalid value {raw!r} for {name}; expected {_EXPECTED[kind]}")
+        if name in _UPPER and val is not None and val > _UPPER[name][0]:
+            raise w.error(fld, f"{val} is more than {_UPPER[name][0]:,}, {_UPPER[name][1]}; expected the engine's "
+                               "real setting")
         values[name], sources[name] = val, src
+    if values["max_num_batched_tokens"] < values["max_num_seqs"]:
+        raise w.error(sources["max_num_batched_tokens"].split(";")[0],
+                      f"max_num_batched_tokens ({values['max_num_batched_tokens']}) must be at least max_num_seqs "
+                      f"({values['max_num_seqs']}), as vLLM requires (SchedulerConfig.verify_max_model_len)")
     _with_data_parallel(values, sources, meta, w)
     if values["num_gpu_blocks"] is None:
         sources["num_gpu_blocks"] = "not recorded by the run (no kv_cache.num_gpu_blocks)"

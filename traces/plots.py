@@ -65,12 +65,16 @@ def queue_figure(run: MeasuredRun, simulated: SimulatedRun, title: str = "") -> 
 def save_replay_plots(run: MeasuredRun, simulated: SimulatedRun, out_dir: str | Path,
                       mask: np.ndarray | None = None) -> dict[str, str]:
     """Write ``<run>_cdf.png`` and ``<run>_queues.png`` into ``out_dir``; return their paths."""
-    d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    from .atomic import atomic_open, output_dir
+
+    d = output_dir(out_dir, what="plots folder")
     paths = {"cdf": d / f"{run.name}_cdf.png", "queues": d / f"{run.name}_queues.png"}
     import matplotlib.pyplot as plt
 
     for key, fig in (("cdf", cdf_figure(run, simulated, mask)), ("queues", queue_figure(run, simulated))):
-        fig.savefig(paths[key], dpi=110)
-        plt.close(fig)  # written, not shown: free it
+        try:
+            with atomic_open(paths[key], "wb") as f:
+                fig.savefig(f, dpi=110, format="png")
+        finally:
+            plt.close(fig)  # written, not shown: free it
     return {k: str(v) for k, v in paths.items()}

@@ -126,7 +126,7 @@ class EngineTrace:
 
 
 def reconstruct_engine(prompt_tokens: np.ndarray, output_tokens: np.ndarray, arrivals_s: np.ndarray,
-                       engine: EngineConfig, model: BasisModel) -> EngineTrace:
+                       engine: EngineConfig, model: BasisModel, *, max_steps: int | None = None) -> EngineTrace:
     """Replay requests through the vLLM v1 scheduler under ``model`` and record every step.
 
     Args:
@@ -135,6 +135,8 @@ def reconstruct_engine(prompt_tokens: np.ndarray, output_tokens: np.ndarray, arr
             when the next step is scheduled).
         engine: the run's limits and KV capacity.
         model: the step-time model; it also supplies each step's basis terms.
+        max_steps: raise ``ValueError`` past this many steps (default: 4 x every token of every request + 1,000,
+            at most 5,000,000; each step serves at least one token, so only recompute preemption gets near it).
     """
     arrivals = np.asarray(arrivals_s, dtype=np.float64)
     rec = _Recorder(model)
@@ -149,6 +151,8 @@ def reconstruct_engine(prompt_tokens: np.ndarray, output_tokens: np.ndarray, arr
     ends: list[int] = []
     used: list[int] = []
     k, t = 0, 0
+    limit = max_steps if max_steps is not None else min(
+        4 * (int(np.sum(prompt_tokens)) + int(np.sum(output_tokens))) + 1000, 5_000_000)
     while True:
         while k < len(order) and arrivals[order[k]] * TICKS_PER_S <= t:
             core.add_request(reqs[order[k]], float(arrivals[order[k]]))
@@ -160,6 +164,10 @@ def reconstruct_engine(prompt_tokens: np.ndarray, output_tokens: np.ndarray, arr
             t = max(t, int(np.ceil(arrivals[order[k]] * TICKS_PER_S)))
             continue
         core.complete()
+        if len(starts) >= limit:
+            raise ValueError(f"the reconstruction took more than {limit} engine steps for {len(order)} requests "
+                             f"({int(np.sum(prompt_tokens)) + int(np.sum(output_tokens))} tokens): a request the "
+                             "engine cannot serve, or preemptions without end; check the run's engine limits")
         starts.append(t)
         ends.append(end)
         used.append(core.kv.num_usable - core.kv.free)

@@ -196,9 +196,19 @@ def _sample_ticks(run: MeasuredRun, world: sim.World) -> dict | None:
     return out
 
 
-def _stats(x: np.ndarray) -> dict[str, float]:
+def _stats(x: np.ndarray) -> dict[str, float | None]:
+    """Mean and percentiles; all ``None`` for no values (TPOT of a run whose outputs are all one token)."""
+    if len(x) == 0:
+        return dict.fromkeys(STATS)
     return {"mean": float(np.mean(x)), "p50": float(np.percentile(x, 50)), "p90": float(np.percentile(x, 90)),
             "p99": float(np.percentile(x, 99))}
+
+
+def _error_pct(simulated: float | None, measured: float | None) -> float | None:
+    """Signed error in %; ``None`` where it is undefined (no values, or a measured 0)."""
+    if simulated is None or not measured:
+        return None
+    return 100.0 * (simulated - measured) / measured
 
 
 def latency_errors(run: MeasuredRun, simulated: SimulatedRun, mask: np.ndarray | None = None) -> dict:
@@ -215,8 +225,8 @@ def latency_errors(run: MeasuredRun, simulated: SimulatedRun, mask: np.ndarray |
         sel = m & multi if metric == "tpot_s" else m
         meas = _stats(run.requests[metric].to_numpy()[sel])
         simu = _stats(rec[metric].to_numpy()[sel])
-        out[metric] = {s: {"measured": meas[s], "simulated": simu[s],
-                           "error_pct": 100.0 * (simu[s] - meas[s]) / meas[s] if meas[s] else None} for s in STATS}
+        out[metric] = {s: {"measured": meas[s], "simulated": simu[s], "error_pct": _error_pct(simu[s], meas[s])}
+                       for s in STATS}
     return out
 
 
@@ -269,10 +279,15 @@ def _dp_report(run: MeasuredRun, used: sim.Profile) -> dict:
 
 
 def _bar(metrics: dict, threshold_pct: float) -> dict:
-    errs = {f"{m}.{s}": metrics[m][s]["error_pct"] for m in METRICS for s in BAR_STATS}
-    worst = max(errs, key=lambda k: abs(errs[k]))
+    """The accuracy bar over the defined errors; ``undefined`` lists the others (e.g. TPOT when every output is
+    one token, TTFT when every measured TTFT is 0), which neither pass nor fail it. No defined error: failed."""
+    all_errs = {f"{m}.{s}": metrics[m][s]["error_pct"] for m in METRICS for s in BAR_STATS}
+    errs = {k: v for k, v in all_errs.items() if v is not None}
+    worst = max(errs, key=lambda k: abs(errs[k])) if errs else None
     return {"threshold_pct": threshold_pct, "stats": list(BAR_STATS), "worst": worst,
-            "worst_error_pct": errs[worst], "passed": all(abs(v) <= threshold_pct for v in errs.values())}
+            "worst_error_pct": errs[worst] if worst else None,
+            "undefined": [k for k, v in all_errs.items() if v is None],
+            "passed": bool(errs) and all(abs(v) <= threshold_pct for v in errs.values())}
 
 
 def replay_run(run_or_dir: MeasuredRun | str | Path, profile: sim.Profile | str | Path, *,

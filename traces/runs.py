@@ -21,7 +21,8 @@ queue = scheduled - queued). ``offset_s = queued_ts - min(queued_ts)`` is where 
 HTTP (``traces.collect``, ``meta.collector.timestamps = "client"``) has the client's send and output-chunk times
 instead: ``scheduled_ts`` is null and TTFT/E2E include HTTP and the API server's frontend (``MeasuredRun.timestamps``).
 
-This module is the one definition of the format: ``read_run`` validates everything (a bad line raises
+This module (with ``traces.linecheck``, the line rules, and ``traces.plausibility``, the whole-run rules) is
+the one definition of the format: ``read_run`` validates everything (a bad line raises
 ``TraceFormatError`` naming the file, the line and the field, unless ``skip_bad=True``, in which case bad lines
 are counted in ``MeasuredRun.skipped``); ``write_run`` writes a whole run and ``traces.runwriter`` streams one,
 both through ``request_record`` / ``tick_line`` / ``check_meta``, so neither writes what the reader rejects.
@@ -32,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +41,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import TraceFormatError, where
+from .atomic import atomic_open, write_text
+from .errors import TraceFormatError, decode_utf8, where
+from .linecheck import (
+    ENGINE_GAUGES,
+    ORDERED_TIME_FIELDS,
+    REQUEST_FIELDS,
+    TIME_FIELDS,
+    TIMESERIES_COLUMNS,
+    check_request,
+    check_tick,
+    check_tick_header,
+    engine_columns,
+    gauge_base,
+    request_lines,
+)
 from .meta import EngineSettings, RunMeta, engine_settings, parse_meta
+from .plausibility import RunBounds, request_problems, run_bounds, tick_problem
 
 __all__ = [
     "ENGINE_GAUGES",
@@ -63,21 +78,12 @@ __all__ = [
     "write_run",
 ]
 
-REQUEST_FIELDS = ("request_id", "input_toks", "output_toks", "arrival_time", "queued_ts", "scheduled_ts",
-                  "first_token_ts", "last_token_ts")
-_TIME_FIELDS = REQUEST_FIELDS[3:]
-# engine-clock fields must not go backwards in this order
-_ORDERED = ("queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts")
-# a collector talking HTTP cannot see the engine's first SCHEDULED event: null there means "not observed"
-_OPTIONAL_TIME_FIELDS = ("scheduled_ts",)
-TIMESERIES_COLUMNS = ("t", "prompt_throughput", "gen_throughput", "running", "waiting", "kv_cache_pct")
-#: optional per-engine gauge columns after ``TIMESERIES_COLUMNS`` (a data-parallel server; ``engine_columns``)
-ENGINE_GAUGES = ("running", "waiting", "kv_cache_pct")
-_ENGINE_COLUMN = re.compile(r"^(running|waiting|kv_cache_pct)_engine(\d+)$")
 #: the run's files; ``failures`` (requests that failed, written by the collector) is not part of vllm.md s.8
 FILES = {"requests": "requests.jsonl", "timeseries": "timeseries.csv", "meta": "meta.json",
          "failures": "failures.jsonl"}
 _RUN_FILES = ("requests", "timeseries", "meta")
+#: skipped lines whose message ``MeasuredRun.skipped_detail`` keeps, per file
+SKIPPED_DETAIL = 20
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -95,6 +101,7 @@ class MeasuredRun:
         engine: the engine settings the run was served with, each with its source.
         file_sha256: SHA-256 of every file read, by file name.
         skipped: bad lines skipped per file (only with ``skip_bad=True``).
+        skipped_detail: per file, the messages (``file:line: field F: ...``) of the first skipped lines.
     """
 
     path: Path
@@ -105,6 +112,7 @@ class MeasuredRun:
     engine: EngineSettings
     file_sha256: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    skipped_detail: dict[str, list[str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.requests)
@@ -164,63 +172,19 @@ def sha256_file(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- requests
-def _check_request(obj: Any, seen: set[str]) -> tuple[str | None, str | None]:
-    """``(field, problem)`` of the first bad field of one request object, or ``(None, None)``."""
-    if not isinstance(obj, dict):
-        return None, f"expected a JSON object, got {type(obj).__name__}"
-    for f in REQUEST_FIELDS:
-        if f not in obj:
-            return f, "missing"
-    rid = obj["request_id"]
-    if not isinstance(rid, str) or not rid:
-        return "request_id", f"must be a non-empty string, got {rid!r}"
-    if rid in seen:
-        return "request_id", f"duplicate request_id {rid!r}"
-    for f in ("input_toks", "output_toks"):
-        v = obj[f]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            return f, f"must be an integer >= 1, got {v!r}"
-    for f in _TIME_FIELDS:
-        v = obj[f]
-        if v is None and f in _OPTIONAL_TIME_FIELDS:
-            continue
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            return f, f"must be a finite number of seconds, got {v!r}"
-    present = [f for f in _ORDERED if obj[f] is not None]
-    for a, b in zip(present, present[1:], strict=False):
-        if obj[b] < obj[a]:
-            return b, f"{obj[b]!r} is before {a} {obj[a]!r} (engine timestamps must not go backwards)"
-    return None, None
 
+def read_requests(path: str | Path, *, skip_bad: bool = False,
+                  max_model_len: int | None = None) -> tuple[pd.DataFrame, int]:
+    """Read ``requests.jsonl``; return the validated rows and the number of bad lines skipped.
 
-def read_requests(path: str | Path, *, skip_bad: bool = False) -> tuple[pd.DataFrame, int]:
-    """Read ``requests.jsonl``; return the validated rows and the number of bad lines skipped."""
+    Each line is checked on its own (``read_run`` also checks the requests against each other and the run's
+    window: ``traces.plausibility``).
+    """
     path = Path(path)
-    rows: list[dict] = []
-    seen: set[str] = set()
-    skipped = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                if skip_bad:
-                    skipped += 1
-                    continue
-                raise TraceFormatError(f"{where(path, lineno)}: invalid JSON at column {e.colno}: {e.msg}") from None
-            fld, problem = _check_request(obj, seen)
-            if problem is not None:
-                if skip_bad:
-                    skipped += 1
-                    continue
-                raise TraceFormatError(f"{where(path, lineno, fld)}: {problem}")
-            seen.add(obj["request_id"])
-            rows.append(obj)
+    rows, _, bad = request_lines(path, skip_bad, max_model_len)
     if not rows:
-        raise TraceFormatError(f"{path}: no requests" + (f" ({skipped} bad lines skipped)" if skipped else ""))
-    return _requests_frame(rows), skipped
+        raise TraceFormatError(f"{path}: no requests" + (f" ({len(bad)} bad lines skipped)" if bad else ""))
+    return _requests_frame(rows), len(bad)
 
 
 def _requests_frame(rows: list[dict]) -> pd.DataFrame:
@@ -230,9 +194,9 @@ def _requests_frame(rows: list[dict]) -> pd.DataFrame:
         df[k] = [r.get(k) for r in rows]
     df["input_toks"] = df["input_toks"].astype(np.int64)
     df["output_toks"] = df["output_toks"].astype(np.int64)
-    for f in _TIME_FIELDS:
+    for f in TIME_FIELDS:
         df[f] = df[f].astype(np.float64)
-    q, s, ft, lt = (df[f].to_numpy() for f in _ORDERED)
+    q, s, ft, lt = (df[f].to_numpy() for f in ORDERED_TIME_FIELDS)
     n = df["output_toks"].to_numpy()
     df["offset_s"] = q - q.min()
     df["ttft_s"] = ft - q
@@ -243,46 +207,42 @@ def _requests_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------- timeseries
-def engine_columns(num_engines: int) -> tuple[str, ...]:
-    """The per-engine gauge columns of ``timeseries.csv`` for engines ``0..num_engines-1``."""
-    return tuple(f"{k}_engine{i}" for i in range(num_engines) for k in ENGINE_GAUGES)
+def read_timeseries(path: str | Path, *, skip_bad: bool = False,
+                    bounds: RunBounds | None = None) -> tuple[pd.DataFrame, int]:
+    """Read ``timeseries.csv`` (CRLF or LF); return the validated ticks and the number of bad lines skipped.
+
+    ``bounds`` (from the run's ``meta.json``, ``traces.plausibility``) also refuses gauges beyond the engine's limits
+    and ticks outside the run's window.
+    """
+    df, bad = _read_ticks(Path(path), skip_bad, bounds)
+    return df, len(bad)
 
 
-def _check_header(header: tuple[str, ...]) -> str | None:
-    if header[:len(TIMESERIES_COLUMNS)] != TIMESERIES_COLUMNS:
-        return (f"header must be {','.join(TIMESERIES_COLUMNS)} (then optionally per-engine columns "
-                f"{'/'.join(ENGINE_GAUGES)}_engine<i>)")
-    extra = header[len(TIMESERIES_COLUMNS):]
-    bad = [c for c in extra if not _ENGINE_COLUMN.match(c)]
-    if bad or len(set(extra)) != len(extra):
-        return (f"after {','.join(TIMESERIES_COLUMNS)} only per-engine columns {'/'.join(ENGINE_GAUGES)}_engine<i> "
-                f"may follow, each once; got {bad or sorted(extra)}")
-    return None
-
-
-def read_timeseries(path: str | Path, *, skip_bad: bool = False) -> tuple[pd.DataFrame, int]:
-    """Read ``timeseries.csv`` (CRLF or LF); return the validated ticks and the number of bad lines skipped."""
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+def _read_ticks(path: Path, skip_bad: bool, bounds: RunBounds | None) -> tuple[pd.DataFrame, list[str]]:
+    """The ticks and the messages of the bad lines skipped."""
+    lines = decode_utf8(path.read_bytes(), path).splitlines()
     header = tuple(h.strip() for h in lines[0].split(",")) if lines else ()
-    problem = _check_header(header) if header else "empty file"
+    problem = check_tick_header(header) if header else "empty file"
     if problem is not None:
-        raise TraceFormatError(f"{where(path, 1)}: {problem}, got {lines[0] if lines else '<empty file>'!r}")
-    data, skipped, prev_t = [], 0, -math.inf
+        raise TraceFormatError(f"{where(path, 1)}: {problem}, got {lines[0][:200] if lines else '<empty file>'!r}")
+    data, skipped, prev_t = [], [], -math.inf
     for lineno, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
-        fld, problem, vals = _check_tick(line.split(","), prev_t, header)
+        fld, problem, vals = check_tick(line.split(","), prev_t, header)
+        if problem is None and bounds is not None:
+            fld, problem = tick_problem(vals, bounds)
         if problem is not None:
-            if skip_bad:
-                skipped += 1
-                continue
-            raise TraceFormatError(f"{where(path, lineno, fld)}: {problem}")
+            msg = f"{where(path, lineno, fld)}: {problem}"
+            if not skip_bad:
+                raise TraceFormatError(msg)
+            skipped.append(msg)
+            continue
         prev_t = vals[0]
         data.append(vals)
     df = pd.DataFrame(np.array(data, dtype=np.float64).reshape(-1, len(header)), columns=list(header))
     for c in header:  # counts; nullable where a scrape failed (nan = not measured)
-        if _base(c) in ("running", "waiting"):
+        if gauge_base(c) in ("running", "waiting"):
             df[c] = df[c].astype(np.int64) if df[c].notna().all() else df[c].astype("Int64")
     df["kv_cache_usage_perc"] = df["kv_cache_pct"] / 100.0
     for c in header[len(TIMESERIES_COLUMNS):]:
@@ -291,49 +251,21 @@ def read_timeseries(path: str | Path, *, skip_bad: bool = False) -> tuple[pd.Dat
     return df, skipped
 
 
-def _base(column: str) -> str:
-    m = _ENGINE_COLUMN.match(column)
-    return m.group(1) if m else column
-
-
-def _check_tick(parts: list[str], prev_t: float,
-                columns: tuple[str, ...] = TIMESERIES_COLUMNS) -> tuple[str | None, str | None, list[float]]:
-    if len(parts) != len(columns):
-        return None, f"expected {len(columns)} comma-separated fields, got {len(parts)}", []
-    vals = []
-    for name, text in zip(columns, parts, strict=True):
-        try:
-            v = float(text)
-        except ValueError:
-            return name, f"not a number: {text.strip()!r}", []
-        if math.isnan(v) and name != "t":  # a tick whose scrape failed: not measured, never invented
-            vals.append(v)
-            continue
-        if not math.isfinite(v) or v < 0:
-            return name, f"must be a finite number >= 0 (or nan: not measured), got {text.strip()!r}", []
-        vals.append(v)
-    if vals[0] <= prev_t:
-        return "t", f"ticks must increase ({vals[0]!r} after {prev_t!r})", []
-    for i, name in enumerate(columns):
-        base = _base(name)
-        if base in ("running", "waiting") and not math.isnan(vals[i]) and vals[i] != int(vals[i]):
-            return name, f"must be a whole number of requests, got {parts[i].strip()!r}", []
-        if base == "kv_cache_pct" and vals[i] > 100:
-            return name, f"is a percentage (0-100), got {parts[i].strip()!r}", []
-    return None, None, vals
-
-
 # ---------------------------------------------------------------------------------------------- run
 def read_run(run_dir: str | Path, *, skip_bad: bool = False) -> MeasuredRun:
     """Read and validate one run directory (``requests.jsonl``, ``meta.json``, optional ``timeseries.csv``).
 
+    Every line is checked on its own, then against the run (``traces.plausibility``: the clocks agree, times lie
+    inside the run's window, gauges within the engine's limits).
+
     Args:
         run_dir: the directory.
-        skip_bad: skip (and count in ``skipped``) bad request and tick lines instead of raising.
+        skip_bad: skip bad request and tick lines instead of raising, and count them in ``skipped``
+            (``maslat replay|calibrate --skip-bad-lines``). A bad ``meta.json`` is always refused.
 
     Raises:
         FileNotFoundError: the directory or a required file is missing.
-        TraceFormatError: malformed content (file, line and field in the message).
+        TraceFormatError: malformed or implausible content (file, line and field in the message).
     """
     d = Path(run_dir)
     expected = ", ".join(FILES[k] for k in _RUN_FILES)
@@ -343,14 +275,35 @@ def read_run(run_dir: str | Path, *, skip_bad: bool = False) -> MeasuredRun:
         if not (d / FILES[key]).is_file():
             raise FileNotFoundError(f"{d / FILES[key]}: missing; a run directory holds {expected}")
     meta = parse_meta(d / FILES["meta"])
-    requests, bad_req = read_requests(d / FILES["requests"], skip_bad=skip_bad)
+    engine = engine_settings(meta, where=str(d / FILES["meta"]))
+    bounds = run_bounds(meta, engine)
+    requests, bad_req = _read_checked_requests(d / FILES["requests"], skip_bad, engine.max_model_len, bounds)
     ts_path = d / FILES["timeseries"]
-    timeseries, bad_ts = read_timeseries(ts_path, skip_bad=skip_bad) if ts_path.is_file() else (None, 0)
+    timeseries, bad_ts = _read_ticks(ts_path, skip_bad, bounds) if ts_path.is_file() else (None, [])
     shas = {p.name: sha256_file(p) for p in (d / FILES[k] for k in _RUN_FILES) if p.is_file()}
-    skipped = {FILES["requests"]: bad_req, FILES["timeseries"]: bad_ts} if skip_bad else {}
+    bad = {FILES["requests"]: bad_req, FILES["timeseries"]: bad_ts}
     return MeasuredRun(path=d, name=d.resolve().name, requests=requests, timeseries=timeseries, meta=meta,
-                       engine=engine_settings(meta, where=str(d / FILES["meta"])), file_sha256=shas,
-                       skipped=skipped)
+                       engine=engine, file_sha256=shas,
+                       skipped={k: len(v) for k, v in bad.items()} if skip_bad else {},
+                       skipped_detail={k: v[:SKIPPED_DETAIL] for k, v in bad.items() if v})
+
+
+def _read_checked_requests(path: Path, skip_bad: bool, max_model_len: int | None,
+                           bounds: RunBounds) -> tuple[pd.DataFrame, list[str]]:
+    rows, linenos, skipped = request_lines(path, skip_bad, max_model_len)
+    whole, found = request_problems(rows, bounds)
+    if whole is not None:
+        raise TraceFormatError(f"{where(path, None, 'last_token_ts')}: {whole}")
+    if found and not skip_bad:
+        i, fld, problem = found[0]
+        more = f" ({len(found) - 1} more implausible line(s); --skip-bad-lines skips them)" if len(found) > 1 else ""
+        raise TraceFormatError(f"{where(path, linenos[i], fld)}: {problem}{more}")
+    drop = {i for i, _, _ in found}
+    rows = [r for i, r in enumerate(rows) if i not in drop]
+    skipped = skipped + [f"{where(path, linenos[i], fld)}: {problem}" for i, fld, problem in found]
+    if not rows:
+        raise TraceFormatError(f"{path}: no requests" + (f" ({len(skipped)} bad lines skipped)" if skipped else ""))
+    return _requests_frame(rows), skipped
 
 
 def _json_number(v: Any, integral: bool) -> Any:
@@ -376,7 +329,7 @@ def request_record(row: Mapping[str, Any], seen: set[str] | None = None, *, extr
         raise ValueError(f"request lacks field(s) {missing}")
     out = {f: _json_number(row[f], f in ("input_toks", "output_toks")) if f != "request_id" else row[f]
            for f in REQUEST_FIELDS}
-    fld, problem = _check_request(out, seen if seen is not None else set())
+    fld, problem = check_request(out, seen if seen is not None else set())
     if problem is not None:
         raise ValueError(f"field {fld}: {problem} (request_id {row.get('request_id')!r})")
     if seen is not None:
@@ -394,18 +347,18 @@ def tick_line(values: Iterable[Any], prev_t: float = -math.inf,
     Raises:
         ValueError: a value the reader would reject, or ``t`` not after ``prev_t``.
     """
-    problem = _check_header(tuple(columns))
+    problem = check_tick_header(tuple(columns))
     if problem is not None:
         raise ValueError(f"timeseries columns: {problem}")
     parts = []
     for name, v in zip(columns, values, strict=True):
         if v is None or v is pd.NA or (isinstance(v, (float, np.floating)) and math.isnan(v)):
             parts.append("nan")
-        elif _base(name) in ("running", "waiting") and float(v).is_integer():
+        elif gauge_base(name) in ("running", "waiting") and float(v).is_integer():
             parts.append(str(int(v)))  # queue lengths are counts, written as in the measured runs
         else:
             parts.append(repr(float(v)))
-    fld, problem, _ = _check_tick(parts, prev_t, tuple(columns))
+    fld, problem, _ = check_tick(parts, prev_t, tuple(columns))
     if problem is not None:
         raise ValueError(f"timeseries tick {parts[0]}: field {fld}: {problem}")
     return ",".join(parts)
@@ -456,14 +409,12 @@ def write_run(run_dir: str | Path, *, requests: pd.DataFrame | Iterable[Mapping[
     except ValueError as e:
         raise ValueError(f"write_run: {e}") from None
     ts_lines = None if timeseries is None else _timeseries_lines(timeseries)
-    d.mkdir(parents=True, exist_ok=True)
-    with open(d / FILES["requests"], "w", encoding="utf-8", newline="\n") as f:
+    with atomic_open(d / FILES["requests"], "w", newline="\n") as f:  # each file whole or not at all
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    (d / FILES["meta"]).write_text(meta_text, encoding="utf-8")
+    write_text(d / FILES["meta"], meta_text)
     if ts_lines is not None:
-        with open(d / FILES["timeseries"], "w", encoding="utf-8", newline="") as f:
-            f.write("\r\n".join(ts_lines) + "\r\n")
+        write_text(d / FILES["timeseries"], "\r\n".join(ts_lines) + "\r\n", newline="")
     return d
 
 
@@ -471,7 +422,7 @@ def _timeseries_lines(ts: pd.DataFrame) -> list[str]:
     missing = [c for c in TIMESERIES_COLUMNS if c not in ts.columns]
     if missing:
         raise ValueError(f"write_run: timeseries lacks column(s) {missing}")
-    cols = TIMESERIES_COLUMNS + tuple(c for c in ts.columns if _ENGINE_COLUMN.match(str(c)))
+    cols = TIMESERIES_COLUMNS + tuple(c for c in ts.columns if gauge_base(str(c)) != str(c))
     lines = [",".join(cols)]
     prev = -math.inf
     for i, row in enumerate(ts[list(cols)].itertuples(index=False)):

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .atomic import write_text
 from .runs import FILES, TIMESERIES_COLUMNS, check_meta, engine_columns, request_record, tick_line
 
 __all__ = ["RunWriter"]
@@ -48,6 +48,7 @@ class RunWriter:
         if existing and not overwrite:
             raise ValueError(f"{self.dir} already holds a run ({', '.join(existing)}); choose another --out "
                              f"or pass --overwrite")
+        self._created_dir = not self.dir.exists()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._req = open(self.dir / FILES["requests"], "w", encoding="utf-8", newline="\n")  # noqa: SIM115
         self._fail = open(self.dir / FILES["failures"], "w", encoding="utf-8", newline="\n")  # noqa: SIM115
@@ -91,9 +92,17 @@ class RunWriter:
         self._write_meta_text(check_meta(meta))
 
     def _write_meta_text(self, text: str) -> None:
-        tmp = self.dir / (FILES["meta"] + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.dir / FILES["meta"])
+        write_text(self.dir / FILES["meta"], text)
+
+    def discard(self) -> None:
+        """Close the files and remove the run files (a run without a request is no run); ``failures.jsonl`` stays
+        when it holds failures, and the directory goes when this writer left it empty."""
+        for f in (self._req, self._fail, self._ts):
+            f.close()
+        for key in ("requests", "timeseries", "meta") + (() if self.num_failures else ("failures",)):
+            (self.dir / FILES[key]).unlink(missing_ok=True)
+        if self._created_dir and not any(self.dir.iterdir()):
+            self.dir.rmdir()
 
     def close(self, *, sort_requests: bool = True) -> None:
         """Close the files; put ``requests.jsonl`` in arrival order (``bench-<i>``), as the format has it."""
@@ -103,6 +112,4 @@ class RunWriter:
             path = self.dir / FILES["requests"]
             lines = path.read_text(encoding="utf-8").splitlines()
             lines.sort(key=lambda ln: int(json.loads(ln)["request_id"].rsplit("-", 1)[1]))
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in lines), encoding="utf-8")
-            os.replace(tmp, path)
+            write_text(path, "".join(ln + "\n" for ln in lines), newline="\n")

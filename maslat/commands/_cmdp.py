@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from traces.atomic import atomic_open, write_text
+
 from ._common import emit_json, format_table, progress
 
 __all__ = ["CMDP_METHODS", "add_cmdp_args", "evaluate_cmdp", "experiment_cmdp", "is_cmdp_checkpoint", "train_cmdp"]
@@ -207,8 +209,9 @@ def _train_policy(args) -> int:
         meta = {"kind": "masrouter", "task": args.task, "load": load, "args": pol.args}
     wall = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({**meta, "state": state, "estimator": args.estimator}, out / "policy.pt")
-    with open(out / "metrics.csv", "w", newline="") as f:
+    with atomic_open(out / "policy.pt", "wb") as f:  # a crash leaves the old checkpoint or the new one
+        torch.save({**meta, "state": state, "estimator": args.estimator}, f)
+    with atomic_open(out / "metrics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(hist[0]))
         w.writeheader()
         w.writerows(hist)
@@ -304,9 +307,9 @@ def experiment_cmdp(args) -> int:
                  training_plot(res["curves"], args.plots / "training.png", cfg.ppo.cost_limit)]
         print("plots: " + ", ".join(str(p) for p in paths))
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-        res["rows"].to_csv(args.out / "episodes.csv", index=False)
+        write_text(args.out / "summary.json", json.dumps(summary, indent=1, default=float))
+        with atomic_open(args.out / "episodes.csv", "w", newline="") as f:
+            res["rows"].to_csv(f, index=False)
     if args.json:
         emit_json(summary)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ._common import add_json_flag, emit_json, format_table, progress
@@ -25,8 +26,10 @@ converted to the server's simulated seconds.
 --phase2 writes the two-phase estimator dataset (phase2.csv, the seed's columns) from a Phase-1 CSV
 (--prompts, columns prompt_text and role_id) under --concurrency N background clients.
 
-Ctrl-C stops sending and leaves a valid partial run (meta.json: interrupted). A server restart during the
-run is survived: failed requests are recorded in failures.jsonl and the load goes on.
+Ctrl-C or SIGTERM (timeout, docker stop, systemd) stops sending, records the requests in flight as failed
+and leaves a valid partial run (meta.json: interrupted; exit 130 or 143). A server restart during the run is
+survived: failed requests are recorded in failures.jsonl and the load goes on. When no request completes,
+no run is written (failures.jsonl keeps the errors) and the exit status is 1.
 
 examples:
   maslat collect --endpoint http://127.0.0.1:8000 --rate 5 --num-requests 300 --workload azure-conv --out runs/r5
@@ -126,6 +129,17 @@ def run(args) -> int:
     tput = s["throughput_req_per_s"]
     print(f"throughput {tput if tput is None else round(tput, 3)} req/s; scrape failures {s['scrape_failures']}, "
           f"counter resets {s['counter_resets']}; run written to {s['out']}")
+    for err in s["task_errors"]:
+        print(f"maslat collect: error: a client task failed ({err}); the run is marked incomplete", file=sys.stderr)
+    code = {"SIGTERM": 143}.get(s["signal"], 130) if s["interrupted"] and s["signal"] else 0
+    if not s["run_written"]:
+        fails = f"; failures in {s['out']}/failures.jsonl" if s["failed"] else ""
+        print(f"maslat collect: error: no request completed ({s['failed']} failed"
+              f"{', first: ' + s['first_error'] if s['first_error'] else ''}{'; interrupted' if s['interrupted'] else ''}"
+              f"); no run written to {s['out']}{fails}", file=sys.stderr)
+        code = code or 1
+    elif s["task_errors"]:
+        code = code or 1
     if args.json:
         emit_json(s)
-    return 130 if s["interrupted"] else 0
+    return code

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from traces.atomic import output_path, write_text
+
 from ._cmdp import add_cmdp_args, experiment_cmdp
 from ._common import add_json_flag, emit_json, progress
 from ._mas import add_cluster_args, cluster_from_args, curves_plot, pareto_plot, results_table
@@ -70,6 +72,8 @@ def run(args) -> int:
     from agents.experiment import episodes_per_seed, run_experiment
     from agents.lamas import METHODS
 
+    if args.out:
+        output_path(args.out, (".json",), what="--out")  # checked before hours of work, not after
     torch.set_num_threads(1)
     methods = args.methods or list(METHODS)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
@@ -102,8 +106,7 @@ def run(args) -> int:
         p2 = curves_plot(res.curves, args.plots / "curves.png")
         print(f"plots: {p1}, {p2}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=1))
+        write_text(args.out, json.dumps(summary, indent=1))
     if args.json:
         emit_json(summary)
     return 0

@@ -38,18 +38,28 @@ def configure(p) -> None:
     p.add_argument("--prompt-tokens", type=int, help="fixed prompt length instead of Azure-conv lengths")
     p.add_argument("--output-tokens", type=int, help="fixed output length instead of Azure-conv lengths")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's prefix cache off")
-    p.add_argument("--records", type=Path, help="write per-request records (.csv or .parquet)")
-    p.add_argument("--timeseries", type=Path, help="write the sampled gauges (.csv or .parquet)")
+    p.add_argument("--records", type=Path, help="write per-request records (.csv, .parquet, .jsonl or .json)")
+    p.add_argument("--timeseries", type=Path, help="write the sampled gauges (.csv, .parquet, .jsonl or .json)")
     p.add_argument("--plots", type=Path, help="write latency CDFs and queue time-series plots (PNG) here")
     add_json_flag(p)
 
 
+#: table formats --records / --timeseries write, by suffix (any other suffix is refused, never silently CSV)
+TABLE_SUFFIXES = (".csv", ".parquet", ".jsonl", ".json")
+
+
 def _write(df, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".parquet":
-        df.to_parquet(path, index=False)
-    else:
-        df.to_csv(path, index=False)
+    """Write a table in the format its suffix names, atomically (``traces.atomic``)."""
+    from traces.atomic import atomic_open
+
+    suffix = path.suffix.lower()
+    with atomic_open(path, "wb" if suffix == ".parquet" else "w", newline="" if suffix == ".csv" else None) as f:
+        if suffix == ".parquet":
+            df.to_parquet(f, index=False)
+        elif suffix == ".csv":
+            df.to_csv(f, index=False)
+        else:  # one JSON object per row (.jsonl) or one JSON array of them (.json)
+            df.to_json(f, orient="records", lines=suffix == ".jsonl", date_format="iso")
 
 
 def _workload(args):
@@ -83,9 +93,15 @@ def _workload(args):
 def run(args) -> int:
     from sim import PoolSpec, load_profile, make_world
     from sim.summary import latency_summary
+    from traces.atomic import output_dir, output_path
 
     if args.replicas < 1:
         raise ValueError("--replicas must be >= 1")
+    for what in ("records", "timeseries"):  # checked before the simulation, not after
+        if getattr(args, what):
+            output_path(getattr(args, what), TABLE_SUFFIXES, what=f"--{what}")
+    if getattr(args, "plots", None):
+        output_dir(args.plots, what="--plots")
     prof = load_profile(args.profile)
     if args.no_prefix_caching:
         from dataclasses import replace

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from ._common import add_json_flag, emit_json, format_table, progress
+import json
+import sys
+from pathlib import Path
+
+from traces.atomic import output_path, write_text
+
+from ._common import _clean, add_json_flag, emit_json, format_table, progress
 
 HELP = "run a trained policy's queries against live vLLM servers and compare with the simulator (needs aiohttp)"
 DESCRIPTION = """\
@@ -17,6 +23,10 @@ Score, CP tokens, calls, tokens and cost are identical by construction (same see
 checked query by query); the simulator predicts the seconds: the bar is |error| <= 5 % on the mean and
 p90 of the critical-path seconds, with no failed live call. Against `maslat serve --time-scale X` all
 times are the server's simulated seconds.
+
+A live call that fails (HTTP error, cut stream, no answer within --request-timeout) fails its query: score 0
+in the live column, counted in the table, and the exit status is 1. --out writes the result as JSON; when the
+run is interrupted (Ctrl-C) or fails, the live queries finished so far are written there (partial: true).
 
 examples:
   maslat validate-policy runs/lamas-gsm8k-0/controller.pt --endpoints http://127.0.0.1:8000 --num-queries 50
@@ -36,6 +46,10 @@ def configure(p) -> None:
     p.add_argument("--num-queries", type=int, default=50, help="the first N queries of the split (default 50)")
     p.add_argument("--concurrency", type=int, default=10, help="queries in flight at once (default 10)")
     p.add_argument("--seed", type=int, default=0, help="environment and sampling seed")
+    p.add_argument("--request-timeout", type=float, default=120.0,
+                   help="seconds (server time) before a live call without its answer fails (default 120)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write the result as JSON here (the finished live queries when interrupted or failing)")
     g = p.add_argument_group("the simulator's prediction")
     g.add_argument("--profile", default="h100-llama-3.1-8b", help="profile of the live servers (name or .json)")
     g.add_argument("--replicas", type=int, default=None, help="replicas (default: the endpoint's engines)")
@@ -78,24 +92,57 @@ def run(args) -> int:
         raise ValueError("maslat validate-policy needs aiohttp: pip install 'maslatency[server]'") from None
     if args.num_queries < 1 or args.concurrency < 1:
         raise ValueError("--num-queries and --concurrency must be >= 1")
+    if not args.request_timeout > 0:
+        raise ValueError(f"--request-timeout must be positive seconds, got {args.request_timeout}")
+    if args.out is not None:
+        output_path(args.out, (".json",), what="--out")
     torch.set_num_threads(1)
     a, ctrl = load_checkpoint(args.checkpoint, task=args.task, seed=args.seed, concurrency=args.concurrency,
                               cluster=ClusterConfig())
-    with progress(args.num_queries, "live queries", unit="query") as bar:
-        out = validate_policy(a, ctrl, _endpoints(args), split=args.split, num_queries=args.num_queries,
-                              concurrency=args.concurrency, profile=args.profile, replicas=args.replicas,
-                              router=args.router, background_rate_per_s=args.background_rate,
-                              on_done=lambda _i: bar.update(1))
+    partial: list[dict] = []
+    try:
+        with progress(args.num_queries, "live queries", unit="query") as bar:
+            out = validate_policy(a, ctrl, _endpoints(args), split=args.split, num_queries=args.num_queries,
+                                  concurrency=args.concurrency, profile=args.profile, replicas=args.replicas,
+                                  router=args.router, background_rate_per_s=args.background_rate,
+                                  on_done=lambda _i: bar.update(1), request_timeout_s=args.request_timeout,
+                                  partial=partial)
+    except (KeyboardInterrupt, Exception) as e:
+        _save_partial(args, partial, e)
+        raise
+    if args.out is not None:
+        write_text(args.out, json.dumps(_clean(out), indent=1) + "\n")
     print(f"{out['method']} on {out['task']} {out['split']}: {out['queries']} queries at concurrency "
           f"{out['concurrency']}; live {', '.join(e['url'] for e in out['live']['endpoints'].values())} "
           f"(time scale {out['live']['time_scale']:g}) vs simulated {out['simulated']['profile']} x "
           f"{out['simulated']['replicas']}")
     print(_table(out))
     pq, b = out["per_query_cp_seconds_error_pct"], out["bar"]
-    print(f"per query, CP seconds error: median |e| {pq['median_abs']:.2f} %, p90 {pq['p90_abs']:.2f} %; "
+    print(f"per query, CP seconds error: median |e| {_pct(pq['median_abs'])}, p90 {_pct(pq['p90_abs'])}; "
           f"mismatched queries {sum(out['mismatched_queries'].values())}; failed live calls {out['failed_live_calls']}")
     print(f"bar |error| <= {b['threshold_pct']:g} % on {'/'.join(b['on'])}: {'PASS' if b['passed'] else 'FAIL'} "
-          f"(worst {b['worst']} {b['worst_error_pct']:+.2f} %)")
+          f"(worst {b['worst']} {_pct(b['worst_error_pct'])})")
+    if out["failed_live_calls"]:
+        print(f"maslat validate-policy: {out['failed_live_calls']} live call(s) failed in "
+              f"{out['queries_with_failed_calls']} of {out['queries']} queries (scored as failures): "
+              f"{out['live']['endpoints']}", file=sys.stderr)
     if args.json:
         emit_json(out)
-    return 0
+    return 1 if out["failed_live_calls"] else 0
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f} %"
+
+
+def _save_partial(args, partial: list[dict], error: BaseException) -> None:
+    """Write the live queries that finished before an interruption or failure to --out (said on stderr)."""
+    if args.out is None or not partial:
+        return
+    from maslat.validation import failed_as_failures
+
+    keep = ("query", "score", "cp_tokens", "cp_seconds", "llm_calls", "rejected_calls", "failed")
+    rows = [{k: x.get(k) for k in keep} for x in failed_as_failures(partial)]
+    write_text(args.out, json.dumps(_clean({"partial": True, "error": f"{type(error).__name__}: {error}",
+                                            "method": args.checkpoint, "live_queries": rows}), indent=1) + "\n")
+    print(f"maslat validate-policy: {len(rows)} finished live queries saved to {args.out}", file=sys.stderr)
