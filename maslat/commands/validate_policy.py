@@ -36,6 +36,8 @@ def configure(p) -> None:
     p.add_argument("--num-queries", type=int, default=50, help="the first N queries of the split (default 50)")
     p.add_argument("--concurrency", type=int, default=10, help="queries in flight at once (default 10)")
     p.add_argument("--seed", type=int, default=0, help="environment and sampling seed")
+    p.add_argument("--api-key", help="key for servers started with --api-key (default: $OPENAI_API_KEY, else "
+                                     "$VLLM_API_KEY)")
     g = p.add_argument_group("the simulator's prediction")
     g.add_argument("--profile", default="h100-llama-3.1-8b", help="profile of the live servers (name or .json)")
     g.add_argument("--replicas", type=int, default=None, help="replicas (default: the endpoint's engines)")
@@ -49,13 +51,15 @@ def _endpoints(args) -> dict:
 
     from envs.backend import BACKEND_POOL
     from maslat.livebackend import parse_endpoints
+    from traces.client import resolve_api_key
 
     eps = parse_endpoints(args.endpoints, BACKEND_POOL)
     for pool, ep in parse_endpoints(args.metrics_url, BACKEND_POOL).items() if args.metrics_url else ():
         if pool not in eps:
             raise ValueError(f"--metrics-url for pool {pool!r}, which has no endpoint")
         eps[pool] = replace(eps[pool], metrics_url=ep.url)
-    return eps
+    key = resolve_api_key(args.api_key)
+    return {pool: replace(ep, api_key=key) for pool, ep in eps.items()}
 
 
 def _table(out: dict) -> str:

@@ -175,7 +175,7 @@ def parse_completion(body: dict, *, served_model: str, max_model_len: int, defau
     if isinstance(prompt, str):
         _check_chars(len(prompt), max_model_len)
         # vLLM adds special tokens to text
-        ids = [BOS_TOKEN_ID, *text_token_ids(prompt, limit=max_model_len)] if prompt else []
+        ids = [BOS_TOKEN_ID, *text_token_ids(prompt, limit=max_model_len)][:max_model_len + 1] if prompt else []
     elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
         ids = list(prompt)
         _check_vocab(ids, vocab_size)
@@ -214,5 +214,6 @@ def parse_chat(body: dict, *, served_model: str, max_model_len: int, default_max
             raise APIError(400, f"messages[{i}] must be an object with a string role", "messages")
         pairs.append((m["role"], _content_text(m.get("content"), i)))
     _check_chars(sum(len(r) + len(c) for r, c in pairs), max_model_len)
-    return _common(body, "chat", model, chat_token_ids(pairs, limit=max_model_len), max_model_len=max_model_len,
+    ids = chat_token_ids(pairs, limit=max_model_len)[:max_model_len + 1]  # cut as vLLM's max_length + 1
+    return _common(body, "chat", model, ids, max_model_len=max_model_len,
                    default_max_tokens=default_max_tokens)
