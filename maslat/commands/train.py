@@ -6,6 +6,7 @@ import csv
 import time
 from pathlib import Path
 
+from ..checkpoints import save_checkpoint
 from ._cmdp import CMDP_METHODS, add_cmdp_args, train_cmdp
 from ._common import add_json_flag, emit_json, progress
 from ._mas import add_cluster_args, cluster_from_args
@@ -77,7 +78,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"method": a.method, "task": a.task, "seed": a.seed, "epochs": a.epochs, "batch_size": a.batch_size,
             "lr": a.lr, "token_weight": a.token_weight, "threshold": a.threshold, "num_layers": a.num_layers}
-    torch.save({"args": meta, "state_dict": res.controller.state_dict()}, out / "controller.pt")
+    save_checkpoint({"args": meta, "state_dict": res.controller.state_dict()}, out / "controller.pt")
     with open(out / "metrics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(res.metrics[0]))
         w.writeheader()

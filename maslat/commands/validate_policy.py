@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import add_json_flag, emit_json, format_table, progress
+from ._common import add_json_flag, add_trust_flag, emit_json, format_table, progress
 
 HELP = "run a trained policy's queries against live vLLM servers and compare with the simulator (needs aiohttp)"
 DESCRIPTION = """\
@@ -38,6 +38,7 @@ def configure(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="environment and sampling seed")
     p.add_argument("--api-key", help="key for servers started with --api-key (default: $OPENAI_API_KEY, else "
                                      "$VLLM_API_KEY)")
+    add_trust_flag(p)
     g = p.add_argument_group("the simulator's prediction")
     g.add_argument("--profile", default="h100-llama-3.1-8b", help="profile of the live servers (name or .json)")
     g.add_argument("--replicas", type=int, default=None, help="replicas (default: the endpoint's engines)")
@@ -84,7 +85,7 @@ def run(args) -> int:
         raise ValueError("--num-queries and --concurrency must be >= 1")
     torch.set_num_threads(1)
     a, ctrl = load_checkpoint(args.checkpoint, task=args.task, seed=args.seed, concurrency=args.concurrency,
-                              cluster=ClusterConfig())
+                              cluster=ClusterConfig(), trust=args.trust_checkpoint)
     with progress(args.num_queries, "live queries", unit="query") as bar:
         out = validate_policy(a, ctrl, _endpoints(args), split=args.split, num_queries=args.num_queries,
                               concurrency=args.concurrency, profile=args.profile, replicas=args.replicas,
