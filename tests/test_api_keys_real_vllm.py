@@ -33,7 +33,8 @@ def _http(url: str, *, key: str | None = None, body: dict | None = None) -> tupl
 def _collect(url: str, out, *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "VLLM_API_KEY")}
     return subprocess.run([sys.executable, "-m", "maslat", "collect", "--endpoint", url, "--rate", "4",
-                           "--num-requests", "4", "--workload", "fixed:32,4", "--out", str(out), *extra],
+                           "--num-requests", "4", "--workload", "fixed:32,4", "--out", str(out), "--engine-kwarg",
+                           "max_num_seqs=32", "--engine-kwarg", "max_num_batched_tokens=512", *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env={**env, "PYTHONUNBUFFERED": "1"})
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from sim import Profile
 
-from .guard import ConnectionGuard, RateLimitedLog, fd_room, install_quiet_exception_handler
+from .guard import ConnectionGuard, RateLimitedLog, fd_room, quiet_logs
 from .live import LiveSim
 from .middleware import KeyCheck, make_middlewares
 from .openai import APIError, error_body, loads_object, parse_chat, parse_completion
@@ -181,6 +181,7 @@ class StandInServer:
         self._listener: asyncio.AbstractServer | None = None
         self._forget: asyncio.TimerHandle | None = None
         self._pool = None  # the worker thread that parses large bodies
+        self._unquiet = None  # removes the logging filter installed by start()
         self.log = RateLimitedLog(cfg.log_interval_s)
         room = fd_room()
         self.guard = ConnectionGuard(max_connections=min(cfg.max_connections, room or cfg.max_connections),
@@ -209,7 +210,7 @@ class StandInServer:
         from aiohttp import web
 
         loop = asyncio.get_running_loop()
-        install_quiet_exception_handler(loop, self.log)
+        self._unquiet = quiet_logs(loop, self.log)
         self._runner = web.AppRunner(self.make_app(), handle_signals=False, handler_cancellation=True,
                                      access_log=None, keepalive_timeout=self.cfg.keepalive_timeout_s)
         await self._runner.setup()
@@ -233,6 +234,8 @@ class StandInServer:
             await self._runner.cleanup()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._unquiet is not None:
+            self._unquiet()
 
     def _forget_records(self) -> None:
         self.sim.catch_up()
@@ -247,7 +250,7 @@ class StandInServer:
                 "client_errors": self.counts["client_errors"], "max_lag_s": self.sim.max_lag_s,
                 "connections": {k: self.guard.counts[k] for k in ("accepted", "evicted", "refused", "timed_out")}
                 | {"peak": self.guard.peak, "max": self.guard.max_connections},
-                "late_ticks": self.sim.late_ticks,
+                "late_ticks": self.sim.late_ticks, "records_kept": len(w.records) if w.records is not None else 0,
                 "preemptions": sum(r.core.num_preemptions for r in w.replicas)}
 
     # ------------------------------------------------------------------ simple endpoints
@@ -315,6 +318,9 @@ class StandInServer:
             if e.status == 408:
                 resp.force_close()
             return resp
+        except asyncio.CancelledError:  # the client left while its body was read or parsed
+            self.counts["aborted"] += 1
+            raise
         self._next_id += 1
         rid = f"{prefix}-{self._next_id:08x}"
         segs = prompt_segments(gen.token_ids, self.engine.block_size) if self.engine.enable_prefix_caching else None

@@ -22,10 +22,12 @@ Evictions, refusals and timeouts are counted and logged at most once per ``log_i
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
+import time
 from collections import Counter
 
-__all__ = ["ConnectionGuard", "RateLimitedLog", "fd_room", "install_quiet_exception_handler"]
+__all__ = ["ConnectionGuard", "RateLimitedLog", "fd_room", "quiet_logs"]
 
 
 def fd_room(reserve: int = 128) -> int | None:
@@ -70,6 +72,36 @@ def install_quiet_exception_handler(loop: asyncio.AbstractEventLoop, log: RateLi
         log.event(f"loop:{what}", f"{{n}} x {what} ({detail}) in the last {log.interval_s:g} s", loop.time())
 
     loop.set_exception_handler(handler)
+
+
+class _QuietClientErrors(logging.Filter):
+    """aiohttp logs a traceback for every malformed HTTP request ("Error handling request", answered 400 by the
+    parser); a client's malformed bytes are counted and reported once per interval instead. Errors raised by
+    the server's own code pass through untouched."""
+
+    def __init__(self, log: RateLimitedLog):
+        super().__init__()
+        self.log = log
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, (HttpProcessingError, ConnectionResetError)):
+            return True
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        self.log.event("bad-http", f"{{n}} malformed HTTP requests answered 400 in the last {self.log.interval_s:g} s "
+                       f"(e.g. {type(exc).__name__}: {first[:80]})", time.monotonic())
+        return False
+
+
+def quiet_logs(loop: asyncio.AbstractEventLoop, log: RateLimitedLog):
+    """Route the loop's errors and aiohttp's malformed-request tracebacks to ``log`` (one line per kind and
+    interval); return the function that removes the logging filter."""
+    install_quiet_exception_handler(loop, log)
+    logger, flt = logging.getLogger("aiohttp.server"), _QuietClientErrors(log)
+    logger.addFilter(flt)
+    return lambda: logger.removeFilter(flt)
 
 
 class _Conn:
