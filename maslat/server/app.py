@@ -328,8 +328,11 @@ class StandInServer:
         delivered = False
         try:
             if gen.stream:
-                resp, delivered = await self._stream(request, gen, live, rid)
-                return resp
+                sent_all = [False]  # set once [DONE] is written: the client has the whole answer
+                try:
+                    return await self._stream(request, gen, live, rid, sent_all)
+                finally:
+                    delivered = sent_all[0]
             while not live.finished:
                 live.wake.clear()
                 await live.wake.wait()
@@ -354,18 +357,18 @@ class StandInServer:
         return {"id": rid, "object": obj, "created": int(time.time()), "model": self.model, "choices": [choice],
                 "usage": usage}
 
-    async def _stream(self, request, gen, live, rid: str):
+    async def _stream(self, request, gen, live, rid: str, sent_all: list):
         from aiohttp import web
 
         resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                        "Cache-Control": "no-cache"})
         try:
-            await self._stream_to(request, resp, gen, live, rid)
-        except ConnectionResetError:  # the client left (aiohttp's ClientConnectionResetError): an abort
-            return resp, False
-        return resp, True
+            await self._stream_to(request, resp, gen, live, rid, sent_all)
+        except ConnectionResetError:  # the client left (aiohttp's ClientConnectionResetError), quietly
+            pass
+        return resp
 
-    async def _stream_to(self, request, resp, gen, live, rid: str) -> None:
+    async def _stream_to(self, request, resp, gen, live, rid: str, sent_all: list) -> None:
         await resp.prepare(request)
         chunks = _Chunks(gen.kind, rid, int(time.time()), self.model)
         sent = 0
@@ -383,6 +386,7 @@ class StandInServer:
                 await live.wake.wait()
         tail = chunks.usage(gen.prompt_tokens, sent) if gen.include_usage else ""
         await resp.write((tail + "data: [DONE]\n\n").encode())
+        sent_all[0] = True  # a client that closes now, without reading the end of the body, has it all
         await resp.write_eof()
 
 

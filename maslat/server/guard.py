@@ -10,9 +10,9 @@ traceback per failed accept. ``ConnectionGuard`` sits between the listening sock
                  +------------- response done (deadline keepalive_timeout_s) <--------------+
     deadline passed in WAITING --> closed (counted ``timed_out``)
 
-At ``max_connections`` open connections a new one evicts the connection that has waited longest in
-WAITING (an idle keep-alive or a half-sent request: it holds no work); when every connection is BUSY the
-new one is refused (closed at once). A legitimate client therefore always gets in while attackers only
+At ``max_connections`` open connections a new one evicts a WAITING connection (it holds no work): the oldest
+half-sent request first, then the oldest that has sent nothing for a second, then the oldest keep-alive
+connection idle for a second; when there is none the new one is refused (closed at once). A legitimate client therefore always gets in while attackers only
 hold idle sockets, and the process never holds more than ``max_connections`` sockets (uvicorn, vLLM's
 server, refuses past ``--limit-concurrency`` and closes idle keep-alive connections after 5 s).
 Evictions, refusals and timeouts are counted and logged at most once per ``log_interval_s`` (``RateLimitedLog``); so are asyncio's accept errors
@@ -39,6 +39,9 @@ def fd_room(reserve: int = 128) -> int | None:
     except (ImportError, ValueError, OSError):
         return None
     return None if soft == resource.RLIM_INFINITY else max(16, soft - reserve)
+
+
+_GRACE_S = 1.0  # a silent or idle keep-alive connection is not evicted younger than this
 
 
 class RateLimitedLog:
@@ -105,10 +108,15 @@ def quiet_logs(loop: asyncio.AbstractEventLoop, log: RateLimitedLog):
 
 
 class _Conn:
-    __slots__ = ("transport", "busy", "timer")
+    __slots__ = ("transport", "busy", "timer", "since_s", "got_data", "head_done", "tail", "served")
 
-    def __init__(self, transport):
+    def __init__(self, transport, now_s: float):
         self.transport, self.busy, self.timer = transport, 0, None
+        self.since_s = now_s  # when it entered WAITING
+        self.got_data = False  # bytes of the next request arrived
+        self.head_done = False  # ... including the blank line that ends its headers (aiohttp parses it now)
+        self.tail = b""  # the last bytes seen, to find a blank line split over two reads
+        self.served = 0  # requests answered on it (WAITING after one: an idle keep-alive connection)
 
 
 class ConnectionGuard:
@@ -139,19 +147,19 @@ class ConnectionGuard:
     def admit(self, transport) -> bool:
         now = asyncio.get_running_loop().time()
         if len(self.conns) >= self.max_connections:
-            if not self.waiting:
+            old = self._victim(now)
+            if old is None:
                 self.counts["refused"] += 1
-                self.log.event("refused", f"refused {{n}} connections: {self.max_connections} open, all busy "
+                self.log.event("refused", f"refused {{n}} connections: {self.max_connections} open, none idle "
                                f"(--max-connections)", now)
                 transport.abort()
                 return False
-            old = next(iter(self.waiting.values()))
             self._drop(old.transport)
             old.transport.abort()
             self.counts["evicted"] += 1
             self.log.event("evicted", f"closed {{n}} idle or half-sent connections to admit new ones "
                            f"({self.max_connections} open; --max-connections)", now)
-        c = _Conn(transport)
+        c = _Conn(transport, now)
         self.conns[transport] = c
         self.counts["accepted"] += 1
         self.peak = max(self.peak, len(self.conns))
@@ -160,6 +168,32 @@ class ConnectionGuard:
 
     def release(self, transport) -> None:
         self._drop(transport)
+
+    def data_arrived(self, transport, data: bytes) -> None:
+        c = self.conns.get(transport)
+        if c is not None and not c.head_done:
+            c.got_data = True
+            c.head_done = b"\r\n\r\n" in c.tail + data[:8192] or b"\r\n\r\n" in data
+            c.tail = data[-3:]
+
+    def _victim(self, now_s: float) -> _Conn | None:
+        """The WAITING connection to close for a new one, oldest first within each class: a half-sent request
+        (bytes but no complete headers: slowloris), then one that has sent nothing for ``_GRACE_S`` (a
+        just-accepted connection's bytes may still be unread in the socket), then a keep-alive connection idle
+        for ``_GRACE_S`` (a client may be reusing a recently released one right now)."""
+        keepalive = silent = None
+        for c in self.waiting.values():
+            if c.got_data and not c.head_done:
+                return c
+            if c.got_data:
+                continue  # headers complete, its handler about to start: not idle
+            if now_s - c.since_s < _GRACE_S:
+                continue
+            if c.served and keepalive is None:
+                keepalive = c
+            elif not c.served and silent is None:
+                silent = c
+        return silent or keepalive
 
     # ------------------------------------------------------------------ called by the middleware
     def request_started(self, transport) -> None:
@@ -172,12 +206,16 @@ class ConnectionGuard:
         c = self.conns.get(transport)
         if c is not None:
             c.busy -= 1
+            c.served += 1
+            c.got_data = c.head_done = False
+            c.tail = b""
             if c.busy == 0 and not transport.is_closing():
                 self._wait(c, self.keepalive_timeout_s)
 
     # ------------------------------------------------------------------ internals
     def _wait(self, c: _Conn, timeout_s: float) -> None:
         self._unwait(c)
+        c.since_s = asyncio.get_running_loop().time()
         self.waiting[c.transport] = c
         c.timer = asyncio.get_running_loop().call_later(timeout_s, self._expire, c)
 
@@ -225,6 +263,7 @@ class _GuardedProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.admitted:
+            self.guard.data_arrived(self.transport, data)
             self.inner.data_received(data)
 
     def eof_received(self):
