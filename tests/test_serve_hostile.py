@@ -121,26 +121,39 @@ def test_slow_headers_and_bodies_are_cut(server):
         a.settimeout(5)
         b.settimeout(5)
         t = time.monotonic()
-        assert a.recv(100) == b"", "the half-sent headers' connection is closed"
-        assert 0.8 < time.monotonic() - t < 4
+        try:
+            assert a.recv(100) == b"", "the half-sent headers' connection is closed"
+        except ConnectionResetError:  # closed with a reset: the same
+            pass
+        waited_s = time.monotonic() - t
+        assert 0.5 < waited_s < 10, waited_s
         reply = b.recv(4096).decode()
         assert reply.startswith("HTTP/1.1 408") and '"code": 408' in reply
 
 
 def test_idle_connections_past_the_cap_make_way(tmp_path):
-    """--max-connections 20: 60 idle sockets never keep a real request out (the oldest idle ones are closed),
-    and the refusals are reported in one line, not one per connection."""
+    """--max-connections 20: half-sent requests are closed at once to admit a real request; connections that
+    sent nothing are closed once they are a second old (before, a new connection is refused: their bytes may
+    simply not be read yet); the refusals and evictions are reported in a line or two, not one per connection."""
+    body = {"prompt": [1, 2], "max_tokens": 2}
     with serving("--time-scale", "0.05", "--max-connections", "20", "--json") as srv:
-        socks = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(60)]
-        try:
-            got, _, text = _run(_request("POST", srv.url + "/v1/completions", body={"prompt": [1, 2], "max_tokens": 2}))
-            assert got == 200
-        finally:
-            for s in socks:
-                s.close()
+        slowloris = []
+        for _ in range(40):
+            slowloris.append(socket.create_connection(("127.0.0.1", srv.port)))
+            slowloris[-1].sendall(b"POST /v1/completions HTTP/1.1\r\nHost:")
+            time.sleep(0.01)
+        assert _run(_request("POST", srv.url + "/v1/completions", body=body))[0] == 200
+        silent = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(40)]
+        time.sleep(0.3)
+        with pytest.raises(aiohttp.ClientError):  # 20 young silent connections hold every place
+            _run(_request("POST", srv.url + "/v1/completions", body=body))
+        time.sleep(1.0)
+        assert _run(_request("POST", srv.url + "/v1/completions", body=body))[0] == 200
+        for s in slowloris + silent:
+            s.close()
         code, out, err = srv.stop()
     conns = last_json_line(out)["connections"]
-    assert conns["evicted"] >= 41 and conns["peak"] <= 20 and conns["max"] == 20, conns
+    assert conns["evicted"] >= 20 and conns["refused"] >= 1 and conns["peak"] <= 20 and conns["max"] == 20, conns
     assert len(err) < 2000 and "Traceback" not in err, err
 
 
