@@ -399,8 +399,8 @@ class MASLatencyEnv(NotCopyable, gym.Env):
         env's ``decode_action``). Integer-valued floats are accepted (a policy's float tensor of indices), and
         any shape holding exactly K entries (a batch of one)."""
         k = len(self.operator_names)
-        want = (f"MultiDiscrete([{k + 1}] * {k}): {k} integers in 0..{k} (an operator index of "
-                f"env.operator_names, or {k} for an empty slot)")
+        want = (f"{k} integers in 0..{k} (an operator index of env.operator_names, or {k} for an empty slot): "
+                f"the action space is MultiDiscrete([{k + 1}] * {k})")
         try:
             a = np.asarray(action)
             ok = a.size == k and a.ndim >= 1 and a.dtype.kind in "iuf" and bool(np.all(np.isfinite(a)))
@@ -409,7 +409,7 @@ class MASLatencyEnv(NotCopyable, gym.Env):
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"action must be {want}; got {action!r}")
+            raise ValueError(f"action entries must be {want}; got {action!r}")
         return a.astype(np.int64)
 
     def _decode(self, action) -> tuple[list[str], int]:

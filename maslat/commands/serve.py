@@ -117,7 +117,7 @@ def run(args) -> int:
 
     def ready(url: str) -> None:
         print(f"maslat serve: {url}  model={cfg.model_name}  profile={cfg.profile.name}  replicas={cfg.replicas}  "
-              f"time-scale={cfg.time_scale}", flush=True)
+              f"time-scale={cfg.time_scale}{'  api-key=required' if cfg.api_keys else ''}", flush=True)
 
     async def main() -> dict:
         stop = asyncio.Event()
@@ -130,9 +130,12 @@ def run(args) -> int:
         summary = asyncio.run(main())
     except OSError as e:  # the port is taken, or the address is not ours
         raise ValueError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+    c = summary["connections"]
     print(f"served {summary['requests']} requests: {summary['completed']} completed, {summary['aborted']} aborted, "
           f"{summary['client_errors']} client errors; {summary['simulated_s']:.1f} simulated s; "
-          f"worst timer lag {summary['max_lag_s'] * 1e3:.1f} ms", file=sys.stderr)
+          f"worst timer lag {summary['max_lag_s'] * 1e3:.1f} ms; connections: {c['accepted']} accepted (at most "
+          f"{c['peak']} open of {c['max']}), {c['evicted']} evicted, {c['refused']} refused, {c['timed_out']} timed out",
+          file=sys.stderr)
     if args.json:
         emit_json(summary)
     return 0
