@@ -16,6 +16,7 @@ from .cmdp_world import build_cmdp_world, pool_state, unloaded_latency_s
 from .embeddings import EMBED_DIM
 from .estimators import NUM_SYSTEM, load_estimator
 from .loads import make_regime
+from .nocopy import NotCopyable
 from .operators import quality
 from .query_order import QueryOrder
 from .tasks import make_queries, make_task, task_key
@@ -53,7 +54,7 @@ class _Episode:
     decided: int = 0
 
 
-class MASLatencyCMDPEnv(gym.Env):
+class MASLatencyCMDPEnv(NotCopyable, gym.Env):
     """Executor of a planned multi-agent topology: one (model, prompt strategy) decision per agent call.
 
     ## Description
@@ -117,6 +118,10 @@ class MASLatencyCMDPEnv(gym.Env):
     (``idle``, ``busy``, ``bursty``, ``shift``) or an ``envs.loads.LoadRegime``; ``background_trace``
     replays recorded arrivals instead. ``reset(seed=s)`` builds a fresh world and runs ``warmup_s`` of
     background before the query (same seed, same episode, bit for bit); ``reset()`` keeps the world running.
+
+    ## Copies
+    An environment cannot be copied or pickled (``TypeError``, ``envs.nocopy``): its world is live SimPy
+    processes. Build another with the same arguments and reset it with the same seed to get the same episode.
 
     ## Version History
     * v0: initial version.

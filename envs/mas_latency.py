@@ -12,6 +12,7 @@ from gymnasium import spaces
 from .backend import BACKEND_POOL, Backend, SimBackend
 from .cluster import ClusterConfig
 from .embeddings import EMBED_DIM
+from .nocopy import NotCopyable
 from .operators import CONSTANTS, GENERATE_TYPE, operator_set, quality
 from .query_order import QueryOrder
 from .supernet import Call, Draws, GraphConfig, OpPlan, QueryRun, ToolRun
@@ -43,7 +44,7 @@ class _Episode:
         self.info: dict | None = None
 
 
-class MASLatencyEnv(gym.Env):
+class MASLatencyEnv(NotCopyable, gym.Env):
     """The LAMaS agentic supernet answering one benchmark query per episode on a simulated vLLM cluster.
 
     ## Description
@@ -63,7 +64,9 @@ class MASLatencyEnv(gym.Env):
     (controller order, ``env.operator_names``) or K for an empty slot. Order matters as in LAMaS: results
     merge in list order, the first operator conditions the next layer's controller, sequential mode runs
     them in this order. Repeated operators run once (counted in ``info["ignored_duplicates"]``); an all-empty
-    action is read as ``[EarlyStop]``.
+    action is read as ``[EarlyStop]``. Anything else (another length, a value outside 0..K, a non-integer
+    number, a string) raises ``ValueError`` naming the space, before the world moves: the episode goes on and
+    ``step`` can be called again with a valid action.
 
     ## Observation space
     A single-level ``Dict`` (keys sorted):
@@ -105,6 +108,10 @@ class MASLatencyEnv(gym.Env):
     ``options={"query": i}`` to choose the query; otherwise queries come in file order (``shuffle=True``:
     a seeded permutation per pass). ``rollout(policy, queries, concurrency)`` runs many queries at once in
     the same world (LAMaS's training batches of 4 and test concurrency of 30).
+
+    ## Copies
+    An environment cannot be copied or pickled (``TypeError``, ``envs.nocopy``): its world is live SimPy
+    processes. Build another with the same arguments and reset it with the same seed to get the same episode.
 
     ## Version History
     * v0: initial version (the backend seam changed nothing in the simulated dynamics).
@@ -178,8 +185,9 @@ class MASLatencyEnv(gym.Env):
         ep = self._ep
         if ep is None or ep.pending is None:
             raise RuntimeError("call reset() before step(), and again after an episode ends")
+        act = self.check_action(action)  # raises before the world moves: the episode survives a bad action
         ev, ep.pending = ep.pending, None
-        ev.succeed(np.asarray(action))
+        ev.succeed(act)
         self._advance()
         if ep.info is not None:
             info = ep.info
@@ -386,13 +394,29 @@ class MASLatencyEnv(gym.Env):
         self.ledger_usd += cost
         return env.now - t0
 
+    def check_action(self, action) -> np.ndarray:
+        """``action`` as an int64 array of the action space, or ``ValueError`` naming the space (as the CMDP
+        env's ``decode_action``). Integer-valued floats are accepted (a policy's float tensor of indices), and
+        any shape holding exactly K entries (a batch of one)."""
+        k = len(self.operator_names)
+        want = (f"{k} integers in 0..{k} (an operator index of env.operator_names, or {k} for an empty slot): "
+                f"the action space is MultiDiscrete([{k + 1}] * {k})")
+        try:
+            a = np.asarray(action)
+            ok = a.size == k and a.ndim >= 1 and a.dtype.kind in "iuf" and bool(np.all(np.isfinite(a)))
+            a = a.reshape(-1)
+            ok = ok and bool(np.all(a == np.round(a))) and bool(np.all((a >= 0) & (a <= k)))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"action entries must be {want}; got {action!r}")
+        return a.astype(np.int64)
+
     def _decode(self, action) -> tuple[list[str], int]:
-        a = np.asarray(action).reshape(-1)
+        a = self.check_action(action)
         k = len(self.operator_names)
         names, seen, dups = [], set(), 0
         for v in a.tolist():
-            if not 0 <= v <= k:
-                raise ValueError(f"action entries must be in [0, {k}], got {v}")
             if v == k:
                 continue
             if v in seen:

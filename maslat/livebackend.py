@@ -35,7 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from traces.client import Clock, StreamResult, base_url, completion_body, served_model, stream_request
+from traces.client import (
+    Clock,
+    StreamResult,
+    auth_headers,
+    base_url,
+    completion_body,
+    served_model,
+    stream_request,
+)
 from traces.scrape import Scrape, parse_scrape
 
 __all__ = ["CallResult", "Endpoint", "LiveBackend", "parse_endpoints"]
@@ -45,11 +53,13 @@ _TOKEN_LOW, _TOKEN_HIGH = 1000, 30000  # ids valid for any tokenizer with >= 32k
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Endpoint:
-    """One model pool's server: its base URL, its Prometheus page and the model name to request."""
+    """One model pool's server: its base URL, its Prometheus page, the model name to request and the API key
+    (``vllm serve --api-key``; sent as ``Authorization: Bearer``, never printed)."""
 
     url: str
     metrics_url: str | None = None
     model: str | None = None
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for u in (self.url, self.metrics_url):
@@ -126,6 +136,7 @@ class _Pool:
     scrape: Scrape | None = None
     scrape_failures: int = 0
     stats: dict = field(default_factory=lambda: {"calls": 0, "failed": 0, "errors": {}})
+    session: Any = None  # this endpoint's aiohttp session (its key in the headers)
 
 
 class LiveBackend:
@@ -148,7 +159,7 @@ class LiveBackend:
         self.loop = asyncio.new_event_loop()
         self.clock = Clock(1.0)
         self.time_scale: float | None = None
-        self._session = None
+        self._sessions = None
         self._scrapers: list[asyncio.Task] = []
         self._failure: asyncio.Future | None = None
         self._rng = np.random.Generator(np.random.PCG64(0))  # token ids of prompts with no content segments
@@ -156,12 +167,12 @@ class LiveBackend:
     # ------------------------------------------------------------------ lifecycle
     @property
     def started(self) -> bool:
-        return self._session is not None
+        return self._sessions is not None
 
     def reset(self, seed: int) -> None:
         """Connect (once: discover each pool's model, read the servers' time scale, start scraping); restart
         the clock. ``seed`` only seeds the token ids of prompts without content segments."""
-        if self._session is None:
+        if self._sessions is None:
             self.loop.run_until_complete(self._open())
         self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 271828])))
         self.clock = Clock(self.time_scale)
@@ -169,12 +180,16 @@ class LiveBackend:
     async def _open(self) -> None:
         import aiohttp
 
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        self._sessions = []
+        for pool in self.pools.values():
+            pool.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                headers=auth_headers(pool.endpoint.api_key))
+            self._sessions.append(pool.session)
         self._failure = self.loop.create_future()
         scales = set()
         for name, pool in self.pools.items():
-            card = await served_model(self._session, pool.endpoint.base, pool.endpoint.model)
+            card = await served_model(pool.session, pool.endpoint.base, pool.endpoint.model)
             pool.model, pool.max_model_len = card["id"], card.get("max_model_len")
             pool.scrape = await self._scrape(pool, None)
             if pool.scrape is None:
@@ -197,8 +212,8 @@ class LiveBackend:
             t.cancel()
         if pending:
             self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        if self._session is not None:
-            self.loop.run_until_complete(self._session.close())
+        for session in self._sessions or ():
+            self.loop.run_until_complete(session.close())
         self.loop.close()
 
     # ------------------------------------------------------------------ the seam
@@ -293,7 +308,7 @@ class LiveBackend:
         pool.stats["calls"] += 1
         res = StreamResult(sent_mono=self.clock.mono(), sent_epoch=self.clock.epoch())
         try:
-            await asyncio.wait_for(stream_request(self._session, pool.endpoint.base + "/v1/completions", body,
+            await asyncio.wait_for(stream_request(pool.session, pool.endpoint.base + "/v1/completions", body,
                                                   self.clock, res), self.request_timeout_s * self.clock.time_scale)
         except TimeoutError:
             res.error = f"no answer within {self.request_timeout_s} s"
@@ -310,7 +325,7 @@ class LiveBackend:
         import aiohttp
 
         try:
-            async with self._session.get(pool.endpoint.metrics, timeout=aiohttp.ClientTimeout(total=10)) as r:
+            async with pool.session.get(pool.endpoint.metrics, timeout=aiohttp.ClientTimeout(total=10)) as r:
                 if r.status != 200:
                     return None
                 return parse_scrape(await r.text(), model)

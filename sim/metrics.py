@@ -147,6 +147,19 @@ class MetricsBook:
             for name, h in self._hists[idx].items():
                 h.observe_array(values[name][sel])
 
+    def forget_observed(self) -> int:
+        """Observe the records added since the last call, then drop every observed row from the world's
+        store; return how many were dropped. Counters and histograms keep their values, so a long-running
+        server's memory does not grow with the requests it served. Only for a store this book alone reads."""
+        self._ingest()
+        n = self._cursor
+        try:
+            self.world.records.drop_first(n)
+        except BufferError:  # a numpy view of the store is still alive: try again next time
+            return 0
+        self._cursor = 0
+        return n
+
     def collect(self, now_s: float | None = None) -> list[Metric]:
         """Every metric family as a scraper of the server would see it at simulated time ``now_s``."""
         self._ingest()

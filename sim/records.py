@@ -47,6 +47,14 @@ class RecordStore:
         self.status.append(_STATUS_NAME[r.status])
         self.reject_reason.append(r.reject_reason)
 
+    def drop_first(self, n: int) -> None:
+        """Forget the ``n`` oldest rows (a long-running server keeps aggregates, not one row per request)."""
+        n = min(n, len(self))
+        del self._fv[:len(_FLOAT_COLS) * n]
+        del self._iv[:len(_INT_COLS) * n]
+        for col in (self.request_id, self.pool, self.status, self.reject_reason):
+            del col[:n]
+
     def last(self) -> RequestRecord:
         """The most recently added record."""
         return self.record(len(self) - 1)

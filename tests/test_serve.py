@@ -258,7 +258,8 @@ def test_tokens_leave_at_the_simulated_step_times():
     from maslat.server.app import ServeConfig, StandInServer
 
     async def go():
-        srv = StandInServer(ServeConfig(profile=load_profile("h100-llama-3.1-8b"), port=0, time_scale=1.0))
+        srv = StandInServer(ServeConfig(profile=load_profile("h100-llama-3.1-8b"), port=0, time_scale=1.0,
+                                        keep_records=True))
         url = await srv.start()
         loop = asyncio.get_running_loop()
         try:

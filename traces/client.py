@@ -13,6 +13,11 @@ exactly; the number of text chunks is the fallback.
 ``Clock`` plays in the server's time: against the stand-in server with ``maslat:time_scale`` = X, one
 server second lasts X wall seconds, so every duration measured here is divided by X (and every pause
 multiplied by X). Against a real server X = 1 and nothing changes.
+
+Keys: a server started with ``vllm serve --api-key KEY`` (or ``maslat serve --api-key``) wants
+``Authorization: Bearer KEY`` on ``/v1/*``; ``resolve_api_key`` takes ``--api-key``, else ``OPENAI_API_KEY``,
+else ``VLLM_API_KEY``, and ``auth_headers`` makes the session header. A 401 from ``/v1/models`` (the first
+call of every client) fails at once with a message naming the flag.
 """
 
 from __future__ import annotations
@@ -22,7 +27,11 @@ import json
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["Clock", "StreamResult", "base_url", "chat_body", "completion_body", "served_model", "stream_request"]
+__all__ = ["API_KEY_ENV", "Clock", "StreamResult", "auth_headers", "base_url", "chat_body", "completion_body",
+           "resolve_api_key", "served_model", "stream_request"]
+
+#: environment variables read for the key when ``--api-key`` is not given, in this order
+API_KEY_ENV = ("OPENAI_API_KEY", "VLLM_API_KEY")
 
 #: words that are one token each for Llama-3 and for the stand-in's tokenizer approximation
 _WORDS = ("time", "data", "model", "plan", "code", "test", "graph", "node", "value", "list", "item", "state",
@@ -154,6 +163,21 @@ def _describe(e: BaseException) -> str:
     return text if len(text) <= 500 else text[:500] + "..."
 
 
+def resolve_api_key(explicit: str | None = None) -> str | None:
+    """``explicit`` (``--api-key``) if given, else the first of ``API_KEY_ENV`` that is set, else ``None``."""
+    import os
+
+    for key in (explicit, *(os.environ.get(v) for v in API_KEY_ENV)):
+        if key:
+            return key
+    return None
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """Session headers that send ``api_key`` as vLLM's ``AuthenticationMiddleware`` expects it."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 def base_url(endpoint: str) -> str:
     """``http://host:port`` of an endpoint given as ``http://host:port`` or ``http://host:port/v1``."""
     u = endpoint.rstrip("/")
@@ -168,7 +192,15 @@ async def served_model(session, base: str, model: str | None = None) -> dict:
     """
     try:
         async with session.get(base + "/v1/models") as r:
+            if r.status == 401:
+                sent = "Authorization" in session.headers
+                raise PermissionError(f"{base}/v1/models answered 401 Unauthorized: "
+                                      + ("the API key given was refused; pass the server's key with --api-key KEY"
+                                         if sent else "the server requires an API key; pass --api-key KEY")
+                                      + f" (or set {' / '.join(API_KEY_ENV)})")
             cards = (await r.json(content_type=None)).get("data") or []
+    except PermissionError as e:
+        raise ValueError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - any failure here means the endpoint is unusable
         raise ValueError(f"cannot list models at {base}/v1/models: {type(e).__name__}: {e}") from None
     ids = [c.get("id") for c in cards]

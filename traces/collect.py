@@ -105,6 +105,7 @@ class CollectConfig:
     engine_kwargs: dict = field(default_factory=dict)
     overwrite: bool = False
     phase2: object | None = None
+    api_key: str | None = field(default=None, repr=False)  # sent as Authorization: Bearer (never written)
 
     def __post_init__(self) -> None:
         modes = [self.rate_per_s is not None, self.concurrency is not None, self.trace_arrivals]

@@ -111,14 +111,17 @@ async def run_collection(col) -> dict:
     import aiohttp
 
     cfg = col.cfg
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+    from .client import auth_headers
+
+    headers = auth_headers(cfg.api_key)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), headers=headers) as s:
         await col.discover(s)
     started = col.clock.epoch()
     col.writer = RunWriter(cfg.out_dir, meta=col.meta(started=started, finished=None, complete=False),
                            overwrite=cfg.overwrite)
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s * col.clock.time_scale, sock_connect=10)
     complete = False
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as s:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout, headers=headers) as s:
         done = asyncio.Event()
         scraper = asyncio.create_task(col.scrape_loop(s, done))
         try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from traces.atomic import atomic_open, write_text
 
+from ..checkpoints import save_checkpoint
 from ._common import emit_json, format_table, progress
 
 __all__ = ["CMDP_METHODS", "add_cmdp_args", "evaluate_cmdp", "experiment_cmdp", "is_cmdp_checkpoint", "train_cmdp"]
@@ -183,7 +184,6 @@ DEFAULT_COST_LIMIT = {"violation": 0.01, "overrun_frac": 0.002, "overrun_s": 0.0
 
 
 def _train_policy(args) -> int:
-    import torch
 
     from agents.masrouter import MasRouterArgs, train_masrouter
     from agents.ppo_lagrangian import train_ppo_lagrangian
@@ -209,8 +209,7 @@ def _train_policy(args) -> int:
         meta = {"kind": "masrouter", "task": args.task, "load": load, "args": pol.args}
     wall = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out / "policy.pt", "wb") as f:  # a crash leaves the old checkpoint or the new one
-        torch.save({**meta, "state": state, "estimator": args.estimator}, f)
+    save_checkpoint({**meta, "state": state, "estimator": args.estimator}, out / "policy.pt")
     with atomic_open(out / "metrics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(hist[0]))
         w.writeheader()
@@ -228,25 +227,25 @@ def _train_policy(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def is_cmdp_checkpoint(path: str) -> bool:
-    import torch
+def is_cmdp_checkpoint(path: str, *, trust: bool = False) -> bool:
+    from ..checkpoints import load_checkpoint_file
 
     if not Path(path).is_file():
         return False
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001 - not a torch file: let the LAMaS loader report it
+        ck = load_checkpoint_file(path, trust=trust)
+    except Exception:  # noqa: BLE001 - not a torch file, or refused: let the LAMaS loader report it
         return False
     return isinstance(ck, dict) and ck.get("kind") in ("ppo_lagrangian", "masrouter")
 
 
-def load_policy(path: str):
-    import torch
-
+def load_policy(path: str, *, trust: bool = False):
     from agents.masrouter import MasRouterPolicy
     from agents.ppo_lagrangian import PPOLagPolicy
 
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    from ..checkpoints import load_checkpoint_file
+
+    ck = load_checkpoint_file(path, trust=trust)
     if ck["kind"] == "ppo_lagrangian":
         return PPOLagPolicy.from_state(ck["state"]), ck
     return MasRouterPolicy.from_state(ck["state"]), ck
@@ -259,7 +258,7 @@ def evaluate_cmdp(args) -> int:
     from agents.cmdp_experiment import evaluate, summarise
     from envs.cmdp import MASLatencyCMDPEnv
 
-    pol, ck = load_policy(args.checkpoint)
+    pol, ck = load_policy(args.checkpoint, trust=getattr(args, "trust_checkpoint", False))
     task = args.task or ck["task"]
     load = args.load or ck["load"]
     from agents.cmdp_experiment import default_slo

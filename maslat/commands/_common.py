@@ -13,6 +13,12 @@ def add_json_flag(parser) -> None:
                         help="print one JSON object with the figures as the last line of standard output")
 
 
+def add_trust_flag(parser) -> None:
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load a checkpoint that holds more than tensors and plain values (its code runs: only "
+                             "for files you trust; default: refuse them)")
+
+
 def _clean(x: Any) -> Any:
     if isinstance(x, float):
         return None if math.isnan(x) or math.isinf(x) else x

@@ -35,12 +35,14 @@ def cluster_from_args(args):
                          background_rate_per_s=rate, background_trace=trace)
 
 
-def load_checkpoint(checkpoint: str, *, task: str | None, seed: int, concurrency: int, cluster):
+def load_checkpoint(checkpoint: str, *, task: str | None, seed: int, concurrency: int, cluster,
+                    trust: bool = False):
     """``(agents.lamas.Args, controller)`` of a ``maslat train`` checkpoint, or of a static baseline name
-    (``single_cot``, ``all_parallel``; controller ``None``), set up for a test run."""
-    import torch
-
+    (``single_cot``, ``all_parallel``; controller ``None``), set up for a test run. The file is read with
+    ``weights_only=True`` (``maslat.checkpoints``) unless ``trust``."""
     from agents.lamas import METHODS, Args, new_controller
+
+    from ..checkpoints import load_checkpoint_file
 
     if checkpoint in METHODS and not METHODS[checkpoint].learned:
         return Args(method=checkpoint, task=task or "gsm8k", seed=seed, test_concurrency=concurrency,
@@ -48,7 +50,10 @@ def load_checkpoint(checkpoint: str, *, task: str | None, seed: int, concurrency
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint (and not a static baseline name)")
-    ck = torch.load(path, weights_only=False)
+    ck = load_checkpoint_file(path, trust=trust)
+    if not (isinstance(ck, dict) and isinstance(ck.get("args"), dict) and "state_dict" in ck):
+        raise ValueError(f"{path}: not a `maslat train` controller checkpoint (expected a dict with 'args' and "
+                         f"'state_dict')")
     meta = ck["args"]
     task = task or meta["task"]
     a = Args(method=meta["method"], task=task, seed=seed, threshold=meta["threshold"], num_layers=meta["num_layers"],

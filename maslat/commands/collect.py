@@ -45,6 +45,8 @@ def configure(p) -> None:
     p.add_argument("--metrics-url", help="Prometheus page (default: <endpoint>/metrics)")
     p.add_argument("--out", type=Path, required=True, help="run directory to write")
     p.add_argument("--model", help="served model name (default: the first listed by /v1/models)")
+    p.add_argument("--api-key", help="key for a server started with --api-key (default: $OPENAI_API_KEY, "
+                                     "else $VLLM_API_KEY)")
     p.add_argument("--api", choices=("completions", "chat"), default="completions")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--rate", type=float, help="Poisson arrivals, requests per second")
@@ -87,6 +89,7 @@ def _engine_kwargs(items: list[str]) -> dict:
 
 
 def _config(args):
+    from traces.client import resolve_api_key
     from traces.collect import CollectConfig
 
     phase2 = None
@@ -105,7 +108,8 @@ def _config(args):
                          trace_arrivals=args.trace_arrivals, workload=args.workload,
                          num_requests=args.num_requests, duration_s=args.duration, seed=args.seed,
                          scrape_interval_s=args.scrape_interval, request_timeout_s=args.request_timeout,
-                         engine_kwargs=_engine_kwargs(args.engine_kwarg), overwrite=args.overwrite, phase2=phase2)
+                         engine_kwargs=_engine_kwargs(args.engine_kwarg), overwrite=args.overwrite, phase2=phase2,
+                         api_key=resolve_api_key(args.api_key))
 
 
 def run(args) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._cmdp import add_cmdp_args, evaluate_cmdp, is_cmdp_checkpoint
-from ._common import add_json_flag, emit_json, format_table
+from ._common import add_json_flag, add_trust_flag, emit_json, format_table
 from ._mas import add_cluster_args, cluster_from_args, load_checkpoint
 
 HELP = "evaluate a checkpoint: `maslat evaluate runs/lamas-gsm8k-0/controller.pt --task gsm8k`"
@@ -29,6 +29,7 @@ def configure(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="world and sampling seed of the test run")
     p.add_argument("--concurrency", type=int, default=30)
     p.add_argument("--num-queries", type=int, default=60, help="CMDP: test queries evaluated (default 60)")
+    add_trust_flag(p)
     add_cluster_args(p)
     add_cmdp_args(p, load_default=None)
     add_json_flag(p)
@@ -40,10 +41,10 @@ def run(args) -> int:
     from agents.lamas import evaluate, summarize
 
     torch.set_num_threads(1)
-    if is_cmdp_checkpoint(args.checkpoint):
+    if is_cmdp_checkpoint(args.checkpoint, trust=args.trust_checkpoint):
         return evaluate_cmdp(args)
     a, ctrl = load_checkpoint(args.checkpoint, task=args.task, seed=args.seed, concurrency=args.concurrency,
-                              cluster=cluster_from_args(args))
+                              cluster=cluster_from_args(args), trust=args.trust_checkpoint)
     s = summarize(evaluate(a, ctrl, split=args.split))
     print(format_table([[k, v] for k, v in s.items()], ["metric", a.method]))
     if args.json:

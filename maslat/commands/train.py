@@ -8,6 +8,7 @@ from pathlib import Path
 
 from traces.atomic import atomic_open
 
+from ..checkpoints import save_checkpoint
 from ._cmdp import CMDP_METHODS, add_cmdp_args, train_cmdp
 from ._common import add_json_flag, emit_json, progress
 from ._mas import add_cluster_args, cluster_from_args
@@ -79,8 +80,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"method": a.method, "task": a.task, "seed": a.seed, "epochs": a.epochs, "batch_size": a.batch_size,
             "lr": a.lr, "token_weight": a.token_weight, "threshold": a.threshold, "num_layers": a.num_layers}
-    with atomic_open(out / "controller.pt", "wb") as f:  # a crash leaves the old checkpoint or the new one
-        torch.save({"args": meta, "state_dict": res.controller.state_dict()}, f)
+    save_checkpoint({"args": meta, "state_dict": res.controller.state_dict()}, out / "controller.pt")
     with atomic_open(out / "metrics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(res.metrics[0]))
         w.writeheader()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from traces.atomic import output_path, write_text
 
-from ._common import _clean, add_json_flag, emit_json, format_table, progress
+from ._common import _clean, add_json_flag, add_trust_flag, emit_json, format_table, progress
 
 HELP = "run a trained policy's queries against live vLLM servers and compare with the simulator (needs aiohttp)"
 DESCRIPTION = """\
@@ -50,6 +50,9 @@ def configure(p) -> None:
                    help="seconds (server time) before a live call without its answer fails (default 120)")
     p.add_argument("--out", type=Path, default=None,
                    help="write the result as JSON here (the finished live queries when interrupted or failing)")
+    p.add_argument("--api-key", help="key for servers started with --api-key (default: $OPENAI_API_KEY, else "
+                                     "$VLLM_API_KEY)")
+    add_trust_flag(p)
     g = p.add_argument_group("the simulator's prediction")
     g.add_argument("--profile", default="h100-llama-3.1-8b", help="profile of the live servers (name or .json)")
     g.add_argument("--replicas", type=int, default=None, help="replicas (default: the endpoint's engines)")
@@ -63,13 +66,15 @@ def _endpoints(args) -> dict:
 
     from envs.backend import BACKEND_POOL
     from maslat.livebackend import parse_endpoints
+    from traces.client import resolve_api_key
 
     eps = parse_endpoints(args.endpoints, BACKEND_POOL)
     for pool, ep in parse_endpoints(args.metrics_url, BACKEND_POOL).items() if args.metrics_url else ():
         if pool not in eps:
             raise ValueError(f"--metrics-url for pool {pool!r}, which has no endpoint")
         eps[pool] = replace(eps[pool], metrics_url=ep.url)
-    return eps
+    key = resolve_api_key(args.api_key)
+    return {pool: replace(ep, api_key=key) for pool, ep in eps.items()}
 
 
 def _table(out: dict) -> str:
@@ -98,7 +103,7 @@ def run(args) -> int:
         output_path(args.out, (".json",), what="--out")
     torch.set_num_threads(1)
     a, ctrl = load_checkpoint(args.checkpoint, task=args.task, seed=args.seed, concurrency=args.concurrency,
-                              cluster=ClusterConfig())
+                              cluster=ClusterConfig(), trust=args.trust_checkpoint)
     partial: list[dict] = []
     try:
         with progress(args.num_queries, "live queries", unit="query") as bar:

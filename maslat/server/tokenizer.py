@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 import zlib
 
-__all__ = ["BOS_TOKEN_ID", "OUTPUT_WORDS", "chat_token_ids", "output_text", "prompt_segments", "text_token_ids"]
+__all__ = ["BOS_TOKEN_ID", "MAX_CHARS_PER_TOKEN", "OUTPUT_WORDS", "chat_token_ids", "output_text", "prompt_segments", "text_token_ids"]
 
 _PIECES = re.compile(r"[^\W\d]+|\d+|[^\w\s]")
 BOS_TOKEN_ID = 128000  # <|begin_of_text|>
@@ -38,30 +38,47 @@ OUTPUT_WORDS = (" lorem", " ipsum", " dolor", " sit", " amet", " sed", " do", " 
 
 
 def _piece_ids(piece: str, width: int) -> list[int]:
-    return [zlib.crc32(piece[i:i + width].encode()) % _ID_RANGE for i in range(0, len(piece), width)]
+    return [zlib.crc32(piece[i:i + width].encode("utf-8", "surrogatepass")) % _ID_RANGE for i in range(0, len(piece), width)]
 
 
-def text_token_ids(text: str) -> list[int]:
-    """Approximate token ids of ``text`` (see the module docstring for the rules)."""
+#: the most characters one token of these rules can stand for, counting the whitespace between pieces
+#: generously; the prompt character bound is ``max_model_len * MAX_CHARS_PER_TOKEN`` (vLLM's
+#: ``_text_len_check`` in ``vllm/renderers/params.py`` uses the tokenizer's ``max_chars_per_token``)
+MAX_CHARS_PER_TOKEN = 32
+
+
+def text_token_ids(text: str, limit: int | None = None) -> list[int]:
+    """Approximate token ids of ``text`` (see the module docstring for the rules).
+
+    With ``limit``, stop once more than ``limit`` ids are found (vLLM tokenizes with
+    ``max_length = max_input_tokens + 1`` for the same reason: the work stays bounded while the length check
+    still fails).
+    """
     out: list[int] = []
-    for piece in _PIECES.findall(text):
+    for m in _PIECES.finditer(text):
+        if limit is not None and len(out) > limit:
+            break
+        piece = m.group()
         if piece.isdigit():
             out += _piece_ids(piece, 3)
         elif piece[0].isalpha() or piece[0] == "_":
             out += _piece_ids(piece, 5)
         else:
-            out.append(zlib.crc32(piece.encode()) % _ID_RANGE)
+            out.append(zlib.crc32(piece.encode("utf-8", "surrogatepass")) % _ID_RANGE)
     return out
 
 
-def chat_token_ids(messages: list[tuple[str, str]]) -> list[int]:
-    """Token ids of a chat prompt ``[(role, content), ...]`` under the Llama-3 template overhead."""
+def chat_token_ids(messages: list[tuple[str, str]], limit: int | None = None) -> list[int]:
+    """Token ids of a chat prompt ``[(role, content), ...]`` under the Llama-3 template overhead (``limit``:
+    as ``text_token_ids``; the result may then be cut short, but is longer than ``limit``)."""
     out = [_BOS]
     for role, content in messages:
+        if limit is not None and len(out) > limit:
+            break
         header = list(_HEADER)
-        header[1] = zlib.crc32(role.encode()) % _ID_RANGE
+        header[1] = zlib.crc32(role.encode("utf-8", "surrogatepass")) % _ID_RANGE
         out += header
-        out += text_token_ids(content)
+        out += text_token_ids(content, None if limit is None else max(0, limit - len(out)))
         out.append(_EOT)
     out += _GEN_PROMPT
     return out

@@ -1,0 +1,118 @@
+"""Checkpoints that cannot run code: written as tensors, numpy arrays and plain values, read with
+``torch.load(..., weights_only=True)``.
+
+``torch.load(weights_only=False)`` unpickles anything, so a crafted ``.pt`` runs code on the machine that loads
+it (a ``__reduce__`` calling ``os.system``). ``load_checkpoint_file`` uses PyTorch's restricted unpickler,
+which builds only tensors, containers and plain values, plus the numpy globals that rebuild arrays and
+scalars (the allowlist PyTorch documents for numpy: ``_reconstruct``, ``ndarray``, ``dtype``, ``scalar``;
+under both their numpy 2 names and the numpy 1 names older pickles carry). Anything else is refused with
+the globals it asked for, unless the caller passes ``trust=True`` (``--trust-checkpoint``: the user vouches for
+the file). Checkpoints written by every ``maslat train`` so far (LAMaS/MaAS ``controller.pt``: tensors and
+plain metadata; CMDP ``policy.pt``: tensors, numpy arrays and dicts of plain values) load under the allowlist.
+
+``save_checkpoint`` writes only what the restricted reader accepts (numpy scalars become Python numbers,
+dataclasses dicts, tuples lists stay as they are), through a temporary file renamed into place, and checks
+that the written file loads with ``weights_only=True``, so a trainer can never write a checkpoint that its
+own evaluator would refuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+__all__ = ["UnsafeCheckpointError", "load_checkpoint_file", "save_checkpoint"]
+
+TRUST_FLAG = "--trust-checkpoint"
+
+
+class UnsafeCheckpointError(ValueError):
+    """The file needs more than tensors, numpy arrays and plain values to load (it could run code)."""
+
+
+def _numpy_safe_globals() -> list:
+    import numpy as np
+
+    core = np._core.multiarray  # numpy >= 2; numpy 1 pickles name the same functions under numpy.core
+    out = [np.ndarray, np.dtype, core._reconstruct, core.scalar,
+           (core._reconstruct, "numpy.core.multiarray._reconstruct"), (core.scalar, "numpy.core.multiarray.scalar")]
+    out += [type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"]  # numpy.dtypes.Float64DType, ... (dtype pickles)
+    return out
+
+
+def load_checkpoint_file(path: str | os.PathLike, *, trust: bool = False):
+    """The object saved in ``path``, read with ``weights_only=True`` (tensors, numpy arrays, plain values).
+
+    Raises:
+        UnsafeCheckpointError: the file asks for other globals (named in the message); pass ``trust=True``
+            only for a file you trust.
+        ValueError: the file is not a readable torch checkpoint.
+    """
+    import torch
+
+    path = Path(path)
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Detected pickle protocol 4": the refusal below says what matters
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            wanted = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - not a zip checkpoint: read the name from the unpickler's message
+            wanted = re.findall(r"GLOBAL (\S+)", str(e))[:1]
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(e))
+        what = (", ".join(wanted) if wanted else "objects other than tensors and plain values"
+                + (f" ({detail.group(1).strip()})" if detail else ""))
+        raise UnsafeCheckpointError(
+            f"{path}: refused: loading it needs {what}, which could run code on this machine (maslat "
+            f"checkpoints hold only tensors, numpy arrays and plain values). If you wrote this file or trust "
+            f"it, pass {TRUST_FLAG}.") from None
+    except Exception as e:  # noqa: BLE001 - truncated, not a zip, not a pickle: one clear error
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _plain(obj):
+    """``obj`` with numpy scalars as Python numbers and dataclasses as dicts (what weights_only reads)."""
+    import numpy as np
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def save_checkpoint(obj, path: str | os.PathLike) -> Path:
+    """Write ``obj`` (made plain) to ``path`` atomically; raise ``ValueError`` if it would not load back with
+    ``weights_only=True`` (the old file, if any, is then left as it was)."""
+    import torch
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(_plain(obj), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            load_checkpoint_file(tmp)
+        except UnsafeCheckpointError as e:
+            raise ValueError(f"{path}: the checkpoint holds objects a safe reader refuses: {e}") from None
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
