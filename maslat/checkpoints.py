@@ -19,12 +19,14 @@ own evaluator would refuse.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from pathlib import Path
+
+from traces.atomic import write_bytes
 
 __all__ = ["UnsafeCheckpointError", "load_checkpoint_file", "save_checkpoint"]
 
@@ -45,7 +47,7 @@ def _numpy_safe_globals() -> list:
     return out
 
 
-def load_checkpoint_file(path: str | os.PathLike, *, trust: bool = False):
+def load_checkpoint_file(path: str | os.PathLike | io.BytesIO, *, trust: bool = False):
     """The object saved in ``path``, read with ``weights_only=True`` (tensors, numpy arrays, plain values).
 
     Raises:
@@ -55,7 +57,7 @@ def load_checkpoint_file(path: str | os.PathLike, *, trust: bool = False):
     """
     import torch
 
-    path = Path(path)
+    path = Path(path) if isinstance(path, (str, os.PathLike)) else path  # or an open binary file
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
@@ -100,19 +102,10 @@ def save_checkpoint(obj, path: str | os.PathLike) -> Path:
     ``weights_only=True`` (the old file, if any, is then left as it was)."""
     import torch
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(_plain(obj), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            load_checkpoint_file(tmp)
-        except UnsafeCheckpointError as e:
-            raise ValueError(f"{path}: the checkpoint holds objects a safe reader refuses: {e}") from None
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buf = io.BytesIO()
+    torch.save(_plain(obj), buf)
+    try:  # checked before anything is written: a refused checkpoint leaves the old file as it was
+        load_checkpoint_file(io.BytesIO(buf.getvalue()))
+    except UnsafeCheckpointError as e:
+        raise ValueError(f"{path}: the checkpoint holds objects a safe reader refuses: {e}") from None
+    return write_bytes(path, buf.getvalue())  # atomic: temporary file, fsync, rename
