@@ -176,6 +176,10 @@ def run_replay(args) -> int:
     print(_replay_table(out))
     print("time-series MAE: " + "  ".join(f"{k} {v if v is None else round(v, 4)}"
                                           for k, v in out["timeseries_mae"].items()))
+    pre = out["preemptions"]
+    print(f"preemptions (whole run): measured {'not recorded' if pre['measured'] is None else pre['measured']}, "
+          f"simulated {pre['simulated']}" + ("" if pre["agree"] is None else
+                                             f" ({'agree' if pre['agree'] else 'DISAGREE'}, {pre['tolerance']})"))
     b = out["bar"]
     print(f"accuracy bar |error| <= {b['threshold_pct']:g} % on {'/'.join(b['stats'])}: "
           f"{'PASS' if b['passed'] else 'FAIL'} (worst {b['worst']} {b['worst_error_pct']:+.2f} %)")

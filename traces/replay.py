@@ -33,8 +33,8 @@ import sim
 
 from .runs import MeasuredRun, read_run
 
-__all__ = ["METRICS", "STATS", "SimulatedRun", "fit_mask", "latency_errors", "replay_profile", "replay_run",
-           "simulate_run", "timeseries_mae"]
+__all__ = ["METRICS", "STATS", "SimulatedRun", "fit_mask", "latency_errors", "measured_preemptions",
+           "preemption_agreement", "replay_profile", "replay_run", "simulate_run", "timeseries_mae"]
 
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 STATS = ("mean", "p50", "p90", "p99")
@@ -199,6 +199,24 @@ def timeseries_mae(run: MeasuredRun, simulated: SimulatedRun, *, from_s: float |
     return out
 
 
+def measured_preemptions(run: MeasuredRun) -> int | None:
+    """Recompute preemptions the server counted during the run (``meta.collector.preemptions``, from
+    ``vllm:num_preemptions_total``, written by ``traces.collect``); ``None`` for runs that did not record it."""
+    col = run.meta.extra.get("collector")
+    v = col.get("preemptions") if isinstance(col, dict) else None
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def preemption_agreement(measured: int | None, simulated: int, *, rel: float = 0.10, abs_: int = 3) -> dict:
+    """Measured vs simulated preemptions over the whole run; they agree within ``rel`` or ``abs_`` preemptions."""
+    if measured is None:
+        return {"measured": None, "simulated": simulated, "error_pct": None, "agree": None}
+    diff = simulated - measured
+    return {"measured": measured, "simulated": simulated,
+            "error_pct": 100.0 * diff / measured if measured else None,
+            "agree": abs(diff) <= max(abs_, rel * measured), "tolerance": f"{rel:.0%} or {abs_} preemptions"}
+
+
 def _bar(metrics: dict, threshold_pct: float) -> dict:
     errs = {f"{m}.{s}": metrics[m][s]["error_pct"] for m in METRICS for s in BAR_STATS}
     worst = max(errs, key=lambda k: abs(errs[k]))
@@ -240,6 +258,7 @@ def replay_run(run_or_dir: MeasuredRun | str | Path, profile: sim.Profile | str 
            "bar": _bar(metrics, 10.0 if fit_fraction is not None else 5.0),
            "simulated": {"preemptions": simulated.preemptions, "engine_steps": simulated.engine_steps,
                          "rejected": simulated.rejected},
+           "preemptions": preemption_agreement(measured_preemptions(run), simulated.preemptions),
            "engine": {k: getattr(used.engine, k) for k in ("max_num_seqs", "max_num_batched_tokens",
                                                            "max_model_len", "block_size", "num_gpu_blocks")},
            "engine_overridden_by_run": overrides,
