@@ -76,12 +76,32 @@ def last_json(p: subprocess.CompletedProcess) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def collect(engine: RealEngine, out: Path, *, rate: float, num_requests: int, workload: str, seed: int) -> dict:
-    """``maslat collect`` against the real engine (Poisson arrivals, token-id prompts, ignore_eos)."""
+def collect(engine: RealEngine, out: Path, *, num_requests: int, workload: str, seed: int, rate: float | None = None,
+            concurrency: int | None = None) -> dict:
+    """``maslat collect`` against the real engine: Poisson arrivals at ``rate`` or ``concurrency`` closed-loop
+    clients, token-id prompts with ``ignore_eos``; the engine settings vLLM does not publish as --engine-kwarg
+    (the CPU platform turns async scheduling off: ``vllm/platforms/cpu.py``)."""
+    load = ["--rate", rate] if rate is not None else ["--concurrency", concurrency]
     return last_json(maslat(
-        "collect", "--endpoint", engine.url, "--rate", rate, "--num-requests", num_requests, "--workload", workload,
+        "collect", "--endpoint", engine.url, *load, "--num-requests", num_requests, "--workload", workload,
         "--seed", seed, "--out", out, "--engine-kwarg", f"max_num_seqs={ENGINE['max_num_seqs']}",
-        "--engine-kwarg", f"max_num_batched_tokens={ENGINE['max_num_batched_tokens']}", "--json"))
+        "--engine-kwarg", f"max_num_batched_tokens={ENGINE['max_num_batched_tokens']}",
+        "--engine-kwarg", "async_scheduling=false", "--json"))
+
+
+def keep_dir(tmp_path_factory, name: str) -> Path:
+    """Where a real-engine test writes its runs: ``$MASLAT_REAL_VLLM_OUT/name`` when set (kept for inspection),
+    else a pytest temporary directory."""
+    root = os.environ.get("MASLAT_REAL_VLLM_OUT")
+    if not root:
+        return tmp_path_factory.mktemp(name)
+    d = Path(root) / name
+    if d.exists():
+        import shutil
+
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    return d
 
 
 def rel_pct(a: float, b: float) -> float:
