@@ -301,6 +301,9 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     rep = report(runs=runs, masks=masks, fit_fraction=fit_fraction, seed=seed, gpu_entry=gpu_entry, gpu_src=gpu_src,
                  hw=hw, model=model, cap=cap, engine=engine, fit=fit, profile=profile, mult=mult,
                  refine_info=refine_info, final=final, overhead_source=overhead_source)
+    rep["step_time_model"] = {"model": profile.latency_model, **{k: profile.latency_coefficients[k] for k in
+                                                                 ("jitter_sigma", "jitter_corr_steps")
+                                                                 if k in profile.latency_coefficients}}
     rep["wall_s"] = time.perf_counter() - t_start
     description, sources, derived = profile_provenance(runs, hw, model, cap, fit_fraction, seed, gpu_entry, gpu_src,
                                                        hardware, engine_sources, fit, mult, overhead_source,

@@ -212,14 +212,9 @@ def _stack(rows: list[_Rows]) -> _Rows:
     return _Rows(*(np.concatenate([getattr(r, f) for r in rows]) for f in ("X", "y", "k", "kind", "has_offset")))
 
 
-def _nnls(rows: _Rows, free: tuple[str, ...], held: PhysicsCoefficients,
-          offset_cap_s: float | None = None) -> tuple[np.ndarray, float | None]:
+def _nnls(rows: _Rows, free: tuple[str, ...], held: PhysicsCoefficients) -> tuple[np.ndarray, float | None]:
     """Weighted NNLS on the free columns (held terms subtracted; plus the offset column when a row has it), with
-    weak prior rows on the coefficients; the full coefficient vector and the offset (``None`` without one).
-
-    ``offset_cap_s`` bounds the offset from above (``_offset_cap``): when the free solution exceeds it, the offset
-    is fixed at the cap and the coefficients re-solved (for this convex problem the bounded optimum then lies on
-    the bound)."""
+    weak prior rows on the coefficients; the full coefficient vector and the offset (``None`` without one)."""
     cols = [BASIS_NAMES.index(c) for c in free]
     hv = np.array(held.as_tuple())
     hv[cols] = 0.0
@@ -234,29 +229,9 @@ def _nnls(rows: _Rows, free: tuple[str, ...], held: PhysicsCoefficients,
     has = prior > 0  # no prior on the offset: it is identified by the data alone
     R = np.diag(scale)[has]
     sol, _ = nnls(np.vstack([A, R]), np.concatenate([b, R @ prior]), maxiter=50 * A.shape[1])
-    if with_offset and offset_cap_s is not None and sol[-1] > offset_cap_s:
-        b_fixed = b - offset_cap_s * A[:, -1]
-        sol_c, _ = nnls(np.vstack([A[:, :-1], R[:, :-1]]), np.concatenate([b_fixed, R @ prior]),
-                        maxiter=50 * A.shape[1])
-        sol = np.append(sol_c, offset_cap_s)
     out = hv.copy()
     out[cols] = sol[:len(cols)]
     return out, (float(sol[-1]) if with_offset else None)
-
-
-def _offset_cap(runs: Sequence[FitRun]) -> float | None:
-    """An upper bound of the client-side constant: the smallest measured TTFT of the client-side runs (a request's
-    TTFT is the constant plus at least its own prefill step), ``None`` without client-side runs.
-
-    Why: measured against a real vLLM CPU engine (tests/test_real_vllm.py), a heavily queued client-side run leaves
-    few prefill rows, each carrying the reconstruction's accumulated wait error; the free fit then put 1.07 s into
-    the constant (the run's smallest TTFT was 0.107 s) and took it out of the prefill cost (predicted prefill
-    chunks ~40 % short), which shifted time from prefill-interleaved decode steps into plain ones: TPOT p50 too
-    high and the TPOT tail (requests whose decode is interleaved with long prefill chunks) too low."""
-    ttft = [r.requests["ttft_s"].to_numpy()[r.mask] for r in runs if r.client_side]
-    ttft = [t[np.isfinite(t)] for t in ttft]
-    ttft = np.concatenate(ttft) if ttft else np.empty(0)
-    return float(ttft.min()) if len(ttft) else None
 
 
 def _model(base: PhysicsStepModel, coef: np.ndarray) -> PhysicsStepModel:
@@ -288,7 +263,7 @@ def fit_step_model(runs: Sequence[FitRun], engine: EngineConfig, basis_model: Ph
         if len(rows.y) < len(free) + 2 + bool(rows.has_offset.any()):
             raise ValueError(f"only {len(rows.y)} usable rows to fit {len(free)} coefficients; the run needs more "
                              "requests that were not preempted")
-        new, new_offset = _nnls(rows, free, PRIOR, _offset_cap(runs))
+        new, new_offset = _nnls(rows, free, PRIOR)
         iterations.append({"iteration": it, "engine_steps": sum(t.num_steps for t in traces),
                            "preemptions": int(sum(t.num_preemptions.sum() for t in traces)), "rows": int(len(rows.y)),
                            **{c: float(new[BASIS_NAMES.index(c)]) for c in free},
