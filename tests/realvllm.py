@@ -62,11 +62,15 @@ def real_vllm(tmp_path_factory):
 
 
 def maslat(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m maslat ARGS`` from the repository root (this checkout first on the path)."""
+    """``python -m maslat ARGS`` from the repository root (this checkout first on the path), kept off the model
+    worker's CPU."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    from traces.vllm_cpu import pin_to_client_cpus
+
+    # off the model worker's CPU (serve pins the worker to one CPU and its own frontend to the others)
     p = subprocess.run([sys.executable, "-m", "maslat", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout, env=env)
+                       timeout=timeout, env=env, preexec_fn=pin_to_client_cpus)
     if check:
         assert p.returncode == 0, f"maslat {' '.join(map(str, args))} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     return p
