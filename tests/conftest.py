@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from .realvllm import real_vllm  # noqa: F401  (the real vLLM CPU engine fixture, session-scoped)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

