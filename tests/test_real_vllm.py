@@ -63,7 +63,7 @@ def calibrated(real_vllm, tmp_path_factory):
     assert rc == 0, f"maslat calibrate failed ({rc}):\n{buf.getvalue()[-3000:]}"
     report = json.loads(buf.getvalue().strip().splitlines()[-1])
     print(buf.getvalue())
-    assert report["step_time_model"] == "linear" and "CPU" in report["hardware_source"], report["hardware_source"]
+    assert report["step_time_model"] == "linear", report["step_time_model_reason"]
     assert report["model_source_kind"] == "local_dir", report["model_source"]
     return {"profile": profile, "report": report, "runs": runs, "dir": d}
 

@@ -186,7 +186,11 @@ class Collector:
         scrape = await self.scrape(session, model_filter=None)
         if scrape is None:
             raise ValueError(f"cannot scrape {cfg.metrics} (a vLLM /metrics page is required)")
-        self.info = {"model": model, "max_model_len": card.get("max_model_len"), "vllm_version": version,
+        # vLLM's model card carries the served model's path or hub id as "root" (the id may be a
+        # --served-model-name): calibration finds the model's shape from it
+        root = card.get("root") if isinstance(card.get("root"), str) and card.get("root") else model
+        self.info = {"model": model, "model_root": root, "max_model_len": card.get("max_model_len"),
+                     "vllm_version": version,
                      "metrics_model": model if model in scrape.models else None, "first_scrape": scrape}
         self.clock = Clock(scrape.time_scale or 1.0)
         self._remember(scrape)
@@ -350,7 +354,7 @@ class Collector:
         from .loadgen import load_description
 
         cfg, info, first = self.cfg, self.info, self.info.get("first_scrape")
-        kw = {"model": info.get("model"), "tensor_parallel_size": None,
+        kw = {"model": info.get("model_root") or info.get("model"), "tensor_parallel_size": None,
               "data_parallel_size": len(first.engines) if first and first.engines else None,
               "enable_expert_parallel": None, "max_num_seqs": None, "max_num_batched_tokens": None,
               "max_model_len": info.get("max_model_len"), "dtype": None,
