@@ -108,11 +108,17 @@ def rel_pct(a: float, b: float) -> float:
     return 100.0 * abs(a - b) / abs(b)
 
 
-def spread_bar(first: float, second: float, floor_pct: float = 5.0) -> tuple[float, float]:
-    """The engine's own run-to-run spread of one statistic (same workload twice, in %), and the bar a simulator's
-    error must meet: no larger than that spread, and at most ``floor_pct`` wherever the spread is below it."""
-    spread = rel_pct(second, first)
-    return spread, max(spread, floor_pct)
+def pooled_row(tag: str, stat: str, pair: list[dict], floor_pct: float = 5.0) -> tuple:
+    """One statistic of a workload collected twice (``pair``: each ``{"measured", "error_pct"}`` of the simulator's
+    replay of that collection): the engine's own spread ``100 |B - A| / A``, the simulator's error on the pooled
+    workload (its two predictions against the two measurements, each averaged over the pair), the bar
+    ``max(spread, floor_pct)`` and whether the error is within it."""
+    a, b = (p["measured"] for p in pair)
+    sims = [p["measured"] * (1 + p["error_pct"] / 100.0) if finite(p["error_pct"]) else float("nan") for p in pair]
+    spread = rel_pct(b, a)
+    err = 100.0 * ((sims[0] + sims[1]) / (a + b) - 1.0)
+    bar = max(spread, floor_pct)
+    return (tag, stat, a, b, spread, err, bar, bool(finite(err) and abs(err) <= bar))
 
 
 def stats_table(rows: list[tuple]) -> str:

@@ -5,7 +5,8 @@ Collect two load levels with ``maslat collect``, calibrate a profile from them, 
 ``maslat validate-policy``. A 2-core CPU engine's timings wander from run to run, so every accuracy check measures
 the engine's own spread in the same test (the same workload, same seed, collected twice) and requires the
 simulator's error on each statistic to be no larger than that spread, and at most 5 % wherever the spread is below
-5 %. Preemption counts (``vllm:num_preemptions_total`` against the simulator's) agree within 10 % or 3.
+5 %. The simulator's error is that of its prediction of the workload: the replays of both collections against both
+measurements (each statistic averaged over the two), so one collection's luck is not charged to the model. Preemption counts (``vllm:num_preemptions_total`` against the simulator's) agree within 10 % or 3.
 
 These tests run alone (``make test`` runs the ``real_vllm`` marker after the main suite): they are measurements.
 """
@@ -25,7 +26,7 @@ from .realvllm import (
     keep_dir,
     last_json,
     maslat,
-    spread_bar,
+    pooled_row,
     stats_table,
 )
 
@@ -40,7 +41,7 @@ BAR_STATS = ("mean", "p50", "p90")
 #: removes the feedback and turns a small step-time error into a large queueing error.
 LIGHT = {"rate": 1.0, "num_requests": 30, "workload": "lognormal:250,50", "seed": 11}
 HEAVY = {"rate": 2.0, "num_requests": 45, "workload": "lognormal:500,100", "seed": 12}
-HELD_OUT = {"rate": 1.5, "num_requests": 40, "workload": "lognormal:400,80", "seed": 21}
+HELD_OUT = {"rate": 1.5, "num_requests": 60, "workload": "lognormal:400,80", "seed": 21}
 
 
 @pytest.fixture(scope="session")
@@ -79,13 +80,10 @@ def test_heldout_replay_within_the_engines_own_spread(real_vllm, calibrated, tmp
     rows, bad = [], []
     for m in METRICS:
         for s in BAR_STATS:
-            a, b = (r["metrics"][m][s]["measured"] for r in rep)
-            spread, bar = spread_bar(a, b)
-            for k, r in zip("AB", rep, strict=True):
-                err = r["metrics"][m][s]["error_pct"]
-                rows.append((f"held-{k}", f"{m}.{s}", a, b, spread, err, bar))
-                if not (finite(err) and abs(err) <= bar):
-                    bad.append(rows[-1])
+            row = pooled_row("held", f"{m}.{s}", [r["metrics"][m][s] for r in rep])
+            rows.append(row)
+            if not row[-1]:
+                bad.append(row)
     pre = [r["preemptions"] for r in rep]
     table = stats_table(rows) + "\npreemptions (measured, simulated): " + ", ".join(
         f"{p['measured']}/{p['simulated']}" for p in pre)
@@ -109,13 +107,11 @@ def test_trained_lamas_policy_on_the_real_engine_within_its_spread(real_vllm, ca
         assert not any(r["mismatched_queries"].values()), r["mismatched_queries"]
         assert r["simulated"]["replicas"] == 1
     for k in ("cp_seconds_mean", "cp_seconds_p90"):
-        a, b = (r["table"][k]["live"] for r in res)
-        spread, bar = spread_bar(a, b)
-        for tag, r in zip("AB", res, strict=True):
-            err = r["table"][k]["error_pct"]
-            rows.append((f"live-{tag}", k, a, b, spread, err, bar))
-            if not (finite(err) and abs(err) <= bar):
-                bad.append(rows[-1])
+        row = pooled_row("live", k, [{"measured": r["table"][k]["live"], "error_pct": r["table"][k]["error_pct"]}
+                                     for r in res])
+        rows.append(row)
+        if not row[-1]:
+            bad.append(row)
     table = stats_table(rows)
     print(table)
     assert not bad, f"validate-policy error beyond the engine's own spread (or 5 %):\n{table}"
