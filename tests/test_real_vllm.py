@@ -22,7 +22,6 @@ import pytest
 from .realvllm import (
     ENGINE,
     collect,
-    finite,
     keep_dir,
     last_json,
     maslat,
