@@ -32,7 +32,7 @@ from .masrouter import MasRouterArgs, train_masrouter
 from .ppo_lagrangian import PPOLagArgs, train_ppo_lagrangian
 
 __all__ = ["CMDPExperimentConfig", "POLICIES", "SLO_FACTORS", "TRAIN_SLO_FACTOR", "default_slo", "evaluate", "findings",
-           "run_cmdp_experiment", "summarise"]
+           "run_cmdp_experiment", "summarise", "summarise_per_seed"]
 
 POLICIES = ("ppo_lagrangian", "masrouter", *BASELINES, "oracle")
 
@@ -154,6 +154,17 @@ def summarise(rows: pd.DataFrame) -> dict:
     return {"regimes": pooled, "by_slo": by_slo}
 
 
+def summarise_per_seed(rows: pd.DataFrame) -> list[dict]:
+    """One entry per seed with the same keys as the means (``regimes``, ``by_slo``, ``findings``), each over
+    that seed's episodes alone: a pooled mean can hide one seed that misses the target."""
+    out = []
+    for seed, d in rows.groupby("seed", sort=True):
+        one = summarise(d)
+        one["findings"] = findings(one)
+        out.append({"seed": int(seed), **one})
+    return out
+
+
 def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], None] | None = None,
                         log: Callable[[str], None] | None = None) -> dict:
     """Train and evaluate (module docstring); returns the summary, the per-episode rows and the curves."""
@@ -202,6 +213,7 @@ def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], 
            "config": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in
                       ((f, getattr(cfg, f)) for f in cfg.__dataclass_fields__) if k != "estimator"}}
     out["findings"] = findings(out)
+    out["per_seed"] = summarise_per_seed(df)
     return {"summary": out, "rows": df, "curves": curves}
 
 

@@ -18,7 +18,7 @@ from envs import ClusterConfig, make_task
 
 from .lamas import METHODS, Args, evaluate, summarize, train
 
-__all__ = ["PUBLISHED", "ExperimentResult", "aggregate", "run_experiment", "savings"]
+__all__ = ["PUBLISHED", "ExperimentResult", "aggregate", "per_seed", "run_experiment", "savings"]
 
 #: lamas.md s.7: (LAMaS score, LAMaS CP len, MaAS score, MaAS CP len)
 PUBLISHED = {"gsm8k": (93.37, 913.5, 93.13, 1474.6), "humaneval": (92.11, 1042.7, 93.00, 1810.8),
@@ -41,14 +41,26 @@ class ExperimentResult:
     def to_json(self) -> dict:
         out = {"task": self.task, "seeds": len(self.seeds), "methods": aggregate(self.runs)}
         out["savings"] = savings(self.runs)
+        out["per_seed"] = per_seed(self.seeds, self.runs)
         if self.task in PUBLISHED:
             ls, lc, ms, mc = PUBLISHED[self.task]
             out["published"] = {"lamas": {"score_pct": ls, "cp_tokens_mean": lc},
                                 "maas": {"score_pct": ms, "cp_tokens_mean": mc},
                                 "cp_reduction_pct": 100.0 * (1 - lc / mc)}
         if self.loads:
-            out["loads"] = {str(f): {"methods": aggregate(r), "savings": savings(r)} for f, r in self.loads.items()}
+            out["loads"] = {str(f): {"methods": aggregate(r), "savings": savings(r), "per_seed": per_seed(self.seeds, r)}
+                            for f, r in self.loads.items()}
         return out
+
+
+def per_seed(seeds: Sequence[int], runs: dict[str, list[dict]]) -> list[dict]:
+    """One entry per seed with the same keys as the means (``methods``, ``savings``), each over that seed
+    alone (so every ``*_std`` is 0): a mean hides a seed that fails."""
+    out = []
+    for i, s in enumerate(seeds):
+        one = {m: rows[i:i + 1] for m, rows in runs.items() if len(rows) > i}
+        out.append({"seed": int(s), "methods": aggregate(one), "savings": savings(one)})
+    return out
 
 
 def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
