@@ -72,3 +72,17 @@ def test_per_seed_has_the_keys_of_the_means():
     assert np.allclose([p["savings"]["cp_tokens_reduction_pct"] for p in out["per_seed"]], [40.0, 10.0])
     assert np.isclose(out["savings"]["cp_tokens_reduction_pct"], 25.0)
     assert out["per_seed"][1]["methods"]["lamas"]["score_pct"] == 92.0
+
+
+def test_small_train_splits_get_at_least_min_updates_adam_steps():
+    from agents.lamas import MIN_UPDATES, Args, train_epochs
+
+    got = {t: train_epochs(Args(task=t)) for t in ("gsm8k", "math", "humaneval", "mbpp")}
+    assert got == {"gsm8k": 4, "math": 4, "humaneval": 14, "mbpp": 6}
+    for t, ep in got.items():   # whole epochs, the fewest that reach MIN_UPDATES (never fewer than the paper's 4)
+        from envs import make_task
+
+        batches = -(-make_task(t).num_train // 4)
+        assert ep * batches >= MIN_UPDATES and (ep == 4 or (ep - 1) * batches < MIN_UPDATES)
+    assert train_epochs(Args(task="humaneval", epochs=4)) == 4          # the paper's protocol on request
+    assert train_epochs(Args(task="humaneval", max_train_queries=4)) == MIN_UPDATES

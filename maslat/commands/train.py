@@ -44,7 +44,7 @@ def configure(p) -> None:
     p.add_argument("--task", default="gsm8k", help="gsm8k | math | humaneval | mbpp")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None,
-                   help="passes over the train split (default: 4, more on a small split to reach 144 Adam steps)")
+                   help="passes over the train split (default: 4, more on a small split to reach 120 Adam steps)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--token-weight", type=float, default=None, help="lambda_t (default: the method's)")
