@@ -15,6 +15,7 @@ structured output, LoRA, speculative decoding, KV connectors, encoder inputs.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -120,8 +121,6 @@ class Request:
         """A world snapshot's copy (``envs.background``), slot by slot: numbers, strings, enums and the
         content chain are immutable and shared; the KV ranges are copied; the decode clock, the replica's
         callbacks and the tag go through ``memo`` so they map to the copied world's. ~10x a generic copy."""
-        import copy
-
         new = Request.__new__(Request)
         memo[id(self)] = new
         for k in _SLOTS:
