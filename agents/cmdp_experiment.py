@@ -31,8 +31,8 @@ from .cmdp_policies import BASELINES, make_baseline
 from .masrouter import MasRouterArgs, train_masrouter
 from .ppo_lagrangian import PPOLagArgs, train_ppo_lagrangian
 
-__all__ = ["CMDPExperimentConfig", "POLICIES", "SLO_FACTORS", "TRAIN_SLO_FACTOR", "default_slo", "evaluate", "findings",
-           "run_cmdp_experiment", "summarise"]
+__all__ = ["CMDPExperimentConfig", "POLICIES", "SLO_FACTORS", "TRAIN_SLO_FACTOR", "default_slo", "evaluate", "evaluate_all", "findings",
+           "run_cmdp_experiment", "summarise", "summarise_per_seed"]
 
 POLICIES = ("ppo_lagrangian", "masrouter", *BASELINES, "oracle")
 
@@ -107,28 +107,41 @@ def _episode_seed(seed: int, regime: str, i: int, j: int) -> int:
 def evaluate(policy, env: MASLatencyCMDPEnv, queries: Sequence[int], slo_factors: Sequence[float], seed: int,
              regime: str, progress: Callable[[int], None] | None = None) -> list[dict]:
     """One row per (query, SLO factor): the episode's outcome under ``policy``."""
-    rows = []
+    return evaluate_all([policy], env, queries, slo_factors, seed, regime, progress)
+
+
+def evaluate_all(policies: Sequence, env: MASLatencyCMDPEnv, queries: Sequence[int], slo_factors: Sequence[float],
+                 seed: int, regime: str, progress: Callable[[int], None] | None = None) -> list[dict]:
+    """``evaluate`` for several policies, episode by episode: every policy runs episode (i, j) before any
+    runs the next, so the episode's warmed-up world is simulated once and copied for the others
+    (``envs.background``). Each policy still sees its episodes in the same order, so the rows (returned
+    policy by policy, as ``evaluate`` one policy after another would) are the same bit for bit."""
+    rows: list[list[dict]] = [[] for _ in policies]
     for i, q in enumerate(queries):
         for j, f in enumerate(slo_factors):
             s = _episode_seed(seed, regime, i, j)
-            opts = {"query": int(q), "slo_factor": float(f)}
-            obs, _ = env.reset(seed=s, options=opts)
-            if hasattr(policy, "begin"):
-                policy.begin(env, s, opts)
-            while True:
-                obs, _, term, _, info = env.step(env.encode_action(*policy.act(obs)))
-                if term:
-                    break
-            rows.append({"policy": policy.name, "regime": regime, "seed": seed, "query": int(q), "slo_factor": float(f),
-                         "topology": info["topology"], "quality": info["quality"], "latency_s": info["latency_s"],
-                         "slo_s": info["slo_s"], "attained": not info["slo_violated"], "goodput": info["goodput"],
-                         "cost_usd": info["cost_usd"], "calls": info["num_calls"],
-                         "large_share": float(np.mean([c["model"] == env.model_names[env.reference_model]
-                                                       for c in info["calls"]])),
-                         "deepthink_share": float(np.mean([c["strategy"] == "DeepThink" for c in info["calls"]]))})
-            if progress is not None:
-                progress(1)
-    return rows
+            for k, policy in enumerate(policies):
+                rows[k].append(_episode(policy, env, s, int(q), float(f), seed, regime))
+                if progress is not None:
+                    progress(1)
+    return [r for per in rows for r in per]
+
+
+def _episode(policy, env: MASLatencyCMDPEnv, s: int, q: int, f: float, seed: int, regime: str) -> dict:
+    opts = {"query": q, "slo_factor": f}
+    obs, _ = env.reset(seed=s, options=opts)
+    if hasattr(policy, "begin"):
+        policy.begin(env, s, opts)
+    while True:
+        obs, _, term, _, info = env.step(env.encode_action(*policy.act(obs)))
+        if term:
+            break
+    return {"policy": policy.name, "regime": regime, "seed": seed, "query": q, "slo_factor": f,
+            "topology": info["topology"], "quality": info["quality"], "latency_s": info["latency_s"],
+            "slo_s": info["slo_s"], "attained": not info["slo_violated"], "goodput": info["goodput"],
+            "cost_usd": info["cost_usd"], "calls": info["num_calls"],
+            "large_share": float(np.mean([c["model"] == env.model_names[env.reference_model] for c in info["calls"]])),
+            "deepthink_share": float(np.mean([c["strategy"] == "DeepThink" for c in info["calls"]]))}
 
 
 def _metrics(d: pd.DataFrame) -> dict:
@@ -152,6 +165,17 @@ def summarise(rows: pd.DataFrame) -> dict:
         pooled.setdefault(reg, {})[pol] = m
         by_slo.setdefault(reg, {})[pol] = {f"{f:g}": _metrics(x) for f, x in d.groupby("slo_factor")}
     return {"regimes": pooled, "by_slo": by_slo}
+
+
+def summarise_per_seed(rows: pd.DataFrame) -> list[dict]:
+    """One entry per seed with the same keys as the means (``regimes``, ``by_slo``, ``findings``), each over
+    that seed's episodes alone: a pooled mean can hide one seed that misses the target."""
+    out = []
+    for seed, d in rows.groupby("seed", sort=True):
+        one = summarise(d)
+        one["findings"] = findings(one)
+        out.append({"seed": int(seed), **one})
+    return out
 
 
 def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], None] | None = None,
@@ -193,8 +217,7 @@ def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], 
             if "oracle" in cfg.policies:
                 pols.append(LookaheadOracle(lambda regime=regime: _env(cfg, regime, "test", est)))
             t0 = time.perf_counter()
-            for pol in pols:
-                rows += evaluate(pol, eenv, queries, cfg.slo_factors, seed, regime, progress)
+            rows += evaluate_all(pols, eenv, queries, cfg.slo_factors, seed, regime, progress)
             timing["evaluate_s"].setdefault(regime, []).append(time.perf_counter() - t0)
     df = pd.DataFrame(rows)
     out = {"task": cfg.task, "seeds": len(cfg.seeds), **summarise(df), "slo_factors": list(cfg.slo_factors),
@@ -202,6 +225,7 @@ def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], 
            "config": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in
                       ((f, getattr(cfg, f)) for f in cfg.__dataclass_fields__) if k != "estimator"}}
     out["findings"] = findings(out)
+    out["per_seed"] = summarise_per_seed(df)
     return {"summary": out, "rows": df, "curves": curves}
 
 

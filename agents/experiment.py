@@ -1,6 +1,7 @@
 """The LAMaS paper's experiment in simulation: every method, trained and tested with the same seeds.
 
-For each seed and method: train on the train split (4 epochs, batches of 4, 4 in flight), then run the
+For each seed and method: train on the train split (4 epochs, or more to reach ``lamas.MIN_UPDATES`` Adam
+steps on a small split; batches of 4, 4 in flight), then run the
 test split once at concurrency 30. Every method sees the same worlds (same background arrivals) and the
 same per-query LLM outcomes for the same operator at the same place (common random numbers), so
 differences between methods are paired. Optionally the trained controllers are re-tested at other
@@ -16,9 +17,9 @@ import numpy as np
 
 from envs import ClusterConfig, make_task
 
-from .lamas import METHODS, Args, evaluate, summarize, train
+from .lamas import METHODS, Args, evaluate, summarize, train, train_epochs
 
-__all__ = ["PUBLISHED", "ExperimentResult", "aggregate", "run_experiment", "savings"]
+__all__ = ["PUBLISHED", "ExperimentResult", "aggregate", "per_seed", "run_experiment", "savings"]
 
 #: lamas.md s.7: (LAMaS score, LAMaS CP len, MaAS score, MaAS CP len)
 PUBLISHED = {"gsm8k": (93.37, 913.5, 93.13, 1474.6), "humaneval": (92.11, 1042.7, 93.00, 1810.8),
@@ -41,14 +42,26 @@ class ExperimentResult:
     def to_json(self) -> dict:
         out = {"task": self.task, "seeds": len(self.seeds), "methods": aggregate(self.runs)}
         out["savings"] = savings(self.runs)
+        out["per_seed"] = per_seed(self.seeds, self.runs)
         if self.task in PUBLISHED:
             ls, lc, ms, mc = PUBLISHED[self.task]
             out["published"] = {"lamas": {"score_pct": ls, "cp_tokens_mean": lc},
                                 "maas": {"score_pct": ms, "cp_tokens_mean": mc},
                                 "cp_reduction_pct": 100.0 * (1 - lc / mc)}
         if self.loads:
-            out["loads"] = {str(f): {"methods": aggregate(r), "savings": savings(r)} for f, r in self.loads.items()}
+            out["loads"] = {str(f): {"methods": aggregate(r), "savings": savings(r), "per_seed": per_seed(self.seeds, r)}
+                            for f, r in self.loads.items()}
         return out
+
+
+def per_seed(seeds: Sequence[int], runs: dict[str, list[dict]]) -> list[dict]:
+    """One entry per seed with the same keys as the means (``methods``, ``savings``), each over that seed
+    alone (so every ``*_std`` is 0): a mean hides a seed that fails."""
+    out = []
+    for i, s in enumerate(seeds):
+        one = {m: rows[i:i + 1] for m, rows in runs.items() if len(rows) > i}
+        out.append({"seed": int(s), "methods": aggregate(one), "savings": savings(one)})
+    return out
 
 
 def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict]:
@@ -80,14 +93,16 @@ def savings(runs: dict[str, list[dict]], ours: str = "lamas", base: str = "maas"
             "seconds_over_tokens": s / t if t else float("nan")}
 
 
-def episodes_per_seed(task: str, methods: Sequence[str], epochs: int = 4, load_factors: Sequence[float] = ()) -> int:
+def episodes_per_seed(task: str, methods: Sequence[str], epochs: int | None = None,
+                      load_factors: Sequence[float] = ()) -> int:
     spec = make_task(task)
-    n_train = sum(spec.num_train * epochs for m in methods if METHODS[m].learned)
+    ep = train_epochs(Args(task=task, epochs=epochs))
+    n_train = sum(spec.num_train * ep for m in methods if METHODS[m].learned)
     return n_train + spec.num_test * len(methods) * (1 + len(load_factors))
 
 
 def run_experiment(task: str, seeds: Sequence[int], methods: Sequence[str] | None = None, *,
-                   cluster: ClusterConfig | None = None, load_factors: Sequence[float] = (), epochs: int = 4,
+                   cluster: ClusterConfig | None = None, load_factors: Sequence[float] = (), epochs: int | None = None,
                    keep_infos: bool = False, progress: Callable[[int], None] | None = None) -> ExperimentResult:
     """Train and test every method for every seed; ``progress(n)`` is told of every finished episode."""
     methods = list(methods or METHODS)

@@ -15,6 +15,7 @@ structured output, LoRA, speculative decoding, KV connectors, encoder inputs.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -116,9 +117,28 @@ class Request:
     def num_tokens(self) -> int:
         return self.num_prompt_tokens + (self._oorig + self._clk.D if self._dec else self._out)
 
+    def __deepcopy__(self, memo) -> Request:
+        """A world snapshot's copy (``envs.background``), slot by slot: numbers, strings, enums and the
+        content chain are immutable and shared; the KV ranges are copied; the decode clock, the replica's
+        callbacks and the tag go through ``memo`` so they map to the copied world's. ~10x a generic copy."""
+        new = Request.__new__(Request)
+        memo[id(self)] = new
+        for k in _SLOTS:
+            v = getattr(self, k)
+            if k == "kv_ranges":
+                v = [list(r) for r in v]
+            elif k in _DEEP and v is not None:
+                v = copy.deepcopy(v, memo)
+            setattr(new, k, v)
+        return new
+
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, {self.status.name}, prompt={self.num_prompt_tokens}, "
                 f"out={self.num_output_tokens}/{self.max_tokens}, computed={self.num_computed_tokens})")
+
+
+_SLOTS = Request.__slots__
+_DEEP = frozenset(("_clk", "on_finish", "tag", "reject_reason"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ SimPy generator per request: each arrival schedules the next at its absolute tim
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -134,6 +135,37 @@ class EmpiricalLengths:
         return self.prompt_tokens[idx], self.output_tokens[idx]
 
 
+class _Gaps:
+    """An arrival process's gaps as an iterator that survives ``copy.deepcopy`` (a generator does not).
+
+    A copy replays the process from the stream's state at ``start`` (kept aside) to the same position, so a
+    world can be snapshotted mid-run (``envs.background``) and every copy continues bit for bit like the
+    original: the gaps are a function of the stream's initial state and how many were drawn.
+    """
+
+    __slots__ = ("arrivals", "rng0", "it", "n")
+
+    def __init__(self, arrivals, rng: np.random.Generator):
+        self.arrivals, self.rng0 = arrivals, copy.deepcopy(rng)
+        self.it, self.n = arrivals.gaps(rng), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> float:
+        g = next(self.it)
+        self.n += 1
+        return g
+
+    def __deepcopy__(self, memo) -> _Gaps:
+        new = _Gaps.__new__(_Gaps)
+        new.arrivals, new.rng0, new.n = copy.deepcopy(self.arrivals, memo), self.rng0, self.n
+        new.it = new.arrivals.gaps(copy.deepcopy(self.rng0))
+        for _ in range(self.n):
+            next(new.it)
+        return new
+
+
 @dataclass
 class Workload:
     """Submit requests to ``pool``: arrivals from stream ``<name>/arrivals``, lengths from ``<name>/lengths``.
@@ -157,7 +189,7 @@ class Workload:
         if self.lengths is None and self.prompt_tokens is None:
             raise ValueError("a Workload needs lengths or explicit prompt_tokens/output_tokens")
         self._world = world
-        self._gaps = self.arrivals.gaps(world.rng(f"{self.name}/arrivals"))
+        self._gaps = _Gaps(self.arrivals, world.rng(f"{self.name}/arrivals"))
         self._len_rng = world.rng(f"{self.name}/lengths")
         self._buf_p = self._buf_o = None
         self._bi = 0
@@ -171,6 +203,18 @@ class Workload:
             return
         self._t += first
         self._schedule()
+
+    def __deepcopy__(self, memo) -> Workload:
+        """A snapshot's copy (``envs.background``): the drawn-length buffers are lists of ints, copied flat
+        (a generic deep copy visits every int), and a replayed trace's arrays are shared (never written)."""
+        new = Workload.__new__(Workload)
+        memo[id(self)] = new
+        for k, v in vars(self).items():
+            if k in ("_buf_p", "_buf_o", "prompt_tokens", "output_tokens"):
+                new.__dict__[k] = v if v is None or isinstance(v, np.ndarray) else list(v)
+            else:
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
 
     def _stop(self) -> None:
         if self._active:

@@ -71,6 +71,8 @@ def test_experiment_cmdp_json_last_line(tmp_path):
             assert np.isfinite(m[k])
     assert (tmp_path / "goodput_vs_slo.png").stat().st_size > 0 and (tmp_path / "training.png").stat().st_size > 0
     assert (tmp_path / "episodes.csv").read_text().count("\n") == 3 * 2 + 1
+    (one,) = res["per_seed"]
+    assert one["seed"] == 0 and one["regimes"] == res["regimes"] and one["findings"] == res["findings"]
 
 
 @pytest.mark.slow
@@ -105,3 +107,27 @@ def test_estimators_train_on_a_live_phase2_run_of_the_stand_in(tmp_path):
         res = _last_json(_maslat("train", "estimators", "--data", str(out), "--estimator-steps", "50",
                                  "--out", str(tmp_path / f"{out.name}.npz"), "--json"))
         assert res["rows"] > 0 and np.isfinite(res["mape_pct"]["ttft"])
+
+
+def test_cmdp_per_seed_entries_have_the_keys_of_the_means():
+    import pandas as pd
+
+    from agents.cmdp_experiment import findings, summarise, summarise_per_seed
+
+    rng = np.random.default_rng(0)
+    rows = pd.DataFrame([{"policy": p, "regime": "busy", "seed": s, "query": q, "slo_factor": f,
+                          "quality": float(rng.random() < 0.8), "latency_s": float(rng.gamma(2.0)),
+                          "attained": bool(rng.random() < 0.9 - 0.2 * s), "goodput": float(rng.random() < 0.7),
+                          "cost_usd": 0.01, "calls": 3, "large_share": 0.5, "deepthink_share": 0.5}
+                         for s in (0, 1) for p in ("ppo_lagrangian", "masrouter") for q in range(5) for f in (1.0, 2.0)])
+    mean = summarise(rows)
+    mean["findings"] = findings(mean)
+    per = summarise_per_seed(rows)
+    assert [p["seed"] for p in per] == [0, 1]
+    for p in per:
+        assert set(p) == {"seed", "regimes", "by_slo", "findings"}
+        assert set(p["regimes"]["busy"]["ppo_lagrangian"]) == set(mean["regimes"]["busy"]["ppo_lagrangian"])
+        assert set(p["findings"]["busy"]) == set(mean["findings"]["busy"])
+    att = [p["regimes"]["busy"]["ppo_lagrangian"]["slo_attainment"] for p in per]
+    assert np.isclose(np.mean(att), mean["regimes"]["busy"]["ppo_lagrangian"]["slo_attainment"])
+    assert att == [float(rows[(rows.seed == s) & (rows.policy == "ppo_lagrangian")].attained.mean()) for s in (0, 1)]

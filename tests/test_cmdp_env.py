@@ -306,3 +306,35 @@ def test_vectorised_vote_is_the_plurality_with_ties_broken_in_ascending_label_or
         counts = Counter(r.tolist())
         tied = sorted(lab for lab, c in counts.items() if c == max(counts.values()))
         assert g == tied[int(ui * len(tied))]
+
+
+def _trajectory(env, seed, query, actions_seed):
+    rng = np.random.default_rng(actions_seed)
+    obs, info0 = env.reset(seed=seed, options={"query": query, "slo_factor": 1.5})
+    out = [info0["start_s"], obs["system"].tolist(), obs["estimates"].tolist()]
+    while True:
+        obs, r, term, _, info = env.step(np.array([rng.integers(len(env.models)), rng.integers(len(STRATEGY_NAMES))]))
+        out += [r, info["cost"], info["elapsed_s"], obs["system"].tolist()]
+        if term:
+            break
+    w = env.world
+    out += [info["latency_s"], info["quality"], w.now, w.num_submitted,
+            [(c.core.num_steps, c.core.num_finished, c.core.prompt_tokens, c.core.generation_tokens,
+              c.core.ttft.counts, c.core.itl.counts) for c in w.replicas]]
+    return out
+
+
+@pytest.mark.parametrize("load", sorted(REGIMES))
+def test_warm_world_snapshot_is_exact(load):
+    """An episode started from a copied warm-up snapshot is the episode started from a re-simulated warm-up,
+    bit for bit: observations (queue lengths, KV usage, TTFT EMA), costs, latency, and every engine counter.
+    Seeds repeat, so the second visit of a seed is served from the snapshot (a cache hit)."""
+    from envs.background import WARM_WORLDS
+
+    WARM_WORLDS.clear()
+    h0 = WARM_WORLDS.hits
+    fast = MASLatencyCMDPEnv("gsm8k", "test", load=load, estimator="none", warmup_s=15.0)
+    slow = MASLatencyCMDPEnv("gsm8k", "test", load=load, estimator="none", warmup_s=15.0, reuse_warmup=False)
+    for seed, q, a in ((3, 0, 0), (3, 1, 1), (4, 2, 2), (3, 0, 3), (4, 2, 2)):
+        assert _trajectory(fast, seed, q, a) == _trajectory(slow, seed, q, a)
+    assert WARM_WORLDS.hits - h0 == 3

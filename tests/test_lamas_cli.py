@@ -27,6 +27,8 @@ def test_experiment_json_last_line(tmp_path):
                   "cost_usd_per_query", "calls_per_query"):
             assert res["methods"][name][k] >= 0
     assert "cp_tokens_reduction_pct" in res["savings"]
+    (one,) = res["per_seed"]
+    assert one["seed"] == 0 and one["methods"] == res["methods"] and one["savings"] == res["savings"]
     assert (tmp_path / "pareto.png").stat().st_size > 0 and (tmp_path / "curves.png").stat().st_size > 0
 
 
@@ -49,3 +51,38 @@ def test_notebook_runs_headless():
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     assert any(o.get("output_type") == "display_data" for c in nb.cells if c.cell_type == "code"
                for o in c.get("outputs", []))
+
+
+def test_per_seed_has_the_keys_of_the_means():
+    """Two seeds: each entry is that seed's figures, and their mean is the reported mean."""
+    from agents.experiment import ExperimentResult
+
+    res = ExperimentResult("humaneval", [3, 4], ["lamas", "maas"])
+    res.runs = {"lamas": [{"score_pct": 90.0, "cp_tokens_mean": 600.0, "cp_seconds_mean": 6.0},
+                          {"score_pct": 92.0, "cp_tokens_mean": 900.0, "cp_seconds_mean": 9.0}],
+                "maas": [{"score_pct": 91.0, "cp_tokens_mean": 1000.0, "cp_seconds_mean": 10.0},
+                         {"score_pct": 92.0, "cp_tokens_mean": 1000.0, "cp_seconds_mean": 10.0}]}
+    out = res.to_json()
+    assert [p["seed"] for p in out["per_seed"]] == [3, 4]
+    for p in out["per_seed"]:
+        assert set(p["methods"]) == set(out["methods"]) and set(p["savings"]) == set(out["savings"])
+        assert set(p["methods"]["lamas"]) == set(out["methods"]["lamas"])
+    import numpy as np
+
+    assert np.allclose([p["savings"]["cp_tokens_reduction_pct"] for p in out["per_seed"]], [40.0, 10.0])
+    assert np.isclose(out["savings"]["cp_tokens_reduction_pct"], 25.0)
+    assert out["per_seed"][1]["methods"]["lamas"]["score_pct"] == 92.0
+
+
+def test_small_train_splits_get_at_least_min_updates_adam_steps():
+    from agents.lamas import MIN_UPDATES, Args, train_epochs
+
+    got = {t: train_epochs(Args(task=t)) for t in ("gsm8k", "math", "humaneval", "mbpp")}
+    assert got == {"gsm8k": 4, "math": 4, "humaneval": 14, "mbpp": 6}
+    for t, ep in got.items():   # whole epochs, the fewest that reach MIN_UPDATES (never fewer than the paper's 4)
+        from envs import make_task
+
+        batches = -(-make_task(t).num_train // 4)
+        assert ep * batches >= MIN_UPDATES and (ep == 4 or (ep - 1) * batches < MIN_UPDATES)
+    assert train_epochs(Args(task="humaneval", epochs=4)) == 4          # the paper's protocol on request
+    assert train_epochs(Args(task="humaneval", max_train_queries=4)) == MIN_UPDATES

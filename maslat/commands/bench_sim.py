@@ -13,10 +13,12 @@ HELP = "simulator speed: N requests through R replicas at a fraction of saturati
 DESCRIPTION = """\
 Measures the simulator on one core. First the saturation throughput of one replica is measured by
 simulation (an overloaded replica, Azure-conv lengths); then --requests Poisson arrivals at
---load x saturation x --replicas run through the cluster twice, each in a fresh process:
-with decode-run jumps (the default engine) and step by step (jumps off). Both runs must produce
-identical latency statistics; the gain is the ratio of wall times. The engine counters say why the
-gain is what it is: step boundaries (one per single step, one per jumped run), jumps, mean steps per jump.
+--load x saturation x --replicas run through the cluster with decode-run jumps (the default engine),
+in a fresh process. The first --stepwise-requests of the same arrivals then run twice more, with jumps and
+step by step (jumps off): both must produce identical latency statistics, and the gain is the ratio of
+their wall times, measured in this run. The engine counters say why the gain is what it is: step
+boundaries (one per single step, one per jumped run), jumps, mean steps per jump. ``phases_s`` says where
+the whole command's time went.
 
 A second, smaller scenario (--long-requests, 0 skips it) has long outputs at a light load, where
 nothing interrupts the decodes for hundreds of steps: there the jumps pay off.
@@ -35,7 +37,9 @@ def configure(p) -> None:
     p.add_argument("--router", default="round_robin")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-stepwise", action="store_true", help="only run the default (jumping) engine")
-    p.add_argument("--long-requests", type=int, default=2000,
+    p.add_argument("--stepwise-requests", type=int, default=100_000,
+                   help="the step-by-step comparison runs on this prefix of the arrivals (default 100,000)")
+    p.add_argument("--long-requests", type=int, default=300,
                    help=f"requests of the long-output scenario ({LONG_PROMPT_TOKENS}-token prompts, "
                         f"{LONG_OUTPUT_TOKENS}-token outputs, Poisson {LONG_RATE_PER_S} req/s); 0 skips it")
     add_json_flag(p)
@@ -153,11 +157,17 @@ def _main_json(args, sat: float, rate: float, fast: dict, step: dict | None) -> 
         "jumps": fast["counters"],
     }
     if step is not None:
-        out["stepwise"] = {"wall_s": step["wall_s"], "cpu_s": step["cpu_s"],
-                           "requests_per_s": args.requests / step["wall_s"],
-                           "peak_rss_mb": step["peak_rss_mb"], "identical_results": _identical(fast, step),
+        sub, step = step
+        m = sub["summary"]["finished"]
+        out["stepwise"] = {"requests": m, "wall_s": step["wall_s"], "cpu_s": step["cpu_s"],
+                           "jumps_wall_s": sub["wall_s"], "requests_per_s": m / step["wall_s"],
+                           "sim_s_per_wall_s": step["simulated_s"] / step["wall_s"],
+                           "peak_rss_mb": step["peak_rss_mb"], "identical_results": _identical(sub, step),
+                           "engine_steps": step["summary"]["engine_steps"],
                            "us_per_step": step["counters"]["us_per_step"]}
-        out["jump_speedup"] = step["wall_s"] / fast["wall_s"]
+        out["jump_speedup"] = step["wall_s"] / sub["wall_s"]
+        out["jump_speedup_cpu"] = step["cpu_s"] / sub["cpu_s"]   # steadier than wall time on a shared machine
+        out["stepwise"]["jumps_cpu_s"] = sub["cpu_s"]
     return out
 
 
@@ -167,15 +177,18 @@ def _print_table(out: dict) -> None:
              j["step_boundaries"], j["us_per_boundary"]]]
     if "stepwise" in out:
         s = out["stepwise"]
-        rows.append(["step by step", s["wall_s"], s["requests_per_s"], out["simulated_s"] / s["wall_s"],
-                     s["peak_rss_mb"], out["engine_steps"], s["us_per_step"]])
+        rows.append([f"step by step (first {s['requests']:,})", s["wall_s"], s["requests_per_s"], s["sim_s_per_wall_s"],
+                     s["peak_rss_mb"], s["engine_steps"], s["us_per_step"]])
     print(out["scenario"])
     print(format_table(rows, ["engine", "wall_s", "requests/s", "sim_s/wall_s", "peak_rss_mb", "boundaries",
                               "us/boundary"]))
     print(f"{out['engine_steps']:,} engine steps; {j['jumps']:,} jumps cover {j['jumped_step_fraction']:.0%} of "
           f"them, {j['mean_steps_per_jump']:.2f} steps per jump")
     if "stepwise" in out:
-        print(f"jump speed-up {out['jump_speedup']:.2f}x; identical results: {out['stepwise']['identical_results']}")
+        s = out["stepwise"]
+        print(f"jump speed-up on the first {s['requests']:,} requests {out['jump_speedup']:.2f}x wall "
+              f"({out['jump_speedup_cpu']:.2f}x CPU; {s['jumps_wall_s']:.2f} s with jumps, {s['wall_s']:.2f} s step by "
+              f"step, one run); identical results: {s['identical_results']}")
     if "long_outputs" in out:
         lo = out["long_outputs"]
         print(f"{lo['scenario']}: {lo['wall_s']:.2f} s with jumps, {lo['stepwise_wall_s']:.2f} s step by step "
@@ -184,25 +197,41 @@ def _print_table(out: dict) -> None:
 
 
 def run(args) -> int:
-    if args.requests < 1 or args.replicas < 1 or not 0 < args.load or args.long_requests < 0:
-        raise ValueError("--requests and --replicas must be >= 1, --load > 0 and --long-requests >= 0")
+    if (args.requests < 1 or args.replicas < 1 or not 0 < args.load or args.long_requests < 0
+            or args.stepwise_requests < 0):
+        raise ValueError("--requests and --replicas must be >= 1, --load > 0, --long-requests and "
+                         "--stepwise-requests >= 0")
+    t_start = time.perf_counter()
+    phases = {}
     print(f"measuring saturation of one {args.profile} replica with Azure-conv lengths ...", file=sys.stderr)
     sat = measure_saturation(args.profile, args.seed)
+    phases["saturation_s"] = time.perf_counter() - t_start
     rate = args.load * sat * args.replicas
     print(f"saturation {sat:.2f} req/s per replica; offering {rate:.2f} req/s to {args.replicas} replicas",
           file=sys.stderr)
     base = {"profile": args.profile, "replicas": args.replicas, "router": args.router, "seed": args.seed,
             "rate": rate, "requests": args.requests}
     print(f"running {args.requests:,} requests with jumps ...", file=sys.stderr)
+    t0 = time.perf_counter()
     fast = _in_fresh_process({**base, "jumps": True})
+    phases["main_s"] = time.perf_counter() - t0
     step = None
-    if not args.skip_stepwise:
-        print(f"running {args.requests:,} requests step by step ...", file=sys.stderr)
-        step = _in_fresh_process({**base, "jumps": False})
+    m = min(args.requests, args.stepwise_requests)
+    if not args.skip_stepwise and m:
+        print(f"running the first {m:,} requests with jumps, then step by step ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        sub = fast if m == args.requests else _in_fresh_process({**base, "requests": m, "jumps": True})
+        step = (sub, _in_fresh_process({**base, "requests": m, "jumps": False}))
+        phases["stepwise_s"] = time.perf_counter() - t0
     out = _main_json(args, sat, rate, fast, step)
     if args.long_requests:
+        t0 = time.perf_counter()
         out["long_outputs"] = _long_outputs(args)
+        phases["long_outputs_s"] = time.perf_counter() - t0
+    phases["whole_command_s"] = time.perf_counter() - t_start
+    out["phases_s"] = phases
     _print_table(out)
+    print("where the command's time went: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     if args.json:
         emit_json(out)
     return 0

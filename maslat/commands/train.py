@@ -46,7 +46,8 @@ def configure(p) -> None:
                                   "ppo_lagrangian | masrouter")
     p.add_argument("--task", default="gsm8k", help="gsm8k | math | humaneval | mbpp")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the train split (default: 4, more on a small split to reach 120 Adam steps)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--token-weight", type=float, default=None, help="lambda_t (default: the method's)")
@@ -59,7 +60,7 @@ def configure(p) -> None:
 def run(args) -> int:
     import torch
 
-    from agents.lamas import METHODS, Args, train
+    from agents.lamas import METHODS, Args, train, train_epochs
 
     torch.set_num_threads(1)
     if args.method in CMDP_METHODS:
@@ -72,13 +73,13 @@ def run(args) -> int:
     out = args.out or Path("runs") / f"{args.method}-{args.task}-{args.seed}"
     from envs import make_task
 
-    total = make_task(args.task).num_train * args.epochs
+    total = make_task(args.task).num_train * train_epochs(a)
     t0 = time.perf_counter()
     with progress(total, f"train {args.method} on {args.task}", unit="episode") as bar:
         res = train(a, progress=bar.update)
     wall = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"method": a.method, "task": a.task, "seed": a.seed, "epochs": a.epochs, "batch_size": a.batch_size,
+    meta = {"method": a.method, "task": a.task, "seed": a.seed, "epochs": train_epochs(a), "batch_size": a.batch_size,
             "lr": a.lr, "token_weight": a.token_weight, "threshold": a.threshold, "num_layers": a.num_layers}
     save_checkpoint({"args": meta, "state_dict": res.controller.state_dict()}, out / "controller.pt")
     with atomic_open(out / "metrics.csv", "w", newline="") as f:
