@@ -11,13 +11,14 @@ import pytest
 
 import sim
 from sim import catalog
-from traces.calibrate import calibrate_run, resolve_model_and_hardware
+from traces.calibrate import calibrate_run
 from traces.commands import calibrate_main
 from traces.hardware import is_cpu_run, parse_gpu_spec
 from traces.hfconfig import model_entry_from_file
 from traces.meta import RunMeta
 from traces.replay import fit_mask, latency_errors, simulate_run
 from traces.runs import read_run, write_run
+from traces.shape import resolve_model_and_hardware
 
 H100 = catalog.gpus()["h100-sxm"].spec
 QWEN_MOE = catalog.lookup_model("Qwen/Qwen3-30B-A3B").spec
