@@ -152,6 +152,22 @@ async def _settle(url):
     return m
 
 
+async def _stable_aborts(url) -> float:
+    """The /metrics abort count once it has not moved for a second: a client that left after its last token is
+    counted aborted by its handler when the [DONE] write fails, which may come after the engine's gauges read 0."""
+    async with aiohttp.ClientSession() as s:
+        last, same_since = None, time.monotonic()
+        for _ in range(100):
+            async with s.get(url + "/metrics") as r:
+                n = metric_sum(parse_metrics(await r.text()), "vllm:request_success_total", finished_reason="abort")
+            if n != last:
+                last, same_since = n, time.monotonic()
+            elif time.monotonic() - same_since >= 1.0:
+                break
+            await asyncio.sleep(0.1)
+    return last
+
+
 @pytest.mark.slow
 def test_load_and_fault_storm_in_rounds():
     rng = np.random.Generator(np.random.PCG64(19))
@@ -175,6 +191,7 @@ def test_load_and_fault_storm_in_rounds():
                             "max_probe_s": max(lat), "max_probe_wall_s": max(wall), "left": streams.count("left"),
                             "aborted": metric_sum(m, "vllm:request_success_total", finished_reason="abort")})
         wall_s = time.monotonic() - t0
+        final_aborts = asyncio.run(_stable_aborts(srv.url))
         code, out, err = srv.stop()
     s = last_json_line(out)
     print(json.dumps({"wall_s": wall_s, "rounds": figures, "summary": s, "stderr_bytes": len(err)}))
@@ -185,7 +202,7 @@ def test_load_and_fault_storm_in_rounds():
     assert s["client_errors"] == ROUNDS * (MALFORMED + SLOW)
     left = sum(f["left"] for f in figures)
     assert s["aborted"] <= left and s["completed"] >= ROUNDS * STREAMS - left + probes
-    assert s["aborted"] == figures[-1]["aborted"], "the server's count of aborts is /metrics' count"
+    assert s["aborted"] == final_aborts, "the server's count of aborts is /metrics' count"
     assert s["connections"]["evicted"] > 0 and s["connections"]["peak"] <= CAP
     assert s["records_kept"] < ROUNDS * STREAMS / 2, "per-request records are dropped once counted"
     assert len(err) < 4000 and "Traceback" not in err, err[-2000:]
