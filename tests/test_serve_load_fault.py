@@ -153,8 +153,8 @@ async def _settle(url):
 
 
 async def _stable_aborts(url) -> float:
-    """The /metrics abort count once it has not moved for a second: a client that left after its last token is
-    counted aborted by its handler when the [DONE] write fails, which may come after the engine's gauges read 0."""
+    """The /metrics abort count once it has not moved for a second (a handler may register its abort after the
+    engine's gauges read 0)."""
     async with aiohttp.ClientSession() as s:
         last, same_since = None, time.monotonic()
         for _ in range(100):
@@ -202,7 +202,10 @@ def test_load_and_fault_storm_in_rounds():
     assert s["client_errors"] == ROUNDS * (MALFORMED + SLOW)
     left = sum(f["left"] for f in figures)
     assert s["aborted"] <= left and s["completed"] >= ROUNDS * STREAMS - left + probes
-    assert s["aborted"] == final_aborts, "the server's count of aborts is /metrics' count"
+    # /metrics counts what the engine aborted (vLLM's request_success_total{finished_reason="abort"}); the server
+    # also counts as aborted a client that left while its body was read (never reached the engine) or after its
+    # last token but before [DONE] (the engine finished it: "length" there), so it may count more, never fewer
+    assert final_aborts <= s["aborted"] <= left, (final_aborts, s["aborted"], left)
     assert s["connections"]["evicted"] > 0 and s["connections"]["peak"] <= CAP
     assert s["records_kept"] < ROUNDS * STREAMS / 2, "per-request records are dropped once counted"
     assert len(err) < 4000 and "Traceback" not in err, err[-2000:]
