@@ -1,4 +1,4 @@
-"""`maslat calibrate` / `maslat replay` / `python -m traces.calibrate` as a user runs them: real processes."""
+"""`maslat calibrate` / `maslat replay` as a user runs them: real processes."""
 
 import json
 import os
@@ -37,10 +37,10 @@ def test_replay_json_last_line_and_plots(traces_dir, tmp_path):
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_python_m_calibrate_writes_a_loadable_profile(traces_dir, tmp_path):
+def test_calibrate_writes_a_loadable_profile(traces_dir, tmp_path):
     run = traces_dir / "vllm" / "rtxpro6000-llama-3.1-8b"
     prof_path = tmp_path / "p.json"
-    out = _run(["-m", "traces.calibrate", str(run), "--out", str(prof_path), "--max-evals", "6", "--json"],
+    out = _run(["-m", "maslat", "calibrate", str(run), "--out", str(prof_path), "--max-evals", "6", "--json"],
                traces_dir)
     obj = json.loads(out.strip().splitlines()[-1])
     assert obj["profile_path"] == str(prof_path) and obj["kv_capacity"]["measured"] is False

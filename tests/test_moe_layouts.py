@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 import sim
+from maslat.cli import main as maslat_main
 from sim import catalog
 from traces.calibrate import calibrate_run
-from traces.commands import calibrate_main
 from traces.hardware import is_cpu_run, parse_gpu_spec
 from traces.hfconfig import model_entry_from_file
 from traces.meta import RunMeta
@@ -23,6 +23,11 @@ from traces.shape import resolve_model_and_hardware
 H100 = catalog.gpus()["h100-sxm"].spec
 QWEN_MOE = catalog.lookup_model("Qwen/Qwen3-30B-A3B").spec
 COEF = sim.PhysicsCoefficients()
+
+
+def calibrate_main(argv: list[str]) -> int:
+    """``maslat calibrate ARGV`` in this process (its exit status)."""
+    return maslat_main(["calibrate", *argv])
 
 
 def test_moe_compute_follows_active_params_and_weights_stream_all():

@@ -6,5 +6,8 @@ Readers (typed, validated; errors name file, line and field): ``traces.runs`` (t
 (built on ``traces.reconstruct``, ``traces.stepfit`` and ``traces.stepfit_linear``, ``traces.kvcapacity``,
 ``traces.hardware`` and ``traces.hfconfig``: the hardware and the model's shape, from the catalogue ``sim.catalog``
 or the user; the shape-free model when neither knows them). Validation:
-``traces.replay.replay_run`` and ``traces.plots``. Importing this package imports nothing else.
+``traces.replay.replay_run`` (on top of calibration, for its held-out check) over ``traces.replay_core`` (a run
+through the simulator, and its errors; what calibration builds on) and ``traces.plots``. A library only: the
+command line (``maslat calibrate``, ``maslat replay``, ``maslat collect``) lives in ``maslat/commands``, and no
+module here imports one that imports it back. Importing this package imports nothing else.
 """

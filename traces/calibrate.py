@@ -1,5 +1,5 @@
-"""Calibrate a serving profile from measured vLLM runs: ``calibrate_runs``/``calibrate_run`` and
-``python -m traces.calibrate``.
+"""Calibrate a serving profile from measured vLLM runs: ``calibrate_runs``/``calibrate_run`` (the command
+line is ``maslat calibrate``, ``maslat/commands/calibrate.py``).
 
 Pipeline (each step general: nothing here knows a particular run, GPU or model):
 
@@ -39,7 +39,6 @@ DP load balancing, ``sim.dplb``); steps 4 and the final check replay the whole D
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -54,14 +53,14 @@ from .calreport import OVERHEAD_SOURCE, format_report, profile_provenance, repor
 from .dpsplit import dp_capacity, dp_final_errors, fit_data_parallel
 from .hardware import GpuEntry, ModelEntry
 from .kvcapacity import KVCapacity, kv_capacity, refine_capacity_by_replay
-from .replay import METRICS, as_run, fit_mask, latency_errors, simulate_run
+from .replay_core import METRICS, as_run, fit_mask, latency_errors, simulate_run
 from .runs import MeasuredRun
 from .shape import STEP_TIME_CHOICES, Shape, family_choice, resolve_shape_of_runs
 from .stepfit import PHYSICS_MULTIPLIERS, FitRun, StepFit, fit_step_model, physics_family
 from .stepfit_linear import linear_family
 
 __all__ = ["CalibrationResult", "MULTIPLIERS", "PRIOR_OVERHEADS", "STEP_TIME_CHOICES", "Shape", "calibrate_run",
-           "calibrate_runs", "format_report", "main"]
+           "calibrate_runs", "format_report"]
 
 #: Per-request overheads outside the engine, from BLIS (latency_physics.md s.4). An engine-side run cannot
 #: identify any of them; a client-side run identifies ``frontend_s`` (fitted) but not the other two, which the
@@ -427,13 +426,3 @@ def calibrate_run(run_or_dir: MeasuredRun | str | Path, **kwargs) -> Calibration
     """Calibrate a profile from one measured run: ``calibrate_runs([run_or_dir], **kwargs)``."""
     return calibrate_runs([run_or_dir], **kwargs)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m traces.calibrate RUN [RUN ...] --out PROFILE.json [--json]`` (the same as ``maslat calibrate``)."""
-    from .commands import calibrate_main
-
-    return calibrate_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

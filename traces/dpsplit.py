@@ -41,7 +41,7 @@ import pandas as pd
 import sim
 
 from .kvcapacity import KVCapacity
-from .replay import SimulatedRun, latency_errors, per_engine_blocks, simulate_run
+from .replay_core import SimulatedRun, latency_errors, per_engine_blocks, simulate_run
 from .runs import TIMESERIES_COLUMNS, MeasuredRun
 from .stepfit import FitFamily, FitRun, StepFit, fit_step_model
 

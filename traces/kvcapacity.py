@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .hardware import NO_MEMORY_BYTES, GpuEntry, ModelEntry
+from .replay_core import simulate_run
 from .runs import MeasuredRun
 
 __all__ = ["BLOCK_SIZES", "KVCapacity", "kv_capacity", "memory_estimate_blocks", "nonbinding_blocks",
@@ -283,8 +284,6 @@ def _gauge_error(run: MeasuredRun, profile, until_s: float | None, seed: int) ->
     """How far the replay's gauges are from the recorded ones up to ``until_s``: the mean absolute difference of
     the KV usage (fraction) plus that of the running requests relative to their recorded mean. A saturated cache
     reads ~100 % whatever its size; how many requests it holds then is what tells the size."""
-    from .replay import simulate_run  # the replay needs the calibrated step-time model; import at use
-
     g = simulate_run(run, profile, seed=seed).gauges.set_index("t")
     ts = run.timeseries.set_index("t")
     t = ts.index[ts.index.isin(g.index)]

@@ -211,9 +211,8 @@ class _Phase2:
 
 
 async def run_phase2(col, session) -> None:
-    """Background load plus one probe per (prompt, strategy, repeat); see the module docstring."""
-    from .loadgen import drain
-
+    """Background load plus one probe per (prompt, strategy, repeat); see the module docstring. The caller
+    (``traces.loadgen.run_collection``) drains the background clients once this returns."""
     ph = _Phase2(col, session)
     if col.progress is not None:
         col.progress.total = len(ph.prompts) * len(ph.cfg.strategies) * ph.cfg.repeats
@@ -228,5 +227,4 @@ async def run_phase2(col, session) -> None:
                 if col.stop.is_set():
                     return
                 await ph.probe(row, p.text, p.role, strat)
-    bg_stop.set()  # background clients finish the call they are in, then stop
-    await drain(col)
+    bg_stop.set()  # background clients finish the call they are in, then stop (the caller waits for them)

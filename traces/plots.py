@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from .replay import METRICS, SimulatedRun
+from .replay_core import METRICS, SimulatedRun
 from .runs import MeasuredRun
 
 __all__ = ["cdf_figure", "queue_figure", "save_replay_plots"]
