@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from maslat.checkpoints import UnsafeCheckpointError, load_checkpoint_file, save_checkpoint
+from maslat.checkpoints import UnsafeCheckpointError, load_checkpoint_file, read_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,5 +119,35 @@ def test_new_checkpoints_from_train_load_weights_only_without_allowlist(tmp_path
     """`maslat train` now writes tensors and plain values only: even bare weights_only=True reads them."""
     res = _maslat("train", "maas", "--task", "humaneval", "--epochs", "1", "--out", str(tmp_path / "r"), "--json")
     assert res.returncode == 0, res.stderr[-2000:]
-    ck = torch.load(json.loads(res.stdout.strip().splitlines()[-1])["checkpoint"], weights_only=True)
-    assert set(ck) == {"args", "state_dict"}
+    path = json.loads(res.stdout.strip().splitlines()[-1])["checkpoint"]
+    ck = torch.load(path, weights_only=True)
+    assert set(ck) == {"maslat_checkpoint", "args", "state_dict"}
+    assert ck["maslat_checkpoint"]["format"] == "maslat-checkpoint" and ck["maslat_checkpoint"]["version"] == 1
+    head = read_checkpoint(path).header
+    assert head.method == "maas" and head.args["task"] == "humaneval" and head.args["epochs"] == 1
+
+
+def test_header_is_read_once_and_old_files_get_theirs(tmp_path):
+    """New files carry the versioned header; files from before it get the header they would have had; a newer
+    version or another format is refused with what to do."""
+    from agents.ppo_lagrangian import PPOLagArgs
+
+    path = save_checkpoint({"state": {"w": torch.ones(1)}}, tmp_path / "new.pt", method="ppo_lagrangian",
+                           args=PPOLagArgs(total_steps=640))
+    ck = read_checkpoint(path)
+    assert not ck.legacy and ck.header.method == "ppo-lagrangian" and ck.header.args["total_steps"] == 640
+    assert set(ck.payload) == {"state"}
+    _old_lamas_checkpoint(tmp_path / "controller.pt")
+    old = read_checkpoint(tmp_path / "controller.pt")
+    assert old.legacy and old.header.method == "maas" and old.header.version == 1 and "state_dict" in old.payload
+    ppo, router = _old_cmdp_checkpoints(tmp_path)
+    assert [read_checkpoint(p).header.method for p in (ppo, router)] == ["ppo-lagrangian", "masrouter"]
+    torch.save({"maslat_checkpoint": {"format": "maslat-checkpoint", "version": 99, "method": "maas", "args": {}}},
+               tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="version 99.*upgrade maslatency"):
+        read_checkpoint(tmp_path / "future.pt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a maslat checkpoint"):
+        read_checkpoint(tmp_path / "other.pt")
+    p = _maslat("evaluate", str(tmp_path / "future.pt"))
+    assert p.returncode == 2 and "upgrade maslatency" in p.stderr and "Traceback" not in p.stderr
