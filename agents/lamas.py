@@ -75,19 +75,25 @@ class Args:
     method: str = "lamas"
     """key of METHODS"""
     task: str = "gsm8k"
+    """benchmark of the task model (``envs.TASKS``)"""
     seed: int = 0
     """seeds the controller's initial weights, its sampling, the LLM outcomes and the background traffic"""
     epochs: int | None = None
     """passes over the train split; None: 4, or more whole epochs to reach ``MIN_UPDATES`` Adam steps"""
     batch_size: int = 4
+    """queries per Adam step, run concurrently (LAMaS: 4)"""
     lr: float = 0.01
+    """Adam learning rate of the controller (LAMaS: 0.01)"""
     token_weight: float | None = None
     """lambda_t; None takes the method's"""
     threshold: float = 0.3
+    """operators whose probability is above it are selected (MaAS threshold sampling)"""
     num_layers: int = 4
+    """layers of the agentic supernet"""
     train_concurrency: int | None = None
     """queries in flight during training; None = batch_size (LAMaS runs one batch at a time)"""
     test_concurrency: int = 30
+    """queries in flight during the test run (LAMaS: 30)"""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     max_train_queries: int | None = None
     """train on the first N train queries only (small cases and tests); None = the whole split"""

@@ -1,5 +1,9 @@
 """The ``maslat`` command line. Each command lives in ``maslat/commands/<name>.py`` and exposes
-``HELP``, ``configure(parser)`` and ``run(args) -> int``; add one by adding a line to ``COMMANDS``."""
+``HELP``, ``configure(parser)`` and ``run(args) -> int`` (optionally ``normalize_argv(argv) -> argv``, which
+maps an older spelling of its arguments onto the current one); add one by adding a line to ``COMMANDS``.
+
+Only the command being run is configured (``train``, ``evaluate`` and ``experiment`` build one sub-command per
+method from ``agents.registry``, which imports the trainers); ``maslat --help`` lists every command."""
 
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, the other commands are listed but not configured (nothing imported)."""
     parser = argparse.ArgumentParser(
         prog="maslat",
         description="maslatency: a calibrated vLLM-v1 replica simulator and latency-aware multi-agent trainers.",
@@ -34,13 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        mod.configure(p)
+        if only is None or name == only:
+            mod.configure(p)
         p.set_defaults(_run=mod.run)
     return parser
 
 
+def _command_of(argv: list[str]) -> int | None:
+    """Index of the command name in ``argv`` (the first token that is one), or ``None``."""
+    return next((i for i, tok in enumerate(argv) if tok in COMMANDS), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    i = _command_of(argv)
+    if i is not None:
+        mod = importlib.import_module(COMMANDS[argv[i]])
+        if hasattr(mod, "normalize_argv"):
+            try:
+                argv = [*argv[:i + 1], *mod.normalize_argv(argv[i + 1:])]
+            except (ValueError, FileNotFoundError) as e:
+                print(f"maslat {argv[i]}: error: {e}", file=sys.stderr)
+                return 2
+    parser = build_parser(argv[i] if i is not None else None)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

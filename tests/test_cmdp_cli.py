@@ -53,10 +53,13 @@ def test_train_policy_then_evaluate(tmp_path):
     assert ev["policy"] == "ppo_lagrangian" and ev["load"] == "busy" and ev["episodes"] == 6
     assert set(ev["by_slo"]) == {"1", "2"} and 0 <= ev["goodput"] <= ev["slo_attainment"] <= 1
     mr = _last_json(_maslat("train", "masrouter", "--task", "humaneval", "--out", str(tmp_path / "m"), "--json"))
-    ev2 = _last_json(_maslat("evaluate", mr["checkpoint"], "--num-queries", "2", "--slo-factor", "1.5", "--json"))
+    ev2 = _last_json(_maslat("evaluate", "masrouter", mr["checkpoint"], "--num-queries", "2", "--slo-factor", "1.5",
+                             "--json"))
     assert ev2["policy"] == "masrouter" and ev2["load"] == "idle"
-    bad = _maslat("train", "ppo_lagrangian", "--load", "rush", "--steps", "1000", ok=False)
-    assert bad.returncode == 2 and "unknown load regime" in bad.stderr
+    bad = _maslat("train", "ppo-lagrangian", "--load", "rush", "--steps", "1000", ok=False)
+    assert bad.returncode == 2 and "invalid choice: 'rush'" in bad.stderr
+    wrong = _maslat("evaluate", "masrouter", res["checkpoint"], "--num-queries", "1", ok=False)
+    assert wrong.returncode == 2 and "holds a ppo-lagrangian policy, not masrouter" in wrong.stderr
 
 
 def test_experiment_cmdp_json_last_line(tmp_path):

@@ -2,39 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-from traces.atomic import output_path, write_text
+from traces.atomic import atomic_open, output_path, write_text
 
-from ._cmdp import add_cmdp_args, experiment_cmdp
 from ._common import add_json_flag, emit_json, progress
-from ._mas import add_cluster_args, cluster_from_args, curves_plot, pareto_plot, results_table
+from ._options import add_dataclass_options, dataclass_kwargs
 
 HELP = "reproduce an experiment in simulation: `maslat experiment lamas|cmdp --task gsm8k --seeds 3`"
 DESCRIPTION = """\
 maslat experiment lamas: LAMaS (arXiv 2601.10560) against MaAS, ablations and static baselines.
-
-For every seed and method: train on the task's train split (4 epochs in file order, more on a small split to
-reach 120 Adam steps, e.g. 14 on HumanEval; --epochs 4 is the paper's protocol; batches of 4 run
-concurrently, Adam lr 0.01), then run the test split once at concurrency 30 on the simulated cluster with
-background load. Methods: lamas (parallel, critical-path credit, lambda_t 0.005, EMA normalisation), maas
-(sequential, score - 3 cost, no baseline), lamas_lambda0, lamas_no_cp, lamas_sequential, single_cot,
-all_parallel. The table gives mean ± std over seeds of: score %, CP length in tokens exactly as LAMaS
-reports it (mean, p90), $ per query at gpt-4o-mini prices, critical-path seconds under contention (mean,
-p90) and LLM calls per query; then LAMaS's CP-token and CP-second reductions against MaAS.
-
-maslat experiment cmdp: system-aware orchestration under a latency SLO (MASLatency-CMDP-v0, seed 002).
-
-For every seed: one PPO-Lagrangian policy per load regime (idle, busy, bursty, shift), trained on the train
-split with SLOs drawn per episode; the load-blind MasRouter-style router (quality - cost_rate x $); then
-every policy (ppo_lagrangian, masrouter, always_large_deepthink, always_small_flash, greedy_fastest and the
-lookahead oracle that knows the future load) on the same test queries at every SLO factor, each episode from
-the same seeded world. The table gives per regime: quality %, SLO attainment, goodput (correct and within
-the SLO), p50/p95 latency, $ per query and calls per query (pooled over SLO factors; mean ± std over seeds).
-Plots: goodput against the SLO per regime; the Lagrange multiplier and episodic cost during training.
+maslat experiment cmdp: system-aware orchestration under a latency SLO (MASLatency-CMDP-v0).
+`maslat experiment lamas --help` and `maslat experiment cmdp --help` list each one's options.
 
 examples:
   maslat experiment lamas --task gsm8k --seeds 3 --plots out/lamas
@@ -43,40 +26,100 @@ examples:
   maslat experiment lamas --task humaneval --seeds 1 --methods lamas maas --json
   maslat experiment lamas --task math --load-factors 0.5 2 --json
 """
+LAMAS_DESCRIPTION = """\
+For every seed and method: train on the task's train split (4 epochs in file order, more on a small split to
+reach 120 Adam steps, e.g. 14 on HumanEval; --epochs 4 is the paper's protocol; batches of 4 run
+concurrently, Adam lr 0.01), then run the test split once at concurrency 30 on the simulated cluster with
+background load. The table gives mean ± std over seeds of: score %, CP length in tokens exactly as LAMaS
+reports it (mean, p90), $ per query at gpt-4o-mini prices, critical-path seconds under contention (mean,
+p90) and LLM calls per query; then LAMaS's CP-token and CP-second reductions against MaAS.
+"""
+CMDP_DESCRIPTION = """\
+For every seed: one PPO-Lagrangian policy per load regime, trained on the train split with SLOs drawn per
+episode; the load-blind MasRouter-style router (quality - cost_rate x $); then every policy (ppo_lagrangian,
+masrouter, the fixed rules and the lookahead oracle that knows the future load) on the same test queries at
+every SLO factor, each episode from the same seeded world. The table gives per regime: quality %, SLO
+attainment, goodput (correct and within the SLO), p50/p95 latency, $ per query and calls per query (pooled over
+SLO factors; mean ± std over seeds). Plots: goodput against the SLO per regime; the Lagrange multiplier and
+episodic cost during training.
+"""
+
+
+def _underscored(text: str) -> str:
+    return text.replace("-", "_")
 
 
 def configure(p) -> None:
-    p.add_argument("name", choices=("lamas", "cmdp"), help="which experiment")
-    p.add_argument("--task", default="gsm8k", help="gsm8k | math | humaneval | mbpp")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
+    sub = p.add_subparsers(dest="name", metavar="EXPERIMENT", required=True)
+    la = sub.add_parser("lamas", help="LAMaS against MaAS, ablations and static baselines (MASLatency-v0)",
+                        description=LAMAS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _configure_lamas(la)
+    cm = sub.add_parser("cmdp", help="PPO-Lagrangian, MasRouter, fixed rules and the oracle (MASLatency-CMDP-v0)",
+                        description=CMDP_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _configure_cmdp(cm)
+
+
+def _common(p, plots: str, out: str) -> None:
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds, FIRST..FIRST+N-1 (default 3)")
     p.add_argument("--first-seed", type=int, default=0)
-    p.add_argument("--methods", nargs="+", default=None, help="lamas: subset of methods (default: all)")
-    p.add_argument("--policies", nargs="+", default=None, help="cmdp: subset of policies (default: all)")
-    p.add_argument("--regimes", nargs="+", default=["idle", "busy", "bursty", "shift"], help="cmdp: load regimes")
-    p.add_argument("--eval-queries", type=int, default=60, help="cmdp: test queries per regime and SLO factor")
+    p.add_argument("--plots", type=Path, help=f"write the plots here ({plots})")
+    p.add_argument("--out", type=Path, help=out)
+    add_json_flag(p)
+
+
+def _configure_lamas(p) -> None:
+    from agents.lamas import METHODS
+    from envs import TASKS
+
+    from ._mas import add_cluster_args
+
+    p.add_argument("--task", default="gsm8k", choices=tuple(TASKS))
+    p.add_argument("--methods", nargs="+", default=None, type=_underscored, choices=tuple(METHODS),
+                   help="subset of the methods (default: all)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="lamas: passes over the train split (default: 4, more on a small split to reach 120 Adam steps)")
+                   help="passes over the train split (default: 4, more on a small split to reach 120 Adam steps)")
     p.add_argument("--load-factors", type=float, nargs="*", default=[],
                    help="also re-test the trained controllers at these multiples of the background rate")
-    p.add_argument("--plots", type=Path, help="write the plots here (lamas: pareto.png, curves.png; cmdp: "
-                                             "goodput_vs_slo.png, training.png)")
-    p.add_argument("--out", type=Path, help="write summary.json here (cmdp: also episodes.csv)")
+    _common(p, "pareto.png, curves.png", "write summary.json here")
     add_cluster_args(p)
-    add_cmdp_args(p, experiment=True)
-    add_json_flag(p)
+
+
+def _configure_cmdp(p) -> None:
+    from agents.cmdp_experiment import POLICIES, CMDPExperimentConfig
+    from agents.registry import get_method
+    from envs import TASKS
+    from envs.loads import REGIMES
+
+    add_dataclass_options(p.add_argument_group("study (agents.cmdp_experiment.CMDPExperimentConfig)"),
+                          CMDPExperimentConfig, prefix="x_", exclude=("seeds", "ppo", "masrouter", "estimator"),
+                          choices={"task": tuple(TASKS), "regimes": tuple(REGIMES), "policies": POLICIES},
+                          convert={"policies": _underscored}, aliases={"slo_factors": ("--slo-factor",)})
+    p.add_argument("--estimator", default="default",
+                   help="estimator bundle (.npz from `maslat train estimators`), default (the shipped one) or none")
+    for name, option_prefix, prefix in (("ppo-lagrangian", "", "ppo_"), ("masrouter", "masrouter-", "mr_")):
+        spec = get_method(name)
+        g = p.add_argument_group(f"{name} ({spec.args_type.__module__}.{spec.args_type.__name__}; seed: each "
+                                 f"experiment seed)")
+        add_dataclass_options(g, spec.args_type, prefix=prefix, exclude=("seed",), choices=spec.choices,
+                              aliases=spec.aliases, option_prefix=option_prefix, help_extra=spec.notes)
+    _common(p, "goodput_vs_slo.png, training.png", "write summary.json and episodes.csv into this directory")
 
 
 def run(args) -> int:
     import torch
 
-    if args.name == "cmdp":
-        return experiment_cmdp(args)
+    torch.set_num_threads(1)
+    return _experiment_cmdp(args) if args.name == "cmdp" else _experiment_lamas(args)
+
+
+def _experiment_lamas(args) -> int:
     from agents.experiment import episodes_per_seed, run_experiment
     from agents.lamas import METHODS
 
+    from ._mas import cluster_from_args, curves_plot, pareto_plot, results_table
+
     if args.out:
         output_path(args.out, (".json",), what="--out")  # checked before hours of work, not after
-    torch.set_num_threads(1)
     methods = args.methods or list(METHODS)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     total = episodes_per_seed(args.task, methods, args.epochs, args.load_factors) * len(seeds)
@@ -109,6 +152,37 @@ def run(args) -> int:
         print(f"plots: {p1}, {p2}")
     if args.out:
         write_text(args.out, json.dumps(summary, indent=1))
+    if args.json:
+        emit_json(summary)
+    return 0
+
+
+def _experiment_cmdp(args) -> int:
+    from agents.cmdp_experiment import CMDPExperimentConfig, episodes_total, run_cmdp_experiment
+    from agents.registry import get_method
+
+    from ._cmdp_report import findings_text, goodput_plot, results_table, training_note, training_plot
+
+    ppo, mr = get_method("ppo-lagrangian"), get_method("masrouter")
+    cfg = CMDPExperimentConfig(**dataclass_kwargs(args, CMDPExperimentConfig, prefix="x_"),
+                               seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
+                               ppo=ppo.make_args(**dataclass_kwargs(args, ppo.args_type, prefix="ppo_")),
+                               masrouter=mr.make_args(**dataclass_kwargs(args, mr.args_type, prefix="mr_")),
+                               estimator=args.estimator)
+    with progress(episodes_total(cfg), f"cmdp experiment ({cfg.task}, {args.seeds} seed(s))", unit="step") as bar:
+        res = run_cmdp_experiment(cfg, progress=bar.update, log=lambda s: print(s, file=sys.stderr))
+    summary = res["summary"]
+    print(results_table(summary))
+    print(findings_text(summary))
+    print(training_note(summary))
+    if args.plots:
+        paths = [goodput_plot(summary, args.plots / "goodput_vs_slo.png"),
+                 training_plot(res["curves"], args.plots / "training.png", cfg.ppo.cost_limit)]
+        print("plots: " + ", ".join(str(p) for p in paths))
+    if args.out:
+        write_text(args.out / "summary.json", json.dumps(summary, indent=1, default=float))
+        with atomic_open(args.out / "episodes.csv", "w", newline="") as f:
+            res["rows"].to_csv(f, index=False)
     if args.json:
         emit_json(summary)
     return 0
