@@ -1,7 +1,7 @@
 """Replay a measured run through the simulator and compare.
 
 The replay injects every request at ``queued_ts - min(queued_ts)`` with its measured prompt and output lengths
-(``vllm.md`` s.8), on one replica with the run's engine settings (the profile supplies hardware, model and
+(``docs/vllm.md#8-run-format``), on one replica with the run's engine settings (the profile supplies hardware, model and
 step-time coefficients; see ``replay_profile``); a data-parallel run (``data_parallel_size`` > 1) on that many
 replicas behind vLLM's own DP load balancing of the run's release (``replay_pool``, ``sim.dplb``). Like is compared with like:
 

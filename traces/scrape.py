@@ -1,6 +1,6 @@
 """Read a vLLM ``/metrics`` page into the few numbers a collector needs.
 
-Only what a real vLLM 0.19 exposes is required (``vllm.md`` section 6). Series are summed over engines
+Only what a real vLLM 0.19 exposes is required (``docs/vllm.md#6-prometheus-metrics``). Series are summed over engines
 (a data-parallel server has one ``engine`` label per engine core) except the KV usage, which is averaged; the
 running, waiting and KV-usage gauges are also kept per engine label (``*_per_engine``, for per-engine
 ``timeseries.csv`` columns and the engines' KV capacities).
