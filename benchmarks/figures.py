@@ -1,11 +1,12 @@
-"""Regenerate the README's figures under ``docs/figures/`` (``make figures``): deterministic, one core, minutes.
+"""Regenerate the README's figures under ``docs/figures/`` (``make figures``): deterministic, one core,
+a few minutes.
 
     python benchmarks/figures.py [--out docs/figures] [--only pareto,goodput,cdf] [--json]
 
 - ``pareto.png``: LAMaS vs MaAS (and ablations) on GSM8K, one seed, the paper's protocol in simulation
   (``agents.experiment.run_experiment``), score against CP tokens and CP seconds, the paper's points as stars.
-- ``goodput_vs_slo.png``: the CMDP experiment (``agents.cmdp_experiment``) on GSM8K, idle and busy regimes, one
-  seed, a shortened PPO-Lagrangian budget (the full experiment trains 36,000 steps per regime).
+- ``goodput_vs_slo.png``: the CMDP experiment (``agents.cmdp_experiment``) on GSM8K, idle and busy regimes,
+  one seed, a shortened PPO-Lagrangian budget (the full experiment trains 36,000 steps per regime).
 - ``cdf_<run>.png``: measured vs simulated TTFT/TPOT/E2E CDFs of the two measured vLLM 0.19.0 runs in
   ``$MASLAT_TRACES_DIR/vllm/`` (LLMServingSim's validation runs, MIT, github.com/casys-kaist/LLMServingSim),
   each calibrated from its own trace by ``traces.calibrate.calibrate_run`` and replayed by
@@ -42,8 +43,8 @@ def pareto(out: Path) -> dict:
     methods = [_known(m, METHODS) for m in PARETO_METHODS]
     summary = run_experiment("gsm8k", [0], methods).to_json()
     path = pareto_plot(summary, out / "pareto.png")
-    return {"path": str(path), "methods": {m: {k: summary["methods"][m][k] for k in
-                                              ("score_pct", "cp_tokens_mean", "cp_seconds_mean")} for m in methods}}
+    keys = ("score_pct", "cp_tokens_mean", "cp_seconds_mean")
+    return {"path": str(path), "methods": {m: {k: summary["methods"][m][k] for k in keys} for m in methods}}
 
 
 def goodput(out: Path) -> dict:
@@ -87,8 +88,10 @@ FIGURES = {"pareto": pareto, "goodput": goodput, "cdf": cdfs}
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "figures", help="folder for the PNGs")
-    p.add_argument("--only", default=",".join(FIGURES), help=f"comma-separated subset of {', '.join(FIGURES)}")
-    p.add_argument("--json", action="store_true", help="print one JSON object (the figures and their numbers) last")
+    p.add_argument("--only", default=",".join(FIGURES),
+                   help=f"comma-separated subset of {', '.join(FIGURES)}")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (the figures and their numbers) last")
     args = p.parse_args(argv)
     which = [w.strip() for w in args.only.split(",") if w.strip()]
     bad = [w for w in which if w not in FIGURES]

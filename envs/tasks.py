@@ -104,7 +104,8 @@ TASKS: dict[str, Callable[[], TaskSpec]] = {
         name="humaneval", kind="code", num_train=33, num_test=131, acc_io=0.870, acc_cot=0.886, acc_sc5=0.916,
         acc_self_refine=0.878, acc_pot=0.870, cot_is_generate=True, query_tokens_mean=135.0,
         sources={"acc_*": _AFLOW, "num_*": "1:4 of 164 (docs/lamas.md#6-protocol, not confirmed)",
-                 "cot_is_generate": "docs/lamas.md#1-operators: in MaAS HumanEval GenerateCoT is identical to Generate",
+                 "cot_is_generate": "docs/lamas.md#1-operators: in MaAS HumanEval GenerateCoT is identical "
+                                    "to Generate",
                  "query_tokens_mean": "HumanEval prompts (signature + docstring) average ~450 characters"}),
     "mbpp": lambda: TaskSpec(
         name="mbpp", kind="code", num_train=86, num_test=341, acc_io=0.718, acc_cot=0.718, acc_sc5=0.736,

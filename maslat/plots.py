@@ -29,8 +29,8 @@ from matplotlib.figure import Figure
 from traces.plots import cdf_figure, queue_figure
 
 __all__ = ["cdf_figure", "curves_figure", "curves_plot", "goodput_figure", "goodput_plot", "latency_cdfs",
-           "pareto_figure", "pareto_plot", "png_bytes", "queue_figure", "queue_timeseries", "save_figure", "show",
-           "training_figure", "training_plot"]
+           "pareto_figure", "pareto_plot", "png_bytes", "queue_figure", "queue_timeseries", "save_figure",
+           "show", "training_figure", "training_plot"]
 
 
 def _plt():
@@ -93,8 +93,8 @@ def pareto_figure(summary: dict) -> Figure:
     for ax, key, label in ((axes[0], "cp_tokens_mean", "critical path (tokens, LAMaS's CP len)"),
                            (axes[1], "cp_seconds_mean", "critical path under contention (simulated s)")):
         for name, d in methods.items():
-            ax.errorbar(d[key], d["score_pct"], xerr=d.get(key + "_std", 0.0), yerr=d.get("score_pct_std", 0.0),
-                        fmt="o", capsize=3, label=name)
+            ax.errorbar(d[key], d["score_pct"], xerr=d.get(key + "_std", 0.0),
+                        yerr=d.get("score_pct_std", 0.0), fmt="o", capsize=3, label=name)
             ax.annotate(name, (d[key], d["score_pct"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("score (%)")
@@ -147,7 +147,8 @@ def goodput_figure(summary: dict) -> Figure:
         for pol, per in summary["by_slo"][reg].items():
             fs = sorted(per, key=float)
             ax.plot([float(f) for f in fs], [per[f]["goodput"] for f in fs], marker="o",
-                    ls="--" if pol == "oracle" else "-", label=pol, lw=2.2 if pol == "ppo_lagrangian" else 1.2)
+                    ls="--" if pol == "oracle" else "-", label=pol,
+                    lw=2.2 if pol == "ppo_lagrangian" else 1.2)
         ax.set_title(reg)
         ax.set_xlabel("SLO (x reference latency)")
         ax.set_ylim(0, 1)
@@ -162,8 +163,8 @@ def training_figure(curves: dict, cost_limit: float) -> Figure:
     """PPO-Lagrangian's multiplier and mean episodic cost over training, with the cost limit ``d``.
 
     Args:
-        curves: the CMDP experiment's ``curves`` (keys ``ppo_lagrangian/<regime>/<seed>``: lists of records with
-            ``steps``, ``constraint/lambda``, ``constraint/episode_cost``); other keys are ignored.
+        curves: the CMDP experiment's ``curves`` (keys ``ppo_lagrangian/<regime>/<seed>``: lists of records
+            with ``steps``, ``constraint/lambda``, ``constraint/episode_cost``); other keys are ignored.
         cost_limit: the limit ``d`` drawn on the cost panel.
     """
     ppo = {k: v for k, v in curves.items() if k.startswith("ppo_lagrangian/")}
@@ -216,8 +217,8 @@ def latency_cdfs(records_df, out: Path, title: str = "") -> Path:
     """CDFs of engine-side TTFT, TPOT and E2E of a simulated world's finished requests, written to ``out``."""
     df = records_df[records_df.status == "FINISHED_LENGTH_CAPPED"]
     fig = Figure(figsize=(13, 3.6), layout="constrained")
-    for ax, col, label in zip(fig.subplots(1, 3), ("ttft_s", "tpot_s", "e2e_s"), ("TTFT (s)", "TPOT (s)", "E2E (s)"),
-                              strict=True):
+    cols = (("ttft_s", "TTFT (s)"), ("tpot_s", "TPOT (s)"), ("e2e_s", "E2E (s)"))
+    for ax, (col, label) in zip(fig.subplots(1, 3), cols, strict=True):
         _cdf_axes(ax, df[col].to_numpy(), label)
     fig.suptitle(title)
     return save_figure(fig, out)

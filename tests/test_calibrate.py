@@ -42,7 +42,8 @@ def test_missing_capacity_is_estimated_and_labelled(runs):
 
 
 def test_observed_step_boundaries(runs):
-    """Requests served in one step share its timestamp: 300 first tokens in 181 batches (docs/vllm.md#5-timestamps)."""
+    """Requests served in one step share its timestamp: 300 first tokens in 181 batches
+    (docs/vllm.md#5-timestamps)."""
     ev = observed_events(runs["rtx4090-llama-3.1-8b"].requests)
     firsts = {t for t, m in zip(ev.times_s, ev.members, strict=True) if any(not last for _, last in m)}
     assert len(firsts) == 181 and ev.num_batched > 0

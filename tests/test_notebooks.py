@@ -1,8 +1,8 @@
 """Every notebook runs headless, so none rots; each is checked on what it computed, not only that it ran.
 
-The tests set ``MASLAT_NOTEBOOK_QUICK=1``: the notebooks that train (cmdp, lamas) then shrink their budgets to a
-few seconds; a user running them gets the full size. After the notebook's own cells, a probe cell prints the
-values the notebook computed as JSON, and the test asserts on them.
+The tests set ``MASLAT_NOTEBOOK_QUICK=1``: the notebooks that train (cmdp, lamas) then shrink their budgets
+to a few seconds; a user running them gets the full size. After the notebook's own cells, a probe cell prints
+the values the notebook computed as JSON, and the test asserts on them.
 """
 
 import json
@@ -15,7 +15,7 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
-#: notebook -> (expression evaluated in the notebook's namespace after its cells, minimum number of PNGs shown)
+#: notebook -> (expression evaluated in the notebook's namespace after its cells, minimum PNGs shown)
 PROBES = {
     "calibration.ipynb": ("{'requests': len(run), 'worst_error_pct': float(worst), "
                           "'ttft_mean_s': float(simulated.records['ttft_s'].mean())}", 3),
@@ -31,9 +31,11 @@ def _run(name: str, monkeypatch, traces_dir: Path) -> tuple[dict, list, float]:
     monkeypatch.delenv("MASLAT_CMDP_SUMMARY", raising=False)
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     probe = PROBES[name][0]
-    nb.cells.append(nbformat.v4.new_code_cell(f"import json as _json\nprint('PROBE ' + _json.dumps({probe}))"))
+    probe_cell = f"import json as _json\nprint('PROBE ' + _json.dumps({probe}))"
+    nb.cells.append(nbformat.v4.new_code_cell(probe_cell))
     t0 = time.perf_counter()
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    resources = {"metadata": {"path": str(NOTEBOOKS)}}
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources=resources).execute()
     wall_s = time.perf_counter() - t0
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]

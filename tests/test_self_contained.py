@@ -1,9 +1,10 @@
 """The repository is self-contained: code cites its own ``docs/`` pages, never documents a clone lacks.
 
 Sources once cited as ``../shared/reference/<page>.md`` (or just ``vllm.md s.8``) and ``../shared/seeds/...``
-(``seed 002``) now live, restated with their public sources, under ``docs/``; every ``docs/<page>.md#<anchor>``
-cited anywhere must name a page and a section heading that exist. The measured traces are data, not documents:
-tests read them through ``$MASLAT_TRACES_DIR`` and the README says where CI puts them, which is allowed.
+(``seed 002``) now live, restated with their public sources, under ``docs/``; every
+``docs/<page>.md#<anchor>`` cited anywhere must name a page and a section heading that exist. The measured
+traces are data, not documents: tests read them through ``$MASLAT_TRACES_DIR`` and the README says where CI
+puts them, which is allowed.
 """
 
 import re
@@ -12,10 +13,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: files other work is rewriting; their remaining citations move to docs/ anchors after the merge, and then this
-#: allow-list must become empty
-ALLOWED = {"envs/mas_latency.py", "envs/cmdp.py", "envs/backend.py", "agents/ppo_lagrangian.py", "sim/engine.py",
-           "sim/kv_cache.py", "maslat/cli.py", "traces/commands.py"}
+#: files other work is rewriting; their remaining citations move to docs/ anchors after the merge, and
+#: then this allow-list must become empty
+ALLOWED = {"envs/mas_latency.py", "envs/cmdp.py", "envs/backend.py", "agents/ppo_lagrangian.py",
+           "sim/engine.py", "sim/kv_cache.py", "maslat/cli.py", "traces/commands.py"}
 ALLOWED_PREFIXES = ("maslat/commands/",)
 
 PAGES = r"(?:vllm|lamas|latency_physics|system_aware|real_vllm_cpu)\.md"
@@ -47,7 +48,8 @@ def _checked() -> list[str]:
 
 def test_no_citation_of_documents_outside_the_repository():
     bad = [f"{f}:{n}: {line.strip()[:120]}" for f in _checked()
-           for n, line in enumerate((ROOT / f).read_text(encoding="utf-8").splitlines(), 1) if FORBIDDEN.search(line)]
+           for n, line in enumerate((ROOT / f).read_text(encoding="utf-8").splitlines(), 1)
+           if FORBIDDEN.search(line)]
     assert not bad, ("cite docs/<page>.md#<section> instead of the shared reference documents or seeds:\n"
                      + "\n".join(bad))
 
@@ -59,7 +61,8 @@ def test_every_docs_citation_names_an_existing_section():
     cited = [(f, page, anchor) for f in _tracked() for page, anchor in CITATION.findall((ROOT / f).read_text(
         encoding="utf-8"))]
     assert len(cited) >= 40  # the code does cite them
-    broken = [f"{f}: docs/{page}#{anchor}" for f, page, anchor in cited if anchor not in anchors.get(page, ())]
+    broken = [f"{f}: docs/{page}#{anchor}" for f, page, anchor in cited
+              if anchor not in anchors.get(page, ())]
     assert not broken, "citations of sections that do not exist:\n" + "\n".join(broken)
 
 

@@ -337,7 +337,8 @@ def engine_settings(meta: RunMeta, *, where: str = "meta.json", text: str | None
         elif default is None and kind == "pos_int":
             raise w.error(f"engine_kwargs.{name}", "missing (the run's engine limits are required)")
         else:
-            src, raw = f"{DEFAULT_SOURCE} (docs/vllm.md#4-defaults); not recorded in {Path(where).name}", default
+            src = f"{DEFAULT_SOURCE} (docs/vllm.md#4-defaults); not recorded in {Path(where).name}"
+            raw = default
         ok, val = _convert(kind, raw)
         fld = src.split(";")[0] if src.startswith(("resolved", "kv", "engine")) else name
         if not ok:

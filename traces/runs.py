@@ -78,7 +78,8 @@ __all__ = [
     "write_run",
 ]
 
-#: the run's files; ``failures`` (requests that failed, written by the collector) is not part of docs/vllm.md#8-run-format
+#: the run's files; ``failures`` (requests that failed, written by the collector) is not part of
+#: docs/vllm.md#8-run-format
 FILES = {"requests": "requests.jsonl", "timeseries": "timeseries.csv", "meta": "meta.json",
          "failures": "failures.jsonl"}
 _RUN_FILES = ("requests", "timeseries", "meta")
