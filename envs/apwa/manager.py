@@ -81,10 +81,10 @@ class Plan:
 
 def auto_decomposition(workload: Workload, meta: TableMeta, *, context_budget_tokens: int = 4096,
                        fan_in: int = 8, max_in_flight: int | None = 64) -> Decomposition:
-    """The manager's default rule: as many rows per call as fit a context budget (RULER's 4K: no measured
-    long-context loss), merges of ``fan_in`` children; only metadata is read."""
+    """The manager's default rule: as many rows per call as fit, with their expected outputs, a context budget
+    (RULER's 4K: no measured long-context loss), merges of ``fan_in`` children; only metadata is read."""
     room = context_budget_tokens - workload.contract.instruction_tokens
-    g = max(1, int(room // max(meta.mean_row_tokens, 1.0)))
+    g = max(1, int(room // max(meta.mean_row_tokens + workload.output_tokens, 1.0)))
     return Decomposition(group_size=min(g, meta.num_rows), fan_in=fan_in, max_in_flight=max_in_flight)
 
 

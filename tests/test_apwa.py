@@ -1,0 +1,141 @@
+"""APWA on the simulated cluster: contracts, registry, executor, baselines, the env and the experiment."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import envs  # noqa: F401  (registers the ids)
+from envs.apwa import (
+    WORKLOADS,
+    APWAConfig,
+    APWARun,
+    Capability,
+    CapabilityRegistry,
+    Decomposition,
+    auto_decomposition,
+    make_plan,
+    make_table,
+    run_method,
+)
+from envs.apwa.workloads import context_quality, manager_prompt_tokens
+
+
+def test_manager_prompt_follows_metadata_not_n():
+    w = WORKLOADS["summarise"]
+    sizes = {manager_prompt_tokens(make_table(w, n, np.random.default_rng(0)).meta(), 6) for n in (3, 30, 3000)}
+    assert len(sizes) == 1
+
+
+def test_plan_expands_contract_over_every_row_once():
+    w = WORKLOADS["extract"]
+    meta = make_table(w, 137, np.random.default_rng(1)).meta()
+    plan = make_plan(w, meta, Decomposition(group_size=5, fan_in=4), 6)
+    rows = np.concatenate([np.arange(lo, hi) for lo, hi in plan.groups])
+    assert np.array_equal(rows, np.arange(137)) and plan.width == 28
+    assert [len(level) for level in plan.tree] == [7, 2, 1] and plan.depth == 3
+    assert make_plan(w, meta, Decomposition(group_size=5, fan_in=None), 6).depth == 1
+    assert auto_decomposition(w, meta).group_size == int((4096 - 200) // (meta.mean_row_tokens + w.output_tokens))
+
+
+def test_registry_binds_at_run_time_and_spreads():
+    reg = CapabilityRegistry([Capability(name="summarise", pools=("a", "b"))])
+    assert [reg.bind("summarise") for _ in range(3)] == ["a", "b", "a"]
+    with pytest.raises(ValueError, match="no worker registered for capability 'code'"):
+        reg.bind("code")
+    reg.register(Capability(name="code", pools=("b",)))
+    assert reg.bind("code") == "b"
+
+
+def test_context_quality_from_ruler():
+    assert context_quality("llama-3.1-8b", 1000) == 1.0
+    assert context_quality("llama-3.1-8b", 131072) == pytest.approx(77.0 / 95.5)
+    with pytest.raises(ValueError, match="no long-context scores"):
+        context_quality("gpt-x", 10)
+
+
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+def test_apwa_completes_every_row(workload):
+    r = run_method("apwa", workload, 60, seed=2)
+    assert r.complete and r.structural_completeness == 1.0 and r.lost_items == 0
+    assert 0.95 < r.semantic_utility <= 1.0
+    assert r.peak_context_tokens < 8192   # prompt sizes follow the contract's groups, not N
+
+
+def test_split_on_refusal_recovers_a_group_too_long_for_the_server():
+    run = APWARun(APWAConfig(fail_prob=0.0), "summarise", 200, seed=0)
+    r = run.run("apwa", Decomposition(group_size=200, fan_in=8))   # 200 x 781 tokens > max_model_len
+    assert r.rejected_calls >= 1 and r.complete
+    assert r.failure_reason is None and r.width == 1
+
+
+def test_centralised_breaks_at_large_n_on_max_model_len():
+    small = run_method("centralised", "summarise", 30, seed=0)
+    big = run_method("centralised", "summarise", 300, seed=0)
+    assert small.complete
+    assert not big.complete and big.lost_items > 100
+    assert big.failure_reason == "prompt_plus_max_tokens_exceeds_max_model_len"
+    assert big.peak_context_tokens > 120_000          # the conversation reached the context limit
+    assert big.semantic_utility < 0.5 < small.semantic_utility
+
+
+def test_apwa_makespan_sublinear_and_beats_baselines_at_scale():
+    ns = (10, 30, 100, 300)
+    ys = [run_method("apwa", "summarise", n, seed=1).makespan_s for n in ns]
+    slope = np.polyfit(np.log(ns), np.log(ys), 1)[0]
+    assert slope < 0.7, ys
+    for m in ("chain", "fixed_map", "centralised"):
+        assert run_method(m, "summarise", 300, seed=1).makespan_s > 2 * ys[-1]
+
+
+def test_runs_are_deterministic():
+    a = run_method("apwa", "redact", 50, seed=7).summary()
+    b = run_method("apwa", "redact", 50, seed=7).summary()
+    assert a == b
+    assert run_method("apwa", "redact", 50, seed=8).summary() != a
+
+
+def test_env_check_env_and_flat():
+    env = gym.make("MASLatency-APWA-v0", items=(10, 20))
+    check_env(env.unwrapped, skip_render_check=True)
+    flat = gym.make("MASLatency-APWA-v0", items=(10,), flatten_obs=True)
+    check_env(flat.unwrapped, skip_render_check=True)
+    obs, _ = flat.reset(seed=0)
+    assert flat.observation_space.contains(obs)
+
+
+def test_env_seeds_deterministic_and_info_keys():
+    outs = []
+    for _ in range(2):
+        env = gym.make("MASLatency-APWA-v0", items=(40,), workload="summarise")
+        env = gym.wrappers.RecordEpisodeStatistics(env)
+        obs, _ = env.reset(seed=5)
+        _, rew, term, trunc, info = env.step(np.array([2, 2, 1, 0, 0]))
+        outs.append((obs["system"].tolist(), rew, info["apwa"]))
+        assert term and not trunc and "episode" in info and info["structural_completeness"] == 1.0
+        assert info["width"] == 10 and info["depth"] == 2
+    assert outs[0] == outs[1]
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.array([0, 0, 0, 0, 0]))
+
+
+def test_env_pool_choice_rebinds_workers():
+    env = gym.make("MASLatency-APWA-v0", items=(20,), workload="extract")
+    env.reset(seed=0)
+    m = len(env.unwrapped.pools)
+    _, _, _, _, info = env.step(np.array([1, 4, 3, m, 1]))
+    assert info["structural_completeness"] == 1.0
+
+
+def test_experiment_summary():
+    from agents.apwa_experiment import run_apwa_experiment
+
+    s = run_apwa_experiment([10, 30], [0], methods=["apwa", "chain"], workload="extract")
+    assert set(s["methods"]) == {"apwa", "chain"}
+    row = s["methods"]["apwa"]["by_items"]["30"]
+    assert row["structural_completeness"] == 1.0 and row["tokens"] > 0
+    assert s["methods"]["apwa"]["scaling_exponent"] is not None
+    with pytest.raises(ValueError, match="unknown methods"):
+        run_apwa_experiment([10], [0], methods=["nope"])
