@@ -139,3 +139,23 @@ def test_experiment_summary():
     assert s["methods"]["apwa"]["scaling_exponent"] is not None
     with pytest.raises(ValueError, match="unknown methods"):
         run_apwa_experiment([10], [0], methods=["nope"])
+
+
+def test_cli_experiment_apwa_json_and_plots(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-m", "maslat", "experiment", "apwa", "--items", "10,40", "--seeds", "1",
+                          "--workload", "redact", "--plots", str(tmp_path), "--json"],
+                         capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["experiment"] == "apwa" and res["items"] == [10, 40]
+    assert set(res["methods"]) == {"apwa", "centralised", "chain", "fixed_map"}
+    assert (tmp_path / "makespan_vs_items.png").stat().st_size > 1000
+    bad = subprocess.run([sys.executable, "-m", "maslat", "experiment", "apwa", "--items", "ten"],
+                         capture_output=True, text=True, cwd=root)
+    assert bad.returncode == 2 and "--items must be comma-separated integers" in bad.stderr
