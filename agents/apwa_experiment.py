@@ -4,7 +4,8 @@ For every seed and N, every method runs on a fresh copy of the same warmed-up wo
 and failure stream (common random numbers; ``envs.apwa.APWARun``). Per method and N the summary gives the
 mean over seeds of the makespan (s), tokens, structural completeness, modelled semantic utility and
 failures (refused and malformed calls, lost rows), the share of runs that completed and why the others did
-not. Per method, ``scaling_exponent`` is the least-squares slope of log makespan against log N over the N
+not; ``preemptions`` (world-wide, during the run: KV pressure) and ``kv_peak`` (highest KV-cache usage of a
+pool, sampled every 0.5 s) show saturation as the simulator produces it. Per method, ``scaling_exponent`` is the least-squares slope of log makespan against log N over the N
 where every seed completed (1 = linear; below 1 = sublinear), and ``breaks_at_items`` the smallest N where
 a run did not complete.
 """
@@ -41,6 +42,7 @@ def _summarise(method: str, items: Sequence[int], runs: dict[int, list[dict]]) -
         row["makespan_s_std"] = float(np.std([r["makespan_s"] for r in rs]))
         row["complete_share"] = float(np.mean([r["complete"] for r in rs]))
         row["preemptions"] = float(np.mean([r["preemptions"] for r in rs]))
+        row["kv_peak"] = float(np.max([r["kv_peak"] for r in rs]))
         row["failure_reasons"] = sorted({r["failure_reason"] for r in rs if r["failure_reason"]})
         by_n[str(n)] = row
         if row["complete_share"] == 1.0:
@@ -72,7 +74,7 @@ def run_apwa_experiment(items: Sequence[int], seeds: Sequence[int], *, methods: 
             for m in methods:
                 run = APWARun(cfg, workload, n, seed)
                 res = run.run(m)
-                runs[m][n].append({**res.summary(), "preemptions": run.preemptions})
+                runs[m][n].append({**res.summary(), "preemptions": run.preemptions, "kv_peak": run.kv_peak})
                 if progress is not None:
                     progress(1)
     out = {m: _summarise(m, items, runs[m]) for m in methods}

@@ -166,6 +166,7 @@ class APWARun:
         self.registry = registry if registry is not None else default_registry(
             pools, workers=cfg.worker_pools or pools[:1])
         rng_table, self.rng_fail = _streams(seed)
+        self.preemptions, self.kv_peak = 0, 0.0   # of the last run: world-wide preemptions, peak pool KV usage
         self.table = make_table(self.workload, num_items, rng_table)
 
     def run(self, method: str, decomposition: Decomposition | None = None) -> RunResult:
@@ -175,13 +176,24 @@ class APWARun:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
         ex = Executor(self.backend, self.registry, self.workload, self.table, self.pool_models, self.rng_fail,
                       fail_prob=self.cfg.fail_prob, max_retries=self.cfg.max_retries)
-        pre = self.backend.preemptions() if hasattr(self.backend, "preemptions") else 0
+        sim_side = isinstance(self.backend, APWASimBackend)
+        pre = self.backend.preemptions() if sim_side else 0
         proc = self.backend.process(fn(ex, decomposition))
+        if sim_side:
+            self.kv_peak = 0.0
+            self.backend.process(self._watch_kv(proc))
         self.backend.run(until=proc)
         rows, width, depth = proc.value
         res = ex.result(method, rows, width=width, depth=depth)
-        self.preemptions = (self.backend.preemptions() - pre) if hasattr(self.backend, "preemptions") else 0
+        self.preemptions = (self.backend.preemptions() - pre) if sim_side else 0
         return res
+
+    def _watch_kv(self, proc, interval_s: float = 0.5):
+        """Process (simulator only): the highest KV-cache usage of any pool while ``proc`` runs, sampled
+        every ``interval_s`` like a ``/metrics`` scraper (``kv_peak``, fraction of the usable blocks)."""
+        while not proc.triggered:
+            self.kv_peak = max(self.kv_peak, float(self.backend.pool_states()[:, 2].max()))
+            yield self.backend.timeout(interval_s)
 
 
 def _workload(name: str) -> Workload:

@@ -89,9 +89,9 @@ def experiment_apwa(args) -> int:
         for n, r in d["by_items"].items():
             rows.append([m, int(n), r["makespan_s"], r["tokens"], r["structural_completeness"], r["semantic_utility"],
                          r["rejected_calls"] + r["malformed_calls"], r["lost_items"], r["peak_context_tokens"],
-                         ",".join(r["failure_reasons"]) or "-"])
+                         r["kv_peak"], r["preemptions"], ",".join(r["failure_reasons"]) or "-"])
     print(format_table(rows, ["method", "N", "makespan_s", "tokens", "complete", "utility", "failed_calls",
-                              "lost_items", "peak_ctx", "failure"]))
+                              "lost_items", "peak_ctx", "kv_peak", "preempt", "failure"]))
     for m, d in s["methods"].items():
         e = d["scaling_exponent"]
         print(f"{m}: makespan ~ N^{e:.2f}" if e is not None else f"{m}: too few complete sizes for a slope",
