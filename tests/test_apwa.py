@@ -159,3 +159,13 @@ def test_cli_experiment_apwa_json_and_plots(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "maslat", "experiment", "apwa", "--items", "ten"],
                          capture_output=True, text=True, cwd=root)
     assert bad.returncode == 2 and "--items must be comma-separated integers" in bad.stderr
+
+
+@pytest.mark.slow
+def test_centralised_saturates_kv_under_load_where_apwa_does_not():
+    cfg = APWAConfig(load="busy")
+    central, apwa = APWARun(cfg, "summarise", 100, seed=0), APWARun(cfg, "summarise", 100, seed=0)
+    rc, ra = central.run("centralised"), apwa.run("apwa")
+    assert central.kv_peak > 0.95 and central.preemptions > 50       # its growing context crowds the pool
+    assert apwa.kv_peak < 0.9 and apwa.preemptions == 0
+    assert rc.makespan_s > 5 * ra.makespan_s
