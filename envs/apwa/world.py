@@ -178,12 +178,17 @@ class APWARun:
                       fail_prob=self.cfg.fail_prob, max_retries=self.cfg.max_retries)
         sim_side = isinstance(self.backend, APWASimBackend)
         pre = self.backend.preemptions() if sim_side else 0
-        proc = self.backend.process(fn(ex, decomposition))
+        box: list = []
+
+        def top():   # the result through the seam: a SimPy process and an asyncio task hold it differently
+            box.append((yield self.backend.process(fn(ex, decomposition))))
+
+        proc = self.backend.process(top())
         if sim_side:
             self.kv_peak = 0.0
             self.backend.process(self._watch_kv(proc))
         self.backend.run(until=proc)
-        rows, width, depth = proc.value
+        rows, width, depth = box[0]
         res = ex.result(method, rows, width=width, depth=depth)
         self.preemptions = (self.backend.preemptions() - pre) if sim_side else 0
         return res
