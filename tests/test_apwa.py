@@ -196,3 +196,18 @@ def test_apwa_plan_runs_unchanged_on_a_live_server():
               "width", "depth"):
         assert a[k] == b[k], k
     assert live.complete and 0.3 < live.makespan_s / sim.makespan_s < 3.0
+
+
+def test_manager_rule_policy_beats_one_row_per_call_and_a_single_call():
+    from agents.apwa_policies import FixedActionPolicy, ManagerRulePolicy
+
+    env = gym.make("MASLatency-APWA-v0", workload="summarise", items=(120,))
+    scores = {}
+    for name, pol in (("rule", ManagerRulePolicy()), ("one_row", FixedActionPolicy([0, 0, 0, 0, 0])),
+                      ("one_call", FixedActionPolicy([6, 4, 3, 0, 0]))):
+        rew = []
+        for seed in (0, 1):
+            obs, _ = env.reset(seed=seed)
+            rew.append(env.step(pol.act(obs))[1])
+        scores[name] = float(np.mean(rew))
+    assert scores["rule"] > scores["one_row"] and scores["rule"] > scores["one_call"], scores
