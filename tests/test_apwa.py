@@ -211,3 +211,16 @@ def test_manager_rule_policy_beats_one_row_per_call_and_a_single_call():
             rew.append(env.step(pol.act(obs))[1])
         scores[name] = float(np.mean(rew))
     assert scores["rule"] > scores["one_row"] and scores["rule"] > scores["one_call"], scores
+
+
+@pytest.mark.parametrize("group_size,fan_in,bound", [(1, 2, 1), (3, 3, 2), (7, None, None), (50, 16, 4)])
+def test_any_decomposition_answers_and_merges_every_row_once(group_size, fan_in, bound):
+    run = APWARun(APWAConfig(fail_prob=0.3, max_retries=20), "summarise", 41, seed=group_size)
+    r = run.run("apwa", Decomposition(group_size=group_size, fan_in=fan_in, max_in_flight=bound))
+    assert r.complete and r.lost_items == 0 and r.malformed_calls == r.retries > 0
+    assert r.width == -(-41 // group_size)
+    assert max(c.prompt_tokens for c in r.calls if c.capability == "summarise") < 200 + group_size * 4000
+    if bound is not None:   # never more than `bound` worker and merge calls in flight
+        ev = sorted([(c.start_s, 1) for c in r.calls if c.capability != "plan"]
+                    + [(c.start_s + c.latency_s, -1) for c in r.calls if c.capability != "plan"])
+        assert max(np.cumsum([d for _, d in ev])) <= bound

@@ -243,6 +243,8 @@ class Executor:
     # ------------------------------------------------------------------ the outcome
     def result(self, method: str, merged_rows: np.ndarray, *, width: int, depth: int) -> RunResult:
         n = self.table.num_rows
+        if len(np.unique(merged_rows)) != len(merged_rows):   # subproblems must not interfere
+            raise RuntimeError(f"{method}: a row reached the final output twice (the plan's groups overlap)")
         merged = np.zeros(n, bool)
         merged[merged_rows] = True
         calls = tuple(self.calls)
