@@ -224,3 +224,12 @@ def test_any_decomposition_answers_and_merges_every_row_once(group_size, fan_in,
         ev = sorted([(c.start_s, 1) for c in r.calls if c.capability != "plan"]
                     + [(c.start_s + c.latency_s, -1) for c in r.calls if c.capability != "plan"])
         assert max(np.cumsum([d for _, d in ev])) <= bound
+
+
+def test_registry_rejects_unknown_pools_and_unknown_methods():
+    with pytest.raises(ValueError, match="not in the world's pools"):
+        default_registry(("a", "b"), workers=("c",))
+    with pytest.raises(ValueError, match="unknown method"):
+        APWARun(APWAConfig(), "summarise", 5, seed=0).run("mapreduce")
+    with pytest.raises(ValueError, match="unknown workload"):
+        run_method("apwa", "translate", 5, seed=0)

@@ -91,8 +91,7 @@ def default_registry(pools: Sequence[str], *, workers: Sequence[str] | None = No
     """Every default capability on ``workers`` (default: all ``pools``); the manager on ``plan`` (default:
     the last pool, the strongest by the catalogue's order), the aggregator on ``merge`` (default: workers)."""
     workers = tuple(workers or pools)
-    unknown = set(workers) | set(merge or ()) | set(plan or ()) - set(pools)
-    unknown -= set(pools)
+    unknown = (set(workers) | set(merge or ()) | set(plan or ())) - set(pools)
     if unknown:
         raise ValueError(f"pools {sorted(unknown)} are not in the world's pools {list(pools)}")
     caps = []
