@@ -153,6 +153,9 @@ class APWARun:
         num_items: rows in the table.
         seed: the world's and the table's seed.
         registry: capabilities (``None``: ``default_registry`` over the world's pools).
+        backend: where the calls run (``None``: ``APWASimBackend(cfg)``); e.g. ``maslat.livebackend.LiveBackend``
+            with one endpoint per pool, named after ``cfg``'s models (their names key ``context_quality``).
+            Only the simulator reports ``preemptions`` and ``kv_peak``.
     """
 
     def __init__(self, cfg: APWAConfig, workload: str | Workload, num_items: int, seed: int,
