@@ -12,8 +12,9 @@ from traces.atomic import output_path, write_text
 from ._cmdp import add_cmdp_args, experiment_cmdp
 from ._common import add_json_flag, emit_json, progress
 from ._mas import add_cluster_args, cluster_from_args, curves_plot, pareto_plot, results_table
+from .experiment_apwa import add_apwa_args, experiment_apwa
 
-HELP = "reproduce an experiment in simulation: `maslat experiment lamas|cmdp --task gsm8k --seeds 3`"
+HELP = "reproduce an experiment in simulation: `maslat experiment lamas|cmdp|apwa --task gsm8k --seeds 3`"
 DESCRIPTION = """\
 maslat experiment lamas: LAMaS (arXiv 2601.10560) against MaAS, ablations and static baselines.
 
@@ -36,17 +37,21 @@ the same seeded world. The table gives per regime: quality %, SLO attainment, go
 the SLO), p50/p95 latency, $ per query and calls per query (pooled over SLO factors; mean ± std over seeds).
 Plots: goodput against the SLO per regime; the Lagrange multiplier and episodic cost during training.
 
+maslat experiment apwa: APWA (seed 003) against a centralised agent, a sequential chain and a width-4 map
+over tables of --items rows (maslat/commands/experiment_apwa.py; --workload, --apwa-load, --seeds).
+
 examples:
   maslat experiment lamas --task gsm8k --seeds 3 --plots out/lamas
   maslat experiment cmdp --task gsm8k --seeds 3 --plots out/cmdp --json
   maslat experiment cmdp --task humaneval --seeds 1 --regimes busy shift --eval-queries 30
   maslat experiment lamas --task humaneval --seeds 1 --methods lamas maas --json
   maslat experiment lamas --task math --load-factors 0.5 2 --json
+  maslat experiment apwa --items 10,30,100,300 --json --plots out/apwa
 """
 
 
 def configure(p) -> None:
-    p.add_argument("name", choices=("lamas", "cmdp"), help="which experiment")
+    p.add_argument("name", choices=("lamas", "cmdp", "apwa"), help="which experiment")
     p.add_argument("--task", default="gsm8k", help="gsm8k | math | humaneval | mbpp")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
     p.add_argument("--first-seed", type=int, default=0)
@@ -63,10 +68,13 @@ def configure(p) -> None:
     p.add_argument("--out", type=Path, help="write summary.json here (cmdp: also episodes.csv)")
     add_cluster_args(p)
     add_cmdp_args(p, experiment=True)
+    add_apwa_args(p)
     add_json_flag(p)
 
 
 def run(args) -> int:
+    if args.name == "apwa":
+        return experiment_apwa(args)
     import torch
 
     if args.name == "cmdp":
