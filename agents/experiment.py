@@ -21,7 +21,7 @@ from .lamas import METHODS, Args, evaluate, summarize, train, train_epochs
 
 __all__ = ["PUBLISHED", "ExperimentResult", "aggregate", "per_seed", "run_experiment", "savings"]
 
-#: lamas.md s.7: (LAMaS score, LAMaS CP len, MaAS score, MaAS CP len)
+#: docs/lamas.md#7-published-results: (LAMaS score, LAMaS CP len, MaAS score, MaAS CP len)
 PUBLISHED = {"gsm8k": (93.37, 913.5, 93.13, 1474.6), "humaneval": (92.11, 1042.7, 93.00, 1810.8),
              "math": (52.26, 1195.8, 51.23, 2218.5)}
 

@@ -1,7 +1,7 @@
 """Lagrange multipliers for constrained RL: gradient ascent (OmniSafe's ``Lagrange``) and PID (Stooke et al.).
 
 Both are updated once per epoch, *before* the policy update, from ``J_c``, the mean episodic cost of the
-last rollout, against the cost limit ``d`` (system_aware.md s.6):
+last rollout, against the cost limit ``d`` (docs/system_aware.md#6-cmdp-conventions):
 
 * ``GradientLagrange`` (``omnisafe/common/lagrange.py``): ``lambda`` is a parameter trained by Adam on the
   loss ``-lambda * (J_c - d)`` and projected to ``[0, lambda_max]``; defaults lambda_0 = 0.001, lr 0.035.

@@ -1,7 +1,8 @@
 """Training and evaluating LAMaS, MaAS and their ablations on ``MASLatency-v0`` (reads top to bottom).
 
-Protocol (lamas.md s.6): the train split in file order, 4 epochs, batches of 4 queries run concurrently, one
-Adam step (lr 0.01) per batch; then the test split at concurrency 30 with the same stochastic sampling.
+Protocol (docs/lamas.md#6-protocol): the train split in file order, 4 epochs, batches of 4 queries run
+concurrently, one Adam step (lr 0.01) per batch; then the test split at concurrency 30 with the same
+stochastic sampling.
 
 One deviation, for small train splits only: by default training takes at least ``MIN_UPDATES`` = 120 Adam
 steps (whole epochs in file order), the fewest that any of the paper's three splits gets with 4 epochs

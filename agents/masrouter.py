@@ -1,4 +1,5 @@
-"""The MasRouter-style baseline: a load-blind router trained on quality minus price (system_aware.md s.5).
+"""The MasRouter-style baseline: a load-blind router trained on quality minus price
+(docs/system_aware.md#5-masrouter-baseline).
 
 MasRouter (``MAR/MasRouter/mas_router.py``, ACL 2025) embeds the query and text descriptions of the LLMs
 (name, price, benchmark scores) with all-MiniLM-L6-v2 and routes by a cosine softmax between them. Here,

@@ -1,4 +1,4 @@
-"""LAMaS and MaAS training objectives (``benchmark/benchmark.py``; lamas.md s.5).
+"""LAMaS and MaAS training objectives (``benchmark/benchmark.py``; docs/lamas.md#5-objectives).
 
 Inputs per query i of a batch (in batch order): the score s_i, the cost c_i, the recorded controller
 decisions and the environment's per-layer c(op) tokens. Costs follow LAMaS: c_i is the cumulative cost

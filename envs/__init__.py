@@ -1,5 +1,5 @@
-"""Gymnasium environments and task models. Importing registers ``MASLatency-v0`` and ``MASLatency-CMDP-v0``
-(and nothing else happens).
+"""Gymnasium environments and task models. Importing registers ``MASLatency-v0``, ``MASLatency-CMDP-v0`` and
+``MASLatency-APWA-v0`` (and nothing else happens).
 
     import gymnasium as gym, envs
     env = gym.make("MASLatency-v0", task="gsm8k", split="train")
@@ -30,3 +30,5 @@ if "MASLatency-v0" not in gymnasium.registry:
     gymnasium.register(id="MASLatency-v0", entry_point="envs.mas_latency:MASLatencyEnv")
 if "MASLatency-CMDP-v0" not in gymnasium.registry:
     gymnasium.register(id="MASLatency-CMDP-v0", entry_point="envs.cmdp:MASLatencyCMDPEnv")
+if "MASLatency-APWA-v0" not in gymnasium.registry:
+    gymnasium.register(id="MASLatency-APWA-v0", entry_point="envs.apwa_env:MASLatencyAPWAEnv")

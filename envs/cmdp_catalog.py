@@ -140,7 +140,8 @@ def model_accuracy(task: TaskSpec, model: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------ strategies
-#: instruction appended to the agent's prompt (system_aware.md s.2; the Chain of Draft prompts of s.8)
+#: instruction appended to the agent's prompt (docs/system_aware.md#2-hierarchy;
+#: the Chain of Draft prompts of docs/system_aware.md#8-strategy-lengths)
 STRATEGIES: dict[str, str] = {
     "Flash": "Answer directly, with no preamble, explanation or reasoning. Give the final answer after ####.",
     "Concise": "Think step by step, but keep only a minimum draft of each step, at most five words per step. "

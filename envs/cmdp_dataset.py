@@ -1,4 +1,4 @@
-"""The two-phase estimator dataset of seed 002, generated against the simulator.
+"""The two-phase estimator dataset (docs/system_aware.md#4-estimators), generated against the simulator.
 
 Phase 1 (``phase1``): run planned topologies (MasRouter's modes, ``envs.topologies``) with *random*
 models and strategies, so that the prompt chains are diverse (agent A's output is agent B's input), and

@@ -1,4 +1,5 @@
-"""The two-stage design's supervised estimators at inference time: ``F_lat`` and ``F_len`` (seed 002).
+"""The two-stage design's supervised estimators at inference time: ``F_lat`` and ``F_len``
+(docs/system_aware.md#4-estimators).
 
 * ``F_lat`` (MLP), per candidate model: ``[q_wait, q_run, u_kv, ttft_ema_ms, log(1 + L_in), e_role, e_model]``
   -> ``(log TTFT, log TPOT)``.

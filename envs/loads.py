@@ -7,7 +7,7 @@ between them at exponentially distributed times (a Markov-modulated Poisson proc
 shared by all pools), so a query can start on an idle system and finish on a busy one::
 
     idle     8B 15 %, 70B 15 %                    Poisson
-    busy     8B 85 %, 70B 70 %                    Poisson: the cheap model thrashes (seed 002, gap 1)
+    busy     8B 85 %, 70B 70 %                    Poisson: the cheap model thrashes (docs/system_aware.md#1-problem)
     bursty   8B 60 %, 70B 60 %                    gamma gaps, coefficient of variation 3
     shift    idle <-> busy, mean phase 20 s       Poisson within a phase
 

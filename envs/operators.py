@@ -90,7 +90,7 @@ CALL_KINDS = ("generate", "cot", "sc_ensemble", "refine", "code", "answer", "ref
 #: shorter). ScEnsemble writes a short comparison and a letter; Programmer writes a solve() function; the
 #: refine-answer call words the program's output. Instructions: MaAS/LAMaS prompt templates (the CoT
 #: prompt carries two worked examples). All assumptions anchored as stated, then checked (not fitted)
-#: against the per-query totals of lamas.md s.8.
+#: against the per-query totals of docs/lamas.md#8-calibration-targets.
 LENGTHS: dict[str, dict[str, tuple[float, float]]] = {
     "gsm8k": {"generate": (230, 180), "cot": (230, 420), "sc_ensemble": (120, 160), "refine": (230, 150),
               "code": (160, 230), "answer": (60, 110)},
@@ -105,7 +105,7 @@ LENGTHS: dict[str, dict[str, tuple[float, float]]] = {
 LENGTH_SIGMA = 0.4          # log-sd of a call's completion length (assumption)
 MAX_COMPLETION_TOKENS = 4096  # lamas/configs/llm_config.py max_token
 
-#: gpt-4o-mini list prices (lamas.md s.4, utils/cost_manager.py)
+#: gpt-4o-mini list prices (docs/lamas.md#4-cp-length-and-cost, utils/cost_manager.py)
 PRICES_USD_PER_TOKEN = {"prompt": 0.15e-6, "completion": 0.60e-6}
 
 

@@ -10,9 +10,10 @@ answers. All randomness comes from ``Draws``, arrays keyed by (slot, operator, c
 operator run at the same place on the same query gives the same result whatever else runs, and whatever the
 timing: common random numbers across methods.
 
-Fixed graph steps (lamas.md s.2) are chosen by ``GraphConfig``; CP tokens follow lamas.md s.4 exactly:
-completion tokens only, MultiGenerateCoT / 3, 50 virtual tokens per tool second where the LAMaS code
-captures tool time, the per-layer max (sum in sequential mode) plus post-processing tokens.
+Fixed graph steps (docs/lamas.md#2-fixed-steps) are chosen by ``GraphConfig``; CP tokens follow
+docs/lamas.md#4-cp-length-and-cost exactly: completion tokens only, MultiGenerateCoT / 3, 50 virtual tokens
+per tool second where the LAMaS code captures tool time, the per-layer max (sum in sequential mode) plus
+post-processing tokens.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class OpPlan:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GraphConfig:
-    """Which LAMaS/MaAS graph runs: task, split, execution mode and graph variant (lamas.md s.1-2)."""
+    """Which LAMaS/MaAS graph runs: task, split, execution mode and graph variant
+    (docs/lamas.md#1-operators, #2-fixed-steps)."""
 
     task: TaskSpec
     split: str = "train"

@@ -87,7 +87,7 @@ class TaskSpec:
 _AFLOW = "AFlow (arXiv 2410.10762) Table 1, gpt-4o-mini executor"
 _POT = ("no published gpt-4o-mini program-of-thought accuracy on this split was found; taken equal to CoT "
         "(an assumption, not a fit)")
-_SPLIT = "lamas.md s.6 (logged train-score granularity and test totals)"
+_SPLIT = "docs/lamas.md#6-protocol (logged train-score granularity and test totals)"
 
 TASKS: dict[str, Callable[[], TaskSpec]] = {
     "gsm8k": lambda: TaskSpec(
@@ -103,8 +103,9 @@ TASKS: dict[str, Callable[[], TaskSpec]] = {
     "humaneval": lambda: TaskSpec(
         name="humaneval", kind="code", num_train=33, num_test=131, acc_io=0.870, acc_cot=0.886, acc_sc5=0.916,
         acc_self_refine=0.878, acc_pot=0.870, cot_is_generate=True, query_tokens_mean=135.0,
-        sources={"acc_*": _AFLOW, "num_*": "1:4 of 164 (lamas.md s.6, not confirmed)",
-                 "cot_is_generate": "lamas.md s.1: in MaAS HumanEval GenerateCoT is identical to Generate",
+        sources={"acc_*": _AFLOW, "num_*": "1:4 of 164 (docs/lamas.md#6-protocol, not confirmed)",
+                 "cot_is_generate": "docs/lamas.md#1-operators: in MaAS HumanEval GenerateCoT is identical "
+                                    "to Generate",
                  "query_tokens_mean": "HumanEval prompts (signature + docstring) average ~450 characters"}),
     "mbpp": lambda: TaskSpec(
         name="mbpp", kind="code", num_train=86, num_test=341, acc_io=0.718, acc_cot=0.718, acc_sc5=0.736,

@@ -2,8 +2,9 @@
 
 Topologies are MasRouter's collaboration modes (``MAR/MasRouter/mas_router.py``: IO, Chain, FullConnected,
 Debate, Reflection; CoT is IO here, since the Executor picks the prompt strategy) plus APWA's parallel map
-(arXiv 2605.15132, system_aware.md s.9): a planner, k independent branches, an aggregator. A topology is a
-DAG of nodes; a node starts when all its inputs have finished and sees their outputs as context::
+(arXiv 2605.15132, docs/system_aware.md#9-fan-out-latency): a planner, k independent branches, an aggregator.
+A topology is a DAG of nodes; a node starts when all its inputs have finished and sees their outputs as
+context::
 
     IO            Solver
     Reflection    Solver -> Inspector

@@ -144,7 +144,7 @@ def _non_negative_int(name: str, value: int) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelSpec:
-    """Transformer shape constants (latency_physics.md section 2), dense or mixture-of-experts.
+    """Transformer shape constants (docs/latency_physics.md#2-models), dense or mixture-of-experts.
 
     Dense models leave the MoE fields at their defaults (existing profiles load unchanged). A MoE model
     (``num_experts`` routed experts per MoE layer, ``num_experts_per_tok`` of them per token, plus
@@ -267,7 +267,7 @@ class ParallelConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Overheads:
-    """Per-request costs outside the GPU step (latency_physics.md section 4).
+    """Per-request costs outside the GPU step (docs/latency_physics.md#4-step-time-model).
 
     Attributes:
         frontend_s: alpha0, API processing and queue insertion, between client send and ``queued_ts``.

@@ -1,7 +1,7 @@
 """Step-time models: how long one engine step takes, from the step's composition.
 
 The physically grounded model writes a step's duration as a non-negative combination of roofline basis
-terms computed at *peak* hardware rates (``latency_physics.md`` section 4)::
+terms computed at *peak* hardware rates (``docs/latency_physics.md#4-step-time-model``)::
 
     T = b_pf_compute*X_pf_compute + b_pf_kv*X_pf_kv + b_dc_compute*X_dc_compute + b_dc_kv*X_dc_kv
       + b_weight*X_weight + b_tp*X_tp + b_layer_s*L + b_req_s*N_req + b_step_s + b_chunk_s*N_chunks
@@ -129,7 +129,7 @@ def _link_seconds_per_token(hardware: HardwareSpec, model: ModelSpec, parallel: 
 
 
 class PhysicsStepModel:
-    """Roofline basis x fitted efficiency factors (``latency_physics.md`` section 4).
+    """Roofline basis x fitted efficiency factors (``docs/latency_physics.md#4-step-time-model``).
 
     All basis terms are per GPU under tensor parallelism ``tp``: weights, KV bytes and FLOPs are divided by
     ``tp``. Compute follows the parameters a token passes through (``ModelSpec.params_per_token``: a MoE

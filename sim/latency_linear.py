@@ -14,7 +14,7 @@ with ``ctx_dec`` context tokens in total. Each term has a physical reading that 
   scheduler, sampling setup); the weight-streaming term of the physics model folds in here;
 * ``pf_token_s``: the linear-layer cost of a prefill token (the MLP and projections, compute-bound);
 * ``pf_attn_s``: prefill attention, quadratic in the chunk (``n^2 + 2np``: causal attention over the new
-  tokens and their attention to the ``p`` cached ones, ``latency_physics.md`` s.3);
+  tokens and their attention to the ``p`` cached ones, ``docs/latency_physics.md#3-roofline``);
 * ``chunk_s``: per prefill chunk (one more sequence in the batch, its sampling when it completes);
 * ``dc_seq_s``: per decode sequence (its linear-layer FLOPs, sampling, detokenisation in the engine loop);
 * ``dc_ctx_s``: per context token of a decode (reading its KV cache: decode attention is memory-bound).

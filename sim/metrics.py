@@ -1,8 +1,9 @@
 """vLLM's Prometheus metrics for the replicas of one pool, time-free (no Prometheus library here).
 
 Mirrors ``vllm/v1/metrics/loggers.py`` (``PrometheusStatLogger``): the same metric names, types, label
-names and bucket bounds (``vllm.md`` section 6). Every series carries ``model_name`` and ``engine``; the
-engine label is the replica index, which is how vLLM labels the engines of a data-parallel server.
+names and bucket bounds (``docs/vllm.md#6-prometheus-metrics``). Every series carries ``model_name`` and
+``engine``; the engine label is the replica index, which is how vLLM labels the engines of a data-parallel
+server.
 
 Where the numbers come from, so that the engine pays nothing extra per step:
 

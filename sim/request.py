@@ -145,9 +145,9 @@ _DEEP = frozenset(("_clk", "on_finish", "tag", "reject_reason"))
 class RequestRecord:
     """One finished or rejected request. Times are simulated seconds.
 
-    Engine-side metrics follow the measured run format (``vllm.md`` section 8): TTFT = first_token - queued,
-    TPOT = (last_token - first_token)/(output - 1), E2E = last_token - queued, queue = scheduled - queued.
-    Client-side ones add the frontend and streaming overheads.
+    Engine-side metrics follow the measured run format (``docs/vllm.md#8-run-format``): TTFT = first_token -
+    queued, TPOT = (last_token - first_token)/(output - 1), E2E = last_token - queued, queue = scheduled -
+    queued. Client-side ones add the frontend and streaming overheads.
     """
 
     request_id: str

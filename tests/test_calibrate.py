@@ -29,7 +29,7 @@ def test_memory_rule_reproduces_the_measured_block_count(runs):
         model=lookup_model(run.meta.model), tensor_parallel_size=1, max_num_batched_tokens=2048, block_size=16)
     assert abs(blocks - 2588) <= 2
     naive = int((0.9 * run.meta.hardware["device_total_memory_bytes"] - detail["weight_bytes"]) // 2**21)
-    assert naive > 1.2 * 2588  # the "0.9 x memory - weights" rule vllm.md s.3 warns about
+    assert naive > 1.2 * 2588  # the "0.9 x memory - weights" rule docs/vllm.md#3-kv-cache warns about
 
 
 def test_missing_capacity_is_estimated_and_labelled(runs):
@@ -42,7 +42,8 @@ def test_missing_capacity_is_estimated_and_labelled(runs):
 
 
 def test_observed_step_boundaries(runs):
-    """Requests served in one step share its timestamp: 300 first tokens in 181 batches (vllm.md s.5)."""
+    """Requests served in one step share its timestamp: 300 first tokens in 181 batches
+    (docs/vllm.md#5-timestamps)."""
     ev = observed_events(runs["rtx4090-llama-3.1-8b"].requests)
     firsts = {t for t, m in zip(ev.times_s, ev.members, strict=True) if any(not last for _, last in m)}
     assert len(firsts) == 181 and ev.num_batched > 0

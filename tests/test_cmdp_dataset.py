@@ -1,4 +1,4 @@
-"""The two-phase estimator dataset (seed 002 schema) and the F_lat / F_len estimators."""
+"""The two-phase estimator dataset (docs/system_aware.md#4-estimators) and the F_lat / F_len estimators."""
 
 import numpy as np
 import pandas as pd

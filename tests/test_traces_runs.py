@@ -28,7 +28,7 @@ def test_shared_runs_read_with_settings_and_conventions(runs):
     assert "not recorded" in b.engine.sources["num_gpu_blocks"]
     assert a.kv_cache_recorded and not b.kv_cache_recorded
     assert len(a.timeseries) == 184 and len(b.timeseries) == 67
-    # the run-format metric conventions reproduce the reference values of vllm.md s.8
+    # the run-format metric conventions reproduce the reference values of docs/vllm.md#8-run-format
     r = a.requests
     assert r["ttft_s"].mean() == pytest.approx(65.46, abs=0.005)
     assert np.percentile(r["ttft_s"], 50) == pytest.approx(60.11, abs=0.005)

@@ -6,7 +6,7 @@ The file holds run metadata (``date``, ``backend``, ``model_id``, ``num_prompts`
 ``--save-detailed``, one entry per request in parallel arrays: ``input_lens``, ``output_lens``, ``ttfts`` (s),
 ``itls`` (list of gaps, s), ``start_times``, ``generated_texts``, ``errors``, and in recent versions ``latencies``
 (s) and ``queue_times``. Without ``--save-detailed`` the per-request arrays are absent and ``requests`` is
-``None``. All times are client-side, from the HTTP send (``vllm.md`` s.7).
+``None``. All times are client-side, from the HTTP send (``docs/vllm.md#7-bench-serve-json``).
 
 Per request, TPOT = (latency - ttft)/(output_len - 1) when ``latencies`` exist, else the mean of ``itls``;
 E2E = latency, else ttft + sum(itls). A failed request (non-empty error) keeps its row with ``success`` False.

@@ -62,9 +62,9 @@ from .stepfit_linear import linear_family
 __all__ = ["CalibrationResult", "MULTIPLIERS", "PRIOR_OVERHEADS", "STEP_TIME_CHOICES", "Shape", "calibrate_run",
            "calibrate_runs", "format_report"]
 
-#: Per-request overheads outside the engine, from BLIS (latency_physics.md s.4). An engine-side run cannot
-#: identify any of them; a client-side run identifies ``frontend_s`` (fitted) but not the other two, which the
-#: simulator adds after the last output chunk, where the collector stops timing.
+#: Per-request overheads outside the engine, from BLIS (docs/latency_physics.md#4-step-time-model). An
+#: engine-side run cannot identify any of them; a client-side run identifies ``frontend_s`` (fitted) but not
+#: the other two, which the simulator adds after the last output chunk, where the collector stops timing.
 PRIOR_OVERHEADS = sim.Overheads(frontend_s=0.0156, post_decode_s=0.00078, per_output_token_s=46e-6)
 
 #: multiplier name -> coefficients it scales, physics family (only those NNLS fitted: held ones stay at their
@@ -288,7 +288,8 @@ def _overheads(fit: StepFit, runs: Sequence[MeasuredRun]) -> tuple[sim.Overheads
            f"client) of the client-side run(s) {', '.join(client)}, fitted by NNLS with the step coefficients on "
            f"their first-token rows (= {fit.offset_s:.6g} s) and refined by replay; post_decode_s and "
            "per_output_token_s: not identifiable from a client's output-chunk times either (the simulator adds "
-           "them after the last chunk): BLIS priors alpha1 0.78 ms, alpha2 46 us/token (latency_physics.md s.4)")
+           "them after the last chunk): BLIS priors alpha1 0.78 ms, alpha2 46 us/token "
+           "(docs/latency_physics.md#4-step-time-model)")
     return replace(PRIOR_OVERHEADS, frontend_s=fit.offset_s), src
 
 

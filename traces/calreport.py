@@ -19,7 +19,8 @@ from .stepfit import RunFit, StepFit
 __all__ = ["OVERHEAD_SOURCE", "format_report", "profile_provenance", "report"]
 
 OVERHEAD_SOURCE = ("not identifiable from the run format (engine-side timestamps only; arrival_time is on another "
-                   "clock): BLIS priors alpha0 15.6 ms, alpha1 0.78 ms, alpha2 46 us/token (latency_physics.md s.4)")
+                   "clock): BLIS priors alpha0 15.6 ms, alpha1 0.78 ms, alpha2 46 us/token "
+                   "(docs/latency_physics.md#4-step-time-model)")
 
 
 def _residuals(pred: np.ndarray, y: np.ndarray) -> dict:

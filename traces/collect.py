@@ -2,7 +2,7 @@
 
 A load generator (Poisson arrivals at a rate, a fixed number of concurrent clients, or a replayed Azure
 trace) streams every request, so it measures TTFT and every inter-token gap, and scrapes ``/metrics``
-once a (server) second. It writes the run format of ``vllm.md`` section 8 (``traces.runwriter``):
+once a (server) second. It writes the run format of ``docs/vllm.md#8-run-format`` (``traces.runwriter``):
 
 ====================  ==========================================================================
 run-format field      what the collector records (client side; vLLM does not expose engine times)

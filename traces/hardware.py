@@ -1,9 +1,10 @@
 """The hardware of a measured run: catalogue GPUs, a GPU given by its peak rates, CPU engines.
 
 Calibration needs the roofline basis of ``sim.latency.PhysicsStepModel``: a device's dense BF16 peak and
-memory bandwidth (``latency_physics.md`` s.1) and, for tensor parallelism, the link between devices. The
-GPUs and models live in the project's one catalogue, ``sim.catalog`` (data in ``sim/data/*.json``, a
-source per number); this module re-exports it for the trace tools and adds what only they need:
+memory bandwidth (``docs/latency_physics.md#1-hardware``) and, for tensor parallelism, the link between
+devices. The GPUs and models live in the project's one catalogue, ``sim.catalog`` (data in
+``sim/data/*.json``, a source per number); this module re-exports it for the trace tools and adds what only
+they need:
 
 * ``parse_gpu_spec``: a device that is not in the catalogue, from ``--gpu-spec
   peak_flops=..,mem_bw=..[,memory=..,interconnect=..,kind=..]``;

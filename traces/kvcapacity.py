@@ -1,8 +1,8 @@
 """KV-cache capacity (``num_gpu_blocks``) of a measured run: measured when recorded, otherwise estimated.
 
 The capacity decides when a KV-bound engine preempts, so it must come from measurement where it exists
-(``vllm.md`` s.3: ``kv_cache.num_gpu_blocks``). When a run lacks it, ``kv_capacity`` estimates it and says so
-(best source first):
+(``docs/vllm.md#3-kv-cache``: ``kv_cache.num_gpu_blocks``). When a run lacks it, ``kv_capacity`` estimates it
+and says so (best source first):
 
 * **from memory** (vLLM's profiling rule, ``gpu_worker.determine_available_memory``) when the run recorded its
   device memory: KV memory = ``gpu_memory_utilization x total memory - weights - activations``, divided by the

@@ -2,7 +2,7 @@
 
 Settings resolve in this order (the first that has the field wins, and its source is recorded):
 ``resolved_config`` (the whole resolved ``VllmConfig``), then ``kv_cache``, then ``engine_kwargs``, then the
-vLLM 0.19.0 defaults of ``vllm.md`` s.4.
+vLLM 0.19.0 defaults of ``docs/vllm.md#4-defaults``.
 """
 
 from __future__ import annotations
@@ -337,7 +337,8 @@ def engine_settings(meta: RunMeta, *, where: str = "meta.json", text: str | None
         elif default is None and kind == "pos_int":
             raise w.error(f"engine_kwargs.{name}", "missing (the run's engine limits are required)")
         else:
-            src, raw = f"{DEFAULT_SOURCE} (vllm.md s.4); not recorded in {Path(where).name}", default
+            src = f"{DEFAULT_SOURCE} (docs/vllm.md#4-defaults); not recorded in {Path(where).name}"
+            raw = default
         ok, val = _convert(kind, raw)
         fld = src.split(";")[0] if src.startswith(("resolved", "kv", "engine")) else name
         if not ok:

@@ -1,4 +1,4 @@
-"""Phase 2 of the two-phase estimator dataset (``system_aware.md`` section 4; seed 002).
+"""Phase 2 of the two-phase estimator dataset (``docs/system_aware.md#4-estimators``).
 
 For every Phase-1 prompt (``intermediate_prompts.csv``: ``prompt_text``, ``role_id``) and every prompt
 strategy, append the strategy's instruction and send the call to the target model while background load
@@ -53,7 +53,7 @@ PHASE2_AUX_COLUMNS = ("prompt_row", "concurrency", "ttft_ema_ms", "task", "query
 TTFT_EMA_ALPHA = 0.2
 
 #: strategy -> instruction appended to the prompt (Chain of Draft, arXiv 2502.18600: Standard ~ Flash,
-#: CoD ~ Concise, CoT ~ DeepThink; system_aware.md section 8)
+#: CoD ~ Concise, CoT ~ DeepThink; docs/system_aware.md#8-strategy-lengths)
 STRATEGIES = {
     "Flash": "Answer directly, with no preamble, explanation or reasoning. Give the final answer after ####.",
     "Concise": "Think step by step, but keep only a minimum draft of each step, at most five words per step. "

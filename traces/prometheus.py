@@ -1,10 +1,11 @@
 """Prometheus text scrapes of a vLLM ``/metrics`` endpoint, parsed with ``prometheus_client``'s own parser.
 
 ``parse_metrics`` runs ``prometheus_client.parser.text_string_to_metric_families`` and sorts the samples into
-gauges, counters (by family name, without ``_total``) and histograms (cumulative buckets, sum, count), keyed by
-metric name and label set. Deprecated vLLM names are accepted and mapped to the current ones (``vllm.md`` s.6):
-the mapping applied is listed in ``MetricsScrape.renamed``. v0-only names are kept under their own names and
-listed in ``MetricsScrape.legacy``. ``_created`` timestamp samples are metadata and are not values.
+gauges, counters (by family name, without ``_total``) and histograms (cumulative buckets, sum, count), keyed
+by metric name and label set. Deprecated vLLM names are accepted and mapped to the current ones
+(``docs/vllm.md#6-prometheus-metrics``): the mapping applied is listed in ``MetricsScrape.renamed``. v0-only
+names are kept under their own names and listed in ``MetricsScrape.legacy``. ``_created`` timestamp samples
+are metadata and are not values.
 
 A scrape the parser rejects raises ``TraceFormatError`` naming the source and the line (found by parsing the
 text line by line with the same parser). ``timeseries_from_scrapes`` turns periodic scrapes into the run
@@ -26,7 +27,8 @@ from .errors import TraceFormatError
 __all__ = ["DEPRECATED_NAMES", "Histogram", "MetricsScrape", "V0_ONLY_NAMES", "parse_metrics", "read_scrape",
            "timeseries_from_scrapes"]
 
-#: old name -> current name (vllm.md s.6); families as the parser names them (counters without ``_total``)
+#: old name -> current name (docs/vllm.md#6-prometheus-metrics); families as the parser names them (counters
+#: without ``_total``)
 DEPRECATED_NAMES = {
     "vllm:gpu_cache_usage_perc": "vllm:kv_cache_usage_perc",
     "vllm:gpu_prefix_cache_queries": "vllm:prefix_cache_queries",

@@ -1,10 +1,10 @@
 """Reconstruct what a measured vLLM engine did, step by step, from per-request timestamps.
 
-Every request served in one vLLM v1 engine step gets that step's output timestamp (``vllm.md`` s.1, s.5), so the
-distinct ``first_token_ts``/``last_token_ts`` values of a run are observed step boundaries (*events*), and a
-request that is not preempted after its first token emits one token per step: its first and last token are
-exactly ``n_out - 1`` steps apart. The steps in between are not observed; what they held follows from the
-scheduler.
+Every request served in one vLLM v1 engine step gets that step's output timestamp
+(``docs/vllm.md#1-engine-loop``, ``#5-timestamps``), so the distinct ``first_token_ts``/``last_token_ts``
+values of a run are observed step boundaries (*events*), and a request that is not preempted after its first
+token emits one token per step: its first and last token are exactly ``n_out - 1`` steps apart. The steps in
+between are not observed; what they held follows from the scheduler.
 
 ``reconstruct_engine`` replays the run's requests (injected at ``queued_ts - min(queued_ts)``, with their lengths)
 through ``sim.EngineCore`` (the vLLM v1 scheduler with the run's limits and KV capacity) under a step-time

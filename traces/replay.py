@@ -1,9 +1,10 @@
 """Replay a measured run through the simulator and compare.
 
 The replay injects every request at ``queued_ts - min(queued_ts)`` with its measured prompt and output lengths
-(``vllm.md`` s.8), on one replica with the run's engine settings (the profile supplies hardware, model and
-step-time coefficients; see ``replay_profile``); a data-parallel run (``data_parallel_size`` > 1) on that many
-replicas behind vLLM's own DP load balancing of the run's release (``replay_pool``, ``sim.dplb``). Like is compared with like:
+(``docs/vllm.md#8-run-format``), on one replica with the run's engine settings (the profile supplies hardware,
+model and step-time coefficients; see ``replay_profile``); a data-parallel run (``data_parallel_size`` > 1) on
+that many replicas behind vLLM's own DP load balancing of the run's release (``replay_pool``, ``sim.dplb``).
+Like is compared with like:
 
 * an **engine-side** run (vLLM's own timestamps): the request enters the engine at its offset, with the frontend
   and streaming overheads set to 0; TTFT = first token - queued, E2E = last token - queued;

@@ -1,6 +1,6 @@
 """The measured vLLM run format (``shared/traces/vllm/<run>/``): a typed reader and a writer.
 
-A run directory holds three files (``vllm.md`` s.8)::
+A run directory holds three files (``docs/vllm.md#8-run-format``)::
 
     requests.jsonl   one JSON object per request, arrival order; LF line ends
                      request_id, input_toks, output_toks,
@@ -78,7 +78,8 @@ __all__ = [
     "write_run",
 ]
 
-#: the run's files; ``failures`` (requests that failed, written by the collector) is not part of vllm.md s.8
+#: the run's files; ``failures`` (requests that failed, written by the collector) is not part of
+#: docs/vllm.md#8-run-format
 FILES = {"requests": "requests.jsonl", "timeseries": "timeseries.csv", "meta": "meta.json",
          "failures": "failures.jsonl"}
 _RUN_FILES = ("requests", "timeseries", "meta")

@@ -1,4 +1,4 @@
-"""Write a run directory in the measured run format (``vllm.md`` section 8), incrementally.
+"""Write a run directory in the measured run format (``docs/vllm.md#8-run-format``), incrementally.
 
 The format itself (fields, columns, file names, validation) is defined once, in ``traces.runs``; this writer
 streams it: every line is validated by the reader's rules and flushed as soon as it is known, and

@@ -1,13 +1,13 @@
 """Read a vLLM ``/metrics`` page into the few numbers a collector needs.
 
-Only what a real vLLM 0.19 exposes is required (``vllm.md`` section 6). Series are summed over engines
-(a data-parallel server has one ``engine`` label per engine core) except the KV usage, which is averaged; the
-running, waiting and KV-usage gauges are also kept per engine label (``*_per_engine``, for per-engine
-``timeseries.csv`` columns and the engines' KV capacities).
-``process_start_time_seconds`` (from the Prometheus client's process collector, which vLLM exposes) tells
-a restarted server from one whose counters merely went on.
-Deprecated names are accepted when the current ones are missing (``vllm:gpu_cache_usage_perc``,
-``vllm:gpu_prefix_cache_*``). The stand-in server's own ``maslat:time_scale`` is read when present.
+Only what a real vLLM 0.19 exposes is required (``docs/vllm.md#6-prometheus-metrics``). Series are summed over
+engines (a data-parallel server has one ``engine`` label per engine core) except the KV usage, which is
+averaged; the running, waiting and KV-usage gauges are also kept per engine label (``*_per_engine``, for
+per-engine ``timeseries.csv`` columns and the engines' KV capacities). ``process_start_time_seconds`` (from
+the Prometheus client's process collector, which vLLM exposes) tells a restarted server from one whose
+counters merely went on. Deprecated names are accepted when the current ones are missing
+(``vllm:gpu_cache_usage_perc``, ``vllm:gpu_prefix_cache_*``). The stand-in server's own ``maslat:time_scale``
+is read when present.
 """
 
 from __future__ import annotations

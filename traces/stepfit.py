@@ -27,17 +27,17 @@ Each row carries the summed basis terms of the reconstruction's steps (``traces.
 weighted by ``1/sqrt(steps)`` (independent per-step noise). Several runs of one engine (say, at two load
 levels) are reconstructed separately and fitted together: their rows are stacked.
 
-**Identifiability of the physics basis** (``latency_physics.md`` s.4). For one model and TP degree ``X_weight``, ``L`` and the
-constant are all constant per step: only their sum is identified. It is fitted through ``weight`` while
-``layer_s`` and ``step_s`` are held at published values. ``dc_compute`` is collinear with ``req_s`` (decode FLOPs
-grow with the decodes) and ``dc_kv`` (attention FLOPs with the context): held at 0, decode being memory-bound.
-``pf_kv`` and ``chunk_s`` are collinear with ``pf_compute`` and ``req_s`` at chunk sizes within one token budget:
-held at 0. ``tp`` is zero at TP 1 and grows with the step's tokens at TP > 1 (collinear with ``req_s`` and
-``pf_compute``): held at the published value. In a KV-bound run the decode context
-barely varies, so ``weight`` and ``dc_kv`` are nearly collinear too: a weak prior (``PRIOR_WEIGHT``) toward the
-published factors decides that split without moving well-determined directions. The client-side offset is
-separated from ``weight`` (constant per step, so also constant in a one-step prefill row) by the decode spans,
-which do not contain it.
+**Identifiability of the physics basis** (``docs/latency_physics.md#4-step-time-model``). For one model and TP
+degree ``X_weight``, ``L`` and the constant are all constant per step: only their sum is identified. It is
+fitted through ``weight`` while ``layer_s`` and ``step_s`` are held at published values. ``dc_compute`` is
+collinear with ``req_s`` (decode FLOPs grow with the decodes) and ``dc_kv`` (attention FLOPs with the
+context): held at 0, decode being memory-bound. ``pf_kv`` and ``chunk_s`` are collinear with ``pf_compute``
+and ``req_s`` at chunk sizes within one token budget: held at 0. ``tp`` is zero at TP 1 and grows with the
+step's tokens at TP > 1 (collinear with ``req_s`` and ``pf_compute``): held at the published value. In a
+KV-bound run the decode context barely varies, so ``weight`` and ``dc_kv`` are nearly collinear too: a weak
+prior (``PRIOR_WEIGHT``) toward the published factors decides that split without moving well-determined
+directions. The client-side offset is separated from ``weight`` (constant per step, so also constant in a
+one-step prefill row) by the decode spans, which do not contain it.
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ from .reconstruct import (
 __all__ = ["FitFamily", "FitRun", "HELD", "PRIOR", "PRIOR_WEIGHT", "RunFit", "StepFit", "UNITS", "fit_step_model",
            "free_coefficients", "physics_family"]
 
-#: Published factors on this basis (BLIS trained-physics on H100 vLLM traces, latency_physics.md s.4); the
-#: prefill factor is 1/0.45 (BLIS's H100 prefill MFU on the peak-rate basis).
+#: Published factors on this basis (BLIS trained-physics on H100 vLLM traces,
+#: docs/latency_physics.md#4-step-time-model); the prefill factor is 1/0.45 (BLIS's H100 prefill MFU on the
+#: peak-rate basis).
 PRIOR = PhysicsCoefficients(pf_compute=2.2, pf_kv=0.0, dc_compute=0.0, dc_kv=1.9, weight=1.4, tp=0.75,
                             layer_s=32e-6, req_s=4e-6, step_s=126e-6, chunk_s=0.0)
 PRIOR_WEIGHT = 0.01  # relative weight of the prior rows against the data rows
@@ -78,8 +79,10 @@ UNITS = {"pf_compute": "x roofline prefill FLOP time (1/MFU)", "pf_kv": "x roofl
 
 HELD = {
     "layer_s": "held at the published 32 us/layer: constant per step, collinear with weight and step_s at one "
-               "model and TP degree (latency_physics.md s.4); their sum is fitted through weight",
-    "step_s": "held at the published 126 us/step: collinear with weight and layer_s (latency_physics.md s.4)",
+               "model and TP degree (docs/latency_physics.md#4-step-time-model); their sum is fitted "
+               "through weight",
+    "step_s": "held at the published 126 us/step: collinear with weight and layer_s "
+              "(docs/latency_physics.md#4-step-time-model)",
     "dc_compute": "held at 0: collinear with req_s (decode FLOPs per decode) and dc_kv (attention FLOPs per "
                   "context token); decode is memory-bound",
     "pf_kv": "held at 0: collinear with pf_compute for chunks within one token budget",

@@ -13,11 +13,12 @@ from traces.atomic import atomic_open, output_path, write_text
 from ._common import add_json_flag, emit_json, progress
 from ._options import add_dataclass_options, dataclass_kwargs
 
-HELP = "reproduce an experiment in simulation: `maslat experiment lamas|cmdp --task gsm8k --seeds 3`"
+HELP = "reproduce an experiment in simulation: `maslat experiment lamas|cmdp|apwa --task gsm8k --seeds 3`"
 DESCRIPTION = """\
 maslat experiment lamas: LAMaS (arXiv 2601.10560) against MaAS, ablations and static baselines.
 maslat experiment cmdp: system-aware orchestration under a latency SLO (MASLatency-CMDP-v0).
-`maslat experiment lamas --help` and `maslat experiment cmdp --help` list each one's options.
+maslat experiment apwa: APWA against a centralised agent, a sequential chain and a width-4 map over N rows.
+`maslat experiment lamas|cmdp|apwa --help` lists each one's options.
 
 examples:
   maslat experiment lamas --task gsm8k --seeds 3 --plots out/lamas
@@ -25,6 +26,7 @@ examples:
   maslat experiment cmdp --task humaneval --seeds 1 --regimes busy shift --eval-queries 30
   maslat experiment lamas --task humaneval --seeds 1 --methods lamas maas --json
   maslat experiment lamas --task math --load-factors 0.5 2 --json
+  maslat experiment apwa --items 10,30,100,300 --json --plots out/apwa
 """
 LAMAS_DESCRIPTION = """\
 For every seed and method: train on the task's train split (4 epochs in file order, more on a small split to
@@ -57,6 +59,11 @@ def configure(p) -> None:
     cm = sub.add_parser("cmdp", help="PPO-Lagrangian, MasRouter, fixed rules and the oracle (MASLatency-CMDP-v0)",
                         description=CMDP_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     _configure_cmdp(cm)
+    from .experiment_apwa import DESCRIPTION as APWA_DESCRIPTION
+
+    ap = sub.add_parser("apwa", help="APWA against a centralised agent, a chain and a width-4 map",
+                        description=APWA_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _configure_apwa(ap)
 
 
 def _common(p, plots: str, out: str) -> None:
@@ -105,7 +112,22 @@ def _configure_cmdp(p) -> None:
     _common(p, "goodput_vs_slo.png, training.png", "write summary.json and episodes.csv into this directory")
 
 
+def _configure_apwa(p) -> None:
+    from envs.apwa import METHODS
+
+    from .experiment_apwa import add_apwa_args
+
+    add_apwa_args(p)
+    p.add_argument("--methods", nargs="+", default=None, type=_underscored, choices=tuple(METHODS),
+                   help="subset of the methods (default: all)")
+    _common(p, "makespan_vs_items.png, utility_vs_items.png", "write summary.json here")
+
+
 def run(args) -> int:
+    if args.name == "apwa":
+        from .experiment_apwa import experiment_apwa
+
+        return experiment_apwa(args)
     import torch
 
     torch.set_num_threads(1)

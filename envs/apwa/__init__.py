@@ -1,0 +1,19 @@
+"""APWA on the simulated cluster: workloads and contracts, the capability registry, the manager, the
+executor, the baselines and one run of a method (arXiv 2605.15132; ``system_aware.md`` s.9).
+
+    from envs.apwa import run_method
+    r = run_method("apwa", "summarise", num_items=100, seed=0)
+    r.makespan_s, r.structural_completeness, r.semantic_utility
+"""
+
+from .executor import CallRecord, Executor, RunResult
+from .manager import Decomposition, Plan, auto_decomposition, make_plan
+from .methods import METHODS
+from .registry import Capability, CapabilityRegistry, default_registry
+from .workloads import WORKLOADS, DataTable, SubtaskContract, TableMeta, Workload, context_quality, make_table
+from .world import APWAConfig, APWARun, APWASimBackend, run_method
+
+__all__ = ["METHODS", "WORKLOADS", "APWAConfig", "APWARun", "APWASimBackend", "CallRecord", "Capability",
+           "CapabilityRegistry", "DataTable", "Decomposition", "Executor", "Plan", "RunResult", "SubtaskContract",
+           "TableMeta", "Workload", "auto_decomposition", "context_quality", "default_registry", "make_plan",
+           "make_table", "run_method"]
