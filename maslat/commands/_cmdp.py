@@ -15,13 +15,12 @@ from typing import Literal
 from traces.atomic import atomic_open
 
 from ..checkpoints import read_checkpoint, save_checkpoint
-from ._cmdp_report import findings_text, goodput_plot, results_table, training_plot
+from ._cmdp_report import findings_text, results_table
 from ._common import add_json_flag, add_trust_flag, emit_json, format_table, progress
 from ._options import add_dataclass_options, dataclass_kwargs
 
 __all__ = ["EvalSetting", "TrainSetting", "configure_evaluate", "configure_train", "evaluate_cmdp",
-           "findings_text", "goodput_plot", "is_cmdp_checkpoint", "load_policy", "results_table", "train_cmdp",
-           "training_plot"]
+           "findings_text", "is_cmdp_checkpoint", "load_policy", "results_table", "train_cmdp"]
 
 METRIC_COLUMNS = ("quality_pct", "slo_attainment", "goodput", "latency_p50_s", "latency_p95_s", "cost_usd_per_query",
                   "calls_per_query", "large_model_share", "deepthink_share")

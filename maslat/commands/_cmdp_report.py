@@ -1,12 +1,11 @@
-"""Tables, findings and plots of the CMDP study (``maslat experiment cmdp``, ``notebooks/cmdp.ipynb``)."""
+"""Tables and findings of the CMDP study (``maslat experiment cmdp``, ``notebooks/cmdp.ipynb``; plots:
+``maslat.plots``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ._common import format_table
 
-__all__ = ["findings_text", "goodput_plot", "results_table", "training_note", "training_plot"]
+__all__ = ["findings_text", "results_table", "training_note"]
 
 
 def training_note(summary: dict) -> str:
@@ -44,45 +43,3 @@ def results_table(summary: dict) -> str:
         out.append(format_table(rows, ["policy", "quality %", "SLO attainment", "goodput", "p50 s", "p95 s", "$/query",
                                        "calls"]))
     return "\n".join(out)
-
-
-def goodput_plot(summary: dict, path: Path) -> Path:
-    from maslat.plots import _plt, save_figure
-
-    plt = _plt()
-    regs = list(summary["by_slo"])
-    fig, axes = plt.subplots(1, len(regs), figsize=(4.2 * len(regs), 3.6), squeeze=False)
-    for ax, reg in zip(axes[0], regs, strict=True):
-        for pol, per in summary["by_slo"][reg].items():
-            fs = sorted(per, key=float)
-            ax.plot([float(f) for f in fs], [per[f]["goodput"] for f in fs], marker="o",
-                    ls="--" if pol == "oracle" else "-", label=pol, lw=2.2 if pol == "ppo_lagrangian" else 1.2)
-        ax.set_title(reg)
-        ax.set_xlabel("SLO (x reference latency)")
-        ax.set_ylabel("goodput (correct and within SLO)")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{summary['task']}: goodput against the SLO")
-    return save_figure(fig, path, dpi=110)
-
-
-def training_plot(curves: dict, path: Path, cost_limit: float) -> Path:
-    from maslat.plots import _plt, save_figure
-
-    plt = _plt()
-    ppo = {k: v for k, v in curves.items() if k.startswith("ppo_lagrangian/")}
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for k, hist in ppo.items():
-        label = "/".join(k.split("/")[1:])
-        steps = [h["steps"] for h in hist]
-        a1.plot(steps, [h["constraint/lambda"] for h in hist], label=label)
-        a2.plot(steps, [h["constraint/episode_cost"] for h in hist], label=label)
-    a2.axhline(cost_limit, color="k", ls=":", label="cost limit d")
-    a1.set_title("Lagrange multiplier")
-    a2.set_title("mean episodic cost (last rollout)")
-    for a in (a1, a2):
-        a.set_xlabel("environment steps")
-        a.grid(alpha=0.3)
-    a2.legend(fontsize=7)
-    return save_figure(fig, path, dpi=110)

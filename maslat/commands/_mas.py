@@ -1,10 +1,11 @@
-"""Helpers shared by the MASLatency commands: cluster options, the results table, plots."""
+"""Helpers shared by the MASLatency commands: cluster options, checkpoints, the results table (plots:
+``maslat.plots``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["add_cluster_args", "cluster_from_args", "load_checkpoint", "pareto_plot", "curves_plot", "results_table"]
+__all__ = ["add_cluster_args", "cluster_from_args", "load_checkpoint", "results_table"]
 
 
 CLUSTER = "cluster_"
@@ -96,59 +97,3 @@ def results_table(methods: dict[str, dict]) -> str:
                      pm(d, "cp_seconds_p90", "{:.1f}"), pm(d, "calls_per_query", "{:.2f}")])
     return format_table(rows, ["method", "score %", "CP tok mean", "CP tok p90", "$/query", "CP s mean", "CP s p90",
                                "calls/query"])
-
-
-def pareto_plot(summary: dict, path: Path) -> Path:
-    """Score against CP tokens and against CP seconds, mean ± std over seeds, one point per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from maslat.plots import save_figure
-
-    methods = summary["methods"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "cp_tokens_mean", "critical path (tokens, LAMaS's CP len)"),
-                           (axes[1], "cp_seconds_mean", "critical path under contention (simulated s)")):
-        for name, d in methods.items():
-            ax.errorbar(d[key], d["score_pct"], xerr=d[key + "_std"], yerr=d["score_pct_std"], fmt="o", capsize=3,
-                        label=name)
-            ax.annotate(name, (d[key], d["score_pct"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel(label)
-        ax.set_ylabel("score (%)")
-        ax.grid(alpha=0.3)
-    pub = summary.get("published")
-    if pub:
-        for name in ("lamas", "maas"):
-            axes[0].scatter(pub[name]["cp_tokens_mean"], pub[name]["score_pct"], marker="*", s=120, color="k")
-            axes[0].annotate(f"{name} (paper)", (pub[name]["cp_tokens_mean"], pub[name]["score_pct"]),
-                             textcoords="offset points", xytext=(4, -10), fontsize=8)
-    fig.suptitle(f"{summary['task']}: score vs critical path, {summary['seeds']} seed(s)")
-    return save_figure(fig, path, dpi=120)
-
-
-def curves_plot(curves: dict[str, list[list[dict]]], path: Path, window: int = 16) -> Path:
-    """Training curves (moving average over batches) of score, CP tokens and seconds per learned method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from maslat.plots import save_figure
-
-    keys = ("train/score", "train/cp_tokens", "latency/cp_seconds")
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for name, runs in curves.items():
-        runs = [r for r in runs if r]
-        if not runs:
-            continue
-        for ax, k in zip(axes, keys, strict=True):
-            y = np.mean([[m[k] for m in r] for r in runs], axis=0)
-            y = np.convolve(y, np.ones(window) / window, mode="valid") if len(y) >= window else y
-            ax.plot(y, label=name)
-            ax.set_title(k)
-            ax.set_xlabel("batch")
-    axes[0].legend(fontsize=8)
-    return save_figure(fig, path, dpi=120)

@@ -137,8 +137,9 @@ def run(args) -> int:
 def _experiment_lamas(args) -> int:
     from agents.experiment import episodes_per_seed, run_experiment
     from agents.lamas import METHODS
+    from maslat.plots import curves_plot, pareto_plot
 
-    from ._mas import cluster_from_args, curves_plot, pareto_plot, results_table
+    from ._mas import cluster_from_args, results_table
 
     if args.out:
         output_path(args.out, (".json",), what="--out")  # checked before hours of work, not after
@@ -182,8 +183,9 @@ def _experiment_lamas(args) -> int:
 def _experiment_cmdp(args) -> int:
     from agents.cmdp_experiment import CMDPExperimentConfig, episodes_total, run_cmdp_experiment
     from agents.registry import get_method
+    from maslat.plots import goodput_plot, training_plot
 
-    from ._cmdp_report import findings_text, goodput_plot, results_table, training_note, training_plot
+    from ._cmdp_report import findings_text, results_table, training_note
 
     ppo, mr = get_method("ppo-lagrangian"), get_method("masrouter")
     cfg = CMDPExperimentConfig(**dataclass_kwargs(args, CMDPExperimentConfig, prefix="x_"),
