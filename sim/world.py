@@ -396,7 +396,7 @@ class World:
         rep.outstanding -= 1
         self.num_finished += 1
         ov = rep.overheads
-        done_s = r.last_token_ts + ov.post_decode_s + ov.per_output_token_s * r._out
+        done_s = r.last_token_ts + ov.post_decode_s + ov.per_output_token_s * r._num_output_tokens
         if self.records is not None:
             self.records.add(r, rep.pool, done_s)
         ev = r.on_finish
