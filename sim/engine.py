@@ -43,6 +43,7 @@ from .histogram import ITL_BUCKETS_S, TTFT_BUCKETS_S, Histogram, token_buckets
 from .kv_cache import KVCacheManager
 from .latency import StepTimeModel
 from .request import RejectReason, Request, RequestStatus, _DecodeClock
+from .steps import StepRecord, scheduled_tokens
 from .timebase import TICKS_PER_S, ticks_to_s
 
 __all__ = ["EngineCore"]
@@ -113,7 +114,10 @@ class EngineCore:
         # arrival (so it includes the frontend delay), not from queued_ts
         self.ttft = Histogram(TTFT_BUCKETS_S)
         self.iteration_tokens = Histogram(token_buckets(config.max_num_batched_tokens))
-        self.trace: list[tuple] | None = None  # set to [] to log (t, [(id, n)], [preempted ids]) per step
+        # set to [] to log a ``StepRecord`` per engine step (``sim.steps``); None: no cost
+        self.step_records: list[StepRecord] | None = None
+        self._rec_preempted: tuple[str, ...] = ()
+        self._rec_pending: tuple = ()
 
     # ------------------------------------------------------------------ requests in
     def validate(self, req: Request) -> str | None:
@@ -229,7 +233,22 @@ class EngineCore:
             elif self.jumps and not plan.sched and plan.n_dec and not self.prefilling and not self.lagging:
                 self._extend_to_run(plan, stop_s)
         self._plan = plan
+        if self.check:
+            self._check_budget(plan)
+        if self.step_records is not None:
+            self._rec_pending = (*scheduled_tokens(self.running, plan.sched), self._rec_preempted)
+            self._rec_preempted = ()
         return plan.end
+
+    def _check_budget(self, plan: _Plan) -> None:
+        """vLLM's ``Scheduler.schedule`` asserts: the token budget never goes negative, and the step's tokens
+        (``total_num_scheduled_tokens``) stay within ``max_num_batched_tokens``."""
+        tokens = [n for _, n, _ in plan.sched]
+        assert all(n > 0 for n in tokens), f"a request scheduled a non-positive token count: {tokens}"
+        total = plan.n_dec + sum(tokens)
+        assert total <= self.cfg.max_num_batched_tokens, (
+            f"step scheduled {total} tokens > max_num_batched_tokens={self.cfg.max_num_batched_tokens}")
+        assert len(tokens) + plan.n_dec <= self.cfg.max_num_seqs, "more requests scheduled than max_num_seqs"
 
     def _admit(self, plan: _Plan, budget: int, free: int | None = None) -> int:
         """WAITING pass: admit from the head while budget, slots and blocks allow (head-of-line)."""
@@ -458,9 +477,8 @@ class EngineCore:
             i += 1
         if not preempted:
             self._admit(plan, budget)
-        if self.trace is not None:
-            self.trace.append((ticks_to_s(t0), [(r.request_id, n) for r, n, _ in plan.sched],
-                               [v.request_id for v in preempted]))
+        if self.step_records is not None:
+            self._rec_preempted = tuple(v.request_id for v in preempted)
         plan.end = t0 + self._step_ticks(plan.sched, 0, 0)
         return plan
 
@@ -557,9 +575,26 @@ class EngineCore:
         kv = self.kv
         self.pub_used_blocks = kv.num_usable - kv.free
         self.num_finished += len(finished)
+        if self.step_records is not None:
+            self._record(p, finished)
         if self.check:
             self.check_invariants()
         return finished
+
+    def _record(self, p: _Plan, finished: list[Request]) -> None:
+        """Append the completed plan's ``StepRecord``s: one per engine step (k for a decode run)."""
+        pairs, prefill, decode, preempted = self._rec_pending
+        k = p.k if p.kind == _RUN else 1
+        first = self.num_steps - k
+        done = tuple(sorted(r.request_id for r in finished))
+        start = p.t0
+        for j in range(k):
+            end = p.end if j == k - 1 else self._run_end(p, j + 1)
+            self.step_records.append(StepRecord(
+                step=first + j, start_s=ticks_to_s(start), end_s=ticks_to_s(end), num_scheduled_tokens=pairs,
+                num_prefill_tokens=prefill, num_decode_tokens=decode, preempted_req_ids=preempted if j == 0 else (),
+                finished_req_ids=done if j == k - 1 else ()))
+            start = end
 
     def _finish_decodes(self, key: int, T: float, finished: list[Request]) -> None:
         h = self.fin_heap
