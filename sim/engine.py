@@ -114,8 +114,7 @@ class EngineCore:
         # arrival (so it includes the frontend delay), not from queued_ts
         self.ttft = Histogram(TTFT_BUCKETS_S)
         self.iteration_tokens = Histogram(token_buckets(config.max_num_batched_tokens))
-        # set to [] to log a ``StepRecord`` per engine step (``sim.steps``); None: no cost
-        self.step_records: list[StepRecord] | None = None
+        self.step_records = None  # the property below; sets ``_hooks``
         self._rec_preempted: tuple[str, ...] = ()
         self._rec_pending: tuple = ()
 
@@ -233,12 +232,27 @@ class EngineCore:
             elif self.jumps and not plan.sched and plan.n_dec and not self.prefilling and not self.lagging:
                 self._extend_to_run(plan, stop_s)
         self._plan = plan
+        if self._hooks:  # one test per step for both
+            self._after_begin(plan)
+        return plan.end
+
+    @property
+    def step_records(self) -> list[StepRecord] | None:
+        """Set to ``[]`` to collect a ``StepRecord`` per engine step (``sim.steps``); ``None`` (the default) costs
+        nothing."""
+        return self._step_records
+
+    @step_records.setter
+    def step_records(self, records: list[StepRecord] | None) -> None:
+        self._step_records = records
+        self._hooks = self.check or records is not None
+
+    def _after_begin(self, plan: _Plan) -> None:
         if self.check:
             self._check_budget(plan)
-        if self.step_records is not None:
+        if self._step_records is not None:
             self._rec_pending = (*scheduled_tokens(self.running, plan.sched), self._rec_preempted)
             self._rec_preempted = ()
-        return plan.end
 
     def _check_budget(self, plan: _Plan) -> None:
         """vLLM's ``Scheduler.schedule`` asserts: the token budget never goes negative, and the step's tokens
@@ -477,7 +491,7 @@ class EngineCore:
             i += 1
         if not preempted:
             self._admit(plan, budget)
-        if self.step_records is not None:
+        if self._step_records is not None:
             self._rec_preempted = tuple(v.request_id for v in preempted)
         plan.end = t0 + self._step_ticks(plan.sched, 0, 0)
         return plan
@@ -575,10 +589,11 @@ class EngineCore:
         kv = self.kv
         self.pub_used_blocks = kv.num_usable - kv.free
         self.num_finished += len(finished)
-        if self.step_records is not None:
-            self._record(p, finished)
-        if self.check:
-            self.check_invariants()
+        if self._hooks:
+            if self._step_records is not None:
+                self._record(p, finished)
+            if self.check:
+                self.check_invariants()
         return finished
 
     def _record(self, p: _Plan, finished: list[Request]) -> None:
@@ -590,7 +605,7 @@ class EngineCore:
         start = p.t0
         for j in range(k):
             end = p.end if j == k - 1 else self._run_end(p, j + 1)
-            self.step_records.append(StepRecord(
+            self._step_records.append(StepRecord(
                 step=first + j, start_s=ticks_to_s(start), end_s=ticks_to_s(end), num_scheduled_tokens=pairs,
                 num_prefill_tokens=prefill, num_decode_tokens=decode, preempted_req_ids=preempted if j == 0 else (),
                 finished_req_ids=done if j == k - 1 else ()))
