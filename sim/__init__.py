@@ -9,6 +9,7 @@ from .latency import STEP_TIME_MODELS, PhysicsCoefficients, PhysicsStepModel, ma
 from .profiles import Profile, ProfileError, list_profiles, load_profile, profile_from_dict
 from .request import RejectReason, Request, RequestRecord, RequestStatus
 from .routing import ROUTERS
+from .steps import StepRecord
 from .timebase import TICKS_PER_S, ticks_to_s
 from .workload import (
     EmpiricalLengths,
@@ -25,7 +26,7 @@ __all__ = [
     "EmpiricalLengths", "EngineConfig", "EngineCore", "FixedLengths", "GammaArrivals", "HardwareSpec",
     "LognormalLengths", "ModelSpec", "Overheads", "ParallelConfig", "PhysicsCoefficients", "PhysicsStepModel",
     "PoissonArrivals", "PoolSpec", "Profile", "ProfileError", "ROUTERS", "RejectReason", "Replica", "Request",
-    "RequestRecord", "RequestStatus", "STEP_TIME_MODELS", "SimEnv", "TICKS_PER_S", "TraceArrivals", "Workload",
+    "RequestRecord", "RequestStatus", "STEP_TIME_MODELS", "SimEnv", "StepRecord", "TICKS_PER_S", "TraceArrivals", "Workload",
     "World", "list_profiles", "load_profile", "make_step_time_model", "make_world", "profile_from_dict",
     "ticks_to_s",
 ]

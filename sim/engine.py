@@ -43,6 +43,7 @@ from .histogram import ITL_BUCKETS_S, TTFT_BUCKETS_S, Histogram, token_buckets
 from .kv_cache import KVCacheManager
 from .latency import StepTimeModel
 from .request import RejectReason, Request, RequestStatus, _DecodeClock
+from .steps import StepRecord, scheduled_tokens
 from .timebase import TICKS_PER_S, ticks_to_s
 
 __all__ = ["EngineCore"]
@@ -113,7 +114,9 @@ class EngineCore:
         # arrival (so it includes the frontend delay), not from queued_ts
         self.ttft = Histogram(TTFT_BUCKETS_S)
         self.iteration_tokens = Histogram(token_buckets(config.max_num_batched_tokens))
-        self.trace: list[tuple] | None = None  # set to [] to log (t, [(id, n)], [preempted ids]) per step
+        self.step_records = None  # the property below; sets ``_hooks``
+        self._rec_preempted: tuple[str, ...] = ()
+        self._rec_pending: tuple = ()
 
     # ------------------------------------------------------------------ requests in
     def validate(self, req: Request) -> str | None:
@@ -135,7 +138,7 @@ class EngineCore:
                                  f"lengths summing to num_prompt_tokens={req.num_prompt_tokens} (got {total})")
         req.queued_ts = t_s
         req.status = _WAITING
-        req._clk = self.clock
+        req._decode_clock = self.clock
         self.waiting.append(req)
 
     @property
@@ -154,26 +157,26 @@ class EngineCore:
 
     def _enter_decode(self, r: Request) -> None:
         D = self.clock.D
-        r._dorig = dorig = r._c - D
-        r._oorig = oorig = r._out - D
-        r._dec = True
+        r._computed_base = dorig = r._num_computed_tokens - D
+        r._output_base = oorig = r._num_output_tokens - D
+        r._is_decoding = True
         self.n_dec += 1
         self.ctx_base += dorig
         self.phase[dorig % self.cfg.block_size] += 1
-        r._fkey = fkey = r.max_tokens - 1 - oorig
+        r._finish_step = fkey = r.max_tokens - 1 - oorig
         heappush(self.fin_heap, (fkey, r.seq_id, r))
-        if r._seq > self.max_dec_seq:
-            self.max_dec_seq = r._seq
+        if r._admit_seq > self.max_dec_seq:
+            self.max_dec_seq = r._admit_seq
 
     def _leave_decode(self, r: Request, last_output_s: float) -> None:
         """Materialise a decoding request's progress and KV holdings; it leaves the aggregate."""
-        D, dorig, bs = self.clock.D, r._dorig, self.cfg.block_size
+        D, dorig, bs = self.clock.D, r._computed_base, self.cfg.block_size
         c = dorig + D
-        r._c, r._out, r._dec = c, r._oorig + D, False
+        r._num_computed_tokens, r._num_output_tokens, r._is_decoding = c, r._output_base + D, False
         self.n_dec -= 1
         self.ctx_base -= dorig
         self.phase[dorig % bs] -= 1
-        r._fkey = -1
+        r._finish_step = -1
         nb = -(-c // bs)
         extra = nb - r.kv_blocks
         r.kv_blocks = nb
@@ -184,7 +187,7 @@ class EngineCore:
     def _build_aggregate(self) -> None:
         self._reset_aggregate()
         for r in self.running:
-            if r._out >= 1 and r._c == r.num_tokens - 1:
+            if r._num_output_tokens >= 1 and r._num_computed_tokens == r.num_tokens - 1:
                 self._enter_decode(r)
                 if r.last_output_ts != ticks_to_s(self.t):
                     self.lagging.append(r)
@@ -198,7 +201,7 @@ class EngineCore:
         prev_end = ticks_to_s(self.t)
         lag = set(map(id, self.lagging))
         for r in self.running:
-            if r._dec:
+            if r._is_decoding:
                 self._leave_decode(r, float("nan") if id(r) in lag else prev_end)
         self._reset_aggregate()
         self._valid = False
@@ -229,7 +232,37 @@ class EngineCore:
             elif self.jumps and not plan.sched and plan.n_dec and not self.prefilling and not self.lagging:
                 self._extend_to_run(plan, stop_s)
         self._plan = plan
+        if self._hooks:  # one test per step for both
+            self._after_begin(plan)
         return plan.end
+
+    @property
+    def step_records(self) -> list[StepRecord] | None:
+        """Set to ``[]`` to collect a ``StepRecord`` per engine step (``sim.steps``); ``None`` (the default) costs
+        nothing."""
+        return self._step_records
+
+    @step_records.setter
+    def step_records(self, records: list[StepRecord] | None) -> None:
+        self._step_records = records
+        self._hooks = self.check or records is not None
+
+    def _after_begin(self, plan: _Plan) -> None:
+        if self.check:
+            self._check_budget(plan)
+        if self._step_records is not None:
+            self._rec_pending = (*scheduled_tokens(self.running, plan.sched), self._rec_preempted)
+            self._rec_preempted = ()
+
+    def _check_budget(self, plan: _Plan) -> None:
+        """vLLM's ``Scheduler.schedule`` asserts: the token budget never goes negative, and the step's tokens
+        (``total_num_scheduled_tokens``) stay within ``max_num_batched_tokens``."""
+        tokens = [n for _, n, _ in plan.sched]
+        assert all(n > 0 for n in tokens), f"a request scheduled a non-positive token count: {tokens}"
+        total = plan.n_dec + sum(tokens)
+        assert total <= self.cfg.max_num_batched_tokens, (
+            f"step scheduled {total} tokens > max_num_batched_tokens={self.cfg.max_num_batched_tokens}")
+        assert len(tokens) + plan.n_dec <= self.cfg.max_num_seqs, "more requests scheduled than max_num_seqs"
 
     def _admit(self, plan: _Plan, budget: int, free: int | None = None) -> int:
         """WAITING pass: admit from the head while budget, slots and blocks allow (head-of-line)."""
@@ -243,9 +276,9 @@ class EngineCore:
             if r.prompt_segments is None and not r.num_preemptions:
                 hit = ev = 0  # a private prompt never computed before has no cached prefix (find_hit's shortcut)
             else:
-                hit, ev = kv.find_hit(r) if r._c == 0 else (0, 0)
+                hit, ev = kv.find_hit(r) if r._num_computed_tokens == 0 else (0, 0)
             h = hit * bs
-            tokens = r.num_prompt_tokens + r._out
+            tokens = r.num_prompt_tokens + r._num_output_tokens
             n = tokens - h
             if thr is not None and n > thr:
                 n = thr
@@ -256,14 +289,14 @@ class EngineCore:
             waiting.popleft()
             running[r] = None
             r.status = _RUNNING
-            r._c = h
+            r._num_computed_tokens = h
             if r.num_cached_tokens < 0:
                 r.num_cached_tokens = h
                 r.scheduled_ts = now_s
             self.prefix_cache_queries += tokens
             self.prefix_cache_hits += h
             self._admit_seq += 1
-            r._seq = self._admit_seq
+            r._admit_seq = self._admit_seq
             if prefilling is not None:
                 prefilling[r] = None
             sched.append((r, n, h))
@@ -295,7 +328,7 @@ class EngineCore:
         for r, n in chunks:
             ok = kv.allocate_slots(r, n)
             assert ok
-            sched.append((r, n, r._c))
+            sched.append((r, n, r._num_computed_tokens))
             budget -= n
         plan.n_dec = n_dec
         plan.ctx = ctx = self.ctx_base + n_dec * D
@@ -318,22 +351,22 @@ class EngineCore:
         ordered = True
         max_dec_seq = self.max_dec_seq
         for r in self.prefilling:
-            rem = r.num_prompt_tokens + r._out - r._c
+            rem = r.num_prompt_tokens + r._num_output_tokens - r._num_computed_tokens
             demand += rem if thr is None or rem <= thr else thr
-            ordered = ordered and r._seq > max_dec_seq
+            ordered = ordered and r._admit_seq > max_dec_seq
         if not ordered and demand > budget:
             return None
         chunks = []
         for r in self.prefilling:
             if budget <= 0:
                 break
-            n = r.num_prompt_tokens + r._out - r._c
+            n = r.num_prompt_tokens + r._num_output_tokens - r._num_computed_tokens
             if thr is not None and n > thr:
                 n = thr
-            n = min(n, budget, max_c - r._c)
+            n = min(n, budget, max_c - r._num_computed_tokens)
             if n <= 0:
                 continue
-            nb = -(-(r._c + n) // bs) - r.kv_blocks
+            nb = -(-(r._num_computed_tokens + n) // bs) - r.kv_blocks
             if nb > free:
                 return None
             free -= max(nb, 0)
@@ -345,7 +378,7 @@ class EngineCore:
         """Step time of ``n_dec`` aggregated decodes plus the individually scheduled entries."""
         chunks = []
         for r, n, p in sched:
-            if n == 1 and r._out >= 1 and p == r.num_prompt_tokens + r._out - 1:
+            if n == 1 and r._num_output_tokens >= 1 and p == r.num_prompt_tokens + r._num_output_tokens - 1:
                 n_dec += 1
                 ctx += p
             else:
@@ -373,7 +406,7 @@ class EngineCore:
             return  # the next arrival lands during the first step
         n, D = plan.n_dec, self.clock.D
         h = self.fin_heap  # the next finish: drop stale entries (every decode has a valid one)
-        while h[0][2]._fkey != h[0][0]:
+        while h[0][2]._finish_step != h[0][0]:
             heappop(h)
         k_fin = h[0][0] - D + 1
         if k_fin < 2:
@@ -437,10 +470,10 @@ class EngineCore:
         i = 0
         while i < len(order) and budget > 0:
             r = order[i]
-            n = r.num_tokens - r._c
+            n = r.num_tokens - r._num_computed_tokens
             if thr is not None and n > thr:
                 n = thr
-            n = min(n, budget, cfg.max_model_len - 1 - r._c)
+            n = min(n, budget, cfg.max_model_len - 1 - r._num_computed_tokens)
             if n <= 0:
                 i += 1
                 continue
@@ -453,24 +486,23 @@ class EngineCore:
                     break
             if preempted and preempted[-1] is r:
                 break
-            plan.sched.append((r, n, r._c))
+            plan.sched.append((r, n, r._num_computed_tokens))
             budget -= n
             i += 1
         if not preempted:
             self._admit(plan, budget)
-        if self.trace is not None:
-            self.trace.append((ticks_to_s(t0), [(r.request_id, n) for r, n, _ in plan.sched],
-                               [v.request_id for v in preempted]))
+        if self._step_records is not None:
+            self._rec_preempted = tuple(v.request_id for v in preempted)
         plan.end = t0 + self._step_ticks(plan.sched, 0, 0)
         return plan
 
     def _preempt(self, r: Request) -> None:
         """Recompute preemption (``Scheduler._preempt_request``): free, reset, front of waiting."""
-        self.kv.cache_private(r, r._c)
+        self.kv.cache_private(r, r._num_computed_tokens)
         self.kv.free_request(r)
         self.prefilling.pop(r, None)
         r.status = _PREEMPTED
-        r._c = 0
+        r._num_computed_tokens = 0
         r.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(r)
@@ -557,15 +589,33 @@ class EngineCore:
         kv = self.kv
         self.pub_used_blocks = kv.num_usable - kv.free
         self.num_finished += len(finished)
-        if self.check:
-            self.check_invariants()
+        if self._hooks:
+            if self._step_records is not None:
+                self._record(p, finished)
+            if self.check:
+                self.check_invariants()
         return finished
+
+    def _record(self, p: _Plan, finished: list[Request]) -> None:
+        """Append the completed plan's ``StepRecord``s: one per engine step (k for a decode run)."""
+        pairs, prefill, decode, preempted = self._rec_pending
+        k = p.k if p.kind == _RUN else 1
+        first = self.num_steps - k
+        done = tuple(sorted(r.request_id for r in finished))
+        start = p.t0
+        for j in range(k):
+            end = p.end if j == k - 1 else self._run_end(p, j + 1)
+            self._step_records.append(StepRecord(
+                step=first + j, start_s=ticks_to_s(start), end_s=ticks_to_s(end), num_scheduled_tokens=pairs,
+                num_prefill_tokens=prefill, num_decode_tokens=decode, preempted_req_ids=preempted if j == 0 else (),
+                finished_req_ids=done if j == k - 1 else ()))
+            start = end
 
     def _finish_decodes(self, key: int, T: float, finished: list[Request]) -> None:
         h = self.fin_heap
         while h and h[0][0] <= key:
             _, _, r = heappop(h)
-            if r._fkey == key:
+            if r._finish_step == key:
                 self._leave_decode(r, T)
                 self._finish(r, T, finished)
 
@@ -595,7 +645,7 @@ class EngineCore:
             lag = self.lagging
             if lag:
                 for r in lag:
-                    if r._dec:
+                    if r._is_decoding:
                         self.itl.observe(T - r.last_output_ts)
                 self.lagging = []
             w, itl = n_dec - len(lag), self.itl  # itl.observe(dur_s, w), inlined: once per step
@@ -608,8 +658,8 @@ class EngineCore:
         tokens = n_dec
         for r, n, _ in p.sched:
             tokens += n
-            r._c = c = r._c + n
-            if c >= r.num_prompt_tokens + r._out:
+            r._num_computed_tokens = c = r._num_computed_tokens + n
+            if c >= r.num_prompt_tokens + r._num_output_tokens:
                 self._sample(r, T, finished)
         it = self.iteration_tokens  # it.observe(tokens), inlined
         it.counts[bisect_left(it.bounds, tokens)] += 1
@@ -620,14 +670,14 @@ class EngineCore:
         self.num_steps += 1
         self.iteration_tokens.observe(sum(n for _, n, _ in p.sched))
         for r, n, _ in p.sched:
-            r._c += n
-            if r._c >= r.num_prompt_tokens + r._out:
+            r._num_computed_tokens += n
+            if r._num_computed_tokens >= r.num_prompt_tokens + r._num_output_tokens:
                 self._sample(r, T, finished)
         self._valid = False
 
     def _sample(self, r: Request, T: float, finished: list[Request]) -> None:
         """The step completed r's pending tokens: it samples one output token."""
-        r._out = out = r._out + 1
+        r._num_output_tokens = out = r._num_output_tokens + 1
         self.generation_tokens += 1
         if out == 1 and r.first_token_ts != r.first_token_ts:  # first token ever
             r.first_token_ts = T
@@ -694,8 +744,8 @@ class EngineCore:
         if self._valid:  # materialise decoding requests' holdings for the check, then restore
             D, bs = self.clock.D, self.cfg.block_size
             for r in holders:
-                if r._dec:
-                    c = r._dorig + D
+                if r._is_decoding:
+                    c = r._computed_base + D
                     extra = -(-c // bs) - r.kv_blocks
                     saved.append((r, r.kv_anon))
                     r.kv_anon += extra

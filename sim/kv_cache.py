@@ -322,7 +322,7 @@ class KVCacheManager:
         bs = self.block_size
         if free is None:
             free = self.free
-        computed = req._c + hit_blocks * bs
+        computed = req._num_computed_tokens + hit_blocks * bs
         if full_sequence_must_fit:
             full = req.num_tokens
             if full > self.max_model_len:
@@ -341,7 +341,7 @@ class KVCacheManager:
         """Give ``req`` the blocks for ``num_new_tokens`` more tokens (after ``hit_blocks`` prefix hits).
 
         Returns ``False`` and changes nothing when the free blocks do not suffice (vLLM returns ``None``).
-        ``req._c`` must be the request's computed tokens before the hit. Never preempts.
+        ``req._num_computed_tokens`` must be the request's computed tokens before the hit. Never preempts.
         """
         need = self.blocks_needed(req, num_new_tokens, hit_blocks, evictable, full_sequence_must_fit)
         if need is None:
@@ -356,8 +356,8 @@ class KVCacheManager:
             req.kv_anon += need
             req.kv_blocks += need
         if self.enable_caching:
-            upto = req._c + hit_blocks * self.block_size + num_new_tokens
-            total = req.num_prompt_tokens + req._out  # req.num_tokens (an allocating request is not decoding)
+            upto = req._num_computed_tokens + hit_blocks * self.block_size + num_new_tokens
+            total = req.num_prompt_tokens + req._num_output_tokens  # req.num_tokens (an allocating request is not decoding)
             if req.prompt_segments is not None:  # user-given segments: shared identities to register
                 self.cache_blocks(req, upto if upto < total else total)
             else:  # an all-private chain (build_chain): cache_blocks would only advance the mark
@@ -449,7 +449,7 @@ class KVCacheManager:
         nobody else can hit) and still go to the back.
         """
         anon = req.kv_anon
-        if anon and self.partial_first and req._c % self.block_size:
+        if anon and self.partial_first and req._num_computed_tokens % self.block_size:
             anon -= 1
             self.free += 1
             first = self._head.next

@@ -40,7 +40,7 @@ class RecordStore:
         self._fv.frombytes(_PACK_FLOATS(r.arrival_time, r.queued_ts, r.scheduled_ts, r.first_token_ts,
                                         r.last_token_ts, done_s))
         cached = r.num_cached_tokens  # -1 until scheduled: recorded as 0
-        self._iv.frombytes(_PACK_INTS(r.replica, r.num_prompt_tokens, r._out, r.num_preemptions,
+        self._iv.frombytes(_PACK_INTS(r.replica, r.num_prompt_tokens, r._num_output_tokens, r.num_preemptions,
                                       cached if cached > 0 else 0, r.seq_id))
         self.request_id.append(r.request_id)
         self.pool.append(pool)

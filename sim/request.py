@@ -71,8 +71,10 @@ class Request:
         "request_id", "seq_id", "num_prompt_tokens", "max_tokens", "prompt_segments", "status",
         "num_preemptions", "num_cached_tokens", "arrival_time", "queued_ts", "scheduled_ts",
         "first_token_ts", "last_token_ts", "last_output_ts", "reject_reason", "replica", "tag", "on_finish",
-        # engine-private state
-        "_c", "_out", "_dec", "_dorig", "_oorig", "_fkey", "_seq", "_clk",
+        # engine-private state (``EngineCore``): progress as vLLM's ``Request`` names it; while a request decodes
+        # in the engine's aggregate, its progress is ``base + decode clock`` instead (the properties below)
+        "_num_computed_tokens", "_num_output_tokens", "_is_decoding", "_computed_base", "_output_base",
+        "_finish_step", "_admit_seq", "_decode_clock",
         "kv_ranges", "kv_anon", "kv_blocks", "kv_reg", "chain",
     )
 
@@ -97,9 +99,10 @@ class Request:
         self.queued_ts = self.scheduled_ts = self.first_token_ts = self.last_token_ts = self.last_output_ts = _NAN
         self.reject_reason: str | None = None
         self.tag = tag
-        self.on_finish = self._clk = None
-        self._dec = False
-        self.num_preemptions = self._c = self._out = self._dorig = self._oorig = self._fkey = self._seq = 0
+        self.on_finish = self._decode_clock = None
+        self._is_decoding = False
+        self.num_preemptions = self._num_computed_tokens = self._num_output_tokens = 0
+        self._computed_base = self._output_base = self._finish_step = self._admit_seq = 0
         self.kv_anon = self.kv_blocks = self.kv_reg = 0
         self.kv_ranges: list[list[int]] = []
         self.chain: tuple[tuple[int, int, int, bool], ...] = ()  # built by the KV cache manager on first use
@@ -107,15 +110,16 @@ class Request:
     # vLLM's names; decoding requests derive their progress from the engine's decode clock.
     @property
     def num_computed_tokens(self) -> int:
-        return self._dorig + self._clk.D if self._dec else self._c
+        return self._computed_base + self._decode_clock.D if self._is_decoding else self._num_computed_tokens
 
     @property
     def num_output_tokens(self) -> int:
-        return self._oorig + self._clk.D if self._dec else self._out
+        return self._output_base + self._decode_clock.D if self._is_decoding else self._num_output_tokens
 
     @property
     def num_tokens(self) -> int:
-        return self.num_prompt_tokens + (self._oorig + self._clk.D if self._dec else self._out)
+        out = self._output_base + self._decode_clock.D if self._is_decoding else self._num_output_tokens
+        return self.num_prompt_tokens + out
 
     def __deepcopy__(self, memo) -> Request:
         """A world snapshot's copy (``envs.background``), slot by slot: numbers, strings, enums and the
@@ -138,7 +142,7 @@ class Request:
 
 
 _SLOTS = Request.__slots__
-_DEEP = frozenset(("_clk", "on_finish", "tag", "reject_reason"))
+_DEEP = frozenset(("_decode_clock", "on_finish", "tag", "reject_reason"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,8 @@ from .request import Request, RequestStatus
 from .routing import make_router
 from .timebase import TICKS_PER_S, ticks_at_or_after
 
-__all__ = ["LATE", "Cluster", "PoolSpec", "Replica", "SimEnv", "World", "make_world"]
+__all__ = ["LATE", "SIMPY_TESTED", "Cluster", "PoolSpec", "Replica", "SimEnv", "World", "check_simpy_version",
+           "make_world"]
 
 LATE = 2  # after simpy's URGENT (0) and NORMAL (1) events at the same instant
 
@@ -46,13 +47,43 @@ class _Tick:
         self.gen = gen
 
 
+#: SimPy releases ``SimEnv`` was checked against (``tests/test_simenv.py`` compares event orders with plain
+#: ``simpy.Environment``): it reads and writes SimPy's private ``_queue``, ``_now``, ``_eid``, ``Event._ok`` and
+#: ``_value``, and re-implements ``Environment.run``. Keep ``pyproject.toml``'s simpy pin the same.
+SIMPY_TESTED = ((4, 1), (4, 2))  # >= 4.1, < 4.2
+_simpy_checked = False
+
+
+def check_simpy_version(version: str) -> None:
+    """Raise if ``version`` lies outside ``SIMPY_TESTED``, naming the range and what to do."""
+    lo, hi = SIMPY_TESTED
+    parts = version.split(".")
+    try:
+        major_minor = (int(parts[0]), int(parts[1]))
+    except (ValueError, IndexError):
+        major_minor = None
+    if major_minor is None or not lo <= major_minor < hi:
+        raise RuntimeError(
+            f"simpy {version} is installed, but sim.SimEnv relies on SimPy internals tested only with simpy "
+            f">={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}: install that (pip install 'simpy>={lo[0]}.{lo[1]},"
+            f"<{hi[0]}.{hi[1]}'), or re-run tests/test_simenv.py on {version} and widen sim.world.SIMPY_TESTED")
+
+
 class SimEnv(simpy.Environment):
     """A SimPy environment that can schedule at an absolute time without float round-off.
 
     Plain callbacks (``call_at``, replica step boundaries) are queue entries holding a ``_Tick``; ``step``
     calls them directly, which is what SimPy would do for a triggered event with one callback and no
-    failure, without building and walking a callback list.
+    failure, without building and walking a callback list. Construction fails on a SimPy release outside
+    ``SIMPY_TESTED``.
     """
+
+    def __init__(self, initial_time: float = 0) -> None:
+        global _simpy_checked
+        if not _simpy_checked:
+            check_simpy_version(simpy.__version__)
+            _simpy_checked = True
+        super().__init__(initial_time)
 
     def schedule_at(self, event, t: float, priority: int = 1) -> None:
         if t < self._now:
@@ -396,7 +427,7 @@ class World:
         rep.outstanding -= 1
         self.num_finished += 1
         ov = rep.overheads
-        done_s = r.last_token_ts + ov.post_decode_s + ov.per_output_token_s * r._out
+        done_s = r.last_token_ts + ov.post_decode_s + ov.per_output_token_s * r._num_output_tokens
         if self.records is not None:
             self.records.add(r, rep.pool, done_s)
         ev = r.on_finish

@@ -32,7 +32,7 @@ class Harness:
     def __init__(self, step_s: float = 0.01, mode: str = "reference", **cfg):
         self.core = EngineCore(EngineConfig(**cfg), constant_model(step_s), jumps=(mode == "jump"),
                                force_reference=(mode == "reference"), check_invariants=True)
-        self.core.trace = [] if mode == "reference" else None
+        self.core.step_records = []
         self.finished: list[Request] = []
         self._seq = 0
 
@@ -41,6 +41,11 @@ class Harness:
         r = Request(rid, prompt, out, prompt_segments=segments)
         r.seq_id = self._seq
         return r
+
+    @property
+    def trace(self) -> list[tuple[float, list[tuple[str, int]], list[str]]]:
+        """``(start_s, [(request_id, tokens)], [preempted ids])`` per step, from ``core.step_records``."""
+        return [(r.start_s, list(r.num_scheduled_tokens), list(r.preempted_req_ids)) for r in self.core.step_records]
 
     def add(self, req: Request) -> None:
         assert self.core.validate(req) is None

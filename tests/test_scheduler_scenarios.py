@@ -25,7 +25,7 @@ def test_recompute_preemption_lifo_and_no_admission_in_that_step():
     h.add(b)
     for _ in range(12):
         h.step()
-    t = h.core.trace
+    t = h.trace
     assert t[0][1:] == ([("A", 8), ("B", 8)], [])            # both prompts in one step (2 blocks each)
     for k in range(1, 9):                                     # steps 2-9: two decodes, no preemption
         assert t[k][1:] == ([("A", 1), ("B", 1)], []), k
@@ -50,14 +50,14 @@ def test_self_preemption_stops_running_pass():
     h.add(b)
     h.step()
     h.step()
-    assert h.core.trace[1][1:] == ([("A", 1)], ["B"])
+    assert h.trace[1][1:] == ([("A", 1)], ["B"])
     assert b.status == RequestStatus.PREEMPTED and list(h.core.waiting) == [b]
     for _ in range(6):  # steps 3-8: B's whole sequence (5 tokens = 2 blocks) does not fit until A is done
         h.step()
-    assert all(step[1] == [("A", 1)] for step in h.core.trace[2:8])
+    assert all(step[1] == [("A", 1)] for step in h.trace[2:8])
     assert a.status == RequestStatus.FINISHED_LENGTH_CAPPED
     h.step()
-    assert h.core.trace[8][1] == [("B", 5)]
+    assert h.trace[8][1] == [("B", 5)]
     h.run()
     assert b.num_output_tokens == 8
 
@@ -71,13 +71,13 @@ def test_head_of_line_blocking_and_full_isl_gate():
     for r in (a, b, c, d):
         h.add(r)
     h.step()
-    assert h.core.trace[0][1:] == ([("A", 8), ("B", 8)], [])   # budget 16 used up: C is not even tried
+    assert h.trace[0][1:] == ([("A", 8), ("B", 8)], [])   # budget 16 used up: C is not even tried
     h.step()
     # A and B decode (2 tokens), C needs 5 blocks for its full sequence but only 4 are free -> blocked, D too
-    assert h.core.trace[1][1:] == ([("A", 1), ("B", 1)], [])
+    assert h.trace[1][1:] == ([("A", 1), ("B", 1)], [])
     assert [r.request_id for r in h.core.waiting] == ["C", "D"]
     h.step()  # A and B finished at the end of step 2; now C (5 blocks) and D (1 block) fit
-    assert h.core.trace[2][1:] == ([("C", 16)], [])          # C takes the whole budget (chunked prefill)
+    assert h.trace[2][1:] == ([("C", 16)], [])          # C takes the whole budget (chunked prefill)
     h.run()
     assert all(r.status == RequestStatus.FINISHED_LENGTH_CAPPED for r in (a, b, c, d))
 
@@ -92,7 +92,7 @@ def test_full_isl_gate(gate):
     h.step()
     h.add(h.request("C", 28, 2))
     h.step()
-    assert h.core.trace[1][1:] == (([("A", 1)] if gate else [("A", 1), ("C", 15)]), [])
+    assert h.trace[1][1:] == (([("A", 1)] if gate else [("A", 1), ("C", 15)]), [])
 
 
 def test_prefix_cache_hit_eviction_order_and_last_token_recompute():
@@ -110,13 +110,13 @@ def test_prefix_cache_hit_eviction_order_and_last_token_recompute():
     b = h.request("B", 12, 2, segments=(shared, (2, 4)))
     h.add(b)
     h.step()
-    assert h.core.trace[-1][1] == [("B", 4)] and b.num_cached_tokens == 8
+    assert h.trace[-1][1] == [("B", 4)] and b.num_cached_tokens == 8
     h.run()
     # an identical prompt hits at most num_tokens - 1 tokens: the last block is recomputed
     a2 = h.request("A2", 12, 2, segments=(shared, (1, 4)))
     h.add(a2)
     h.step()
-    assert a2.num_cached_tokens == 8 and h.core.trace[-1][1] == [("A2", 4)]
+    assert a2.num_cached_tokens == 8 and h.trace[-1][1] == [("A2", 4)]
     h.run()
     assert h.core.prefix_cache_hits == 16 and h.core.prefix_cache_queries == 36
 
@@ -152,12 +152,12 @@ def test_preempted_request_hits_its_own_blocks_on_resume():
     h.add(b)
     for _ in range(10):
         h.step()
-    assert h.core.trace[9][2] == ["B"]
+    assert h.trace[9][2] == ["B"]
     # B had 4 full blocks (16 computed tokens) when preempted; they join the free queue tail-first (output
     # blocks 3, 2, then prompt blocks 1, 0), so A's allocation in the same step evicts output block 3.
     # On resume B hits blocks 0-2 (12 tokens) and recomputes 5 of its 17.
     h.step()
-    assert h.core.trace[10][1] == [("B", 5)] and b.num_cached_tokens == 0  # first-schedule hit was 0
+    assert h.trace[10][1] == [("B", 5)] and b.num_cached_tokens == 0  # first-schedule hit was 0
     assert b.status == RequestStatus.FINISHED_LENGTH_CAPPED and b.last_token_ts == pytest.approx(0.11)
 
 
