@@ -20,7 +20,7 @@ from envs.apwa import METHODS, WORKLOADS, APWAConfig, APWARun
 
 __all__ = ["PAPER", "run_apwa_experiment"]
 
-#: the APWA paper's own figures (arXiv 2605.15132 and its summary, seed 003): outcomes, never inputs
+#: the APWA paper's own figures (arXiv 2605.15132; docs/system_aware.md#10-apwa-architecture): outcomes, never inputs
 PAPER = {"makespan_s_10_topics": 143.0, "semantic_utility_100_topics": 0.995,
          "structural_completeness_100_topics": 1.0, "runtime_growth": "sublinear"}
 

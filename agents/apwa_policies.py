@@ -6,7 +6,7 @@ envs' baselines (``act(obs) -> action``), so learned policies and rules are comp
   first pool, merges on the first pool. Load-blind.
 * ``LoadAwarePolicy``: the same, but it spreads workers over every pool when the first pool's queue is
   long (``waiting`` above ``queue_threshold`` requests), the fan-out/fan-in choice system-aware routing
-  is meant to make (``system_aware.md`` s.9).
+  is meant to make (docs/system_aware.md#10-apwa-architecture).
 * ``FixedActionPolicy``: one action for every episode (grids, ablations).
 """
 

@@ -22,7 +22,7 @@ class MASLatencyAPWAEnv(NotCopyable, gym.Env):
     """The APWA manager's decomposition choice for one query over a table of N items.
 
     ## Description
-    APWA (arXiv 2605.15132, ``system_aware.md`` s.9) on the simulated cluster of the CMDP env (one vLLM pool
+    APWA (arXiv 2605.15132, docs/system_aware.md#10-apwa-architecture) on the simulated cluster of the CMDP env (one vLLM pool
     per model of ``envs.cmdp_catalog``, background load of ``envs.loads``). An episode is one query over a
     table of N rows (summarise, extract or redact; ``envs.apwa.workloads``). At the decision instant the
     world has served ``warmup_s`` of background; the policy sees the table's metadata and the pools' live

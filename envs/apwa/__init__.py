@@ -1,5 +1,5 @@
 """APWA on the simulated cluster: workloads and contracts, the capability registry, the manager, the
-executor, the baselines and one run of a method (arXiv 2605.15132; ``system_aware.md`` s.9).
+executor, the baselines and one run of a method (arXiv 2605.15132; docs/system_aware.md#10-apwa-architecture).
 
     from envs.apwa import run_method
     r = run_method("apwa", "summarise", num_items=100, seed=0)

@@ -1,6 +1,6 @@
 """The capability registry: which worker kinds exist and which model pools (and tools) serve each.
 
-APWA's registry "equips agents with tools or software at run time" (arXiv 2605.15132; ``system_aware.md``
+APWA's registry "equips agents with tools or software at run time" (arXiv 2605.15132; docs/system_aware.md#10-apwa-architecture
 s.9). The manager's plan names capabilities only (``summarise``, ``extract``...); the executor asks the
 registry to *bind* one to a pool when it dispatches a call, so the same plan runs unchanged when a pool is
 added, removed or re-assigned between (or during) runs.

@@ -1,7 +1,7 @@
 """APWA workloads: data tables of N items, the subtask contracts that expand over them, and the task models.
 
 APWA (Rose, Mallick, Laws, Nita-Rotaru and Oprea, "A Distributed Architecture for Parallelizable Agentic
-Workflows", arXiv 2605.15132; ``system_aware.md`` s.9) evaluates PII redaction, schema extraction and
+Workflows", arXiv 2605.15132; docs/system_aware.md#10-apwa-architecture) evaluates PII redaction, schema extraction and
 hierarchical summarisation over corpora of items. Each workload here is one such job over an immutable table
 of N rows. What an LLM call costs follows from token counts; what it is worth follows from how long its
 context is. Every constant is a published fact or a labelled assumption, none fitted to an outcome:
