@@ -296,7 +296,8 @@ def experiment_cmdp(args) -> int:
                                policies=tuple(args.policies or POLICIES), ppo=ppo_args(args, seed=0),
                                masrouter=MasRouterArgs(), estimator=_estimator_spec(args))
     with progress(episodes_total(cfg), f"cmdp experiment ({args.task}, {args.seeds} seed(s))", unit="step") as bar:
-        res = run_cmdp_experiment(cfg, progress=bar.update, log=lambda s: print(s, file=sys.stderr))
+        res = run_cmdp_experiment(cfg, progress=bar.update, log=lambda s: print(s, file=sys.stderr),
+                                  map_fn=getattr(args, "map_fn", None))
     summary = res["summary"]
     print(results_table(summary))
     print(findings_text(summary))

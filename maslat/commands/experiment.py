@@ -12,6 +12,7 @@ from traces.atomic import output_path, write_text
 from ._cmdp import add_cmdp_args, experiment_cmdp
 from ._common import add_json_flag, emit_json, progress
 from ._mas import add_cluster_args, cluster_from_args, curves_plot, pareto_plot, results_table
+from ._ray import add_ray_args, ray_map_from_args
 
 HELP = "reproduce an experiment in simulation: `maslat experiment lamas|cmdp --task gsm8k --seeds 3`"
 DESCRIPTION = """\
@@ -42,6 +43,8 @@ examples:
   maslat experiment cmdp --task humaneval --seeds 1 --regimes busy shift --eval-queries 30
   maslat experiment lamas --task humaneval --seeds 1 --methods lamas maas --json
   maslat experiment lamas --task math --load-factors 0.5 2 --json
+  maslat experiment cmdp --task gsm8k --seeds 4 --ray            # seeds x regimes as Ray tasks, local cluster
+  maslat experiment lamas --seeds 8 --ray ray://head:10001       # on a cluster (maslatency installed there)
 """
 
 
@@ -63,10 +66,17 @@ def configure(p) -> None:
     p.add_argument("--out", type=Path, help="write summary.json here (cmdp: also episodes.csv)")
     add_cluster_args(p)
     add_cmdp_args(p, experiment=True)
+    add_ray_args(p)
     add_json_flag(p)
 
 
 def run(args) -> int:
+    with ray_map_from_args(args, f"{args.name} trials") as map_fn:
+        args.map_fn = map_fn
+        return _run(args)
+
+
+def _run(args) -> int:
     import torch
 
     if args.name == "cmdp":
@@ -83,7 +93,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     with progress(total, f"lamas experiment ({args.task}, {len(seeds)} seed(s))", unit="episode") as bar:
         res = run_experiment(args.task, seeds, methods, cluster=cluster_from_args(args),
-                             load_factors=args.load_factors, epochs=args.epochs, progress=bar.update)
+                             load_factors=args.load_factors, epochs=args.epochs, progress=bar.update,
+                             map_fn=args.map_fn)
     summary = res.to_json()
     summary["wall_s"] = time.perf_counter() - t0
     print(results_table(summary["methods"]))
