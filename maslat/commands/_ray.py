@@ -26,8 +26,12 @@ def ray_map_from_args(args, desc: str):
     if getattr(args, "ray", None) is None:
         yield None
         return
-    from maslat.ray_runner import RayMap
+    from maslat.ray_runner import RayMap, import_ray
 
+    try:
+        import_ray()
+    except ImportError as e:  # the command line reports ValueErrors as a message, not a traceback
+        raise ValueError(str(e)) from e
     address = None if args.ray == "local" else args.ray
     with RayMap(address=address, num_cpus=args.ray_cpus, max_retries=args.ray_retries, desc=desc) as m:
         yield m
