@@ -132,7 +132,8 @@ class RayMap:
     def __call__(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         """``[fn(x) for x in items]`` as Ray tasks, in order; raises ``TrialsFailed`` if any trial fails
         ``max_retries + 1`` times (the others' results are lost with it: a partial table is not a result)."""
-        ray = self.start() and import_ray()
+        self.start()
+        ray = import_ray()
         from tqdm.auto import tqdm
 
         remote = ray.remote(num_cpus=1, max_retries=0)(_call_one_thread)

@@ -146,3 +146,38 @@ def test_sweep_under_tune_matches_serial_and_names_a_failed_point(ray_map):
     assert rows[1]["ttft_s_p90"] > rows[3]["ttft_s_p90"] and all(math.isfinite(r["e2e_s_p90"]) for r in rows)
     with pytest.raises(RuntimeError, match=r"(?s)1 sweep point\(s\) failed.*max_num_seqs.: 0.*must be a positive integer"):
         tune_grid(base, {"max_num_seqs": [8, 0]}, max_failures=0)
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_sweep_cli_serial_json_and_bad_params(capsys):
+    from maslat.cli import main
+
+    argv = ["sweep", "--param", "max_num_seqs=4,32", "--param", "enable_prefix_caching=true,false", "--duration", "5",
+            "--rate", "6", "--serial", "--json"]
+    assert main(argv) == 0
+    out = _last_json(capsys)
+    assert [(r["max_num_seqs"], r["enable_prefix_caching"]) for r in out["rows"]] == [
+        (4, True), (4, False), (32, True), (32, False)]
+    assert main(argv) == 0 and _last_json(capsys)["rows"] == out["rows"]  # deterministic
+    for bad, msg in ((["--param", "max_num_seq=4"], "unknown setting 'max_num_seq'"),
+                     (["--param", "max_num_seqs"], "NAME=V1,V2"),
+                     (["--param", "max_num_seqs=four"], "max_num_seqs=four"),
+                     (["--param", "rate=1", "--param", "rate=2"], "given twice")):
+        assert main(["sweep", *bad, "--serial"]) == 2
+        assert msg in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_experiment_cli_ray_flag_same_json(ray_map, capsys):
+    from maslat.cli import main
+
+    argv = ["experiment", "lamas", "--task", "humaneval", "--seeds", "2", "--methods", "single_cot", "--json"]
+    assert main(argv) == 0
+    serial = _last_json(capsys)
+    assert main([*argv, "--ray"]) == 0  # reuses this process's cluster (and leaves it running)
+    remote = _last_json(capsys)
+    assert serial.pop("wall_s") > 0 and remote.pop("wall_s") > 0
+    assert serial == remote
