@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -31,8 +32,8 @@ from .cmdp_policies import BASELINES, make_baseline
 from .masrouter import MasRouterArgs, train_masrouter
 from .ppo_lagrangian import PPOLagArgs, train_ppo_lagrangian
 
-__all__ = ["CMDPExperimentConfig", "POLICIES", "SLO_FACTORS", "TRAIN_SLO_FACTOR", "default_slo", "evaluate", "evaluate_all", "findings",
-           "run_cmdp_experiment", "summarise", "summarise_per_seed"]
+__all__ = ["CMDPExperimentConfig", "POLICIES", "SLO_FACTORS", "TRAIN_SLO_FACTOR", "cmdp_trial", "default_slo", "evaluate", "evaluate_all", "findings",
+           "masrouter_trial", "run_cmdp_experiment", "summarise", "summarise_per_seed"]
 
 POLICIES = ("ppo_lagrangian", "masrouter", *BASELINES, "oracle")
 
@@ -179,8 +180,12 @@ def summarise_per_seed(rows: pd.DataFrame) -> list[dict]:
 
 
 def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], None] | None = None,
-                        log: Callable[[str], None] | None = None) -> dict:
-    """Train and evaluate (module docstring); returns the summary, the per-episode rows and the curves."""
+                        log: Callable[[str], None] | None = None, map_fn: Callable | None = None) -> dict:
+    """Train and evaluate (module docstring); returns the summary, the per-episode rows and the curves.
+
+    The work is two rounds of independent trials: MasRouter per seed, then (seed, regime) (``cmdp_trial``).
+    ``map_fn(fn, trials) -> results`` runs each round (default: serially, in this process;
+    ``maslat.ray_runner.RayMap``: as Ray tasks, without ``progress``/``log``). Same results either way."""
     from envs.estimators import load_estimator
 
     t_start = time.perf_counter()
@@ -188,37 +193,24 @@ def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], 
     est = load_estimator(cfg.estimator, probe.model_names)
     qrng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seeds[0], 11])))
     queries = [int(q) for q in qrng.permutation(len(probe.queries))[:cfg.eval_queries]]
+    run = map_fn or (lambda f, xs: [f(x) for x in xs])
+    local = map_fn is None
+    mas_outs = run(partial(masrouter_trial, cfg=cfg, est=est, progress=progress if local else None),
+                   list(cfg.seeds)) if "masrouter" in cfg.policies else [None] * len(cfg.seeds)
+    mas_of = dict(zip(cfg.seeds, mas_outs, strict=True))
+    trials = [(seed, regime, mas_of[seed] and mas_of[seed]["router"]) for seed in cfg.seeds for regime in cfg.regimes]
+    outs = run(partial(cmdp_trial, cfg=cfg, est=est, queries=tuple(queries), progress=progress if local else None,
+                       log=log if local else None), trials)
     rows, curves, timing = [], {}, {"train_ppo_s": {}, "train_masrouter_s": [], "evaluate_s": {}}
-    for seed in cfg.seeds:
-        mas = None
-        if "masrouter" in cfg.policies:
-            t0 = time.perf_counter()
-            menv = _env(cfg, "idle", "train", est, slo_factor=cfg.train_slo_factor)
-            mas, mh = train_masrouter(menv, MasRouterArgs(**{**asdict(cfg.masrouter), "seed": seed}), progress=progress)
-            timing["train_masrouter_s"].append(time.perf_counter() - t0)
-            curves[f"masrouter/seed{seed}"] = mh
-        for regime in cfg.regimes:
-            pols = []
-            if "ppo_lagrangian" in cfg.policies:
-                t0 = time.perf_counter()
-                tenv = _env(cfg, regime, "train", est, slo_factor=cfg.train_slo_factor)
-                ppo, hist = train_ppo_lagrangian(tenv, PPOLagArgs(**{**asdict(cfg.ppo), "seed": seed}), progress=progress)
-                timing["train_ppo_s"].setdefault(regime, []).append(time.perf_counter() - t0)
-                curves[f"ppo_lagrangian/{regime}/seed{seed}"] = hist
-                if log is not None:
-                    last = hist[-1]
-                    log(f"seed {seed} {regime}: PPO-Lagrangian trained in {timing['train_ppo_s'][regime][-1]:.0f} s "
-                        f"(lambda {last['constraint/lambda']:.2f}, train attainment {last['latency/slo_attainment']:.3f})")
-                pols.append(ppo)
-            if mas is not None:
-                pols.append(mas)
-            eenv = _env(cfg, regime, "test", est)
-            pols += [make_baseline(b, eenv) for b in BASELINES if b in cfg.policies]
-            if "oracle" in cfg.policies:
-                pols.append(LookaheadOracle(lambda regime=regime: _env(cfg, regime, "test", est)))
-            t0 = time.perf_counter()
-            rows += evaluate_all(pols, eenv, queries, cfg.slo_factors, seed, regime, progress)
-            timing["evaluate_s"].setdefault(regime, []).append(time.perf_counter() - t0)
+    for (seed, regime, _), out in zip(trials, outs, strict=True):
+        if mas_of[seed] is not None and regime == cfg.regimes[0]:
+            timing["train_masrouter_s"].append(mas_of[seed]["train_s"])
+            curves[f"masrouter/seed{seed}"] = mas_of[seed]["history"]
+        if out["train_s"] is not None:
+            timing["train_ppo_s"].setdefault(regime, []).append(out["train_s"])
+            curves[f"ppo_lagrangian/{regime}/seed{seed}"] = out["history"]
+        timing["evaluate_s"].setdefault(regime, []).append(out["evaluate_s"])
+        rows += out["rows"]
     df = pd.DataFrame(rows)
     out = {"task": cfg.task, "seeds": len(cfg.seeds), **summarise(df), "slo_factors": list(cfg.slo_factors),
            "eval_queries": cfg.eval_queries, "timing": timing, "wall_s": time.perf_counter() - t_start,
@@ -227,6 +219,39 @@ def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], 
     out["findings"] = findings(out)
     out["per_seed"] = summarise_per_seed(df)
     return {"summary": out, "rows": df, "curves": curves}
+
+
+def masrouter_trial(seed: int, *, cfg: CMDPExperimentConfig, est, progress: Callable[[int], None] | None = None) -> dict:
+    """Train the load-blind MasRouter for one seed (idle world; the regime does not enter its utility)."""
+    t0 = time.perf_counter()
+    menv = _env(cfg, "idle", "train", est, slo_factor=cfg.train_slo_factor)
+    mas, mh = train_masrouter(menv, MasRouterArgs(**{**asdict(cfg.masrouter), "seed": seed}), progress=progress)
+    return {"router": mas, "history": mh, "train_s": time.perf_counter() - t0}
+
+
+def cmdp_trial(trial: tuple, *, cfg: CMDPExperimentConfig, est, queries: Sequence[int],
+               progress: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """One (seed, regime, trained MasRouter or None): train PPO-Lagrangian, evaluate every policy."""
+    seed, regime, mas = trial
+    pols, hist, train_s = [], None, None
+    if "ppo_lagrangian" in cfg.policies:
+        t0 = time.perf_counter()
+        tenv = _env(cfg, regime, "train", est, slo_factor=cfg.train_slo_factor)
+        ppo, hist = train_ppo_lagrangian(tenv, PPOLagArgs(**{**asdict(cfg.ppo), "seed": seed}), progress=progress)
+        train_s = time.perf_counter() - t0
+        if log is not None:
+            log(f"seed {seed} {regime}: PPO-Lagrangian trained in {train_s:.0f} s (lambda "
+                f"{hist[-1]['constraint/lambda']:.2f}, train attainment {hist[-1]['latency/slo_attainment']:.3f})")
+        pols.append(ppo)
+    if mas is not None:
+        pols.append(mas)
+    eenv = _env(cfg, regime, "test", est)
+    pols += [make_baseline(b, eenv) for b in BASELINES if b in cfg.policies]
+    if "oracle" in cfg.policies:
+        pols.append(LookaheadOracle(lambda regime=regime: _env(cfg, regime, "test", est)))
+    t0 = time.perf_counter()
+    rows = evaluate_all(pols, eenv, queries, cfg.slo_factors, seed, regime, progress)
+    return {"rows": rows, "history": hist, "train_s": train_s, "evaluate_s": time.perf_counter() - t0}
 
 
 def episodes_total(cfg: CMDPExperimentConfig) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from envs import ClusterConfig, make_task
 
 from .lamas import METHODS, Args, evaluate, summarize, train, train_epochs
 
-__all__ = ["PUBLISHED", "ExperimentResult", "aggregate", "per_seed", "run_experiment", "savings"]
+__all__ = ["PUBLISHED", "ExperimentResult", "aggregate", "lamas_trial", "per_seed", "run_experiment", "savings"]
 
 #: docs/lamas.md#7-published-results: (LAMaS score, LAMaS CP len, MaAS score, MaAS CP len)
 PUBLISHED = {"gsm8k": (93.37, 913.5, 93.13, 1474.6), "humaneval": (92.11, 1042.7, 93.00, 1810.8),
@@ -103,27 +104,44 @@ def episodes_per_seed(task: str, methods: Sequence[str], epochs: int | None = No
 
 def run_experiment(task: str, seeds: Sequence[int], methods: Sequence[str] | None = None, *,
                    cluster: ClusterConfig | None = None, load_factors: Sequence[float] = (), epochs: int | None = None,
-                   keep_infos: bool = False, progress: Callable[[int], None] | None = None) -> ExperimentResult:
-    """Train and test every method for every seed; ``progress(n)`` is told of every finished episode."""
+                   keep_infos: bool = False, progress: Callable[[int], None] | None = None,
+                   map_fn: Callable | None = None) -> ExperimentResult:
+    """Train and test every method for every seed; ``progress(n)`` is told of every finished episode.
+
+    Each (seed, method) is an independent trial (``lamas_trial``); ``map_fn(fn, trials) -> results`` runs
+    them (default: one after the other, in this process; ``maslat.ray_runner.RayMap``: as Ray tasks, where
+    ``progress`` is not called: the runner counts trials instead). Results are the same either way."""
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
     cluster = cluster or ClusterConfig()
     res = ExperimentResult(task, list(seeds), methods)
-    tick = (lambda _info: progress(1)) if progress else None
-    for seed in seeds:
-        for m in methods:
-            args = Args(method=m, task=task, seed=seed, epochs=epochs, cluster=cluster)
-            tr = train(args, progress=progress)
-            infos = evaluate(args, tr.controller, on_done=tick)
-            res.runs.setdefault(m, []).append(summarize(infos))
-            res.curves.setdefault(m, []).append(tr.metrics)
-            if keep_infos:
-                res.test_infos.setdefault(m, []).append(infos)
-            for f in load_factors:
-                rate = (cluster.background_rate_per_s or 0.0) * f
-                c = replace(cluster, background_rate_per_s=rate)
-                res.loads.setdefault(f, {}).setdefault(m, []).append(
-                    summarize(evaluate(args, tr.controller, cluster=c, on_done=tick)))
+    trials = [(seed, m) for seed in seeds for m in methods]
+    fn = partial(lamas_trial, task=task, cluster=cluster, load_factors=tuple(load_factors), epochs=epochs,
+                 keep_infos=keep_infos, progress=progress if map_fn is None else None)
+    outs = (map_fn or (lambda f, xs: [f(x) for x in xs]))(fn, trials)
+    for (_seed, m), out in zip(trials, outs, strict=True):
+        res.runs.setdefault(m, []).append(out["summary"])
+        res.curves.setdefault(m, []).append(out["curve"])
+        if keep_infos:
+            res.test_infos.setdefault(m, []).append(out["infos"])
+        for f, s in zip(load_factors, out["loads"], strict=True):
+            res.loads.setdefault(f, {}).setdefault(m, []).append(s)
     return res
+
+
+def lamas_trial(trial: tuple[int, str], *, task: str, cluster: ClusterConfig, load_factors: Sequence[float] = (),
+                epochs: int | None = None, keep_infos: bool = False,
+                progress: Callable[[int], None] | None = None) -> dict:
+    """One (seed, method): train, test, re-test at each load factor. A pure function of its arguments."""
+    seed, m = trial
+    tick = (lambda _info: progress(1)) if progress else None
+    args = Args(method=m, task=task, seed=seed, epochs=epochs, cluster=cluster)
+    tr = train(args, progress=progress)
+    infos = evaluate(args, tr.controller, on_done=tick)
+    loads = []
+    for f in load_factors:
+        c = replace(cluster, background_rate_per_s=(cluster.background_rate_per_s or 0.0) * f)
+        loads.append(summarize(evaluate(args, tr.controller, cluster=c, on_done=tick)))
+    return {"summary": summarize(infos), "curve": tr.metrics, "infos": infos if keep_infos else None, "loads": loads}

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "maslat.commands.evaluate",
     "experiment": "maslat.commands.experiment",
     "validate-policy": "maslat.commands.validate_policy",
+    "sweep": "maslat.commands.sweep",
 }
 
 

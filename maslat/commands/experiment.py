@@ -12,6 +12,7 @@ from traces.atomic import atomic_open, output_path, write_text
 
 from ._common import add_json_flag, emit_json, progress
 from ._options import add_dataclass_options, dataclass_kwargs
+from ._ray import add_ray_args, ray_map_from_args
 
 HELP = "reproduce an experiment in simulation: `maslat experiment lamas|cmdp|apwa --task gsm8k --seeds 3`"
 DESCRIPTION = """\
@@ -27,6 +28,8 @@ examples:
   maslat experiment lamas --task humaneval --seeds 1 --methods lamas maas --json
   maslat experiment lamas --task math --load-factors 0.5 2 --json
   maslat experiment apwa --items 10,30,100,300 --json --plots out/apwa
+  maslat experiment cmdp --task gsm8k --seeds 4 --ray            # seeds x regimes as Ray tasks, local cluster
+  maslat experiment lamas --seeds 8 --ray ray://head:10001       # on a cluster (maslatency installed there)
 """
 LAMAS_DESCRIPTION = """\
 For every seed and method: train on the task's train split (4 epochs in file order, more on a small split to
@@ -71,6 +74,7 @@ def _common(p, plots: str, out: str) -> None:
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--plots", type=Path, help=f"write the plots here ({plots})")
     p.add_argument("--out", type=Path, help=out)
+    add_ray_args(p)
     add_json_flag(p)
 
 
@@ -128,6 +132,12 @@ def run(args) -> int:
         from .experiment_apwa import experiment_apwa
 
         return experiment_apwa(args)
+    with ray_map_from_args(args, f"{args.name} trials") as map_fn:
+        args.map_fn = map_fn
+        return _run(args)
+
+
+def _run(args) -> int:
     import torch
 
     torch.set_num_threads(1)
@@ -149,7 +159,8 @@ def _experiment_lamas(args) -> int:
     t0 = time.perf_counter()
     with progress(total, f"lamas experiment ({args.task}, {len(seeds)} seed(s))", unit="episode") as bar:
         res = run_experiment(args.task, seeds, methods, cluster=cluster_from_args(args),
-                             load_factors=args.load_factors, epochs=args.epochs, progress=bar.update)
+                             load_factors=args.load_factors, epochs=args.epochs, progress=bar.update,
+                             map_fn=args.map_fn)
     summary = res.to_json()
     summary["wall_s"] = time.perf_counter() - t0
     print(results_table(summary["methods"]))
@@ -194,7 +205,8 @@ def _experiment_cmdp(args) -> int:
                                masrouter=mr.make_args(**dataclass_kwargs(args, mr.args_type, prefix="mr_")),
                                estimator=args.estimator)
     with progress(episodes_total(cfg), f"cmdp experiment ({cfg.task}, {args.seeds} seed(s))", unit="step") as bar:
-        res = run_cmdp_experiment(cfg, progress=bar.update, log=lambda s: print(s, file=sys.stderr))
+        res = run_cmdp_experiment(cfg, progress=bar.update, log=lambda s: print(s, file=sys.stderr),
+                                  map_fn=getattr(args, "map_fn", None))
     summary = res["summary"]
     print(results_table(summary))
     print(findings_text(summary))
