@@ -190,7 +190,8 @@ def _train_policy(args) -> int:
     from envs.cmdp import MASLatencyCMDPEnv
 
     load = args.load if args.method == "ppo_lagrangian" else "idle"
-    env = MASLatencyCMDPEnv(args.task, "train", load=load, slo_factor=_slo_range(args), estimator=_estimator_spec(args))
+    env = MASLatencyCMDPEnv(args.task, "train", load=load, slo_factor=_slo_range(args), estimator=_estimator_spec(args),
+                            cost="overrun")  # agents.ppo_lagrangian.COSTS reads the overrun from info["cost"]
     out = args.out or Path("runs") / f"{args.method}-{args.task}-{load}-{args.seed}"
     t0 = time.perf_counter()
     if args.method == "ppo_lagrangian":
