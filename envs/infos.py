@@ -5,8 +5,6 @@ Every final info carries the keys ``envs.decision.DecisionEnv`` sets (``EpisodeI
 within a world and is what ``rollout`` passes to ``policy.act(obs, episode=key)``.
 """
 
-from __future__ import annotations
-
 from typing import NotRequired, TypedDict
 
 import numpy as np
