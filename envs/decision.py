@@ -135,6 +135,12 @@ class DecisionEnv(NotCopyable, gym.Env):
             act = yield act
         return act
 
+    def start_world(self, seed: int) -> None:
+        """A fresh world for ``seed`` with no episode started (``reset(seed=...)`` less its first episode):
+        what ``rollout`` callers use so that every query of the rollout is theirs."""
+        gym.Env.reset(self, seed=seed)
+        self._new_world(seed)
+
     def close(self) -> None:
         self.backend.close()
 
