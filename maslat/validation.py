@@ -281,8 +281,8 @@ def validate_cmdp_policy(policy, endpoints: dict, *, task: str, name: str = "pol
     models = default_models()
     names = [m.name for m in models]
     if sorted(endpoints) != sorted(names):
-        raise ValueError(f"give one endpoint per model pool, named {names} (--endpoints {names[0]}=URL ...); "
-                         f"got {sorted(endpoints)}")
+        raise ValueError(f"give one endpoint per model pool, named {names} (--endpoints "
+                         f"{' '.join(n + '=URL' for n in names)}); got {sorted(endpoints)}")
     quiet = LoadRegime(name="none", phases=(tuple(0.0 for _ in models),))
 
     def make_env(**kw) -> MASLatencyCMDPEnv:
