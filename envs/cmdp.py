@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import gymnasium as gym
@@ -343,7 +344,7 @@ class MASLatencyCMDPEnv(DecisionEnv):
                 if self.execution == "sequential" and running:
                     break
                 ep.node = node
-                action = yield from self.decision(ep, self._obs(ep, node))
+                action = yield from self.decision(ep, functools.partial(self._obs, ep, node))
                 ep.decided += 1
                 started[node.index] = True
                 running[node.index] = env.process(self._call(ep, node, *action, returned))

@@ -24,7 +24,7 @@ Writing an environment on it (``DecisionEnv`` subclass)::
         def _new_episode(self, q, visit, key, options) -> Episode:        # the query's record (a subclass)
         def _episode(self, ep):                                          # the query's life, a generator:
             ...
-            action = yield from self.decision(ep, obs)                   #   a decision (obs as the env gives it)
+            action = yield from self.decision(ep, lambda: obs)           #   a decision (obs built when called)
             ...
             return info                                                  #   the final info (a dict)
         def _check_action(self, action):                                 # ValueError before the world moves
@@ -34,12 +34,14 @@ Writing an environment on it (``DecisionEnv`` subclass)::
         def _policy_action(self, policy, obs, ep)                        # optional (rollout)
         def _on_new_world(self, seed)                                    # optional (per-world state)
 
+``self.decision_wall_s`` sums the wall time of the decisions (observations and inline policies).
 ``self.backend``, ``self.run_seed`` (the world's seed), ``self.new_key()`` (a key unique in the world) and
 ``self.world`` (the simulated world, ``None`` on a live backend) are there for the subclass.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +91,7 @@ class DecisionEnv(NotCopyable, gym.Env):
         self._ep: Episode | None = None
         self._pause = None
         self._keys = 0
+        self.decision_wall_s = 0.0   # wall seconds spent building observations and choosing actions
 
     # ------------------------------------------------------------------ what a subclass provides
     def _new_episode(self, q: int, visit: int, key: int, options: dict) -> Episode:
@@ -127,10 +130,16 @@ class DecisionEnv(NotCopyable, gym.Env):
         self._keys += 1
         return self._keys
 
-    def decision(self, ep: Episode, obs) -> Generator:
-        """``action = yield from self.decision(ep, obs)`` inside ``_episode``: the decision's action."""
-        ep.obs = obs
+    def decision(self, ep: Episode, make_obs: Callable[[], Any]) -> Generator:
+        """``action = yield from self.decision(ep, lambda: obs)`` inside ``_episode``: the decision's action.
+
+        ``make_obs`` builds the observation now; the wall time spent building it and, in ``rollout``, choosing
+        the action is added to ``decision_wall_s`` (on a live backend it is part of every measured latency;
+        the simulator's clock does not move while it is spent)."""
+        t0 = time.perf_counter()
+        ep.obs = obs = make_obs()
         act = ep.decide(ep, obs)
+        self.decision_wall_s += time.perf_counter() - t0
         if self.backend.is_event(act):
             act = yield act
         return act

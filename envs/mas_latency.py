@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import gymnasium as gym
@@ -224,7 +225,7 @@ class MASLatencyEnv(DecisionEnv):
             run.apply(plan)
         ep.pre_s = env.now - t0
         for layer in range(self.num_layers):
-            act = yield from self.decision(ep, self._obs(ep, run, layer))
+            act = yield from self.decision(ep, functools.partial(self._obs, ep, run, layer))
             names, dups = self._decode(act)
             ok = yield from self._layer(ep, run, layer, names, dups)
             if not ok:

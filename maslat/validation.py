@@ -18,7 +18,10 @@
 way with one endpoint per model pool (the small and the large model), the Planner and the Executor live and the
 ``system`` observations from each pool's ``/metrics``: decisions are keyed by (query, node), quality, calls,
 tokens and $ are identical by construction, and the simulator predicts the end-to-end seconds of each query
-(``latency_s``; the bar is on their mean and p90) and what follows from them (SLO attainment, goodput).
+(``latency_s``; the bar is on their mean and p90) and what follows from them (SLO attainment, goodput). The live
+seconds include the decisions' own compute (observation, estimator, policy: ``decision_s_per_query``, server
+seconds), which the simulator's clock does not count: with short queries and a slow estimator it is what the
+prediction misses.
 
 A live call that failed (an HTTP error, a cut stream, no answer within ``request_timeout_s``) makes its query a
 failure: score 0 in the live column, whatever the task model would have scored (the environment scores the
@@ -305,6 +308,7 @@ def validate_cmdp_policy(policy, endpoints: dict, *, task: str, name: str = "pol
         t0 = time.perf_counter()
         live = live_env.rollout(recorder, list(range(n)), concurrency=concurrency, on_done=done)
         live_wall_s = time.perf_counter() - t0
+        decision_s = live_env.decision_wall_s / (backend.time_scale or 1.0)
         engines = {m: backend.engines(m) for m in names}
         stats, time_scale = backend.stats(), backend.time_scale
     finally:
@@ -316,6 +320,7 @@ def validate_cmdp_policy(policy, endpoints: dict, *, task: str, name: str = "pol
     simulated = sim_env.rollout(_CMDPReplay(recorder.actions), list(range(n)), concurrency=concurrency)
     return {"method": name, "env": "MASLatency-CMDP-v0", "task": task, "split": split, "queries": n,
             "concurrency": concurrency, "seed": seed, "slo_factor": slo_factor, **compare_cmdp(live, simulated),
-            "live": {"endpoints": stats, "time_scale": time_scale, "wall_s": live_wall_s},
+            "live": {"endpoints": stats, "time_scale": time_scale, "wall_s": live_wall_s,
+                     "decision_s_per_query": decision_s / max(n, 1)},
             "simulated": {"profiles": {m.name: m.profile for m in models}, "replicas": reps,
                           "wall_s": time.perf_counter() - t0}}
