@@ -28,7 +28,7 @@ Writing an environment on it (``DecisionEnv`` subclass)::
             ...
             return info                                                  #   the final info (a dict)
         def _check_action(self, action):                                 # ValueError before the world moves
-        def _step_result(self, ep, action, done) -> (obs, reward, info)
+        def _step_result(self, ep, action, done) -> (obs, reward, info)  # obs a fresh object every call
         def _reset_info(self, ep) -> dict                                # optional
         def _observe(self, obs)                                          # optional (reset's observation)
         def _policy_action(self, policy, obs, ep)                        # optional (rollout)
