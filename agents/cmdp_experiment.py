@@ -98,7 +98,9 @@ class CMDPExperimentConfig:
 
 
 def _env(cfg: CMDPExperimentConfig, regime: str, split: str, estimator, **kw) -> MASLatencyCMDPEnv:
-    return MASLatencyCMDPEnv(cfg.task, split, load=regime, estimator=estimator, warmup_s=cfg.warmup_s, **kw)
+    # info["cost"] stays the overrun: agents.ppo_lagrangian.COSTS derives each cost kind from it and slo_violated
+    return MASLatencyCMDPEnv(cfg.task, split, load=regime, estimator=estimator, warmup_s=cfg.warmup_s, cost="overrun",
+                             **kw)
 
 
 def _episode_seed(seed: int, regime: str, i: int, j: int) -> int:

@@ -173,7 +173,7 @@ def train(args: Args, progress: Callable[[int], None] | None = None) -> TrainRes
             batch_q = list(range(start, min(start + args.batch_size, n)))
             infos = env.rollout(policy, batch_q, concurrency=conc)
             costs, prev_cost = cost_deltas([i["cumulative_cost_usd"] for i in infos], prev_cost)
-            traces = [policy.pop(i["episode"]) for i in infos]
+            traces = [policy.pop(i["episode_key"]) for i in infos]
             batch = [ObjectiveInput(i["score"], c, i["cp_tokens"], t, layer_tokens(t, i, names))
                      for i, c, t in zip(infos, costs, traces, strict=True)]
             obj = method.objective

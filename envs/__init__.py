@@ -5,6 +5,9 @@
     env = gym.make("MASLatency-v0", task="gsm8k", split="train")
     # or, without importing first:  gym.make("envs:MASLatency-v0")
 
+A new environment is a ``envs.decision.DecisionEnv`` subclass (the shared decision skeleton: backend,
+suspension, query order, episode keys, final info); its ``info`` dicts are typed in ``envs.infos``.
+
 Reusing the task models (e.g. for a model x strategy router)::
 
     from envs.tasks import make_task, make_queries, calibrate, success_prob
@@ -18,13 +21,15 @@ import gymnasium
 
 from .backend import Backend, SimBackend
 from .cluster import AZURE_CONV, BackgroundTrace, ClusterConfig
+from .decision import DecisionEnv, Episode
 from .mas_latency import MASLatencyEnv
 from .operators import OPERATOR_NAMES, operator_embeddings, operator_set
 from .supernet import GraphConfig, QueryRun
 from .tasks import TASKS, TaskSpec, make_queries, make_task
 
-__all__ = ["AZURE_CONV", "Backend", "BackgroundTrace", "ClusterConfig", "SimBackend", "GraphConfig", "MASLatencyEnv", "OPERATOR_NAMES",
-           "QueryRun", "TASKS", "TaskSpec", "make_queries", "make_task", "operator_embeddings", "operator_set"]
+__all__ = ["AZURE_CONV", "Backend", "BackgroundTrace", "ClusterConfig", "DecisionEnv", "Episode", "GraphConfig",
+           "MASLatencyEnv", "OPERATOR_NAMES", "QueryRun", "SimBackend", "TASKS", "TaskSpec", "make_queries", "make_task",
+           "operator_embeddings", "operator_set"]
 
 if "MASLatency-v0" not in gymnasium.registry:
     gymnasium.register(id="MASLatency-v0", entry_point="envs.mas_latency:MASLatencyEnv")

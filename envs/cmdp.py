@@ -2,60 +2,56 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import gymnasium as gym
 import numpy as np
-import simpy
 from gymnasium import spaces
 
+from .backend import Backend, SimBackend, call_timing
 from .background import WARM_WORLDS
 from .cluster import BackgroundTrace
 from .cmdp_catalog import ROLE_NAMES, STRATEGY_NAMES, ModelEntry, default_models, model_accuracy
 from .cmdp_query import QueryState
-from .cmdp_world import build_cmdp_world, pool_state, unloaded_latency_s
+from .cmdp_world import build_cmdp_world, unloaded_latency_s
+from .decision import DecisionEnv, Episode
 from .embeddings import EMBED_DIM
 from .estimators import NUM_SYSTEM, load_estimator
+from .infos import CMDPFinalInfo
 from .loads import make_regime
-from .nocopy import NotCopyable
 from .operators import quality
-from .query_order import QueryOrder
 from .tasks import make_queries, make_task, task_key
 from .topologies import MAX_NODES, MODES, Node, Topology, make_planner
 
-__all__ = ["MASLatencyCMDPEnv", "MASROUTER_COST_RATE"]
+__all__ = ["COST_KINDS", "MASLatencyCMDPEnv", "MASROUTER_COST_RATE"]
 
 _SPLIT_ID = {"train": 1, "test": 2}
 _ROLE_ID = {r: i for i, r in enumerate(ROLE_NAMES)}
 _MODE_ID = {m: i for i, m in enumerate(MODES)}
 
+#: what ``info["cost"]`` measures (the class docstring's Costs)
+COST_KINDS = ("violation", "overrun")
 #: MasRouter's utility = is_solved - cost_rate x $ (system_aware.md s.5)
 MASROUTER_COST_RATE = {"gsm8k": 200.0, "humaneval": 200.0, "math": 100.0, "mbpp": 400.0}
 
 
-@dataclass(slots=True)
-class _Episode:
-    q: int
-    visit: int
+@dataclass(slots=True, kw_only=True, eq=False)
+class _Episode(Episode):
     topology: Topology
     state: QueryState
     slo_s: float
     slo_factor: float | None
     reference_s: float
-    t0: float = 0.0
-    end_s: float | None = None
-    step: int = 0
     overrun_s: float = 0.0
     cost_usd: float = 0.0
     rejected: int = 0
-    pending: simpy.Event | None = None
-    obs: dict | None = None
     node: Node | None = None
     calls: list[dict] = field(default_factory=list)
     decided: int = 0
 
 
-class MASLatencyCMDPEnv(NotCopyable, gym.Env):
+class MASLatencyCMDPEnv(DecisionEnv):
     """Executor of a planned multi-agent topology: one (model, prompt strategy) decision per agent call.
 
     ## Description
@@ -98,9 +94,16 @@ class MASLatencyCMDPEnv(NotCopyable, gym.Env):
     same Latin-hypercube resamples for every entry: the differences between a node's actions are sharp).
 
     ## Costs
-    ``info["cost"]`` on every step: the latency the episode spent beyond its budget since the previous
-    step, so the episode's costs sum to ``max(0, latency - SLO)`` in seconds. Components in ``info``:
-    ``overrun_s`` (cumulative), ``elapsed_s``, and at the end ``latency_s``, ``slo_s``, ``slo_violated``,
+    ``info["cost"]`` on every step, of the kind ``cost`` (attribute ``cost_kind``) says:
+
+    * ``"violation"`` (default; the constraint of the published results): 1.0 on the last step of an episode
+      whose latency exceeded its SLO, else 0, so the episode's cost is its SLO violation and a limit on the
+      mean cost is a limit on the violation rate;
+    * ``"overrun"``: the seconds the episode spent beyond its budget since the previous step, so the
+      episode's costs sum to ``max(0, latency - SLO)``.
+
+    Both are in every step's ``info`` whatever the kind: ``overrun_step_s`` (the overrun cost) and
+    ``overrun_s`` (cumulative), with ``elapsed_s``, and at the end ``latency_s``, ``slo_s``, ``slo_violated``,
     ``cost_usd`` (list prices of the models), ``quality``. ``envs.wrappers.SafetyGymnasiumWrapper`` gives
     Safety-Gymnasium's ``(obs, reward, cost, terminated, truncated, info)``.
 
@@ -111,7 +114,8 @@ class MASLatencyCMDPEnv(NotCopyable, gym.Env):
     ``gym.make("MASLatency-CMDP-v0", task="mbpp", split="train", slo_s=None, slo_factor=(0.75, 2.0),
     load="idle", models=None, planner="mix", execution="dag", estimator="default",
     action_type="multidiscrete", flatten_obs=False, warmup_s=30.0, dataset_seed=0, shuffle=True,
-    counterfactual_quality=False, background_trace=None, router="least_outstanding")``.
+    counterfactual_quality=False, background_trace=None, router="least_outstanding", cost="violation",
+    backend=None)``.
     The SLO is ``slo_s`` seconds if given, else ``slo_factor`` times the query's *reference latency*: the
     critical path of its topology with the strongest model and DeepThink on idle replicas (simulated; an
     answer to the design's open question 1). A ``(low, high)`` factor is drawn uniformly per episode.
@@ -126,8 +130,18 @@ class MASLatencyCMDPEnv(NotCopyable, gym.Env):
     An environment cannot be copied or pickled (``TypeError``, ``envs.nocopy``): its world is live SimPy
     processes. Build another with the same arguments and reset it with the same seed to get the same episode.
 
+    ``backend`` says where the calls run (``envs.backend``): ``None`` is the simulated pools above
+    (``SimBackend``); ``maslat.livebackend.LiveBackend`` with one endpoint per model (pool named after the
+    model) sends them to live vLLM servers in wall-clock time: then ``load``, ``background_trace``,
+    ``router`` and ``warmup_s`` do not apply (the servers carry whatever load they have), ``system`` comes from
+    the servers' ``/metrics`` and latencies are measured. Task outcomes depend only on the seed, the query
+    and the actions, never on the backend.
+
     ## Version History
-    * v0: initial version.
+    * v0: initial version. Since the decision skeleton (``envs.decision``): the ``cost`` argument, with
+      ``"violation"`` as default (before, ``info["cost"]`` was always the overrun: pass ``cost="overrun"``
+      for it), ``backend``, ``info["episode_key"]`` and unbounded (``np.inf``) observation bounds; the
+      simulated dynamics did not change (same seed, same episode, bit for bit).
     """
 
     metadata = {"render_modes": [], "autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
@@ -139,7 +153,8 @@ class MASLatencyCMDPEnv(NotCopyable, gym.Env):
                  warmup_s: float = 30.0, dataset_seed: int = 0, shuffle: bool = True,
                  counterfactual_quality: bool = False,
                  background_trace: BackgroundTrace | None = None, router: str = "least_outstanding",
-                 render_mode: str | None = None, reuse_warmup: bool = True):
+                 render_mode: str | None = None, reuse_warmup: bool = True, backend: Backend | None = None,
+                 cost: str = "violation"):
         self.task = make_task(task)
         if split not in _SPLIT_ID:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -152,6 +167,9 @@ class MASLatencyCMDPEnv(NotCopyable, gym.Env):
         self.slo_s, self.slo_factor = self._check_slo(slo_s, slo_factor)
         if execution not in ("dag", "sequential"):
             raise ValueError(f"execution must be 'dag' or 'sequential', got {execution!r}")
+        if cost not in COST_KINDS:
+            raise ValueError(f"cost must be one of {COST_KINDS}, got {cost!r}")
+        self.cost_kind = cost
         if action_type not in ("multidiscrete", "discrete"):
             raise ValueError(f"action_type must be 'multidiscrete' or 'discrete', got {action_type!r}")
         if not warmup_s >= 0:
@@ -173,14 +191,14 @@ class MASLatencyCMDPEnv(NotCopyable, gym.Env):
         self.action_space = (spaces.MultiDiscrete([nm, ns]) if action_type == "multidiscrete"
                              else spaces.Discrete(nm * ns))
         self.dict_space = spaces.Dict({
-            "budget": spaces.Box(-1e6, 1e6, (2,), np.float32),
+            "budget": spaces.Box(-np.inf, np.inf, (2,), np.float32),
             "estimates": spaces.Box(0.0, 1e6, (nm * ns,), np.float32),
             "nodes_left": spaces.Box(0.0, float(MAX_NODES), (2,), np.float32),
-            "prompt_tokens": spaces.Box(0.0, 1e7, (1,), np.float32),
+            "prompt_tokens": spaces.Box(0.0, np.inf, (1,), np.float32),
             "query": spaces.Box(-1.0, 1.0, (EMBED_DIM,), np.float32),
             "role": spaces.Discrete(len(ROLE_NAMES)),
             "step": spaces.Discrete(MAX_NODES),
-            "system": spaces.Box(0.0, 1e9, (nm * NUM_SYSTEM,), np.float32),
+            "system": spaces.Box(0.0, np.inf, (nm * NUM_SYSTEM,), np.float32),
             "topology": spaces.Discrete(len(MODES)),
         })
         if flatten_obs:
@@ -190,14 +208,9 @@ class MASLatencyCMDPEnv(NotCopyable, gym.Env):
         else:
             self.observation_space = self.dict_space
         self.render_mode = render_mode
-        self.world = None
-        self._run_seed = 0
-        self._visits: dict[int, int] = {}
-        self._queries = QueryOrder(len(self.queries), shuffle)
-        self._ep: _Episode | None = None
-        self._pause: simpy.Event | None = None
-        self._keys = 0
         self._sys = np.zeros((nm, NUM_SYSTEM))
+        self._init_decisions(backend if backend is not None else SimBackend(build=self._build_world),
+                             num_queries=len(self.queries), shuffle=shuffle)
 
     @staticmethod
     def _check_slo(slo_s, slo_factor):
@@ -210,38 +223,35 @@ class MASLatencyCMDPEnv(NotCopyable, gym.Env):
             raise ValueError(f"slo_factor must be > 0 or a (low, high) range with 0 < low <= high, got {slo_factor!r}")
         return None, f
 
-    # ================================================================== Gymnasium API
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        if seed is not None or self.world is None:
-            self._new_world(int(self.np_random.integers(2**31)) if seed is None else seed)
-        options = options or {}
-        q = self._next_query(options)
-        ep = self._new_episode(q, options)
-        self._ep = ep
-        self.world.env.process(self._query_proc(ep))
-        self._advance()
-        info = {"query": q, "visit": ep.visit, "topology": ep.topology.mode, "slo_s": ep.slo_s,
-                "slo_factor": ep.slo_factor, "reference_s": ep.reference_s, "start_s": ep.t0}
-        return self._out_obs(ep.obs), info
+    # ================================================================== the decision skeleton's hooks
+    def _reset_info(self, ep: _Episode) -> dict:
+        return {"query": ep.q, "visit": ep.visit, "topology": ep.topology.mode, "slo_s": ep.slo_s,
+                "slo_factor": ep.slo_factor, "reference_s": ep.reference_s, "start_s": ep.start_s}
 
-    def step(self, action):
-        ep = self._ep
-        if ep is None or ep.pending is None:
-            raise RuntimeError("call reset() before step(), and again after an episode ends")
-        m, s = self.decode_action(action)
-        ev, ep.pending = ep.pending, None
-        ev.succeed((m, s))
-        self._advance()
-        now = self.world.env.now if ep.end_s is None else ep.end_s
-        over = max(0.0, (now - ep.t0) - ep.slo_s)
-        cost, ep.overrun_s = over - ep.overrun_s, over
-        info = {"cost": cost, "overrun_s": over, "elapsed_s": now - ep.t0, "slo_s": ep.slo_s, "action": (m, s)}
-        if ep.end_s is None:
-            return self._out_obs(ep.obs), 0.0, False, False, info
-        self._ep = None
-        info.update(self._final_info(ep))
-        return self._out_obs(ep.obs), float(info["quality"]), True, False, info
+    def _check_action(self, action) -> tuple[int, int]:
+        return self.decode_action(action)
+
+    def _observe(self, obs: dict):
+        return self._out_obs(obs)
+
+    def _policy_action(self, policy, obs, ep: _Episode):
+        a = policy.act(self._out_obs(obs))
+        return self.encode_action(*a) if isinstance(a, tuple) else a
+
+    def _step_result(self, ep: _Episode, action, done: bool) -> tuple[dict, float, dict]:
+        now = ep.end_s if done else self.backend.now
+        over = max(0.0, (now - ep.start_s) - ep.slo_s)
+        step_s, ep.overrun_s = over - ep.overrun_s, over
+        if self.cost_kind == "overrun":
+            cost = step_s
+        else:
+            cost = float(done and (ep.end_s - ep.start_s) > ep.slo_s)
+        info = {"cost": cost, "overrun_step_s": step_s, "overrun_s": over, "elapsed_s": now - ep.start_s,
+                "slo_s": ep.slo_s, "action": action}
+        if not done:
+            return self._out_obs(ep.obs), 0.0, info
+        info.update(ep.info)
+        return self._out_obs(ep.obs), float(info["quality"]), info
 
     def decode_action(self, action) -> tuple[int, int]:
         ns = len(STRATEGY_NAMES)
@@ -260,43 +270,32 @@ class MASLatencyCMDPEnv(NotCopyable, gym.Env):
             return model * ns + strategy
         return np.array([model, strategy], dtype=np.int64)
 
-    def close(self) -> None:
-        self.world = None
-
     # ================================================================== world and queries
-    def _new_world(self, seed: int) -> None:
-        self._run_seed = seed
+    def _build_world(self, seed: int):
+        """A fresh simulated world for ``seed``, its background warmed up for ``warmup_s`` (``SimBackend``)."""
         def build():
             return build_cmdp_world(self.models, self.regime, seed, router=self.router, trace=self.background_trace)
 
         if self.reuse_warmup and self.background_trace is None:   # a trace's arrays are not a cache key
             key = (tuple((m.name, m.profile, m.replicas) for m in self.models), self.regime, seed, self.router,
                    self.warmup_s)
-            self.world = WARM_WORLDS.get(key, build, self.warmup_s)
-        else:
-            self.world = build()
-            if self.warmup_s > 0:
-                self.world.run(until=self.warmup_s)
-        self._visits, self._keys = {}, 0
-        self._queries.reset()
-        self.action_space.seed(seed)
+            return WARM_WORLDS.get(key, build, self.warmup_s)
+        world = build()
+        if self.warmup_s > 0:
+            world.run(until=self.warmup_s)
+        return world
 
-    def _next_query(self, options: dict) -> int:
-        return self._queries.next(options, self.np_random)
-
-    def _new_episode(self, q: int, options: dict) -> _Episode:
-        visit = self._visits.get(q, 0)
-        self._visits[q] = visit + 1
+    def _new_episode(self, q: int, visit: int, key: int, options: dict) -> _Episode:
         topo = self.planner(q, _SPLIT_ID[self.split], self.queries.embedding[q])
         qid = (task_key(self.task.name) << 28) | (_SPLIT_ID[self.split] << 24) | q
-        words = [self._run_seed, self.dataset_seed, task_key(self.task.name), _SPLIT_ID[self.split], q, visit]
+        words = [self.run_seed, self.dataset_seed, task_key(self.task.name), _SPLIT_ID[self.split], q, visit]
         st = QueryState(task=self.task, quality=self.quality, models=self.model_names, topology=topo,
                         difficulty=float(self.queries.difficulty[q]), query_tokens=int(self.queries.prompt_tokens[q]),
                         query_content_id=qid, seed_words=words)
         ref = self.reference_latency_s(st)
         slo_s, factor = self._episode_slo(options, ref)
-        return _Episode(q=q, visit=visit, topology=topo, state=st, slo_s=slo_s, slo_factor=factor, reference_s=ref,
-                        t0=self.world.env.now)
+        return _Episode(q=q, visit=visit, key=key, topology=topo, state=st, slo_s=slo_s, slo_factor=factor,
+                        reference_s=ref, start_s=self.backend.now)
 
     def _episode_slo(self, options: dict, ref: float) -> tuple[float, float | None]:
         if "slo_s" in options:
@@ -331,59 +330,40 @@ class MASLatencyCMDPEnv(NotCopyable, gym.Env):
         return max(finish)
 
     # ================================================================== the query process
-    def _advance(self) -> None:
-        ep = self._ep
-        if ep.pending is not None or ep.end_s is not None:
-            return
-        self._pause = self.world.env.event()
-        self.world.env.run(until=self._pause)
-        self._pause = None
-
-    def _wake(self) -> None:
-        if self._pause is not None and not self._pause.triggered:
-            self._pause.succeed()
-
-    def _decide(self, ep: _Episode, node: Node) -> simpy.Event:
-        ev = self.world.env.event()
-        ep.pending, ep.node = ev, node
-        ep.obs = self._obs(ep, node)
-        self._wake()
-        return ev
-
-    def _query_proc(self, ep: _Episode):
-        env = self.world.env
+    def _episode(self, ep: _Episode):
+        env = self.backend
         nodes = ep.topology.nodes
         done = [False] * len(nodes)
         started = [False] * len(nodes)
-        running: dict[int, simpy.Process] = {}
+        running: dict[int, object] = {}
+        returned: set[int] = set()
         while not all(done):
             for node in nodes:
                 if started[node.index] or not all(done[d] for d in node.deps):
                     continue
                 if self.execution == "sequential" and running:
                     break
-                action = yield self._decide(ep, node)
+                ep.node = node
+                action = yield from self.decision(ep, functools.partial(self._obs, ep, node))
                 ep.decided += 1
                 started[node.index] = True
-                running[node.index] = env.process(self._call(ep, node, *action))
+                running[node.index] = env.process(self._call(ep, node, *action, returned))
                 if self.execution == "sequential":
                     break
             yield env.any_of(list(running.values()))
-            for i in [i for i, p in running.items() if p.triggered]:
+            for i in [i for i in running if i in returned]:
                 done[i] = True
                 del running[i]
         ep.end_s = env.now
-        self._wake()
+        return self._final_info(ep)
 
-    def _call(self, ep: _Episode, node: Node, model: int, strategy: int):
-        env = self.world.env
+    def _call(self, ep: _Episode, node: Node, model: int, strategy: int, returned: set[int]):
+        env = self.backend
         st = ep.state
         plan = st.call(node, strategy)
-        self._keys += 1
-        segs = (*plan.segments, ((1 << 50) + self._keys, plan.context_tokens))
+        segs = (*plan.segments, ((1 << 50) + self.new_key(), plan.context_tokens))
         t0 = env.now
-        req = yield self.world.submit(self.model_names[model], plan.prompt_tokens, plan.completion_tokens,
-                                      prompt_segments=segs, wait=True)
+        req = yield env.submit(self.model_names[model], plan.prompt_tokens, plan.completion_tokens, segs)
         served = req.reject_reason is None
         st.finish(node, model, strategy, plan.completion_tokens, served)
         price = self.models[model].price_usd_per_token
@@ -393,18 +373,18 @@ class MASLatencyCMDPEnv(NotCopyable, gym.Env):
         n = plan.completion_tokens
         rec = {"node": node.index, "role": node.role, "model": self.model_names[model],
                "strategy": STRATEGY_NAMES[strategy], "prompt_tokens": plan.prompt_tokens, "output_tokens": n,
-               "start_s": t0 - ep.t0, "latency_s": env.now - t0, "cost_usd": usd, "served": served,
+               "start_s": t0 - ep.start_s, "latency_s": env.now - t0, "cost_usd": usd, "served": served,
                "reject_reason": req.reject_reason}
         if served:
-            rec["ttft_s"] = req.first_token_ts - t0
-            rec["tpot_s"] = (req.last_token_ts - req.first_token_ts) / (n - 1) if n > 1 else 0.0
+            rec["ttft_s"], rec["tpot_s"] = call_timing(req, t0, n)
         ep.calls.append(rec)
+        returned.add(node.index)
 
     # ================================================================== observations and info
     def system_state(self) -> np.ndarray:
         """(models, 4): waiting, running, KV usage, TTFT EMA (ms) per model pool, now."""
         for i, name in enumerate(self.model_names):
-            pool_state(self.world, name, self._sys[i])
+            self.backend.pool_state(name, self._sys[i])
         return self._sys.copy()
 
     def _obs(self, ep: _Episode, node: Node) -> dict:
@@ -415,7 +395,7 @@ class MASLatencyCMDPEnv(NotCopyable, gym.Env):
         emb = self.queries.embedding[ep.q]
         ttft, tpot, length = self.estimator.predict(sysm, _ROLE_ID[node.role], prompts, emb)
         est = ttft + length * tpot
-        elapsed = self.world.env.now - ep.t0
+        elapsed = self.backend.now - ep.start_s
         b = ep.slo_s - elapsed
         paths = ep.topology.path_lengths()
         return {
@@ -436,14 +416,15 @@ class MASLatencyCMDPEnv(NotCopyable, gym.Env):
             return spaces.flatten(self.dict_space, obs).astype(np.float32)
         return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in obs.items()}
 
-    def _final_info(self, ep: _Episode) -> dict:
-        lat = ep.end_s - ep.t0
+    def _final_info(self, ep: _Episode) -> CMDPFinalInfo:
+        """The episode's keys of ``envs.infos.CMDPFinalInfo`` (``step`` adds the step's, the skeleton its own)."""
+        lat = ep.end_s - ep.start_s
         q = ep.state.score
         ok = lat <= ep.slo_s
         calls = sorted(ep.calls, key=lambda c: c["node"])
         extra = {"quality_by_action": ep.state.counterfactual_scores()} if self.counterfactual_quality else {}
         return {"quality": q, "quality_expected": ep.state.expected_score(), **extra, "latency_s": lat, "slo_s": ep.slo_s, "slo_factor": ep.slo_factor,
                 "reference_s": ep.reference_s, "slo_violated": not ok, "goodput": float(q > 0 and ok),
-                "cost_usd": ep.cost_usd, "query": ep.q, "visit": ep.visit, "topology": ep.topology.mode,
-                "num_calls": len(calls), "rejected_calls": ep.rejected, "calls": calls, "start_s": ep.t0,
-                "end_s": ep.end_s, "clipped_tokens": ep.state.clipped_tokens}
+                "cost_usd": ep.cost_usd, "topology": ep.topology.mode,
+                "num_calls": len(calls), "rejected_calls": ep.rejected, "calls": calls,
+                "clipped_tokens": ep.state.clipped_tokens}

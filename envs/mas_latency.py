@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from dataclasses import dataclass, field
 
 import gymnasium as gym
 import numpy as np
-import simpy
 from gymnasium import spaces
 
 from .backend import BACKEND_POOL, Backend, SimBackend
 from .cluster import ClusterConfig
+from .decision import DecisionEnv, Episode
 from .embeddings import EMBED_DIM
-from .nocopy import NotCopyable
+from .infos import MASFinalInfo
 from .operators import CONSTANTS, GENERATE_TYPE, operator_set, quality
-from .query_order import QueryOrder
 from .supernet import Call, Draws, GraphConfig, OpPlan, QueryRun, ToolRun
 from .tasks import make_queries, make_task, task_key
 
@@ -23,28 +23,24 @@ __all__ = ["MASLatencyEnv"]
 _SPLIT_ID = {"train": 1, "test": 2}
 
 
-class _Episode:
+@dataclass(slots=True, kw_only=True, eq=False)
+class _Episode(Episode):
     """One query in flight: its bookkeeping across attempts (retries)."""
 
-    __slots__ = ("q", "visit", "key", "attempt", "run", "start_s", "end_s", "cost_usd", "calls", "prompt_tokens",
-                 "completion_tokens", "layers", "prev_ops", "pending", "pending_obs", "info", "rejected", "pre_s",
-                 "post_s")
-
-    def __init__(self, q: int, visit: int, key: int):
-        self.q, self.visit, self.key = q, visit, key
-        self.attempt = 0
-        self.run: QueryRun | None = None
-        self.start_s = self.end_s = self.pre_s = self.post_s = 0.0
-        self.cost_usd = 0.0
-        self.calls = self.prompt_tokens = self.completion_tokens = self.rejected = 0
-        self.layers: list[dict] = []
-        self.prev_ops: list[int] = []
-        self.pending: simpy.Event | None = None
-        self.pending_obs: dict | None = None
-        self.info: dict | None = None
+    attempt: int = 0
+    run: QueryRun | None = None
+    pre_s: float = 0.0
+    post_s: float = 0.0
+    cost_usd: float = 0.0
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    rejected: int = 0
+    layers: list[dict] = field(default_factory=list)
+    prev_ops: list[int] = field(default_factory=list)
 
 
-class MASLatencyEnv(NotCopyable, gym.Env):
+class MASLatencyEnv(DecisionEnv):
     """The LAMaS agentic supernet answering one benchmark query per episode on a simulated vLLM cluster.
 
     ## Description
@@ -66,10 +62,13 @@ class MASLatencyEnv(NotCopyable, gym.Env):
     them in this order. Repeated operators run once (counted in ``info["ignored_duplicates"]``); an all-empty
     action is read as ``[EarlyStop]``. Anything else (another length, a value outside 0..K, a non-integer
     number, a string) raises ``ValueError`` naming the space, before the world moves: the episode goes on and
-    ``step`` can be called again with a valid action.
+    ``step`` can be called again with a valid action. With ``action_type="discrete"``: ``Discrete((K + 1) ** K)``,
+    the slots in mixed radix, ``a = sum_i slot_i (K + 1) ** i`` (``encode_action``/``decode_action``; in
+    ``rollout`` a policy may return either form).
 
     ## Observation space
-    A single-level ``Dict`` (keys sorted):
+    A single-level ``Dict`` (keys sorted; ``flatten_obs=True`` gives ``spaces.flatten`` of it, a ``Box``, to
+    ``reset``/``step``; ``rollout``'s policies always get the ``Dict``):
 
     | Key | Type | Meaning | Unit |
     |---|---|---|---|
@@ -97,7 +96,7 @@ class MASLatencyEnv(NotCopyable, gym.Env):
     ## Arguments
     ``gym.make("MASLatency-v0", task="gsm8k", split="train", execution="parallel", variant="lamas",
     cluster=ClusterConfig(...), num_layers=4, cost_weight=3.0, token_weight=0.0, seconds_weight=0.0,
-    dataset_seed=0, shuffle=False, max_retries=20, backend=None)``. ``variant`` picks LAMaS's or MaAS's fixed
+    dataset_seed=0, shuffle=False, max_retries=20, backend=None, action_type="multidiscrete", flatten_obs=False)``. ``variant`` picks LAMaS's or MaAS's fixed
     steps where they differ (MATH test pre-step). ``backend`` says where the LLM calls run (``envs.backend``):
     ``None`` is the simulated ``cluster`` (``SimBackend``); ``maslat.livebackend.LiveBackend`` sends them to
     live vLLM servers in wall-clock time (then ``cluster`` must be ``None``, ``cp_seconds`` is measured and
@@ -114,7 +113,10 @@ class MASLatencyEnv(NotCopyable, gym.Env):
     processes. Build another with the same arguments and reset it with the same seed to get the same episode.
 
     ## Version History
-    * v0: initial version (the backend seam changed nothing in the simulated dynamics).
+    * v0: initial version (the backend seam changed nothing in the simulated dynamics). Since the decision
+      skeleton (``envs.decision``): the episode key is ``info["episode_key"]`` (it was ``info["episode"]``, the
+      key ``RecordEpisodeStatistics`` owns), ``action_type`` and ``flatten_obs``, unbounded (``np.inf``) bounds
+      of ``load`` and ``progress``; same seed, same episode, bit for bit.
     """
 
     metadata = {"render_modes": [], "autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
@@ -123,7 +125,7 @@ class MASLatencyEnv(NotCopyable, gym.Env):
                  variant: str = "lamas", cluster: ClusterConfig | None = None, num_layers: int = 4,
                  cost_weight: float = 3.0, token_weight: float = 0.0, seconds_weight: float = 0.0,
                  dataset_seed: int = 0, shuffle: bool = False, max_retries: int = 20, render_mode: str | None = None,
-                 backend: Backend | None = None):
+                 backend: Backend | None = None, action_type: str = "multidiscrete", flatten_obs: bool = False):
         spec = make_task(task)
         self.cfg = GraphConfig(task=spec, split=split, execution=execution, variant=variant)
         if not isinstance(num_layers, int) or num_layers < 1:
@@ -142,169 +144,80 @@ class MASLatencyEnv(NotCopyable, gym.Env):
         self.operator_names = operator_set(spec.kind)
         k = len(self.operator_names)
         self._stop_idx = self.operator_names.index("EarlyStop")
-        self.action_space = spaces.MultiDiscrete([k + 1] * k)
-        self.observation_space = spaces.Dict({
+        if action_type not in ("multidiscrete", "discrete"):
+            raise ValueError(f"action_type must be 'multidiscrete' or 'discrete', got {action_type!r}")
+        self.action_type, self.flatten_obs = action_type, bool(flatten_obs)
+        self.action_space = (spaces.MultiDiscrete([k + 1] * k) if action_type == "multidiscrete"
+                             else spaces.Discrete((k + 1) ** k))
+        self.dict_space = spaces.Dict({
             "attempt": spaces.Discrete(max_retries + 1),
             "layer": spaces.Discrete(num_layers),
-            "load": spaces.Box(0.0, 1e9, (3,), np.float32),
+            "load": spaces.Box(0.0, np.inf, (3,), np.float32),
             "prev_first": spaces.Discrete(k + 1),
             "prev_ops": spaces.MultiBinary(k),
-            "progress": spaces.Box(0.0, 1e9, (4,), np.float32),
+            "progress": spaces.Box(0.0, np.inf, (4,), np.float32),
             "query": spaces.Box(-1.0, 1.0, (EMBED_DIM,), np.float32),
         })
+        if flatten_obs:
+            flat = spaces.flatten_space(self.dict_space)
+            self.observation_space = spaces.Box(flat.low.astype(np.float32), flat.high.astype(np.float32),
+                                                dtype=np.float32)
+        else:
+            self.observation_space = self.dict_space
         self.render_mode = render_mode
-        self._run_seed = 0
-        self._visits: dict[int, int] = {}
-        self._queries = QueryOrder(len(self.queries), shuffle)
-        self._ep: _Episode | None = None
-        self._pause: simpy.Event | None = None
         self.ledger_usd = 0.0      # cumulative $ of every call finished in this world (LAMaS's CostManager)
-        self._keys = 0
+        self._init_decisions(self.backend, num_queries=len(self.queries), shuffle=shuffle)
 
-    @property
-    def world(self):
-        """The simulated world (``None`` before the first reset, or when the backend is not the simulator)."""
-        return getattr(self.backend, "world", None)
+    # ================================================================== the decision skeleton's hooks
+    def _on_new_world(self, seed: int) -> None:
+        self.ledger_usd = 0.0
 
-    def close(self) -> None:
-        self.backend.close()
+    def _new_episode(self, q: int, visit: int, key: int, options: dict) -> _Episode:
+        return _Episode(q=q, visit=visit, key=key)
 
-    # ================================================================== Gymnasium API
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        if seed is not None or not self.backend.started:
-            self._new_world(int(self.np_random.integers(2**31)) if seed is None else seed)
-        q = self._next_query(options)
-        self._ep = self._start(q, self._gym_decide)
-        self._advance()
-        if self._ep.info is not None:          # cannot happen (layer 0 always asks), kept for safety
-            raise RuntimeError("episode ended before its first decision")
-        return self._ep.pending_obs, {"query": q, "visit": self._ep.visit}
+    def _check_action(self, action) -> np.ndarray:
+        return self.check_action(action)
 
-    def step(self, action):
-        ep = self._ep
-        if ep is None or ep.pending is None:
-            raise RuntimeError("call reset() before step(), and again after an episode ends")
-        act = self.check_action(action)  # raises before the world moves: the episode survives a bad action
-        ev, ep.pending = ep.pending, None
-        ev.succeed(act)
-        self._advance()
-        if ep.info is not None:
-            info = ep.info
-            r = (info["score"] - self.cost_weight * info["cost_usd"] - self.token_weight / 50.0 * info["cp_tokens"]
-                 - self.seconds_weight * info["cp_seconds"])
-            self._ep = None
-            return self._terminal_obs(ep), float(r), True, False, info
-        return ep.pending_obs, 0.0, False, False, {}
+    def _observe(self, obs: dict):
+        return spaces.flatten(self.dict_space, obs).astype(np.float32) if self.flatten_obs else obs
 
-    # ================================================================== many queries at once
-    def rollout(self, policy, queries: Sequence[int], *, concurrency: int = 1,
-                on_done: Callable[[dict], None] | None = None) -> list[dict]:
-        """Run ``queries`` through the current world, at most ``concurrency`` at a time.
+    def _policy_action(self, policy, obs, ep: _Episode):
+        a = policy.act(obs, episode=ep.key)
+        k = len(self.operator_names)
+        return self.encode_action(a) if self.action_type == "discrete" and np.size(a) == k else a
 
-        A new query starts as soon as one finishes (LAMaS's asyncio semaphore); with ``concurrency`` equal to
-        the number of queries they all start together (a training batch). ``policy.act(obs, episode=key)``
-        is called at every decision. Returns the final ``info`` of each query, in the order given.
-        """
-        if not self.backend.started:
-            self._new_world(0)
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency!r}")
-        be = self.backend
-        out: list[dict | None] = [None] * len(queries)
-        todo = list(enumerate(queries))[::-1]
-        done_ev = be.event()
-        left = [len(queries)]
+    def _step_result(self, ep: _Episode, action, done: bool) -> tuple[dict, float, dict]:
+        if not done:
+            return self._observe(ep.obs), 0.0, {}
+        info = ep.info
+        r = (info["score"] - self.cost_weight * info["cost_usd"] - self.token_weight / 50.0 * info["cp_tokens"]
+             - self.seconds_weight * info["cp_seconds"])
+        return self._observe(self._terminal_obs(ep)), float(r), info
 
-        def decide(ep, obs):
-            return policy.act(obs, episode=ep.key)
-
-        def finished(i: int, ep: _Episode) -> None:
-            out[i] = ep.info
-            if on_done is not None:
-                on_done(ep.info)
-            left[0] -= 1
-            if todo:
-                launch()
-            elif left[0] == 0:
-                done_ev.succeed()
-
-        def launch() -> None:
-            i, q = todo.pop()
-            self._start(int(q), decide, lambda ep, i=i: finished(i, ep))
-
-        if not queries:
-            return []
-        for _ in range(min(concurrency, len(queries))):
-            launch()
-        be.run(until=done_ev)
-        return out  # type: ignore[return-value]
-
-    # ================================================================== internals
-    def _new_world(self, seed: int) -> None:
-        self._run_seed = seed
-        self.backend.reset(seed)
-        self._visits, self.ledger_usd, self._keys = {}, 0.0, 0
-        self._queries.reset()
-        self.action_space.seed(seed)
-
-    def _next_query(self, options: dict | None) -> int:
-        return self._queries.next(options, self.np_random)
-
-    def _start(self, q: int, decide, on_finish=None) -> _Episode:
-        visit = self._visits.get(q, 0)
-        self._visits[q] = visit + 1
-        self._keys += 1
-        ep = _Episode(q, visit, self._keys)
-        self.backend.process(self._query_proc(ep, decide, on_finish))
-        return ep
-
-    def _gym_decide(self, ep: _Episode, obs: dict) -> simpy.Event:
-        ev = self.backend.event()
-        ep.pending = ev
-        ep.pending_obs = obs
-        if self._pause is not None and not self._pause.triggered:
-            self._pause.succeed()
-        return ev
-
-    def _advance(self) -> None:
-        """Run the world until the gym episode needs a decision or has ended."""
-        be = self.backend
-        ep = self._ep
-        if ep.pending is not None or ep.info is not None:
-            return
-        self._pause = be.event()
-        be.run(until=self._pause)
-        self._pause = None
-
+    # ================================================================== the query process
     def _new_run(self, ep: _Episode) -> QueryRun:
-        words = [self._run_seed, self.dataset_seed, task_key(self.cfg.task.name), _SPLIT_ID[self.cfg.split], ep.q,
+        words = [self.run_seed, self.dataset_seed, task_key(self.cfg.task.name), _SPLIT_ID[self.cfg.split], ep.q,
                  ep.visit, ep.attempt]
         qid = (task_key(self.cfg.task.name) << 28) | (_SPLIT_ID[self.cfg.split] << 24) | ep.q
         return QueryRun(cfg=self.cfg, quality=self.quality, difficulty=float(self.queries.difficulty[ep.q]),
                         query_tokens=int(self.queries.prompt_tokens[ep.q]), query_content_id=qid,
                         draws=Draws(words))
 
-    def _query_proc(self, ep: _Episode, decide, on_finish):
+    def _episode(self, ep: _Episode):
         env = self.backend
         ep.start_s = env.now
-        ok = False
         while True:
             ep.run = run = self._new_run(ep)
             ep.layers, ep.prev_ops = [], []
-            ok = yield from self._attempt(ep, run, decide)
+            ok = yield from self._attempt(ep, run)
             if ok or ep.attempt >= self.max_retries:
                 break
             ep.attempt += 1
             yield env.timeout(CONSTANTS["retry_wait_s"][0])
         ep.end_s = env.now
-        ep.info = self._final_info(ep, run, ok)
-        if on_finish is not None:
-            on_finish(ep)
-        elif self._pause is not None and not self._pause.triggered:
-            self._pause.succeed()
+        return self._final_info(ep, run, ok)
 
-    def _attempt(self, ep: _Episode, run: QueryRun, decide):
+    def _attempt(self, ep: _Episode, run: QueryRun):
         env = self.backend
         t0 = env.now
         for plan in run.pre_steps():
@@ -312,9 +225,7 @@ class MASLatencyEnv(NotCopyable, gym.Env):
             run.apply(plan)
         ep.pre_s = env.now - t0
         for layer in range(self.num_layers):
-            act = decide(ep, self._obs(ep, run, layer))
-            if env.is_event(act):
-                act = yield act
+            act = yield from self.decision(ep, functools.partial(self._obs, ep, run, layer))
             names, dups = self._decode(act)
             ok = yield from self._layer(ep, run, layer, names, dups)
             if not ok:
@@ -376,8 +287,7 @@ class MASLatencyEnv(NotCopyable, gym.Env):
                     segs = item.segments
                     ctx = item.prompt_tokens - sum(n for _, n in segs)
                     if ctx > 0:
-                        self._keys += 1
-                        segs = (*segs, ((1 << 50) + self._keys, ctx))
+                        segs = (*segs, ((1 << 50) + self.new_key(), ctx))
                     evs.append(env.submit(BACKEND_POOL, item.prompt_tokens, item.completion_tokens, segs))
                     ep.calls += 1
                     ep.prompt_tokens += item.prompt_tokens
@@ -394,10 +304,29 @@ class MASLatencyEnv(NotCopyable, gym.Env):
         self.ledger_usd += cost
         return env.now - t0
 
+    def encode_action(self, slots) -> int:
+        """The ``Discrete`` action of a slot list (``action_type="discrete"``)."""
+        a = self._check_slots(slots)
+        return int(sum(int(v) * (len(self.operator_names) + 1) ** i for i, v in enumerate(a.tolist())))
+
+    def decode_action(self, action: int) -> np.ndarray:
+        """The slot list (int64) of a ``Discrete`` action, or ``ValueError`` naming the space."""
+        k = len(self.operator_names)
+        a = np.asarray(action)
+        if a.size != 1 or a.dtype.kind not in "iu" or not 0 <= int(a.reshape(-1)[0]) < (k + 1) ** k:
+            raise ValueError(f"action must be an integer in [0, {(k + 1) ** k}) (the action space is "
+                             f"Discrete({(k + 1) ** k}), slots in mixed radix {k + 1}); got {action!r}")
+        v = int(a.reshape(-1)[0])
+        return np.array([(v // (k + 1) ** i) % (k + 1) for i in range(k)], np.int64)
+
     def check_action(self, action) -> np.ndarray:
-        """``action`` as an int64 array of the action space, or ``ValueError`` naming the space (as the CMDP
-        env's ``decode_action``). Integer-valued floats are accepted (a policy's float tensor of indices), and
-        any shape holding exactly K entries (a batch of one)."""
+        """``action`` as the int64 slot array, or ``ValueError`` naming the space (as the CMDP env's
+        ``decode_action``). A ``Discrete`` action is decoded (``action_type="discrete"``)."""
+        return self.decode_action(action) if self.action_type == "discrete" else self._check_slots(action)
+
+    def _check_slots(self, action) -> np.ndarray:
+        """Integer-valued floats are accepted (a policy's float tensor of indices), and any shape holding
+        exactly K entries (a batch of one)."""
         k = len(self.operator_names)
         want = (f"{k} integers in 0..{k} (an operator index of env.operator_names, or {k} for an empty slot): "
                 f"the action space is MultiDiscrete([{k + 1}] * {k})")
@@ -412,8 +341,8 @@ class MASLatencyEnv(NotCopyable, gym.Env):
             raise ValueError(f"action entries must be {want}; got {action!r}")
         return a.astype(np.int64)
 
-    def _decode(self, action) -> tuple[list[str], int]:
-        a = self.check_action(action)
+    def _decode(self, a: np.ndarray) -> tuple[list[str], int]:
+        """Operator names of checked slots (``check_action``), and the duplicates ignored."""
         k = len(self.operator_names)
         names, seen, dups = [], set(), 0
         for v in a.tolist():
@@ -441,13 +370,14 @@ class MASLatencyEnv(NotCopyable, gym.Env):
         obs = self._obs(ep, ep.run, min(len(ep.layers), self.num_layers - 1))
         return obs
 
-    def _final_info(self, ep: _Episode, run: QueryRun, ok: bool) -> dict:
+    def _final_info(self, ep: _Episode, run: QueryRun, ok: bool) -> MASFinalInfo:
+        """The final info less the skeleton's keys (``envs.infos.MASFinalInfo``)."""
         score = run.score if ok else 0.0
-        return {"query": ep.q, "visit": ep.visit, "episode": ep.key, "score": score, "cp_tokens": run.cp_tokens,
+        return {"score": score, "cp_tokens": run.cp_tokens,
                 "cp_tokens_layers": run.cp_layers, "cp_tokens_post": run.post_cp, "cp_seconds": ep.end_s - ep.start_s,
                 "pre_seconds": ep.pre_s, "post_seconds": ep.post_s, "cost_usd": ep.cost_usd,
                 "cumulative_cost_usd": self.ledger_usd, "llm_calls": ep.calls, "prompt_tokens": ep.prompt_tokens,
                 "completion_tokens": ep.completion_tokens, "retries": ep.attempt, "failed": not ok,
                 "num_layers": len(ep.layers), "layers": ep.layers, "clipped_tokens": run.clipped_tokens,
-                "rejected_calls": ep.rejected, "start_s": ep.start_s, "end_s": ep.end_s,
+                "rejected_calls": ep.rejected,
                 "generate_first": bool(ep.layers and ep.layers[0]["ops"][0] in GENERATE_TYPE)}

@@ -1,7 +1,8 @@
 """``LiveBackend``: the environments' LLM calls as streamed HTTP requests to live vLLM servers.
 
 It implements the seam of ``envs.backend`` on an asyncio event loop in wall-clock time, so
-``MASLatencyEnv`` (its task models, operators and any policy) runs unchanged against real servers:
+the environments (``MASLatencyEnv``, ``MASLatencyCMDPEnv``: their task models and any policy) run unchanged
+against real servers:
 
 ============================  ==============================================================================
 ``submit(pool, p, n, segs)``  a streamed ``/v1/completions`` request to the pool's endpoint
@@ -17,6 +18,10 @@ It implements the seam of ``envs.backend`` on an asyncio event loop in wall-cloc
                               and sends the value back (the SimPy protocol, on asyncio)
 ``load()``                    the latest scrape of every endpoint's ``/metrics`` (every ``scrape_interval_s``
                               in the background): running and waiting requests per engine, mean KV usage
+``pool_state(pool, out)``     one pool's latest scrape: waiting and running requests (sums over its engines),
+                              mean KV usage; and the EMA (ms) of the TTFT of its calls as this client saw it
+                              (the simulator's is the engines'; vLLM's ``/metrics`` has only a histogram)
+``any_of(ws)``                fires once one of ``ws`` has (``asyncio.wait``, first completed)
 ``run(until)``                runs the loop until ``until`` fires; an exception in any process ends it at once
 ============================  ==============================================================================
 
@@ -48,6 +53,8 @@ from traces.scrape import Scrape, parse_scrape
 
 __all__ = ["CallResult", "Endpoint", "LiveBackend", "parse_endpoints"]
 
+#: weight of the newest TTFT in a pool's EMA (the simulator's engine default, ``sim.engine``)
+TTFT_EMA_ALPHA = 0.2
 _TOKEN_LOW, _TOKEN_HIGH = 1000, 30000  # ids valid for any tokenizer with >= 32k tokens (as traces.loadplan)
 
 
@@ -136,6 +143,7 @@ class _Pool:
     scrape: Scrape | None = None
     scrape_failures: int = 0
     stats: dict = field(default_factory=lambda: {"calls": 0, "failed": 0, "errors": {}})
+    ttft_ema_s: float | None = None
     session: Any = None  # this endpoint's aiohttp session (its key in the headers)
 
 
@@ -238,6 +246,14 @@ class LiveBackend:
 
         return self.loop.create_task(gather())
 
+    def any_of(self, waitables: Iterable[Any]) -> asyncio.Task:
+        ws = [w.future if isinstance(w, _Event) else w for w in waitables]
+
+        async def first() -> None:
+            await asyncio.wait(ws, return_when=asyncio.FIRST_COMPLETED)
+
+        return self.loop.create_task(first())
+
     def submit(self, pool: str, prompt_tokens: int, max_tokens: int,
                prompt_segments: tuple[tuple[int, int], ...] | None) -> asyncio.Task:
         if pool not in self.pools:
@@ -258,6 +274,13 @@ class LiveBackend:
             if s.kv_usage is not None:
                 kv, kv_engines = kv + s.kv_usage * n, kv_engines + n
         return run_n / engines, wait_n / engines, kv / kv_engines if kv_engines else 0.0
+
+    def pool_state(self, pool: str, out) -> None:
+        """``[waiting, running, kv usage, ttft ema ms]`` of ``pool`` into ``out`` (see the module docstring)."""
+        p = self.pools[pool]
+        s = p.scrape
+        out[0], out[1], out[2] = s.waiting, s.running, s.kv_usage or 0.0
+        out[3] = 1e3 * p.ttft_ema_s if p.ttft_ema_s is not None else 0.0
 
     def is_event(self, x: Any) -> bool:
         return isinstance(x, (_Event, asyncio.Future))
@@ -318,8 +341,10 @@ class LiveBackend:
             key = (res.error or "no output").split(":")[0]
             pool.stats["errors"][key] = pool.stats["errors"].get(key, 0) + 1
             return CallResult(res.error or "no output", prompt_tokens, len(res.chunk_times))
-        return CallResult(None, res.prompt_tokens or prompt_tokens, res.output_tokens,
-                          res.chunk_times[0] - res.sent_mono, done - res.sent_mono)
+        ttft = res.chunk_times[0] - res.sent_mono
+        e = pool.ttft_ema_s
+        pool.ttft_ema_s = ttft if e is None else TTFT_EMA_ALPHA * ttft + (1 - TTFT_EMA_ALPHA) * e
+        return CallResult(None, res.prompt_tokens or prompt_tokens, res.output_tokens, ttft, done - res.sent_mono)
 
     async def _scrape(self, pool: _Pool, model: str | None) -> Scrape | None:
         import aiohttp

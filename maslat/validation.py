@@ -14,6 +14,15 @@
    The bar: ``|error| <= 5 %`` on the mean and p90 of the critical-path seconds, identical counts, and no
    failed call.
 
+``MASLatency-CMDP-v0`` policies (PPO-Lagrangian, MasRouter, the baselines: ``validate_cmdp_policy``) go the same
+way with one endpoint per model pool (the small and the large model), the Planner and the Executor live and the
+``system`` observations from each pool's ``/metrics``: decisions are keyed by (query, node), quality, calls,
+tokens and $ are identical by construction, and the simulator predicts the end-to-end seconds of each query
+(``latency_s``; the bar is on their mean and p90) and what follows from them (SLO attainment, goodput). The live
+seconds include the decisions' own compute (observation, estimator, policy: ``decision_s_per_query``, server
+seconds), which the simulator's clock does not count: with short queries and a slow estimator it is what the
+prediction misses.
+
 A live call that failed (an HTTP error, a cut stream, no answer within ``request_timeout_s``) makes its query a
 failure: score 0 in the live column, whatever the task model would have scored (the environment scores the
 actions; only this layer knows the call never produced an answer). Such queries are counted
@@ -27,7 +36,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["BAR_PCT", "RecordingPolicy", "ReplayPolicy", "TIMING", "compare", "validate_policy"]
+__all__ = ["BAR_PCT", "CMDP_TIMING", "RecordingPolicy", "ReplayPolicy", "TIMING", "compare", "compare_cmdp",
+           "validate_cmdp_policy", "validate_policy"]
 
 BAR_PCT = 5.0
 #: the quantities the simulator predicts (the rest of the table is identical by construction)
@@ -171,3 +181,146 @@ def validate_policy(args, controller, endpoints: dict, *, split: str = "test", n
                           "background_rate_per_s": cluster.background_rate_per_s,
                           "wall_s": time.perf_counter() - t0},
             "policy_args": {f: getattr(args, f) for f in args.__dataclass_fields__ if f != "cluster"}}
+
+
+# ------------------------------------------------------------------------------------------ MASLatency-CMDP-v0
+#: the CMDP quantities the simulator predicts
+CMDP_TIMING = ("latency_mean_s", "latency_p90_s")
+_CMDP_SAME = ("quality", "num_calls", "prompt_tokens", "output_tokens", "cost_usd")
+
+
+def _cmdp_key(obs: dict) -> tuple:
+    return np.asarray(obs["query"], np.float32).tobytes(), int(obs["step"])
+
+
+class _CMDPRecorder:
+    def __init__(self, policy):
+        self.policy, self.actions = policy, {}
+
+    def act(self, obs: dict):
+        a = self.policy.act(obs)
+        self.actions[_cmdp_key(obs)] = a
+        return a
+
+
+class _CMDPReplay:
+    def __init__(self, actions: dict):
+        self.actions = actions
+
+    def act(self, obs: dict):
+        try:
+            return self.actions[_cmdp_key(obs)]
+        except KeyError:
+            raise RuntimeError(f"the simulated run reached a decision the live run did not take (node "
+                               f"{int(obs['step'])}): the runs diverged") from None
+
+
+def _cmdp_row(info: dict) -> dict:
+    calls = info["calls"]
+    failed = bool(info["rejected_calls"])
+    return {"quality": 0.0 if failed else info["quality"], "num_calls": info["num_calls"],
+            "prompt_tokens": sum(c["prompt_tokens"] for c in calls), "output_tokens": sum(c["output_tokens"] for c in calls),
+            "cost_usd": info["cost_usd"], "latency_s": info["latency_s"], "slo_s": info["slo_s"], "failed": failed}
+
+
+def _cmdp_summary(rows: list[dict]) -> dict:
+    lat = np.array([r["latency_s"] for r in rows])
+    ok = np.array([r["latency_s"] <= r["slo_s"] for r in rows])
+    q = np.array([r["quality"] for r in rows])
+    return {"quality_pct": 100 * float(q.mean()), "calls_per_query": float(np.mean([r["num_calls"] for r in rows])),
+            "prompt_tokens_per_query": float(np.mean([r["prompt_tokens"] for r in rows])),
+            "output_tokens_per_query": float(np.mean([r["output_tokens"] for r in rows])),
+            "cost_usd_per_query": float(np.mean([r["cost_usd"] for r in rows])),
+            "latency_mean_s": float(lat.mean()), "latency_p90_s": float(np.percentile(lat, 90)),
+            "slo_attainment": float(ok.mean()), "goodput": float(np.mean((q > 0) & ok))}
+
+
+def compare_cmdp(live: Sequence[dict], simulated: Sequence[dict]) -> dict:
+    """The CMDP side-by-side table and bar (the module docstring), in ``compare``'s layout."""
+    lr, sr = [_cmdp_row(x) for x in live], [_cmdp_row(x) for x in simulated]
+    a, b = _cmdp_summary(lr), _cmdp_summary(sr)
+    predicted = (*CMDP_TIMING, "slo_attainment", "goodput")
+    table = {k: {"live": a[k], "simulated": b[k], "error_pct": _pct(b[k], a[k]), "predicted": k in predicted}
+             for k in a}
+    served = [(x, y) for x, y in zip(lr, sr, strict=True) if not x["failed"]]
+    mismatched = {f: int(sum(x[f] != y[f] for x, y in served)) for f in _CMDP_SAME}
+    rel = np.array([_pct(y["latency_s"], x["latency_s"]) for x, y in zip(lr, sr, strict=True)], dtype=float)
+    failed = int(sum(x["rejected_calls"] for x in live))
+    worst = max(CMDP_TIMING, key=lambda k: abs(table[k]["error_pct"] or 0.0))
+    passed = (all(table[k]["error_pct"] is not None and abs(table[k]["error_pct"]) <= BAR_PCT for k in CMDP_TIMING)
+              and not any(mismatched.values()) and failed == 0)
+    return {"table": table, "per_query_latency_error_pct": {
+                "median_abs": float(np.median(np.abs(rel))), "p90_abs": float(np.percentile(np.abs(rel), 90)),
+                "max_abs": float(np.max(np.abs(rel))), "mean": float(np.mean(rel))},
+            "mismatched_queries": mismatched, "failed_live_calls": failed,
+            "queries_with_failed_calls": int(sum(x["failed"] for x in lr)),
+            "bar": {"threshold_pct": BAR_PCT, "on": list(CMDP_TIMING), "worst": worst,
+                    "worst_error_pct": table[worst]["error_pct"], "passed": bool(passed)}}
+
+
+def validate_cmdp_policy(policy, endpoints: dict, *, task: str, name: str = "policy", split: str = "test",
+                         num_queries: int | None = None, concurrency: int = 1, seed: int = 0,
+                         slo_factor: float = 1.5, estimator="default", replicas: dict | None = None,
+                         request_timeout_s: float = 120.0, on_done: Callable[[dict], None] | None = None,
+                         partial: list | None = None) -> dict:
+    """Run a ``MASLatency-CMDP-v0`` policy live and in simulation on the same queries and compare.
+
+    Args:
+        policy: ``act(obs) -> (model, strategy)`` (``agents.cmdp_policies``, a trained policy).
+        endpoints: model name (``env.model_names``: the pools) -> ``Endpoint`` or URL, one per model.
+        slo_factor: every query's SLO in reference latencies (the SLO does not change the calls; it is in the
+            observations and in the attainment rows).
+        replicas: the simulated replicas per model (default: each endpoint's engines, from its ``/metrics``).
+        The rest as ``validate_policy``: the simulated pools carry no background load.
+    """
+    from dataclasses import replace
+
+    from envs.cmdp import MASLatencyCMDPEnv
+    from envs.cmdp_catalog import default_models
+    from envs.loads import LoadRegime
+
+    from .livebackend import LiveBackend
+
+    models = default_models()
+    names = [m.name for m in models]
+    if sorted(endpoints) != sorted(names):
+        raise ValueError(f"give one endpoint per model pool, named {names} (--endpoints "
+                         f"{' '.join(n + '=URL' for n in names)}); got {sorted(endpoints)}")
+    quiet = LoadRegime(name="none", phases=(tuple(0.0 for _ in models),))
+
+    def make_env(**kw) -> MASLatencyCMDPEnv:
+        return MASLatencyCMDPEnv(task, split, slo_factor=slo_factor, estimator=estimator, warmup_s=0.0, load=quiet,
+                                 cost="violation", **kw)
+
+    def done(info: dict) -> None:
+        for f in (partial.append if partial is not None else None, on_done):
+            if f is not None:
+                f(info)
+
+    backend = LiveBackend(endpoints, request_timeout_s=request_timeout_s)
+    live_env = make_env(backend=backend)
+    try:
+        live_env.start_world(seed)
+        n = len(live_env.queries) if num_queries is None else min(num_queries, len(live_env.queries))
+        if len({e.astype(np.float32).tobytes() for e in live_env.queries.embedding[:n]}) != n:
+            raise ValueError("two of these queries have the same embedding: their decisions cannot be told apart")
+        recorder = _CMDPRecorder(policy)
+        t0 = time.perf_counter()
+        live = live_env.rollout(recorder, list(range(n)), concurrency=concurrency, on_done=done)
+        live_wall_s = time.perf_counter() - t0
+        decision_s = live_env.decision_wall_s / (backend.time_scale or 1.0)
+        engines = {m: backend.engines(m) for m in names}
+        stats, time_scale = backend.stats(), backend.time_scale
+    finally:
+        live_env.close()
+    reps = {m: (replicas or {}).get(m) or engines[m] for m in names}
+    sim_env = make_env(models=tuple(replace(m, replicas=reps[m.name]) for m in models))
+    sim_env.start_world(seed)
+    t0 = time.perf_counter()
+    simulated = sim_env.rollout(_CMDPReplay(recorder.actions), list(range(n)), concurrency=concurrency)
+    return {"method": name, "env": "MASLatency-CMDP-v0", "task": task, "split": split, "queries": n,
+            "concurrency": concurrency, "seed": seed, "slo_factor": slo_factor, **compare_cmdp(live, simulated),
+            "live": {"endpoints": stats, "time_scale": time_scale, "wall_s": live_wall_s,
+                     "decision_s_per_query": decision_s / max(n, 1)},
+            "simulated": {"profiles": {m.name: m.profile for m in models}, "replicas": reps,
+                          "wall_s": time.perf_counter() - t0}}

@@ -70,7 +70,7 @@ def test_same_seed_same_episode_bit_for_bit():
 
 
 def test_costs_sum_to_the_overrun_and_rewards_are_quality():
-    env = _env(load="busy", task="gsm8k", slo_factor=0.5)
+    env = _env(load="busy", task="gsm8k", slo_factor=0.5, cost="overrun")
     for seed in range(4):
         _, steps = _run(env, seed, lambda obs: [1, 2])          # 70B DeepThink under load: overruns
         info = steps[-1][2]
@@ -140,7 +140,7 @@ def test_observation_reports_live_load_and_estimates():
 
 
 def test_safety_gymnasium_wrapper_gives_the_six_tuple():
-    env = SafetyGymnasiumWrapper(_env(load="busy", slo_factor=0.3))
+    env = SafetyGymnasiumWrapper(_env(load="busy", slo_factor=0.3, cost="overrun"))
     env.reset(seed=0)
     total = 0.0
     while True:

@@ -117,7 +117,8 @@ def train_cmdp(args, spec) -> int:
 
     st = TrainSetting(**dataclass_kwargs(args, TrainSetting, prefix=SETTING))
     a = spec.make_args(**dataclass_kwargs(args, spec.args_type, prefix=ARGS))
-    env = MASLatencyCMDPEnv(st.task, "train", load=st.load, slo_factor=_slo_range(st), estimator=st.estimator)
+    env = MASLatencyCMDPEnv(st.task, "train", load=st.load, slo_factor=_slo_range(st), estimator=st.estimator,
+                            cost="overrun")  # agents.ppo_lagrangian.COSTS reads the overrun from info["cost"]
     out = args.out or Path("runs") / f"{spec.legacy or spec.name}-{st.task}-{st.load}-{a.seed}"
     if hasattr(a, "total_steps"):
         total, unit = a.total_steps // a.steps_per_epoch * a.steps_per_epoch, "step"

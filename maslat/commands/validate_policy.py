@@ -24,6 +24,12 @@ checked query by query); the simulator predicts the seconds: the bar is |error| 
 p90 of the critical-path seconds, with no failed live call. Against `maslat serve --time-scale X` all
 times are the server's simulated seconds.
 
+MASLatency-CMDP-v0 policies (a PPO-Lagrangian or MasRouter policy.pt from `maslat train`, or a baseline:
+always_large_deepthink | always_small_flash | greedy_fastest) need one endpoint per model pool, named after
+the models (llama-3.1-8b=URL llama-3.1-70b=URL): the Planner and the Executor run live, the system
+observations come from each pool's /metrics, and the bar is on the mean and p90 of the end-to-end seconds
+of the queries (every query's SLO is --slo-factor reference latencies).
+
 A live call that fails (HTTP error, cut stream, no answer within --request-timeout) fails its query: score 0
 in the live column, counted in the table, and the exit status is 1. --out writes the result as JSON; when the
 run is interrupted (Ctrl-C) or fails, the live queries finished so far are written there (partial: true).
@@ -32,11 +38,15 @@ examples:
   maslat validate-policy runs/lamas-gsm8k-0/controller.pt --endpoints http://127.0.0.1:8000 --num-queries 50
   maslat validate-policy single_cot --task math --endpoints llm=http://gpu-box:8000/v1 \\
       --profile my-calibrated.json --concurrency 30 --json
+  maslat validate-policy runs/ppo_lagrangian-mbpp-busy-0/policy.pt \\
+      --endpoints llama-3.1-8b=http://a:8000 llama-3.1-70b=http://b:8000 --num-queries 20 --concurrency 4
 """
 
 
 def configure(p) -> None:
-    p.add_argument("checkpoint", help="controller.pt from `maslat train`, or single_cot | all_parallel")
+    p.add_argument("checkpoint", help="controller.pt (LAMaS) or policy.pt (CMDP) from `maslat train`, or a "
+                                      "baseline: single_cot | all_parallel | always_large_deepthink | "
+                                      "always_small_flash | greedy_fastest")
     p.add_argument("--endpoints", nargs="+", required=True, metavar="[POOL=]URL",
                    help="live server per model pool (http://host:port or .../v1; the pool defaults to llm)")
     p.add_argument("--metrics-url", action="append", default=[], metavar="[POOL=]URL",
@@ -53,6 +63,8 @@ def configure(p) -> None:
     p.add_argument("--api-key", help="key for servers started with --api-key (default: $OPENAI_API_KEY, else "
                                      "$VLLM_API_KEY)")
     add_trust_flag(p)
+    p.add_argument("--slo-factor", type=float, default=1.5,
+                   help="CMDP: every query's SLO in reference latencies (default 1.5)")
     g = p.add_argument_group("the simulator's prediction")
     g.add_argument("--profile", default="h100-llama-3.1-8b", help="profile of the live servers (name or .json)")
     g.add_argument("--replicas", type=int, default=None, help="replicas (default: the endpoint's engines)")
@@ -102,6 +114,8 @@ def run(args) -> int:
     if args.out is not None:
         output_path(args.out, (".json",), what="--out")
     torch.set_num_threads(1)
+    if _is_cmdp(args):
+        return _run_cmdp(args)
     a, ctrl = load_checkpoint(args.checkpoint, task=args.task, seed=args.seed, concurrency=args.concurrency,
                               cluster=ClusterConfig(), trust=args.trust_checkpoint)
     partial: list[dict] = []
@@ -124,6 +138,63 @@ def run(args) -> int:
     print(_table(out))
     pq, b = out["per_query_cp_seconds_error_pct"], out["bar"]
     print(f"per query, CP seconds error: median |e| {_pct(pq['median_abs'])}, p90 {_pct(pq['p90_abs'])}; "
+          f"mismatched queries {sum(out['mismatched_queries'].values())}; failed live calls {out['failed_live_calls']}")
+    print(f"bar |error| <= {b['threshold_pct']:g} % on {'/'.join(b['on'])}: {'PASS' if b['passed'] else 'FAIL'} "
+          f"(worst {b['worst']} {_pct(b['worst_error_pct'])})")
+    if out["failed_live_calls"]:
+        print(f"maslat validate-policy: {out['failed_live_calls']} live call(s) failed in "
+              f"{out['queries_with_failed_calls']} of {out['queries']} queries (scored as failures): "
+              f"{out['live']['endpoints']}", file=sys.stderr)
+    if args.json:
+        emit_json(out)
+    return 1 if out["failed_live_calls"] else 0
+
+
+def _is_cmdp(args) -> bool:
+    from agents.cmdp_policies import BASELINES
+
+    from ._cmdp import is_cmdp_checkpoint
+
+    return args.checkpoint in BASELINES or is_cmdp_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+
+
+def _run_cmdp(args) -> int:
+    """A ``MASLatency-CMDP-v0`` policy: ``maslat.validation.validate_cmdp_policy``, printed as for LAMaS."""
+    from agents.cmdp_policies import BASELINES, make_baseline
+    from envs.cmdp import MASLatencyCMDPEnv
+    from maslat.validation import validate_cmdp_policy
+
+    from ._cmdp import load_policy
+
+    if args.checkpoint in BASELINES:
+        task, estimator = args.task or "mbpp", "default"
+        pol, name = make_baseline(args.checkpoint, MASLatencyCMDPEnv(task, args.split, estimator="none")), args.checkpoint
+    else:
+        pol, ck = load_policy(args.checkpoint, trust=args.trust_checkpoint)
+        task, estimator, name = args.task or ck["task"], ck.get("estimator", "default"), ck["kind"]
+    if args.replicas is not None:
+        raise ValueError("--replicas is for MASLatency-v0; a CMDP policy's simulated pools take each endpoint's engines")
+    partial: list[dict] = []
+    try:
+        with progress(args.num_queries, "live queries", unit="query") as bar:
+            out = validate_cmdp_policy(pol, _endpoints(args), task=task, name=name, split=args.split,
+                                       num_queries=args.num_queries, concurrency=args.concurrency, seed=args.seed,
+                                       slo_factor=args.slo_factor, estimator=estimator,
+                                       request_timeout_s=args.request_timeout, on_done=lambda _i: bar.update(1),
+                                       partial=partial)
+    except (KeyboardInterrupt, Exception) as e:
+        _save_partial(args, [{"query": x["query"], "score": x["quality"], "cp_seconds": x["latency_s"],
+                              "llm_calls": x["num_calls"], "rejected_calls": x["rejected_calls"]} for x in partial], e)
+        raise
+    if args.out is not None:
+        write_text(args.out, json.dumps(_clean(out), indent=1) + "\n")
+    urls = ", ".join(f"{k}={e['url']}" for k, e in out["live"]["endpoints"].items())
+    print(f"{out['method']} on {out['task']} {out['split']} (MASLatency-CMDP-v0): {out['queries']} queries at "
+          f"concurrency {out['concurrency']}; live {urls} "
+          f"(time scale {out['live']['time_scale']:g}) vs simulated {out['simulated']['replicas']}")
+    print(_table(out))
+    pq, b = out["per_query_latency_error_pct"], out["bar"]
+    print(f"per query, end-to-end seconds error: median |e| {_pct(pq['median_abs'])}, p90 {_pct(pq['p90_abs'])}; "
           f"mismatched queries {sum(out['mismatched_queries'].values())}; failed live calls {out['failed_live_calls']}")
     print(f"bar |error| <= {b['threshold_pct']:g} % on {'/'.join(b['on'])}: {'PASS' if b['passed'] else 'FAIL'} "
           f"(worst {b['worst']} {_pct(b['worst_error_pct'])})")
