@@ -255,8 +255,15 @@ class _TapeCore:
     def ttft_ema_s(self) -> float:
         return self.rep.tape.state(self.env.now + self.offset_s)[3]
 
-    def validate(self, req) -> str | None:
-        return self._core.validate(req)
+    def validate(self, prompt_tokens: int, max_tokens: int) -> str | None:
+        """``EngineCore.validate`` on the numbers alone (no ``sim.Request`` built per call)."""
+        if prompt_tokens < 1:
+            return sim.RejectReason.EMPTY_PROMPT
+        if max_tokens < 1:
+            return sim.RejectReason.BAD_MAX_TOKENS
+        if prompt_tokens + max_tokens > self.rep.tape.cfg.max_model_len:
+            return sim.RejectReason.PROMPT_TOO_LONG
+        return None
 
 
 class _TapeReplica:
@@ -321,11 +328,10 @@ class TapeWorld:
         env = self.env
         now = env.now
         t_tape = now + self.tape.t0_s
-        rep = min(reps, key=lambda r: r.outstanding(t_tape))
+        rep = reps[0] if len(reps) == 1 else min(reps, key=lambda r: r.outstanding(t_tape))
         self.num_submitted += 1
         ev = env.event()
-        req = sim.Request("agent", int(num_prompt_tokens), int(max_tokens), arrival_time=now)
-        reason = rep.core.validate(req)
+        reason = rep.core.validate(num_prompt_tokens, max_tokens)
         if reason is not None:
             self.num_rejected += 1
             ev.succeed(_Served(now, num_prompt_tokens, max_tokens, now, now, reason))

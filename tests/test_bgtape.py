@@ -98,3 +98,19 @@ def test_tape_backend_serves_single_calls_like_the_engines():
         from envs.cluster import BackgroundTrace
         tr = BackgroundTrace(np.array([0.0, 1.0]), np.array([10, 10]), np.array([5, 5]))
         TapeBackend(ClusterConfig(background_rate_per_s=None, background_trace=tr))
+
+
+def test_tape_rejects_what_the_engine_rejects():
+    be = TapeBackend(ClusterConfig())
+    be.reset(0)
+    w = be.world
+    limit = w.cluster.replicas[0].core.kv  # the engine's own KV manager (its usable blocks are the gauge's base)
+    assert limit.num_usable > 0
+    max_len = w.cluster.replicas[0].tape.cfg.max_model_len
+    for p, o, why in ((max_len, 1, "prompt_plus_max_tokens_exceeds_max_model_len"), (10, 0, "max_tokens_below_1")):
+        ev = w.submit("llm", p, o, wait=True)
+        w.run(until=ev)
+        assert ev.value.reject_reason == why
+    ev = w.submit("llm", 100, 10, wait=True)
+    w.run(until=ev)
+    assert ev.value.reject_reason is None and ev.value.last_token_ts > ev.value.first_token_ts > 0
