@@ -111,21 +111,28 @@ class ReplicaTape:
         return k * self.period_s + self.t[j]
 
     # ---------------------------------------------------------------- one call
-    def _prefix_hit(self, prompt_tokens: int, segments, cache: set) -> int:
+    def _prefix_hit(self, prompt_tokens: int, segments, cache: dict) -> int:
+        """Tokens of the prompt found in this world's cache of the replica, as ``sim.kv_cache`` names content:
+        a segment is a stream identified by its content id and everything before it, so two prompts share
+        the common part of a segment after an identical chain (``build_chain``). Block-floored, capped below
+        the last token; records the prompt. No eviction (the approximation's)."""
         if not segments:
             return 0
-        hit, key, full = 0, (), True
-        for seg in segments:
-            key = (key, seg)
-            if full and key in cache:
-                hit += seg[1]
-            else:
-                full = False
-                cache.add(key)
+        hit, node, full = 0, 0, True
+        for cid, n in segments:
+            key = (node, cid)
+            seen = cache.get(key, 0)
+            if full:
+                h = min(seen, n)
+                hit += h
+                full = h == n
+            if n > seen:
+                cache[key] = n
+            node = hash((node, n, cid))
         bs = self.cfg.block_size
-        return min((hit // bs) * bs, prompt_tokens - 1)
+        return min((hit // bs) * bs, ((prompt_tokens - 1) // bs) * bs)
 
-    def serve(self, t_enqueue_s: float, prompt_tokens: int, output_tokens: int, segments, cache: set,
+    def serve(self, t_enqueue_s: float, prompt_tokens: int, output_tokens: int, segments, cache: dict,
               agents: list) -> tuple[float, float]:
         """(first token time, last token time) of one call reaching this engine at ``t_enqueue_s``.
 
@@ -272,7 +279,7 @@ class _TapeReplica:
     def __init__(self, index: int, pool: str, tape: ReplicaTape, env, offset_s: float):
         self.index, self.pool, self.tape = index, pool, tape
         self.in_flight = 0
-        self.cache: set = set()
+        self.cache: dict = {}
         self.agents: list = []
         self.core = _TapeCore(self, env, offset_s)
 

@@ -4,7 +4,9 @@ The closeness test runs the CMDP environment in its busy regime (the regime wher
 most and where the tape's one-way coupling is most strained) with the same seeded random policy, once with
 every background request simulated (``background="exact"``) and once against tapes (``"tape"``), and compares
 what the policies see and experience: per-call TTFT and latency, and the observed waiting/running queues and
-KV usage per pool. Stated bounds (measured: see the comments) are asserted.
+KV usage per pool. Stated bounds are asserted; the comments give what this test measures (2 seeds x 40
+episodes, 300-odd calls) and, for scale, the same statistics between two *exact* runs on other seeds (2, 3):
+the seed-to-seed spread the tape's error should stay inside.
 """
 
 from __future__ import annotations
@@ -41,13 +43,16 @@ def test_tape_is_close_to_exact_on_what_policies_see():
     tp = [_rollout("tape", s, 40) for s in (0, 1)]
     ex = [np.concatenate([r[i] for r in ex]) for i in range(3)]
     tp = [np.concatenate([r[i] for r in tp]) for i in range(3)]
-    # call latency (what the SLO cost is made of): measured KS 0.05, mean +0.8 %
+    # call latency (what the SLO cost is made of): measured KS 0.058, mean +1.6 % (exact vs exact on other
+    # seeds: KS 0.117, mean -23 %)
     assert ks_2samp(ex[1], tp[1]).statistic <= 0.12
     assert abs(tp[1].mean() / ex[1].mean() - 1) <= 0.10
-    # TTFT: measured KS 0.12, mean +18 % (the tape's queueing is FCFS against the background alone)
+    # TTFT: measured KS 0.159, mean +31.5 % (exact vs exact: KS 0.091, -10 %): the tape's weakest quantity,
+    # biased high (single calls on the 70B pool: +28 %); TTFT is ~4 % of a busy call's latency
     assert ks_2samp(ex[0], tp[0]).statistic <= 0.25
     assert abs(tp[0].mean() / ex[0].mean() - 1) <= 0.35
-    # observed queues and KV usage per pool: measured KS <= 0.13, means within 4 % (running, KV)
+    # observed running and KV usage per pool: measured KS 0.084 / 0.064 and 0.075 / 0.084, means within 1.6 %
+    # (exact vs exact: KS 0.242 / 0.131 and 0.242 / 0.070)
     for j in range(ex[2].shape[1]):
         for k in (1, 2):  # running, KV usage
             a, b = ex[2][:, j, k], tp[2][:, j, k]
