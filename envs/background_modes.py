@@ -30,6 +30,12 @@ def check_background(mode: str) -> str:
     return mode
 
 
+def _check_router(router: str) -> None:
+    if router != "least_outstanding":
+        raise ValueError(f"background='tape' routes the agent's calls by least outstanding requests; the router "
+                         f"{router!r} needs background='exact' (or router='least_outstanding')")
+
+
 class TapeBackend(SimBackend):
     """``SimBackend`` whose world serves the environment's calls against a background tape.
 
@@ -45,6 +51,7 @@ class TapeBackend(SimBackend):
         super().__init__(cluster)
         if self.cluster.background_trace is not None:
             raise ValueError("TapeBackend does not replay a background_trace; use the exact SimBackend")
+        _check_router(self.cluster.router)
         if not warmup_s >= 0 or not horizon_s > 0:
             raise ValueError(f"warmup_s must be >= 0 and horizon_s > 0, got {warmup_s!r}, {horizon_s!r}")
         self.warmup_s, self.horizon_s = float(warmup_s), float(horizon_s)
@@ -59,6 +66,7 @@ class TapeBackend(SimBackend):
 def cmdp_tape_world(models: Sequence[ModelEntry], regime: LoadRegime, seed: int, *, router: str, warmup_s: float,
                     horizon_s: float = DEFAULT_HORIZON_S) -> TapeWorld:
     """The CMDP world of ``build_cmdp_world`` after ``warmup_s``, its agent calls served against a tape."""
+    _check_router(router)
     key = ("cmdp", tuple((m.name, m.profile, m.replicas) for m in models), regime, seed, router, float(warmup_s),
            float(horizon_s))
     tape = TAPES.get(key, lambda: build_cmdp_world(models, regime, seed, router=router), warmup_s, horizon_s)

@@ -8,7 +8,8 @@ replica (``BackgroundTape``: when each engine step ended, how many steps, queues
 arrived and admitted). The tape is looped when a session runs past it. The agent's calls never enter an engine:
 each call is served in closed form against its replica's tape (``ReplicaTape.serve``):
 
-* **routing**: least outstanding over the tape's queues plus the agent's own calls in flight;
+* **routing**: least outstanding (the router's count: background submitted to the replica and not finished,
+  from the tape, plus the agent's own calls in flight);
 * **queueing (FCFS)**: admitted at the first boundary where every background request that reached the engine
   before it has been admitted (vLLM's WAITING queue is first come, first served);
 * **prefill**: its prompt, less a prefix-cache hit (agent prompts seen before on the replica; no eviction),
@@ -58,6 +59,10 @@ class ReplicaTape:
         self.used, self.ema = rows["used"].tolist(), rows["ema_s"].tolist()
         self.arrived = rows["arrived"].tolist()
         self.admitted_max = np.maximum.accumulate(rows["admitted"]).tolist()
+        # the router's count: outstanding at the start, plus submits since, less requests done since
+        self.submits, self.out0 = rows["submits"].tolist(), int(rows["out0"])
+        done = rows["admitted"] - rows["running"]
+        self.done_since = (done - rows["done0"]).tolist()
         lin = step_model.linear_decode
         self.per_step_s, self.per_dec_s, self.per_ctx_s = (x / TICKS_PER_S for x in lin) if lin else (0.0, 0.0, 0.0)
         self.S = rows["S"].tolist()
@@ -79,6 +84,12 @@ class ReplicaTape:
         _, i = self._index(t_s)
         i = max(i, 0)
         return self.running[i], self.waiting[i], self.used[i], self.ema[i]
+
+    def outstanding(self, t_s: float) -> int:
+        """Background requests submitted to this replica and not finished at ``t_s`` (the router's count)."""
+        k, x = self._local(t_s)
+        i = bisect_right(self.t, x) - 1
+        return self.out0 + bisect_right(self.submits, x) - (self.done_since[i] if i >= 0 else 0)
 
     def _steps_at(self, t_s: float) -> float:
         k, x = self._local(t_s)
@@ -137,31 +148,34 @@ class ReplicaTape:
         """(first token time, last token time) of one call reaching this engine at ``t_enqueue_s``.
 
         ``cache`` holds the prefix keys the caller's world has sent to this replica, ``agents`` its calls in
-        flight there as ``[first token time, last token time, prefill tokens, prefill s]`` (both updated): a
-        call still prefilling is ahead in the queue (its tokens share the budget, its prefill cost the steps),
-        and every call in flight adds its decode cost to the steps."""
+        flight there as ``[first token time, last token time, prefill tokens, prefill s, admission time]``
+        (both updated): calls admitted at the same instant share a step (budget and prefill cost), a call
+        whose prefill step is in progress delays the next step by the time its chunk adds, and every call in
+        flight adds its decode cost to the steps."""
         cfg = self.cfg
         hit = self._prefix_hit(prompt_tokens, segments, cache)
         new = prompt_tokens - hit
         t_a = self._admit_time(t_enqueue_s)
         live = [a for a in agents if a[1] > t_enqueue_s]
         agents[:] = live
-        ahead = [a for a in live if a[0] > t_a]
+        same = [a for a in live if a[4] == t_a]
+        in_progress = max((a[0] for a in live if a[4] != t_a and a[0] > t_a), default=0.0)
         run_bg = self.state(t_a)[0]
         budget = max(cfg.max_num_batched_tokens - run_bg, cfg.block_size)
         if cfg.long_prefill_token_threshold:
             budget = min(budget, cfg.long_prefill_token_threshold)
-        k_pf = max(1, math.ceil((new + sum(a[2] for a in ahead)) / budget))
+        k_pf = max(1, math.ceil((new + sum(a[2] for a in same)) / budget))
         pf_own = max(self.model.step_ticks(0, 0, [(new, hit)]) / TICKS_PER_S - self.pf_base, 0.0)
         s0 = math.ceil(self._steps_at(t_a) - 1e-9)
-        t_first = self._time_at_steps(s0 + k_pf) + pf_own + sum(a[3] for a in ahead)
+        delay = max(0.0, in_progress - self._time_at_steps(s0))
+        t_first = self._time_at_steps(s0 + k_pf) + pf_own + sum(a[3] for a in same) + delay
         n_dec = output_tokens - 1
         t_last = t_first
         if n_dec > 0:
             ctx = prompt_tokens + output_tokens / 2
             marg = (self.per_dec_s + self.per_ctx_s * ctx) * (1 + len(live))
             t_last = self._time_at_steps(self._steps_at(t_first) + n_dec) + marg * n_dec
-        agents.append([t_first, t_last, new, pf_own])
+        agents.append([t_first, t_last, new, pf_own, t_a])
         return t_first, t_last
 
 
@@ -185,7 +199,14 @@ class _Recorder:
         self.start_s = self.last_end_s = t0_s
         self.S = 0.0
         self.steps = rep.core.num_steps
-        core, begin = rep.core, rep.core.begin
+        self.out0, self.submits = rep.outstanding, []  # what the router counts: submitted, not yet finished
+        self.done0 = rep.core.num_finished + rep.core.num_aborted
+        core, begin, submit = rep.core, rep.core.begin, rep.submit
+
+        def submit_and_note(req, t_enqueue):
+            self.submits.append(rep.env.now)
+            submit(req, t_enqueue)
+        rep.submit = submit_and_note
 
         def begin_and_note(t0, stop_s=None):  # the recording world only: notes when each step starts
             end = begin(t0, stop_s)
@@ -236,6 +257,8 @@ class BackgroundTape:
                 rows.append((t0 + horizon_s, last[1] + tail_s / _alone_s(rep.core.model), *last[2:]))
                 arr = np.array(rows, dtype=np.float64)
                 cols = {f: arr[:, i] for i, f in enumerate(_FIELDS)}
+                cols["submits"] = np.array(recs[rep.index].submits, dtype=np.float64)
+                cols["out0"], cols["done0"] = recs[rep.index].out0, recs[rep.index].done0
                 tapes.append(ReplicaTape(cols, t0, self.horizon_s, rep.core.cfg, rep.core.model, rep.overheads))
             self.pools[name] = tapes
 
@@ -284,8 +307,7 @@ class _TapeReplica:
         self.core = _TapeCore(self, env, offset_s)
 
     def outstanding(self, t_tape_s: float) -> int:
-        r, w, _, _ = self.tape.state(t_tape_s)
-        return r + w + self.in_flight
+        return self.tape.outstanding(t_tape_s) + self.in_flight
 
 
 class _Cluster:
@@ -299,7 +321,8 @@ class TapeWorld:
     with every agent call served against a ``BackgroundTape`` (an approximation: see the module docstring).
 
     The clock starts at 0 at the tape's start (after its warm-up). Calls are routed to the replica with the
-    fewest outstanding requests (background on the tape plus the agent's own), lowest index on ties.
+    fewest outstanding requests (background on the tape plus the agent's own), lowest index on ties (the
+    pools' router when the tape was recorded must be ``least_outstanding``, the environments' default).
     """
 
     def __init__(self, tape: BackgroundTape):
