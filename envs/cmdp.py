@@ -11,6 +11,7 @@ from gymnasium import spaces
 
 from .backend import Backend, SimBackend, call_timing
 from .background import WARM_WORLDS
+from .background_modes import check_background, cmdp_tape_world
 from .cluster import BackgroundTrace
 from .cmdp_catalog import ROLE_NAMES, STRATEGY_NAMES, ModelEntry, default_models, model_accuracy
 from .cmdp_query import QueryState
@@ -124,7 +125,9 @@ class MASLatencyCMDPEnv(DecisionEnv):
     replays recorded arrivals instead. ``reset(seed=s)`` builds a fresh world and runs ``warmup_s`` of
     background before the query (same seed, same episode, bit for bit); ``reset()`` keeps the world running.
     ``reuse_warmup=True`` serves a seed's warm-up from a snapshot after its first simulation
-    (``envs.background``: exact, ~5x cheaper than re-simulating it).
+    (``envs.background``: exact, ~5x cheaper than re-simulating it). ``background="tape"`` (default
+    ``"exact"``) replays the background from a tape simulated once per regime and seed and serves the calls
+    against it in closed form: an approximation, several times faster (``envs.bgtape``).
 
     ## Copies
     An environment cannot be copied or pickled (``TypeError``, ``envs.nocopy``): its world is live SimPy
@@ -154,7 +157,7 @@ class MASLatencyCMDPEnv(DecisionEnv):
                  counterfactual_quality: bool = False,
                  background_trace: BackgroundTrace | None = None, router: str = "least_outstanding",
                  render_mode: str | None = None, reuse_warmup: bool = True, backend: Backend | None = None,
-                 cost: str = "violation"):
+                 cost: str = "violation", background: str = "exact"):
         self.task = make_task(task)
         if split not in _SPLIT_ID:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -178,6 +181,9 @@ class MASLatencyCMDPEnv(DecisionEnv):
         self.warmup_s, self.dataset_seed, self.shuffle, self.router = float(warmup_s), dataset_seed, shuffle, router
         self.background_trace = background_trace
         self.reuse_warmup = bool(reuse_warmup)
+        self.background = check_background(background)
+        if background == "tape" and background_trace is not None:
+            raise ValueError("background='tape' does not replay a background_trace; use background='exact'")
         self.counterfactual_quality = bool(counterfactual_quality)
         self.planner = make_planner(planner, self.task.kind, dataset_seed)
         self.estimator = load_estimator(estimator, self.model_names)
@@ -276,6 +282,8 @@ class MASLatencyCMDPEnv(DecisionEnv):
         def build():
             return build_cmdp_world(self.models, self.regime, seed, router=self.router, trace=self.background_trace)
 
+        if self.background == "tape":  # an approximation (envs.bgtape): the background replayed from a tape
+            return cmdp_tape_world(self.models, self.regime, seed, router=self.router, warmup_s=self.warmup_s)
         if self.reuse_warmup and self.background_trace is None:   # a trace's arrays are not a cache key
             key = (tuple((m.name, m.profile, m.replicas) for m in self.models), self.regime, seed, self.router,
                    self.warmup_s)
