@@ -33,7 +33,7 @@ _MODE_ID = {m: i for i, m in enumerate(MODES)}
 
 #: what ``info["cost"]`` measures (the class docstring's Costs)
 COST_KINDS = ("violation", "overrun")
-#: MasRouter's utility = is_solved - cost_rate x $ (system_aware.md s.5)
+#: MasRouter's utility = is_solved - cost_rate x $ (docs/system_aware.md#5-masrouter-baseline)
 MASROUTER_COST_RATE = {"gsm8k": 200.0, "humaneval": 200.0, "math": 100.0, "mbpp": 400.0}
 
 
@@ -56,7 +56,7 @@ class MASLatencyCMDPEnv(DecisionEnv):
     """Executor of a planned multi-agent topology: one (model, prompt strategy) decision per agent call.
 
     ## Description
-    The system-aware design of seed 002 (``system_aware.md``). At the start of an episode (one benchmark
+    The system-aware design (docs/system_aware.md). At the start of an episode (one benchmark
     query) the Planner fixes a topology and its roles (``envs.topologies``: MasRouter's collaboration modes
     and an APWA parallel map). Then every step is one agent call: the Executor picks the model it runs on
     and the prompt strategy injected into it (Flash, Concise, DeepThink). Calls run on simulated vLLM pools,

@@ -50,7 +50,7 @@ class MASLatencyEnv(DecisionEnv):
     request on a simulated vLLM pool shared with background traffic, and returns when the layer is done
     (the next decision point). Operators of a layer run concurrently and contend for the replicas
     (``execution="parallel"``, LAMaS) or one after another, each seeing the previous one's result
-    (``"sequential"``, MaAS). The graph's fixed steps (lamas.md s.2: GSM8K's final ScEnsemble and Programmer
+    (``"sequential"``, MaAS). The graph's fixed steps (docs/lamas.md#2-fixed-steps: GSM8K's final ScEnsemble and Programmer
     verification, MATH's pre-step Programmer, HumanEval's final Test) run too. Task models (difficulty,
     lengths, answer quality) are in ``envs.tasks`` and ``envs.operators``; operator semantics in
     ``envs.supernet``.

@@ -5,10 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
 import numpy as np
-import pytest
-from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,16 +73,6 @@ def test_experiment_cmdp_json_last_line(tmp_path):
     assert (tmp_path / "episodes.csv").read_text().count("\n") == 3 * 2 + 1
     (one,) = res["per_seed"]
     assert one["seed"] == 0 and one["regimes"] == res["regimes"] and one["findings"] == res["findings"]
-
-
-@pytest.mark.slow
-def test_cmdp_notebook_runs_headless():
-    nb = nbformat.read(ROOT / "notebooks" / "cmdp.ipynb", as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-    outs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert not [o for o in outs if o.output_type == "error"]
-    assert sum("image/png" in o.get("data", {}) for o in outs) >= 3
 
 
 def test_estimators_train_on_a_live_phase2_run_of_the_stand_in(tmp_path):

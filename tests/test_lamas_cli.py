@@ -5,9 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
-from nbclient import NotebookClient
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,13 +41,6 @@ def test_train_then_evaluate(tmp_path):
 def test_bench_env_json():
     res = json.loads(_maslat("bench", "env", "--episodes", "60", "--gym-episodes", "5", "--json").strip().splitlines()[-1])
     assert res["episodes_per_s"] > 0 and res["gym_episodes_per_s"] > 0
-
-
-def test_notebook_runs_headless():
-    nb = nbformat.read(ROOT / "notebooks" / "lamas.ipynb", as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
-    assert any(o.get("output_type") == "display_data" for c in nb.cells if c.cell_type == "code"
-               for o in c.get("outputs", []))
 
 
 def test_per_seed_has_the_keys_of_the_means():

@@ -13,11 +13,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: files other work is rewriting; their remaining citations move to docs/ anchors after the merge, and
-#: then this allow-list must become empty
-ALLOWED = {"envs/mas_latency.py", "envs/cmdp.py", "envs/backend.py", "agents/ppo_lagrangian.py",
-           "sim/engine.py", "sim/kv_cache.py", "maslat/cli.py", "traces/commands.py"}
-ALLOWED_PREFIXES = ("maslat/commands/",)
+#: files exempt from the check (none: every citation points into docs/)
+ALLOWED: set[str] = set()
+ALLOWED_PREFIXES: tuple[str, ...] = ()
 
 PAGES = r"(?:vllm|lamas|latency_physics|system_aware|real_vllm_cpu)\.md"
 #: ``../shared/reference`` or ``../shared/seeds``; a reference page not under ``docs/``; a seed by number

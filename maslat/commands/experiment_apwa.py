@@ -12,7 +12,7 @@ from traces.atomic import output_path, write_text
 from ._common import emit_json, format_table, progress
 
 DESCRIPTION = """\
-maslat experiment apwa: decomposed, parallel workflows over N items on the simulated cluster (seed 003).
+maslat experiment apwa: decomposed, parallel workflows over N items on the simulated cluster (APWA, arXiv 2605.15132).
 
 For every seed and N (--items), APWA (manager on metadata, contract expanded over the rows, concurrent
 workers with retries, hierarchical merges), a centralised agent with one growing context, a sequential
