@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -70,6 +71,9 @@ class CMDPExperimentConfig:
         ppo: PPO-Lagrangian arguments (its seed is replaced by each experiment seed).
         masrouter: MasRouter arguments.
         estimator: the environments' estimator (``"default"``: the shipped bundle).
+        train_background: the training worlds' background, ``"exact"`` (every request simulated) or
+            ``"tape"`` (``envs.bgtape``: replayed from a tape, an approximation several times faster); evaluation
+            is always exact.
     """
 
     task: str = "gsm8k"
@@ -83,8 +87,11 @@ class CMDPExperimentConfig:
     ppo: PPOLagArgs = field(default_factory=PPOLagArgs)
     masrouter: MasRouterArgs = field(default_factory=MasRouterArgs)
     estimator: object = "default"
+    train_background: Literal["exact", "tape"] = "exact"
 
     def __post_init__(self) -> None:
+        if self.train_background not in ("exact", "tape"):
+            raise ValueError(f"train_background must be 'exact' or 'tape', got {self.train_background!r}")
         bad = [p for p in self.policies if p not in POLICIES]
         if bad:
             raise ValueError(f"unknown policies {bad}; choose from {POLICIES}")
@@ -238,7 +245,7 @@ def cmdp_trial(trial: tuple, *, cfg: CMDPExperimentConfig, est, queries: Sequenc
     pols, hist, train_s = [], None, None
     if "ppo_lagrangian" in cfg.policies:
         t0 = time.perf_counter()
-        tenv = _env(cfg, regime, "train", est, slo_factor=cfg.train_slo_factor)
+        tenv = _env(cfg, regime, "train", est, slo_factor=cfg.train_slo_factor, background=cfg.train_background)
         ppo, hist = train_ppo_lagrangian(tenv, PPOLagArgs(**{**asdict(cfg.ppo), "seed": seed}), progress=progress)
         train_s = time.perf_counter() - t0
         if log is not None:
