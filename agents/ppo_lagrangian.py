@@ -29,7 +29,6 @@ loop: per epoch ``collect_rollout`` (``agents.ppo_rollout``: a named ``Rollout``
 ``latency/``, ``losses/``, ``time/``, optionally also written to TensorBoard (``tensorboard_dir``).
 """
 
-
 from __future__ import annotations
 
 import time
@@ -175,9 +174,7 @@ def train_ppo_lagrangian(env, args: PPOLagArgs = PPOLagArgs(), *, progress: Call
     featurizer = Featurizer(quality_table(env.task, env.models))
     nets = ActorCritics(state_dim(nm), action_dim(nm), args.hidden, gen)
     optimizer = torch.optim.Adam(nets.parameters(), lr=args.lr, eps=args.adam_eps)
-    lagrange = make_lagrange(args.lagrangian, args.cost_limit,
-                             **({"init": args.lambda_init, "lr": args.lambda_lr} if args.lagrangian == "gradient"
-                                else {"kp": args.pid_kp, "ki": args.pid_ki, "kd": args.pid_kd}))
+    lagrange = make_multiplier(args)
     norm_s, norm_a = RunningNorm(state_dim(nm)), RunningNorm(action_dim(nm))
     num_epochs = args.total_steps // args.steps_per_epoch
     if args.reward == "counterfactual":
@@ -216,6 +213,13 @@ def train_ppo_lagrangian(env, args: PPOLagArgs = PPOLagArgs(), *, progress: Call
     policy = PPOLagPolicy(nets.actor, featurizer, norm_s, norm_a)
     policy.args = asdict(args)
     return policy, history
+
+
+def make_multiplier(args: PPOLagArgs):
+    """The Lagrange multiplier of ``args.lagrangian`` with its hyper-parameters from ``args``."""
+    if args.lagrangian == "gradient":
+        return make_lagrange("gradient", args.cost_limit, init=args.lambda_init, lr=args.lambda_lr)
+    return make_lagrange(args.lagrangian, args.cost_limit, kp=args.pid_kp, ki=args.pid_ki, kd=args.pid_kd)
 
 
 def _batch(ro: Rollout, adv, norm_s: RunningNorm, norm_a: RunningNorm) -> dict[str, torch.Tensor]:
