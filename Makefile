@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch comes from this machine's local wheel; installing it first
 	# means no later step can pull a multi-gigabyte CUDA build from the index.
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev,server,rl,ray]"
+	$(PY) -m pip install --quiet -e ".[dev,server,rl,ray,tensorboard]"
 	touch $(STAMP)
 
 venv: $(STAMP)
