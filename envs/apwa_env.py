@@ -95,7 +95,8 @@ class MASLatencyAPWAEnv(DecisionEnv):
     * v0: initial version. Since the decision skeleton (``envs.decision``): ``backend``, ``shuffle``,
       ``options={"query": i}``, the skeleton's info keys (``query``, ``visit``, ``episode_key``, ``start_s``,
       ``end_s``; ``envs.infos.APWAFinalInfo``), ``reset()`` continuing the world (before, it drew a fresh
-      world per episode) and queries as a seeded permutation of the cases (before, drawn independently);
+      world per episode), queries as a seeded permutation of the cases (before, drawn independently) and
+      unbounded (``np.inf``) observation bounds (before, 1e9);
       ``reset(seed=s)`` with ``options`` fixing the case runs the same episode as before.
     """
 
