@@ -9,7 +9,7 @@ from typing import NotRequired, TypedDict
 
 import numpy as np
 
-__all__ = ["CMDPCall", "CMDPFinalInfo", "CMDPResetInfo", "CMDPStepInfo", "EpisodeInfo", "MASFinalInfo", "MASLayer",
+__all__ = ["APWAFinalInfo", "APWAResetInfo", "CMDPCall", "CMDPFinalInfo", "CMDPResetInfo", "CMDPStepInfo", "EpisodeInfo", "MASFinalInfo", "MASLayer",
            "MASResetInfo"]
 
 
@@ -120,3 +120,32 @@ class CMDPFinalInfo(CMDPStepInfo, EpisodeInfo):
     rejected_calls: int
     calls: list[CMDPCall]
     clipped_tokens: int
+
+
+# ------------------------------------------------------------------------------------------ MASLatency-APWA-v0
+class APWAResetInfo(TypedDict):
+    query: int
+    visit: int
+    items: int                  #: rows in the query's table, N
+    workload: str               #: ``envs.apwa.WORKLOADS`` name
+    seed: int                   #: the world's seed
+    start_s: float
+
+
+class APWAFinalInfo(EpisodeInfo):
+    """``MASLatency-APWA-v0``'s info on its one step."""
+
+    cost: float                     #: seconds beyond ``slo_s`` (0 without an SLO)
+    apwa: dict                      #: ``envs.apwa.RunResult.summary()``
+    makespan_s: float
+    structural_completeness: float
+    semantic_utility: float
+    tokens: int
+    lost_items: int
+    width: int
+    depth: int
+    workload: str
+    items: int
+    seed: int
+    preemptions: int | None         #: world-wide during the query (simulator only, else ``None``)
+    kv_peak: float | None           #: highest KV-cache usage of a pool, sampled every 0.5 s (simulator only)

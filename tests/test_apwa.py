@@ -98,6 +98,7 @@ def test_runs_are_deterministic():
     assert run_method("apwa", "redact", 50, seed=8).summary() != a
 
 
+@pytest.mark.filterwarnings("ignore:.*infinity")
 def test_env_check_env_and_flat():
     env = gym.make("MASLatency-APWA-v0", items=(10, 20))
     check_env(env.unwrapped, skip_render_check=True)
@@ -120,6 +121,42 @@ def test_env_seeds_deterministic_and_info_keys():
     assert outs[0] == outs[1]
     with pytest.raises(RuntimeError, match="reset"):
         env.step(np.array([0, 0, 0, 0, 0]))
+
+
+def _check_keys(info: dict, td) -> None:
+    req, opt = set(td.__required_keys__), set(td.__optional_keys__)
+    assert req <= set(info) <= req | opt, (sorted(req - set(info)), sorted(set(info) - req - opt))
+
+
+def test_env_on_the_skeleton_infos_world_and_rollout():
+    from agents.apwa_policies import ManagerRulePolicy
+    from envs.apwa_env import MASLatencyAPWAEnv
+    from envs.infos import APWAFinalInfo, APWAResetInfo
+
+    env = MASLatencyAPWAEnv(workload="mix", items=(10, 30))
+    assert env.cases[3] == ("extract", 30) and env.action_space.nvec.tolist()[3:] == [3, 3]
+    _, info = env.reset(seed=3, options={"query": 3})
+    _check_keys(info, APWAResetInfo)
+    assert (info["workload"], info["items"], info["seed"], info["start_s"]) == ("extract", 30, 3, 30.0)
+    with pytest.raises(ValueError, match="action must be 5 integers"):
+        env.step([9, 0, 0, 0, 0])                                   # refused before the world moves
+    _, rew, term, _, first = env.step([1, 1, 1, 0, 0])
+    _check_keys(first, APWAFinalInfo)
+    assert term and first["episode_key"] == 1 and first["end_s"] == pytest.approx(30.0 + first["makespan_s"])
+    assert first["preemptions"] == 0 and 0 < first["kv_peak"] < 1
+    # the first query of a world meets run_method's table and failures for the seed
+    same = run_method("apwa", "extract", 30, seed=3, decomposition=env.decode_action([1, 1, 1, 0, 0]))
+    assert first["apwa"] == same.summary()
+    _, info = env.reset(options={"query": 3})                    # the world goes on, a new table
+    _, _, _, _, second = env.step([1, 1, 1, 0, 0])
+    assert second["start_s"] == first["end_s"] and second["episode_key"] == 2 and second["visit"] == 1
+    assert second["apwa"] != first["apwa"]
+    env.start_world(0)
+    infos = env.rollout(ManagerRulePolicy(), range(len(env.cases)), concurrency=len(env.cases))
+    assert sorted((i["workload"], i["items"]) for i in infos) == sorted(env.cases)
+    assert all(i["structural_completeness"] == 1.0 for i in infos) and len({i["episode_key"] for i in infos}) == 6
+    with pytest.raises(ValueError, match="options\\['workload'\\]"):
+        env.reset(options={"workload": "translate"})
 
 
 def test_env_pool_choice_rebinds_workers():
@@ -196,6 +233,44 @@ def test_apwa_plan_runs_unchanged_on_a_live_server():
               "width", "depth"):
         assert a[k] == b[k], k
     assert live.complete and 0.3 < live.makespan_s / sim.makespan_s < 3.0
+
+
+def test_apwa_env_runs_on_a_live_server():
+    """MASLatency-APWA-v0 with a LiveBackend on the stand-in server: the same decision seam, ``system`` from
+    ``/metrics``, the same calls and tokens as the simulated episode, and ``rollout`` of concurrent queries."""
+    from agents.apwa_policies import ManagerRulePolicy
+    from envs.apwa_env import MASLatencyAPWAEnv
+    from envs.cmdp_catalog import default_models
+    from envs.infos import APWAFinalInfo
+    from envs.loads import LoadRegime
+    from maslat.livebackend import LiveBackend
+
+    from .standin import serving
+
+    m8 = default_models()[0]
+    kw = {"models": (m8,), "warmup_s": 0.0, "fail_prob": 0.0, "load": LoadRegime(name="none", phases=((0.0,),)),
+          "workload": "extract", "items": (12, 24)}
+    action = [2, 1, 0, 1, 0]     # 4 rows per worker, fan-in 4, at most 4 calls in flight, spread over pools
+    with serving("--profile", m8.profile, "--replicas", "2", "--time-scale", "0.2") as srv:
+        env = MASLatencyAPWAEnv(backend=LiveBackend({m8.name: srv.url}), **kw)
+        try:
+            obs, _ = env.reset(seed=0, options={"query": 1})
+            assert env.world is None and obs["system"].shape == (4,) and np.isfinite(obs["system"]).all()
+            _, rew, term, _, live = env.step(action)
+            infos = env.rollout(ManagerRulePolicy(), [0, 1, 0], concurrency=3)
+        finally:
+            env.close()
+    _check_keys(live, APWAFinalInfo)
+    assert term and live["preemptions"] is None and live["kv_peak"] is None and isinstance(live["episode_key"], int)
+    sim_env = MASLatencyAPWAEnv(**kw)
+    sim_env.reset(seed=0, options={"query": 1})
+    sim = sim_env.step(action)[4]
+    for k in ("num_calls", "prompt_tokens", "completion_tokens", "structural_completeness", "semantic_utility",
+              "width", "depth"):
+        assert live["apwa"][k] == sim["apwa"][k], k
+    assert 0.3 < live["makespan_s"] / sim["makespan_s"] < 3.0 and live["end_s"] > live["start_s"]
+    assert [i["items"] for i in infos] == [12, 24, 12] and all(i["structural_completeness"] == 1.0 for i in infos)
+    assert len({i["episode_key"] for i in infos}) == 3
 
 
 def test_manager_rule_policy_beats_one_row_per_call_and_a_single_call():

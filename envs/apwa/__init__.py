@@ -11,9 +11,9 @@ from .manager import Decomposition, Plan, auto_decomposition, make_plan
 from .methods import METHODS
 from .registry import Capability, CapabilityRegistry, default_registry
 from .workloads import WORKLOADS, DataTable, SubtaskContract, TableMeta, Workload, context_quality, make_table
-from .world import APWAConfig, APWARun, APWASimBackend, run_method
+from .world import APWAConfig, APWARun, apwa_sim_backend, pool_states, run_method, world_preemptions
 
-__all__ = ["METHODS", "WORKLOADS", "APWAConfig", "APWARun", "APWASimBackend", "CallRecord", "Capability",
+__all__ = ["METHODS", "WORKLOADS", "APWAConfig", "APWARun", "CallRecord", "Capability",
            "CapabilityRegistry", "DataTable", "Decomposition", "Executor", "Plan", "RunResult", "SubtaskContract",
            "TableMeta", "Workload", "auto_decomposition", "context_quality", "default_registry", "make_plan",
-           "make_table", "run_method"]
+           "make_table", "run_method", "apwa_sim_backend", "pool_states", "world_preemptions"]

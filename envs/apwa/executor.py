@@ -2,7 +2,7 @@
 
 Everything here is a generator process on the environment's ``Backend`` seam (``envs.backend``): it yields
 the backend's waitables (``submit``, ``process``, ``all_of``, ``event``) and never touches a clock or a
-server, so the same plan runs on the simulated cluster (``APWASimBackend``) or on live vLLM servers
+server, so the same plan runs on the simulated cluster (``envs.backend.SimBackend``) or on live vLLM servers
 (``maslat.livebackend.LiveBackend``, one endpoint per pool).
 
 * **Dispatch**: every call names a capability; the registry binds it to the pool with the fewest of this

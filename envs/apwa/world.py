@@ -1,29 +1,30 @@
 """The APWA world: the CMDP env's model pools on the simulated cluster, and one run of a method on it.
 
-``APWASimBackend`` is the ``envs.backend.Backend`` seam over ``envs.cmdp_world.build_cmdp_world``: one pool
+``apwa_sim_backend`` is the skeleton's ``envs.backend.SimBackend`` over ``envs.cmdp_world.build_cmdp_world``: one pool
 per ``ModelEntry`` (default: Llama-3.1-8B on H100 and Llama-3.1-70B on 4 x H100, two replicas each, the
 catalogue of ``envs.cmdp_catalog``), background load of an ``envs.loads`` regime, and a warm-up served from
 ``envs.background.WARM_WORLDS`` (exact snapshots). No second simulator: every call is a ``sim`` request.
 
 ``APWARun`` is one episode: it draws the table from the seed (stream ``apwa/table``; failures from
 ``apwa/failures``), so every method meets the same rows and the same load for a seed (common random
-numbers), and runs one method's process to its end.
+numbers), and runs one method's process to its end (``run``) or inside a caller's process (``execute``:
+``MASLatency-APWA-v0``). ``pool_states`` and ``world_preemptions`` are the two readings it needs beyond the
+seam: per-pool load on any backend, preemptions in the simulator.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import simpy
 
 import sim
 
+from ..backend import Backend, SimBackend
 from ..background import WARM_WORLDS
 from ..cmdp_catalog import ModelEntry, default_models
-from ..cmdp_world import build_cmdp_world, pool_state
+from ..cmdp_world import build_cmdp_world
 from ..loads import LoadRegime, make_regime
 from .executor import Executor, RunResult
 from .manager import Decomposition
@@ -31,7 +32,7 @@ from .methods import METHODS
 from .registry import CapabilityRegistry, default_registry
 from .workloads import WORKLOADS, Workload, make_table
 
-__all__ = ["APWAConfig", "APWARun", "APWASimBackend", "run_method"]
+__all__ = ["APWAConfig", "APWARun", "apwa_sim_backend", "pool_states", "run_method", "world_preemptions"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,78 +70,39 @@ class APWAConfig:
         return self.models if self.models is not None else default_models()
 
 
-class APWASimBackend:
-    """The ``Backend`` seam on the CMDP world's pools (one per model), warmed up from the snapshot cache."""
+def apwa_sim_backend(cfg: APWAConfig) -> SimBackend:
+    """The skeleton's ``SimBackend`` on the CMDP world's pools (one per model), each seed's warm-up served from
+    the snapshot cache ``WARM_WORLDS`` (exact)."""
+    models = cfg.model_entries
+    regime = make_regime(cfg.load, len(models))
+    key = ("apwa", tuple((m.name, m.profile, m.replicas) for m in models), regime)
 
-    def __init__(self, cfg: APWAConfig):
-        self.cfg = cfg
-        self.models = cfg.model_entries
-        self.regime = make_regime(cfg.load, len(self.models))
-        self.world: sim.World | None = None
+    def build(seed: int) -> sim.World:
+        return WARM_WORLDS.get((*key, seed, cfg.router, cfg.warmup_s),
+                               lambda: build_cmdp_world(models, regime, seed, router=cfg.router), cfg.warmup_s)
 
-    @property
-    def pools(self) -> tuple[str, ...]:
-        return tuple(m.name for m in self.models)
-
-    @property
-    def started(self) -> bool:
-        return self.world is not None
-
-    @property
-    def now(self) -> float:
-        return self.world.env.now
-
-    def reset(self, seed: int) -> None:
-        cfg = self.cfg
-        key = ("apwa", tuple((m.name, m.profile, m.replicas) for m in self.models), self.regime, seed, cfg.router,
-               cfg.warmup_s)
-        self.world = WARM_WORLDS.get(key, lambda: build_cmdp_world(self.models, self.regime, seed,
-                                                                   router=cfg.router), cfg.warmup_s)
-
-    def event(self) -> simpy.Event:
-        return self.world.env.event()
-
-    def process(self, gen: Generator) -> simpy.Process:
-        return self.world.env.process(gen)
-
-    def timeout(self, seconds: float) -> simpy.Event:
-        return self.world.env.timeout(seconds)
-
-    def all_of(self, waitables: Iterable[simpy.Event]) -> simpy.Event:
-        return self.world.env.all_of(waitables)
-
-    def submit(self, pool: str, prompt_tokens: int, max_tokens: int, prompt_segments=None) -> simpy.Event:
-        return self.world.submit(pool, prompt_tokens, max_tokens, prompt_segments=prompt_segments, wait=True)
-
-    def run(self, until: simpy.Event) -> None:
-        self.world.env.run(until=until)
-
-    def load(self) -> tuple[float, float, float]:
-        out, acc = np.zeros(4), np.zeros(3)
-        for p in self.pools:
-            pool_state(self.world, p, out)
-            acc += (out[1], out[0], out[2])
-        return tuple(float(x) for x in acc / len(self.pools))
-
-    def pool_states(self) -> np.ndarray:
-        """(pools, 4): waiting, running, KV usage, TTFT EMA (ms) per pool, now."""
-        out = np.zeros((len(self.pools), 4))
-        for i, p in enumerate(self.pools):
-            pool_state(self.world, p, out[i])
-        return out
-
-    def preemptions(self) -> int:
-        return int(sum(r.core.num_preemptions for r in self.world.cluster.replicas))
-
-    def is_event(self, x: Any) -> bool:
-        return isinstance(x, simpy.Event)
-
-    def close(self) -> None:
-        self.world = None
+    return SimBackend(build=build)
 
 
-def _streams(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
-    table, fail = np.random.SeedSequence([int(seed), 0xA9A]).spawn(2)
+def pool_states(backend: Backend, pools: Iterable[str]) -> np.ndarray:
+    """(pools, 4): waiting, running, KV usage, TTFT EMA (ms) per pool, now, on any backend
+    (``Backend.pool_state``: the engines' gauges in the simulator, the last ``/metrics`` scrape live)."""
+    pools = tuple(pools)
+    out = np.zeros((len(pools), 4))
+    for i, p in enumerate(pools):
+        backend.pool_state(p, out[i])
+    return out
+
+
+def world_preemptions(backend: Backend) -> int | None:
+    """Preemptions of every replica of the simulated world so far (``None`` on a live backend)."""
+    world = getattr(backend, "world", None)
+    return None if world is None else int(sum(r.core.num_preemptions for r in world.cluster.replicas))
+
+
+def _streams(seed: int, episode: int = 0) -> tuple[np.random.Generator, np.random.Generator]:
+    words = [int(seed), 0xA9A] + ([int(episode)] if episode else [])
+    table, fail = np.random.SeedSequence(words).spawn(2)
     return np.random.default_rng(table), np.random.default_rng(fail)
 
 
@@ -153,54 +115,64 @@ class APWARun:
         num_items: rows in the table.
         seed: the world's and the table's seed.
         registry: capabilities (``None``: ``default_registry`` over the world's pools).
-        backend: where the calls run (``None``: ``APWASimBackend(cfg)``); e.g. ``maslat.livebackend.LiveBackend``
+        backend: where the calls run (``None``: ``apwa_sim_backend(cfg)``); e.g. ``maslat.livebackend.LiveBackend``
             with one endpoint per pool, named after ``cfg``'s models (their names key ``context_quality``).
             Only the simulator reports ``preemptions`` and ``kv_peak``.
+        episode: which query of the world this is (0: the first; the table and failure streams of a later one
+            are drawn from ``(seed, episode)``).
+        fresh_world: reset the backend to ``seed`` (``False``: run in the world as it stands, e.g. the env's).
     """
 
     def __init__(self, cfg: APWAConfig, workload: str | Workload, num_items: int, seed: int,
-                 registry: CapabilityRegistry | None = None, backend=None):
+                 registry: CapabilityRegistry | None = None, backend: Backend | None = None, *, episode: int = 0,
+                 fresh_world: bool = True):
         self.cfg = cfg
         self.workload = workload if isinstance(workload, Workload) else _workload(workload)
-        self.backend = backend if backend is not None else APWASimBackend(cfg)
-        self.backend.reset(seed)
-        pools = tuple(m.name for m in cfg.model_entries)
+        self.backend = backend if backend is not None else apwa_sim_backend(cfg)
+        if fresh_world:
+            self.backend.reset(seed)
+        pools = self.pools = tuple(m.name for m in cfg.model_entries)
         self.pool_models = {m.name: m.name for m in cfg.model_entries}
         self.registry = registry if registry is not None else default_registry(
             pools, workers=cfg.worker_pools or pools[:1])
-        rng_table, self.rng_fail = _streams(seed)
+        rng_table, self.rng_fail = _streams(seed, episode)
         self.preemptions, self.kv_peak = 0, 0.0   # of the last run: world-wide preemptions, peak pool KV usage
         self.table = make_table(self.workload, num_items, rng_table)
 
     def run(self, method: str, decomposition: Decomposition | None = None) -> RunResult:
         """Run ``method`` (``METHODS``) to its end; the world is left where the method left it."""
+        box: list = []
+
+        def top():   # the result through the seam: a SimPy process and an asyncio task hold it differently
+            box.append((yield from self.execute(method, decomposition)))
+
+        self.backend.run(until=self.backend.process(top()))
+        return box[0]
+
+    def execute(self, method: str, decomposition: Decomposition | None = None):
+        """Process (``yield from`` it inside a backend process): ``method``'s run on this world; returns its
+        ``RunResult`` and sets ``preemptions`` and ``kv_peak`` (simulator only)."""
         fn = METHODS.get(method)
         if fn is None:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
         ex = Executor(self.backend, self.registry, self.workload, self.table, self.pool_models, self.rng_fail,
                       fail_prob=self.cfg.fail_prob, max_retries=self.cfg.max_retries)
-        sim_side = isinstance(self.backend, APWASimBackend)
-        pre = self.backend.preemptions() if sim_side else 0
-        box: list = []
-
-        def top():   # the result through the seam: a SimPy process and an asyncio task hold it differently
-            box.append((yield self.backend.process(fn(ex, decomposition))))
-
-        proc = self.backend.process(top())
-        if sim_side:
+        pre = world_preemptions(self.backend)
+        done: list[bool] = []
+        if pre is not None:   # started first: it samples the pools before the method's first call
             self.kv_peak = 0.0
-            self.backend.process(self._watch_kv(proc))
-        self.backend.run(until=proc)
-        rows, width, depth = box[0]
+            self.backend.process(self._watch_kv(done))
+        rows, width, depth = yield self.backend.process(fn(ex, decomposition))
+        done.append(True)
         res = ex.result(method, rows, width=width, depth=depth)
-        self.preemptions = (self.backend.preemptions() - pre) if sim_side else 0
+        self.preemptions = (world_preemptions(self.backend) - pre) if pre is not None else 0
         return res
 
-    def _watch_kv(self, proc, interval_s: float = 0.5):
-        """Process (simulator only): the highest KV-cache usage of any pool while ``proc`` runs, sampled
+    def _watch_kv(self, done: list, interval_s: float = 0.5):
+        """Process (simulator only): the highest KV-cache usage of any pool until ``done`` is filled, sampled
         every ``interval_s`` like a ``/metrics`` scraper (``kv_peak``, fraction of the usable blocks)."""
-        while not proc.triggered:
-            self.kv_peak = max(self.kv_peak, float(self.backend.pool_states()[:, 2].max()))
+        while not done:
+            self.kv_peak = max(self.kv_peak, float(pool_states(self.backend, self.pools)[:, 2].max()))
             yield self.backend.timeout(interval_s)
 
 
