@@ -31,7 +31,7 @@ from envs.cmdp import MASLatencyCMDPEnv
 from .cmdp_oracle import LookaheadOracle
 from .cmdp_policies import BASELINES, make_baseline
 from .masrouter import MasRouterArgs, train_masrouter
-from .ppo_lagrangian import PPOLagArgs, train_ppo_lagrangian
+from .ppo_lagrangian import ENV_COST, PPOLagArgs, train_ppo_lagrangian
 
 __all__ = ["CMDPExperimentConfig", "POLICIES", "SLO_FACTORS", "TRAIN_SLO_FACTOR", "cmdp_trial", "default_slo", "evaluate", "evaluate_all", "findings",
            "masrouter_trial", "run_cmdp_experiment", "summarise", "summarise_per_seed"]
@@ -105,9 +105,7 @@ class CMDPExperimentConfig:
 
 
 def _env(cfg: CMDPExperimentConfig, regime: str, split: str, estimator, **kw) -> MASLatencyCMDPEnv:
-    # info["cost"] stays the overrun: agents.ppo_lagrangian.COSTS derives each cost kind from it and slo_violated
-    return MASLatencyCMDPEnv(cfg.task, split, load=regime, estimator=estimator, warmup_s=cfg.warmup_s, cost="overrun",
-                             **kw)
+    return MASLatencyCMDPEnv(cfg.task, split, load=regime, estimator=estimator, warmup_s=cfg.warmup_s, **kw)
 
 
 def _episode_seed(seed: int, regime: str, i: int, j: int) -> int:
@@ -245,7 +243,8 @@ def cmdp_trial(trial: tuple, *, cfg: CMDPExperimentConfig, est, queries: Sequenc
     pols, hist, train_s = [], None, None
     if "ppo_lagrangian" in cfg.policies:
         t0 = time.perf_counter()
-        tenv = _env(cfg, regime, "train", est, slo_factor=cfg.train_slo_factor, background=cfg.train_background)
+        tenv = _env(cfg, regime, "train", est, slo_factor=cfg.train_slo_factor, background=cfg.train_background,
+                    cost=ENV_COST[cfg.ppo.cost])
         ppo, hist = train_ppo_lagrangian(tenv, PPOLagArgs(**{**asdict(cfg.ppo), "seed": seed}), progress=progress)
         train_s = time.perf_counter() - t0
         if log is not None:

@@ -46,7 +46,7 @@ from .lagrange import make_lagrange
 from .ppo_nets import ActorCritics, PPOLagPolicy, RunningNorm
 from .ppo_rollout import EpisodeCursor, Rollout, collect_rollout, compute_advantages
 
-__all__ = ["COSTS", "REWARDS", "PPOLagArgs", "PPOLagPolicy", "RunningNorm", "ppo_update", "train_ppo_lagrangian"]
+__all__ = ["COSTS", "COST_LIMIT_BY_COST", "ENV_COST", "check_env_cost", "REWARDS", "PPOLagArgs", "PPOLagPolicy", "RunningNorm", "ppo_update", "train_ppo_lagrangian"]
 
 CostKind = Literal["violation", "overrun_frac", "overrun_s"]
 RewardKind = Literal["counterfactual", "expected", "sampled"]
@@ -93,9 +93,10 @@ class PPOLagArgs:
     hidden: int = 64
     """width of the two tanh layers of each network"""
     cost: CostKind = "violation"
-    """the constrained cost: 1 per episode that misses its SLO (``violation``, so the limit is a violation
-    rate), the overrun as a fraction of the SLO (``overrun_frac``) or in seconds (``overrun_s``,
-    ``info["cost"]``)"""
+    """the constrained cost, read from ``info["cost"]`` of an env built with the matching kind
+    (``ENV_COST``: ``MASLatencyCMDPEnv(cost=...)``): 1 per episode that misses its SLO (``violation``, so the
+    limit is a violation rate), the overrun as a fraction of the SLO (``overrun_frac``) or in seconds
+    (``overrun_s``); both overrun kinds need ``cost="overrun"``"""
     reward: RewardKind = "counterfactual"
     """the reward advantage. ``counterfactual``: per call, how much its action changes the probability that the
     final answer is right, every other call as made (``info["quality_by_action"]``; ``A_r = Q_i(a) - sum_a'
@@ -108,10 +109,11 @@ class PPOLagArgs:
     units of quality per unit of cost and a precise, small ``A_r`` is not blown up to unit variance against a
     noisy ``A_c``; ``separate``: OmniSafe's ``(std(A_r) - lambda std(A_c)) / (1 + lambda)``, with which
     counterfactual credit left GSM8K busy at 0.87-0.94 training attainment after 48 epochs"""
-    cost_limit: float = 0.01
-    """d, the bound on the mean episodic cost (0.01: at most 1 % of training episodes late, a margin under the 5 %
-    an SLO of 95 % allows, for the gap between the sampling policy trained and the greedy one deployed, and
-    for bursts that no policy sees coming)"""
+    cost_limit: float | None = None
+    """d, the bound on the mean episodic cost; not given: the cost kind's (``COST_LIMIT_BY_COST``: violation
+    0.01, at most 1 % of training episodes late, a margin under the 5 % an SLO of 95 % allows, for the gap
+    between the sampling policy trained and the greedy one deployed and for bursts no policy sees coming;
+    overrun_frac 0.002 and overrun_s 0.02, the overrun limits that gave comparable attainment)"""
     lagrangian: Literal["gradient", "pid"] = "gradient"
     """the multiplier's update: OmniSafe's gradient ascent (``gradient``) or the PID Lagrangian (``pid``)"""
     lambda_init: float = 0.001
@@ -142,6 +144,8 @@ class PPOLagArgs:
             raise ValueError(f"adv_norm must be 'joint' or 'separate', got {self.adv_norm!r}")
         if self.reward not in REWARDS:
             raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
+        if self.cost_limit is None:
+            object.__setattr__(self, "cost_limit", COST_LIMIT_BY_COST[self.cost])
         if self.cost_limit < 0:
             raise ValueError("cost_limit must be >= 0")
         if not (0 < self.gamma <= 1 and 0 <= self.gae_lambda <= 1 and 0 < self.clip < 1 and self.lr > 0):
@@ -152,13 +156,27 @@ class PPOLagArgs:
 
 REWARDS: tuple[str, ...] = get_args(RewardKind)
 
-#: per cost kind, a call's cost from its step's ``info`` and whether it ended the episode
+#: per cost kind, a call's cost from its step's ``info`` (of an env built with ``cost=ENV_COST[kind]``) and
+#: whether it ended the episode
 COSTS: dict[str, Callable[[dict, bool], float]] = {
     "overrun_frac": lambda info, done: info["cost"] / info["slo_s"],
     "overrun_s": lambda info, done: info["cost"],
-    "violation": lambda info, done: float(done and info["slo_violated"]),
+    "violation": lambda info, done: info["cost"],
 }
+#: the ``MASLatencyCMDPEnv(cost=...)`` kind each of the trainer's costs reads
+ENV_COST: dict[str, str] = {"overrun_frac": "overrun", "overrun_s": "overrun", "violation": "violation"}
+#: the limit d per cost kind when ``cost_limit`` is not given
+COST_LIMIT_BY_COST: dict[str, float] = {"violation": 0.01, "overrun_frac": 0.002, "overrun_s": 0.02}
 assert set(COSTS) == set(get_args(CostKind))
+
+
+def check_env_cost(env, cost: str) -> None:
+    """Raise unless ``env`` hands out ``info["cost"]`` of the kind PPO-Lagrangian's ``cost`` reads."""
+    kind = getattr(env, "cost_kind", None)
+    if kind != ENV_COST[cost]:
+        raise ValueError(f"PPO-Lagrangian's cost {cost!r} reads info['cost'] of an env built with "
+                         f"cost={ENV_COST[cost]!r}; this env has cost={kind!r}: build it with "
+                         f"MASLatencyCMDPEnv(..., cost={ENV_COST[cost]!r})")
 
 
 def train_ppo_lagrangian(env, args: PPOLagArgs = PPOLagArgs(), *, progress: Callable[[int], None] | None = None,
@@ -167,6 +185,7 @@ def train_ppo_lagrangian(env, args: PPOLagArgs = PPOLagArgs(), *, progress: Call
 
     ``progress`` is called with 1 per environment step, ``log`` with each epoch's metrics row."""
     writer = open_tensorboard(args) if args.tensorboard_dir is not None else None
+    check_env_cost(env, args.cost)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([args.seed, ACTION_STREAM])))

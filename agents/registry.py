@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
-__all__ = ["COST_LIMIT_BY_COST", "METHODS", "Method", "MethodSpec", "get_method", "method_names"]
+__all__ = ["METHODS", "Method", "MethodSpec", "get_method", "method_names"]
 
 FAMILIES = ("lamas", "cmdp", "estimators")
 
@@ -58,8 +58,6 @@ class MethodSpec:
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     train: Callable | None = None
     load_policy: Callable[[dict], Any] | None = None
-    derive: Callable[[dict], dict] | None = None
-    """kwargs -> kwargs: defaults that depend on another field (PPO-Lagrangian's cost limit per cost kind)"""
     notes: Mapping[str, str] = field(default_factory=dict)
     """per field, what its help adds to the field's docstring (such a dependent default)"""
 
@@ -77,10 +75,7 @@ class MethodSpec:
         """The method's ``Args`` from the given fields (the rest: the dataclass defaults)."""
         if self.args_type is None:
             raise ValueError(f"{self.name} takes no arguments")
-        kw = {**kwargs, **self.fixed}
-        if self.derive is not None:
-            kw = self.derive(kw)
-        return self.args_type(**kw)
+        return self.args_type(**{**kwargs, **self.fixed})
 
 
 # ------------------------------------------------------------------------------------------ LAMaS family
@@ -111,17 +106,6 @@ def _load_controller(payload: dict, args: Any):
 
 
 # ------------------------------------------------------------------------------------------ CMDP family
-#: PPO-Lagrangian's limit d per cost kind when none is given: 1 % of episodes late (``violation``, as
-#: ``PPOLagArgs.cost_limit``), or the overrun limits that gave comparable attainment (``agents.ppo_lagrangian``)
-COST_LIMIT_BY_COST = {"violation": 0.01, "overrun_frac": 0.002, "overrun_s": 0.02}
-
-
-def _ppo_cost_limit(kw: dict) -> dict:
-    if "cost_limit" not in kw and "cost" in kw:
-        return {**kw, "cost_limit": COST_LIMIT_BY_COST[kw["cost"]]}
-    return kw
-
-
 def _ppo_lagrangian() -> MethodSpec:
     from .lagrange import LAGRANGES
     from .ppo_lagrangian import COSTS, REWARDS, PPOLagArgs, PPOLagPolicy, train_ppo_lagrangian
@@ -131,9 +115,7 @@ def _ppo_lagrangian() -> MethodSpec:
                       choices={"cost": tuple(COSTS), "reward": tuple(REWARDS), "adv_norm": ("joint", "separate"),
                                "lagrangian": tuple(LAGRANGES)},
                       aliases={"total_steps": ("--steps",)}, train=train_ppo_lagrangian,
-                      load_policy=lambda payload: PPOLagPolicy.from_state(payload["state"]), derive=_ppo_cost_limit,
-                      notes={"cost_limit": "Not given: the --cost kind's, " + ", ".join(
-                          f"{k} {v}" for k, v in COST_LIMIT_BY_COST.items()) + "."})
+                      load_policy=lambda payload: PPOLagPolicy.from_state(payload["state"]))
 
 
 def _masrouter() -> MethodSpec:

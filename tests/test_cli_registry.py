@@ -51,7 +51,7 @@ def test_each_method_help_lists_its_own_options_with_the_algorithms_defaults():
     assert "--cost-limit" in ppo and "--lambda-lr" in ppo and "--load {idle,busy,bursty,shift}" in ppo
     assert "--token-weight" not in ppo and "--batch-size" not in ppo, "LAMaS options leak into PPO-Lagrangian"
     assert f"(default: {PPOLagArgs().total_steps:,})" in ppo  # read from PPOLagArgs, not repeated in the CLI
-    assert "--cost {overrun_frac,overrun_s,violation}" in ppo and "--lagrangian {gradient,pid}" in ppo
+    assert "--cost {violation,overrun_frac,overrun_s}" in ppo and "--lagrangian {gradient,pid}" in ppo
     lamas = _help("train", "lamas")
     assert "--token-weight" in lamas and f"(default: {Args().batch_size})" in lamas
     assert "--cost-limit" not in lamas and "--load" not in lamas
@@ -77,7 +77,8 @@ def test_old_spellings_map_onto_the_sub_commands():
 
 
 def test_cost_limit_default_follows_the_cost_kind():
-    from agents.registry import COST_LIMIT_BY_COST, get_method
+    from agents.ppo_lagrangian import COST_LIMIT_BY_COST
+    from agents.registry import get_method
 
     spec = get_method("ppo-lagrangian")
     assert spec.make_args().cost_limit == COST_LIMIT_BY_COST["violation"]

@@ -113,12 +113,13 @@ def _slo_range(st: TrainSetting) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------ training
 def train_cmdp(args, spec) -> int:
     """Train ``spec`` (``agents.registry``) in the ``TrainSetting`` world; write policy.pt and metrics.csv."""
+    from agents.ppo_lagrangian import ENV_COST
     from envs.cmdp import MASLatencyCMDPEnv
 
     st = TrainSetting(**dataclass_kwargs(args, TrainSetting, prefix=SETTING))
     a = spec.make_args(**dataclass_kwargs(args, spec.args_type, prefix=ARGS))
     env = MASLatencyCMDPEnv(st.task, "train", load=st.load, slo_factor=_slo_range(st), estimator=st.estimator,
-                            cost="overrun")  # agents.ppo_lagrangian.COSTS reads the overrun from info["cost"]
+                            cost=ENV_COST[a.cost] if hasattr(a, "cost") else "violation")
     out = args.out or Path("runs") / f"{spec.legacy or spec.name}-{st.task}-{st.load}-{a.seed}"
     if hasattr(a, "total_steps"):
         total, unit = a.total_steps // a.steps_per_epoch * a.steps_per_epoch, "step"
