@@ -79,6 +79,9 @@ class RegistryActor:
         """Bind ``pool`` to a server (replaces an earlier binding; the next call uses it)."""
         self.endpoints[pool] = endpoint if isinstance(endpoint, Endpoint) else Endpoint(url=endpoint)
 
+    def pools(self) -> tuple[str, ...]:
+        return tuple(self.endpoints)
+
     def endpoint(self, pool: str) -> Endpoint:
         ep = self.endpoints.get(pool)
         if ep is None:
@@ -184,6 +187,24 @@ class WorkerActor:
                 "ttft_s": res.chunk_times[0] - res.sent_mono if res.chunk_times else None,
                 "latency_s": clock.mono() - res.sent_mono}
 
+    async def ready(self) -> bool:
+        """Warm up before the clock starts: import the HTTP client, find the registry, and open a connection to
+        every registered endpoint (a cold first call costs a real run hundreds of milliseconds)."""
+        import aiohttp
+
+        from traces.client import stream_request  # noqa: F401
+
+        if self.registry is None:
+            self.registry = import_ray().get_actor(self.registry_name, namespace=self.namespace)
+        for pool in await self.registry.pools.remote():
+            ep = await self.registry.endpoint.remote(pool)
+            try:
+                async with self._session(ep).get(ep.base + "/v1/models") as r:
+                    await r.read()
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                pass   # a dead endpoint is the calls' business (retried, then reported), not the warm-up's
+        return True
+
     def stats(self) -> dict:
         return dict(self.counts)
 
@@ -282,7 +303,7 @@ class APWAOnRay:
         worker_cls = ray.remote(num_cpus=0, max_restarts=1, max_task_retries=0)(WorkerActor)
         self.workers = [worker_cls.options(max_concurrency=self.worker_concurrency).remote(
             self.registry_name, ns, max_attempts=self.max_attempts) for _ in range(self.num_workers)]
-        ray.get([w.stats.remote() for w in self.workers] + [self.registry_actor.names.remote()])
+        ray.get([w.ready.remote() for w in self.workers])
         return self
 
     def run(self, cfg: APWAConfig, workload: str, num_items: int, seed: int,
