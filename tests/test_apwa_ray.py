@@ -5,15 +5,20 @@ cannot start)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from envs.apwa import APWAConfig, APWARun, Decomposition, default_registry
 
-from .standin import serving
+from .standin import last_json_line, serving
 
-pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 def _world():
@@ -30,6 +35,7 @@ def _closed_port_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
+@pytest.mark.ray
 def test_apwa_plan_runs_with_ray_actor_workers_on_a_live_server():
     import ray
 
@@ -66,6 +72,7 @@ async def _served_model(url: str) -> str:
         return (await served_model(s, url))["id"]
 
 
+@pytest.mark.ray
 def test_worker_retries_a_dead_endpoint_then_uses_one_registered_at_run_time():
     """A worker sends a call to a closed port ``max_attempts`` times and reports the failure; once the pool is
     re-registered to the live server, the next call through the same actors is served."""
@@ -85,3 +92,31 @@ def test_worker_retries_a_dead_endpoint_then_uses_one_registered_at_run_time():
             good = ray.get(w.call.remote(m8.name, model, [1000] * 8, 4))
             assert good["error"] is None and good["attempts"] == 1 and good["output_tokens"] == 4
             assert ray.get(w.stats.remote()) == {"calls": 2, "attempts": 4, "failed": 1}
+
+
+def _maslat(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "maslat", *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_apwa_ray_module_does_not_import_ray_and_live_mode_names_bad_pools():
+    r = subprocess.run([sys.executable, "-c", "import sys, maslat.apwa_ray; print('ray' in sys.modules)"], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+    bad = _maslat("experiment", "apwa", "--live-endpoint", "gpt-4=http://127.0.0.1:9", "--items", "4", "--seeds", "1")
+    assert bad.returncode == 2 and "unknown model pools ['gpt-4']" in bad.stderr and "llama-3.1-8b" in bad.stderr
+
+
+@pytest.mark.ray
+def test_cli_live_mode_on_ray_reports_live_and_simulated_figures():
+    m8, _ = _world()
+    with serving("--profile", m8.profile, "--replicas", "2", "--time-scale", "0.2") as srv:
+        out = _maslat("experiment", "apwa", "--live-endpoint", f"{m8.name}={srv.url}", "--items", "8", "--seeds", "1",
+                      "--workload", "redact", "--ray", "--ray-cpus", "2", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = last_json_line(out.stdout)
+    assert res["mode"] == "live" and res["ray"] == "local" and len(res["runs"]) == 1
+    run = res["runs"][0]
+    assert run["engines"] == {m8.name: 2} and run["live"]["structural_completeness"] == 1.0
+    assert run["live"]["num_calls"] == run["simulated"]["num_calls"] > 0
+    assert 0.3 < run["live"]["makespan_s"] / run["simulated"]["makespan_s"] < 3.0, run
