@@ -14,7 +14,8 @@ The same ``envs.apwa`` executor and plan as the simulated run (``APWARun``), wit
   ``max_model_len``) is final and goes back to the executor as a rejected call, which splits the group.
 
 The driver (``APWAOnRay.run``) is ``maslat.livebackend.LiveBackend`` whose ``submit`` sends the call to the
-worker actor with the fewest calls in flight instead of opening the HTTP stream itself; everything else (the
+worker actor with the fewest calls in flight instead of opening the HTTP stream itself (a worker that dies
+leaves the rotation and its calls go to another); everything else (the
 wall clock over the servers' ``maslat:time_scale``, ``/metrics`` scraping, the SimPy protocol on asyncio) is
 LiveBackend's. So the plan, its groups, the merge tree, the bounded concurrency (``Decomposition.max_in_flight``)
 and the summary fields are those of the simulated run for the same seed and N.
@@ -35,7 +36,7 @@ from typing import Any
 from envs.apwa import APWAConfig, APWARun, Decomposition, RunResult
 from envs.apwa.registry import Capability, CapabilityRegistry, default_registry
 
-from .livebackend import CallResult, Endpoint, LiveBackend
+from .livebackend import TTFT_EMA_ALPHA, CallResult, Endpoint, LiveBackend
 from .ray_runner import RayMap, import_ray
 
 __all__ = ["REGISTRY_NAME", "APWAOnRay", "RayWorkersBackend", "RegistryActor", "RegistryClient", "WorkerActor"]
@@ -225,6 +226,7 @@ class RayWorkersBackend(LiveBackend):
             raise ValueError("RayWorkersBackend needs at least one worker actor")
         self.workers = list(workers)
         self.worker_in_flight = [0] * len(self.workers)
+        self.dead: set[int] = set()
         self.transport_retries = 0
 
     def submit(self, pool: str, prompt_tokens: int, max_tokens: int, prompt_segments=None) -> asyncio.Task:
@@ -232,16 +234,29 @@ class RayWorkersBackend(LiveBackend):
             raise ValueError(f"no endpoint for model pool {pool!r}; endpoints: {sorted(self.pools)}")
         return self.loop.create_task(self._remote_call(pool, prompt_tokens, max_tokens, prompt_segments))
 
+    async def _on_a_worker(self, pool: str, model: str, ids: list[int], max_tokens: int) -> dict:
+        """The call on the live worker with the fewest calls in flight; a worker that dies (``RayActorError``)
+        leaves the rotation and the call goes to the next one; with none left the call fails."""
+        ray = import_ray()
+        error = "no live worker actor"
+        while len(self.dead) < len(self.workers):
+            k = min((i for i in range(len(self.workers)) if i not in self.dead), key=self.worker_in_flight.__getitem__)
+            self.worker_in_flight[k] += 1
+            try:
+                return await self.workers[k].call.remote(pool, model, ids, max_tokens)
+            except ray.exceptions.RayActorError as e:
+                self.dead.add(k)
+                error = f"worker actor {k} died: {type(e).__name__}"
+            finally:
+                self.worker_in_flight[k] -= 1
+        return {"error": error, "status": None, "attempts": 1, "prompt_tokens": len(ids), "output_tokens": 0,
+                "ttft_s": None, "latency_s": 0.0}
+
     async def _remote_call(self, name: str, prompt_tokens: int, max_tokens: int, segments) -> CallResult:
         pool = self.pools[name]
         ids = self._prompt(pool, prompt_tokens, segments)
-        k = min(range(len(self.workers)), key=self.worker_in_flight.__getitem__)
-        self.worker_in_flight[k] += 1
         pool.stats["calls"] += 1
-        try:
-            r = await self.workers[k].call.remote(name, pool.model, ids, int(max_tokens))
-        finally:
-            self.worker_in_flight[k] -= 1
+        r = await self._on_a_worker(name, pool.model, ids, int(max_tokens))
         self.transport_retries += r["attempts"] - 1
         if r["error"] is not None:
             pool.stats["failed"] += 1
@@ -251,7 +266,7 @@ class RayWorkersBackend(LiveBackend):
         scale = self.clock.time_scale
         ttft = r["ttft_s"] / scale
         e = pool.ttft_ema_s
-        pool.ttft_ema_s = ttft if e is None else 0.2 * ttft + 0.8 * e
+        pool.ttft_ema_s = ttft if e is None else TTFT_EMA_ALPHA * ttft + (1 - TTFT_EMA_ALPHA) * e
         return CallResult(None, r["prompt_tokens"], r["output_tokens"], ttft, r["latency_s"] / scale)
 
 
@@ -321,6 +336,7 @@ class APWAOnRay:
                           backend=be).run(method, decomposition)
         finally:
             self.last_backend_stats = {"pools": be.stats(), "transport_retries": be.transport_retries,
+                                       "dead_workers": sorted(be.dead),
                                        "wall_s": time.monotonic() - t0, "time_scale": be.time_scale}
             be.close()
         return res
@@ -332,7 +348,11 @@ class APWAOnRay:
         """Kill the actors; stop the cluster if this object started it."""
         if self.registry_actor is not None:
             ray = import_ray()
-            ray.get([w.close.remote() for w in self.workers])
+            for w in self.workers:
+                try:
+                    ray.get(w.close.remote())
+                except ray.exceptions.RayActorError:
+                    pass   # already dead: nothing left to close
             for a in (*self.workers, self.registry_actor):
                 ray.kill(a)
             self.registry_actor, self.workers = None, []

@@ -52,6 +52,11 @@ def test_apwa_plan_runs_with_ray_actor_workers_on_a_live_server():
             assert ray.get(reg.in_flight.remote()) == {m8.name: 0}   # every bind released
             stats = live.worker_stats()
             backend = live.last_backend_stats
+            ray.kill(live.workers[0], no_restart=True)               # a worker dies: the other takes its calls
+            again = live.run(cfg, "extract", 8, seed=1, decomposition=d)
+            assert live.last_backend_stats["dead_workers"] == [0]
+    sim8 = APWARun(cfg, "extract", 8, seed=1, registry=default_registry((m8.name,))).run("apwa", d)
+    assert again.complete and (again.num_calls, again.tokens) == (sim8.num_calls, sim8.tokens)
     a, b = res.summary(), sim.summary()
     for k in ("num_calls", "prompt_tokens", "completion_tokens", "tokens", "structural_completeness",
               "semantic_utility", "width", "depth", "lost_items", "rejected_calls"):
