@@ -322,13 +322,20 @@ class APWAOnRay:
         return self
 
     def run(self, cfg: APWAConfig, workload: str, num_items: int, seed: int,
-            decomposition: Decomposition | None = None, method: str = "apwa") -> RunResult:
+            decomposition: Decomposition | None = None, method: str = "apwa",
+            registry: CapabilityRegistry | None = None) -> RunResult:
         """One method over a table of ``num_items`` rows of ``workload`` (the simulated run's table and plan
-        for ``seed``), its calls on the worker actors. Pools: ``cfg``'s model names, each with an endpoint."""
+        for ``seed``), its calls on the worker actors. Pools: ``cfg``'s model names, each with an endpoint.
+        ``registry``'s capabilities (default: ``APWARun``'s, workers on ``cfg.worker_pools`` or the first
+        pool) are registered into the registry actor first, replacing those of the same name."""
         self.start()
-        missing = [m.name for m in cfg.model_entries if m.name not in self.endpoints]
+        pools = tuple(m.name for m in cfg.model_entries)
+        missing = [p for p in pools if p not in self.endpoints]
         if missing:
             raise ValueError(f"no endpoint for model pools {missing}; endpoints given: {sorted(self.endpoints)}")
+        reg = registry if registry is not None else default_registry(pools, workers=cfg.worker_pools or pools[:1])
+        ray = import_ray()
+        ray.get([self.registry_actor.register.remote(reg.get(n)) for n in reg.names()])
         be = RayWorkersBackend({m.name: self.endpoints[m.name] for m in cfg.model_entries}, self.workers)
         t0 = time.monotonic()
         try:
