@@ -5,7 +5,8 @@ The same ``envs.apwa`` executor and plan as the simulated run (``APWARun``), wit
 * ``RegistryActor``: the capability registry as a **named** actor (``REGISTRY_NAME``, found with
   ``ray.get_actor``). It holds capability -> pools (``envs.apwa.registry.CapabilityRegistry``: ``bind`` picks
   the pool with the fewest calls in flight) and pool -> endpoint bindings, both registered at run time: a
-  re-registered endpoint is used by the next call of every worker.
+  capability is re-bound for the next call; a re-registered endpoint is used by every worker within
+  ``endpoint_ttl_s`` (1 s), and at once after a failed send.
 * ``WorkerActor``: an async actor that executes one subproblem call at a time per coroutine (up to
   ``max_concurrency`` at once): it asks the registry for the pool's endpoint and streams an OpenAI-compatible
   ``/v1/completions`` request (``traces.client.stream_request``, as ``maslat.livebackend`` and ``vllm bench
@@ -136,16 +137,20 @@ class WorkerActor:
         max_attempts: sends of a call before a transport failure is final.
         backoff_s: wait before the second send (doubles each time).
         request_timeout_s: wall seconds one send may take.
+        endpoint_ttl_s: wall seconds a pool's endpoint is reused before the registry is asked again (a failed
+            send always asks again, so a re-registered endpoint is used by the next send after a failure).
     """
 
     def __init__(self, registry_name: str = REGISTRY_NAME, namespace: str | None = None, *, max_attempts: int = 3,
-                 backoff_s: float = 0.05, request_timeout_s: float = 600.0):
+                 backoff_s: float = 0.05, request_timeout_s: float = 600.0, endpoint_ttl_s: float = 1.0):
         if max_attempts < 1 or backoff_s < 0 or not request_timeout_s > 0:
             raise ValueError("WorkerActor needs max_attempts >= 1, backoff_s >= 0 and request_timeout_s > 0")
         self.registry_name, self.namespace = registry_name, namespace
         self.max_attempts, self.backoff_s, self.request_timeout_s = max_attempts, backoff_s, request_timeout_s
         self.sessions: dict[tuple[str, str | None], Any] = {}
         self.registry = None
+        self.endpoint_ttl_s = endpoint_ttl_s
+        self.cached: dict[str, tuple[Endpoint, float]] = {}
         self.counts = {"calls": 0, "attempts": 0, "failed": 0}
 
     def _session(self, ep: Endpoint):
@@ -160,6 +165,15 @@ class WorkerActor:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
         return self.sessions[key]
 
+    async def _endpoint(self, pool: str) -> Endpoint:
+        """The pool's endpoint, asked of the registry at most every ``endpoint_ttl_s`` and after every failed
+        send (each ask is a round trip through another process: on a busy host it costs milliseconds)."""
+        hit = self.cached.get(pool)
+        now = time.monotonic()
+        if hit is None or now - hit[1] > self.endpoint_ttl_s:
+            hit = self.cached[pool] = (await self.registry.endpoint.remote(pool), now)
+        return hit[0]
+
     async def call(self, pool: str, model: str, token_ids: list[int], max_tokens: int) -> dict:
         """One call: ``{"error", "status", "attempts", "prompt_tokens", "output_tokens", "ttft_s",
         "latency_s"}`` (wall seconds of the last send; ``error`` is ``None`` when it was served)."""
@@ -170,7 +184,7 @@ class WorkerActor:
         self.counts["calls"] += 1
         body, clock = completion_body(model, list(token_ids), int(max_tokens)), Clock(1.0)
         for attempt in range(1, self.max_attempts + 1):
-            ep = await self.registry.endpoint.remote(pool)   # looked up per send: re-registration applies at once
+            ep = await self._endpoint(pool)
             self.counts["attempts"] += 1
             res = StreamResult(sent_mono=clock.mono(), sent_epoch=clock.epoch())
             try:
@@ -178,6 +192,8 @@ class WorkerActor:
                                        self.request_timeout_s)
             except TimeoutError:
                 res.error = f"no answer within {self.request_timeout_s} s"
+            if not res.ok:
+                self.cached.pop(pool, None)   # look the pool up again: it may have been re-registered
             if res.ok or not _retryable(res.status) or attempt == self.max_attempts:
                 break
             await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))

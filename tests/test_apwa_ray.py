@@ -114,14 +114,21 @@ def test_apwa_ray_module_does_not_import_ray_and_live_mode_names_bad_pools():
 
 @pytest.mark.ray
 def test_cli_live_mode_on_ray_reports_live_and_simulated_figures():
-    m8, _ = _world()
-    with serving("--profile", m8.profile, "--replicas", "2", "--time-scale", "0.2") as srv:
-        out = _maslat("experiment", "apwa", "--live-endpoint", f"{m8.name}={srv.url}", "--items", "8", "--seeds", "1",
-                      "--workload", "redact", "--ray", "--ray-cpus", "2", "--json")
+    """Two pools (8B workers, the 70B manager), each its own server: the live plan binds the pools the simulated
+    one binds (the same modelled utility, which depends on each call's model), on Ray worker actors."""
+    from envs.cmdp_catalog import default_models
+
+    m8, m70 = default_models()
+    with serving("--profile", m8.profile, "--replicas", "2", "--time-scale", "0.2") as s8, \
+            serving("--profile", m70.profile, "--time-scale", "0.2") as s70:
+        out = _maslat("experiment", "apwa", "--live-endpoint", f"{m8.name}={s8.url}", "--live-endpoint",
+                      f"{m70.name}={s70.url}", "--items", "8", "--seeds", "1", "--workload", "summarise", "--ray",
+                      "--ray-cpus", "2", "--json")
     assert out.returncode == 0, out.stderr[-3000:]
     res = last_json_line(out.stdout)
     assert res["mode"] == "live" and res["ray"] == "local" and len(res["runs"]) == 1
     run = res["runs"][0]
-    assert run["engines"] == {m8.name: 2} and run["live"]["structural_completeness"] == 1.0
-    assert run["live"]["num_calls"] == run["simulated"]["num_calls"] > 0
-    assert 0.3 < run["live"]["makespan_s"] / run["simulated"]["makespan_s"] < 3.0, run
+    live, sim = run["live"], run["simulated"]
+    assert run["engines"] == {m8.name: 2, m70.name: 1} and live["structural_completeness"] == 1.0
+    assert live["num_calls"] == sim["num_calls"] > 0 and live["semantic_utility"] == sim["semantic_utility"]
+    assert 0.3 < live["makespan_s"] / sim["makespan_s"] < 3.0, run
