@@ -28,6 +28,9 @@ def add_apwa_args(p) -> None:
     g.add_argument("--items", default="10,30,100,300", help="apwa: comma-separated table sizes N (default 10,30,100,300)")
     g.add_argument("--workload", default="summarise", help="apwa: summarise | extract | redact")
     g.add_argument("--apwa-load", default="idle", help="apwa: background regime idle | busy | bursty | shift")
+    g.add_argument("--live-endpoint", action="append", default=None, metavar="[POOL=]URL",
+                   help="apwa: run the plans live on this OpenAI-compatible server (repeat per model pool: "
+                        "llama-3.1-8b, llama-3.1-70b); with --ray the workers are Ray actors (default method: apwa)")
 
 
 def _items(text: str) -> list[int]:
@@ -76,6 +79,10 @@ def experiment_apwa(args) -> int:
     if args.out:
         output_path(args.out, (".json",), what="--out")
     items = _items(args.items)
+    if args.live_endpoint:
+        from .experiment_apwa_live import experiment_apwa_live
+
+        return experiment_apwa_live(args, items)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     methods = args.methods
     t0 = time.perf_counter()
