@@ -1,4 +1,4 @@
-"""The README's RLlib example, run as written: PPO on MASLatency-v0 and MASLatency-CMDP-v0 with a remote
+"""The README's RLlib example, run as written: PPO on MASLatency-v0, MASLatency-CMDP-v0 and MASLatency-APWA-v0 with a remote
 env runner (the ``envs:`` id imported there) and the Dict observation flattened. Needs the ``ray`` extra."""
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ def readme_example() -> str:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_readme_rllib_example_trains_both_envs(tmp_path):
+def test_readme_rllib_example_trains_every_env(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", readme_example()], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    lines = re.findall(r"^(MASLatency-(?:CMDP-)?v0) iteration (\d): (\d+) episodes, mean return (\S+)$", r.stdout, re.M)
+    lines = re.findall(r"^(MASLatency-(?:CMDP-|APWA-)?v0) iteration (\d): (\d+) episodes, mean return (\S+)$", r.stdout, re.M)
     assert [(e, int(i)) for e, i, _, _ in lines] == [("MASLatency-v0", 0), ("MASLatency-v0", 1),
-                                                     ("MASLatency-CMDP-v0", 0), ("MASLatency-CMDP-v0", 1)], r.stdout
+                                                     ("MASLatency-CMDP-v0", 0), ("MASLatency-CMDP-v0", 1),
+                                                     ("MASLatency-APWA-v0", 0), ("MASLatency-APWA-v0", 1)], r.stdout
     for _, _, n, ret in lines:
         assert int(n) > 0 and math.isfinite(float(ret)), r.stdout
