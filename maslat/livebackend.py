@@ -129,9 +129,11 @@ class _Event:
 
 
 @functools.lru_cache(maxsize=4096)
-def _segment_tokens(content_id: int, n: int) -> tuple[int, ...]:
-    """The token ids of ``n`` tokens of content ``content_id``: the same wherever the content appears."""
-    g = np.random.Generator(np.random.PCG64(np.random.SeedSequence([content_id & (2**63 - 1), n])))
+def _segment_tokens(content_id: int, n: int, salt: int = 0) -> tuple[int, ...]:
+    """The token ids of ``n`` tokens of content ``content_id``: the same wherever the content appears (within
+    one ``salt``: another salt gives other ids, so a server's prefix cache from an earlier run cannot hit)."""
+    words = [content_id & (2**63 - 1), n] + ([salt] if salt else [])
+    g = np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
     return tuple(g.integers(_TOKEN_LOW, _TOKEN_HIGH, n).tolist())
 
 
@@ -154,16 +156,21 @@ class LiveBackend:
         endpoints: model pool name -> ``Endpoint`` (or its URL).
         scrape_interval_s: server seconds between scrapes of each ``/metrics``.
         request_timeout_s: a call taking longer (server seconds) fails.
+        prompt_salt: mixed into every prompt's token ids (0: none). The same content still gives the same ids
+            within a run (prefix sharing as in the simulator), but a server that served an earlier run with
+            another salt holds none of them in its prefix cache: a validation against a simulator that starts
+            cold must start the live server cold too (``maslat.validation`` draws a fresh salt per run).
     """
 
     def __init__(self, endpoints: Mapping[str, Endpoint | str], *, scrape_interval_s: float = 0.5,
-                 request_timeout_s: float = 600.0):
+                 request_timeout_s: float = 600.0, prompt_salt: int = 0):
         if not endpoints:
             raise ValueError("LiveBackend needs at least one endpoint")
         if not scrape_interval_s > 0 or not request_timeout_s > 0:
             raise ValueError("scrape_interval_s and request_timeout_s must be positive")
         self.pools = {p: _Pool(e if isinstance(e, Endpoint) else Endpoint(url=e)) for p, e in endpoints.items()}
         self.scrape_interval_s, self.request_timeout_s = scrape_interval_s, request_timeout_s
+        self.prompt_salt = int(prompt_salt)
         self.loop = asyncio.new_event_loop()
         self.clock = Clock(1.0)
         self.time_scale: float | None = None
@@ -182,7 +189,8 @@ class LiveBackend:
         the clock. ``seed`` only seeds the token ids of prompts without content segments."""
         if self._sessions is None:
             self.loop.run_until_complete(self._open())
-        self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 271828])))
+        salt = [self.prompt_salt] if self.prompt_salt else []
+        self._rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 271828, *salt])))
         self.clock = Clock(self.time_scale)
 
     async def _open(self) -> None:
@@ -321,7 +329,7 @@ class LiveBackend:
     def _prompt(self, pool: _Pool, prompt_tokens: int, segments) -> list[int]:
         ids: list[int] = []
         for content_id, n in segments or ():
-            ids.extend(_segment_tokens(int(content_id), int(n)))
+            ids.extend(_segment_tokens(int(content_id), int(n), self.prompt_salt))
         if len(ids) < prompt_tokens:
             ids.extend(self._rng.integers(_TOKEN_LOW, _TOKEN_HIGH, prompt_tokens - len(ids)).tolist())
         return ids[:prompt_tokens]

@@ -31,6 +31,7 @@ actions; only this layer knows the call never produced an answer). Such queries 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -146,7 +147,7 @@ def validate_policy(args, controller, endpoints: dict, *, split: str = "test", n
         return MASLatencyEnv(args.task, split, execution=method.execution, variant=method.variant,
                              num_layers=args.num_layers, **kw)
 
-    backend = LiveBackend(endpoints, request_timeout_s=request_timeout_s)
+    backend = LiveBackend(endpoints, request_timeout_s=request_timeout_s, prompt_salt=fresh_prompt_salt())
 
     def done(info: dict) -> None:
         if partial is not None:
@@ -176,7 +177,8 @@ def validate_policy(args, controller, endpoints: dict, *, split: str = "test", n
     simulated = sim_env.rollout(ReplayPolicy(recorder.actions), queries, concurrency=concurrency)
     return {"method": args.method, "task": args.task, "split": split, "queries": n, "concurrency": concurrency,
             "seed": args.seed, **compare(live, simulated),
-            "live": {"endpoints": stats, "time_scale": time_scale, "wall_s": live_wall_s},
+            "live": {"endpoints": stats, "time_scale": time_scale, "wall_s": live_wall_s,
+                     "prompt_salt": backend.prompt_salt},
             "simulated": {"profile": cluster.profile, "replicas": cluster.replicas, "router": cluster.router,
                           "background_rate_per_s": cluster.background_rate_per_s,
                           "wall_s": time.perf_counter() - t0},
@@ -233,6 +235,13 @@ def _cmdp_summary(rows: list[dict]) -> dict:
             "cost_usd_per_query": float(np.mean([r["cost_usd"] for r in rows])),
             "latency_mean_s": float(lat.mean()), "latency_p90_s": float(np.percentile(lat, 90)),
             "slo_attainment": float(ok.mean()), "goodput": float(np.mean((q > 0) & ok))}
+
+
+def fresh_prompt_salt() -> int:
+    """A salt no earlier run used (``LiveBackend(prompt_salt=...)``): the simulated replay starts with an empty
+    prefix cache, so the live run must not find its prompts cached by an earlier validation on the same server.
+    Drawn from the OS on purpose: it only renames synthetic token ids; every figure compared is unaffected."""
+    return int.from_bytes(os.urandom(4), "little") | 1
 
 
 def compare_cmdp(live: Sequence[dict], simulated: Sequence[dict]) -> dict:
@@ -297,7 +306,7 @@ def validate_cmdp_policy(policy, endpoints: dict, *, task: str, name: str = "pol
             if f is not None:
                 f(info)
 
-    backend = LiveBackend(endpoints, request_timeout_s=request_timeout_s)
+    backend = LiveBackend(endpoints, request_timeout_s=request_timeout_s, prompt_salt=fresh_prompt_salt())
     live_env = make_env(backend=backend)
     try:
         live_env.start_world(seed)
@@ -320,7 +329,7 @@ def validate_cmdp_policy(policy, endpoints: dict, *, task: str, name: str = "pol
     simulated = sim_env.rollout(_CMDPReplay(recorder.actions), list(range(n)), concurrency=concurrency)
     return {"method": name, "env": "MASLatency-CMDP-v0", "task": task, "split": split, "queries": n,
             "concurrency": concurrency, "seed": seed, "slo_factor": slo_factor, **compare_cmdp(live, simulated),
-            "live": {"endpoints": stats, "time_scale": time_scale, "wall_s": live_wall_s,
+            "live": {"endpoints": stats, "time_scale": time_scale, "wall_s": live_wall_s, "prompt_salt": backend.prompt_salt,
                      "decision_s_per_query": decision_s / max(n, 1)},
             "simulated": {"profiles": {m.name: m.profile for m in models}, "replicas": reps,
                           "wall_s": time.perf_counter() - t0}}
