@@ -11,7 +11,7 @@ from gymnasium import spaces
 from .apwa import WORKLOADS, APWAConfig, APWARun, Decomposition, RunResult, apwa_sim_backend, pool_states
 from .backend import Backend
 from .cmdp_catalog import ModelEntry
-from .decision import DecisionEnv, Episode
+from .decision import DecisionEnv, Episode, observation_space
 from .infos import APWAFinalInfo, APWAResetInfo
 
 __all__ = ["FAN_INS", "GROUP_SIZES", "IN_FLIGHT", "MASLatencyAPWAEnv"]
@@ -128,12 +128,7 @@ class MASLatencyAPWAEnv(DecisionEnv):
             "workload": spaces.Discrete(len(_WORKLOAD_NAMES)),
         })
         self.flatten_obs = flatten_obs
-        if flatten_obs:
-            flat = spaces.flatten_space(self.dict_space)
-            self.observation_space = spaces.Box(flat.low.astype(np.float32), flat.high.astype(np.float32),
-                                                dtype=np.float32)
-        else:
-            self.observation_space = self.dict_space
+        self.observation_space = observation_space(self.dict_space, flatten_obs)
         self.render_mode = render_mode
         self._init_decisions(backend if backend is not None else apwa_sim_backend(self.cfg),
                              num_queries=len(self.cases), shuffle=shuffle)

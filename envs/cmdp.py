@@ -16,7 +16,7 @@ from .cluster import BackgroundTrace
 from .cmdp_catalog import ROLE_NAMES, STRATEGY_NAMES, ModelEntry, default_models, model_accuracy
 from .cmdp_query import QueryState
 from .cmdp_world import build_cmdp_world, unloaded_latency_s
-from .decision import DecisionEnv, Episode
+from .decision import DecisionEnv, Episode, observation_space
 from .embeddings import EMBED_DIM
 from .estimators import NUM_SYSTEM, load_estimator
 from .infos import CMDPFinalInfo
@@ -207,12 +207,7 @@ class MASLatencyCMDPEnv(DecisionEnv):
             "system": spaces.Box(0.0, np.inf, (nm * NUM_SYSTEM,), np.float32),
             "topology": spaces.Discrete(len(MODES)),
         })
-        if flatten_obs:
-            flat = spaces.flatten_space(self.dict_space)
-            self.observation_space = spaces.Box(flat.low.astype(np.float32), flat.high.astype(np.float32),
-                                                dtype=np.float32)
-        else:
-            self.observation_space = self.dict_space
+        self.observation_space = observation_space(self.dict_space, flatten_obs)
         self.render_mode = render_mode
         self._sys = np.zeros((nm, NUM_SYSTEM))
         self._init_decisions(backend if backend is not None else SimBackend(build=self._build_world),

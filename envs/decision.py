@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
 
 from .backend import Backend
 from .nocopy import NotCopyable
@@ -76,6 +78,14 @@ class Episode:
     info: dict | None = None
     decide: Callable | None = None
     on_finish: Callable | None = None
+
+
+def observation_space(dict_space: spaces.Dict, flatten: bool) -> spaces.Space:
+    """The env's observation space: ``dict_space`` itself, or its flat float32 ``Box`` (``flatten_obs=True``)."""
+    if not flatten:
+        return dict_space
+    flat = spaces.flatten_space(dict_space)
+    return spaces.Box(flat.low.astype(np.float32), flat.high.astype(np.float32), dtype=np.float32)
 
 
 class DecisionEnv(NotCopyable, gym.Env):

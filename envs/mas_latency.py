@@ -11,7 +11,7 @@ from gymnasium import spaces
 
 from .backend import BACKEND_POOL, Backend, SimBackend
 from .cluster import ClusterConfig
-from .decision import DecisionEnv, Episode
+from .decision import DecisionEnv, Episode, observation_space
 from .embeddings import EMBED_DIM
 from .infos import MASFinalInfo
 from .operators import CONSTANTS, GENERATE_TYPE, operator_set, quality
@@ -158,12 +158,7 @@ class MASLatencyEnv(DecisionEnv):
             "progress": spaces.Box(0.0, np.inf, (4,), np.float32),
             "query": spaces.Box(-1.0, 1.0, (EMBED_DIM,), np.float32),
         })
-        if flatten_obs:
-            flat = spaces.flatten_space(self.dict_space)
-            self.observation_space = spaces.Box(flat.low.astype(np.float32), flat.high.astype(np.float32),
-                                                dtype=np.float32)
-        else:
-            self.observation_space = self.dict_space
+        self.observation_space = observation_space(self.dict_space, flatten_obs)
         self.render_mode = render_mode
         self.ledger_usd = 0.0      # cumulative $ of every call finished in this world (LAMaS's CostManager)
         self._init_decisions(self.backend, num_queries=len(self.queries), shuffle=shuffle)
