@@ -129,25 +129,11 @@ def run(args) -> int:
     except (KeyboardInterrupt, Exception) as e:
         _save_partial(args, partial, e)
         raise
-    if args.out is not None:
-        write_text(args.out, json.dumps(_clean(out), indent=1) + "\n")
-    print(f"{out['method']} on {out['task']} {out['split']}: {out['queries']} queries at concurrency "
-          f"{out['concurrency']}; live {', '.join(e['url'] for e in out['live']['endpoints'].values())} "
-          f"(time scale {out['live']['time_scale']:g}) vs simulated {out['simulated']['profile']} x "
-          f"{out['simulated']['replicas']}")
-    print(_table(out))
-    pq, b = out["per_query_cp_seconds_error_pct"], out["bar"]
-    print(f"per query, CP seconds error: median |e| {_pct(pq['median_abs'])}, p90 {_pct(pq['p90_abs'])}; "
-          f"mismatched queries {sum(out['mismatched_queries'].values())}; failed live calls {out['failed_live_calls']}")
-    print(f"bar |error| <= {b['threshold_pct']:g} % on {'/'.join(b['on'])}: {'PASS' if b['passed'] else 'FAIL'} "
-          f"(worst {b['worst']} {_pct(b['worst_error_pct'])})")
-    if out["failed_live_calls"]:
-        print(f"maslat validate-policy: {out['failed_live_calls']} live call(s) failed in "
-              f"{out['queries_with_failed_calls']} of {out['queries']} queries (scored as failures): "
-              f"{out['live']['endpoints']}", file=sys.stderr)
-    if args.json:
-        emit_json(out)
-    return 1 if out["failed_live_calls"] else 0
+    header = (f"{out['method']} on {out['task']} {out['split']}: {out['queries']} queries at concurrency "
+              f"{out['concurrency']}; live {', '.join(e['url'] for e in out['live']['endpoints'].values())} "
+              f"(time scale {out['live']['time_scale']:g}) vs simulated {out['simulated']['profile']} x "
+              f"{out['simulated']['replicas']}")
+    return _report(args, out, header, "per_query_cp_seconds_error_pct", "CP seconds")
 
 
 def _is_cmdp(args) -> bool:
@@ -186,15 +172,21 @@ def _run_cmdp(args) -> int:
         _save_partial(args, [{"query": x["query"], "score": x["quality"], "cp_seconds": x["latency_s"],
                               "llm_calls": x["num_calls"], "rejected_calls": x["rejected_calls"]} for x in partial], e)
         raise
+    urls = ", ".join(f"{k}={e['url']}" for k, e in out["live"]["endpoints"].items())
+    header = (f"{out['method']} on {out['task']} {out['split']} (MASLatency-CMDP-v0): {out['queries']} queries at "
+              f"concurrency {out['concurrency']}; live {urls} "
+              f"(time scale {out['live']['time_scale']:g}) vs simulated {out['simulated']['replicas']}")
+    return _report(args, out, header, "per_query_latency_error_pct", "end-to-end seconds")
+
+
+def _report(args, out: dict, header: str, error_key: str, label: str) -> int:
+    """Save ``--out``, print the header, the table, the per-query error and the bar verdict; exit 1 on failed calls."""
     if args.out is not None:
         write_text(args.out, json.dumps(_clean(out), indent=1) + "\n")
-    urls = ", ".join(f"{k}={e['url']}" for k, e in out["live"]["endpoints"].items())
-    print(f"{out['method']} on {out['task']} {out['split']} (MASLatency-CMDP-v0): {out['queries']} queries at "
-          f"concurrency {out['concurrency']}; live {urls} "
-          f"(time scale {out['live']['time_scale']:g}) vs simulated {out['simulated']['replicas']}")
+    print(header)
     print(_table(out))
-    pq, b = out["per_query_latency_error_pct"], out["bar"]
-    print(f"per query, end-to-end seconds error: median |e| {_pct(pq['median_abs'])}, p90 {_pct(pq['p90_abs'])}; "
+    pq, b = out[error_key], out["bar"]
+    print(f"per query, {label} error: median |e| {_pct(pq['median_abs'])}, p90 {_pct(pq['p90_abs'])}; "
           f"mismatched queries {sum(out['mismatched_queries'].values())}; failed live calls {out['failed_live_calls']}")
     print(f"bar |error| <= {b['threshold_pct']:g} % on {'/'.join(b['on'])}: {'PASS' if b['passed'] else 'FAIL'} "
           f"(worst {b['worst']} {_pct(b['worst_error_pct'])})")
