@@ -265,8 +265,8 @@ class MASLatencyEnv(DecisionEnv):
 
     @staticmethod
     def _layer_info(names, cps, secs, contrib, seconds, dups) -> dict:
-        b = int(np.argmax(cps)) if cps else -1
-        bs = int(np.argmax(secs)) if secs else -1
+        b = max(range(len(cps)), key=cps.__getitem__) if cps else -1       # the first maximum (np.argmax's)
+        bs = max(range(len(secs)), key=secs.__getitem__) if secs else -1
         return {"ops": list(names), "cp_tokens": cps, "op_seconds": secs, "cp_tokens_layer": contrib,
                 "seconds": seconds, "bottleneck": names[b] if b >= 0 else None, "bottleneck_index": b,
                 "bottleneck_seconds": names[bs] if bs >= 0 else None, "ignored_duplicates": dups}
@@ -323,6 +323,10 @@ class MASLatencyEnv(DecisionEnv):
         """Integer-valued floats are accepted (a policy's float tensor of indices), and any shape holding
         exactly K entries (a batch of one)."""
         k = len(self.operator_names)
+        if type(action) is np.ndarray and action.shape == (k,) and action.dtype.kind in "iu":
+            v = action.tolist()  # the common case (a policy's int array), checked without numpy reductions
+            if min(v) >= 0 and max(v) <= k:
+                return action.astype(np.int64)
         want = (f"{k} integers in 0..{k} (an operator index of env.operator_names, or {k} for an empty slot): "
                 f"the action space is MultiDiscrete([{k + 1}] * {k})")
         try:
