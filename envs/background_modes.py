@@ -62,6 +62,9 @@ class TapeBackend(SimBackend):
         tape = TAPES.get(key, lambda: build_world(c, seed), self.warmup_s, self.horizon_s)
         self.world = TapeWorld(tape)
 
+    def load(self) -> tuple[float, float, float]:
+        return self.world.load()
+
 
 def cmdp_tape_world(models: Sequence[ModelEntry], regime: LoadRegime, seed: int, *, router: str, warmup_s: float,
                     horizon_s: float = DEFAULT_HORIZON_S) -> TapeWorld:

@@ -348,6 +348,7 @@ class _TapeReplica:
         self.cache: dict = {}
         self.agents: list = []
         self.core = _TapeCore(self, env, offset_s)
+        self.kv_usable = self.core.kv.num_usable
 
     def outstanding(self, t_tape_s: float) -> int:
         return self.tape.outstanding(t_tape_s) + self.in_flight
@@ -400,8 +401,15 @@ class TapeWorld:
             raise ValueError(f"unknown pool {pool!r}; pools: {sorted(self.cluster.pools)}")
         env = self.env
         now = env.now
-        t_tape = now + self.tape.t0_s
-        rep = reps[0] if len(reps) == 1 else min(reps, key=lambda r: r.outstanding(t_tape))
+        t0 = self.tape.t0_s
+        t_tape = now + t0
+        rep = reps[0]
+        if len(reps) > 1:  # least outstanding, the first on ties (min's)
+            best = rep.outstanding(t_tape)
+            for r in reps[1:]:
+                n = r.outstanding(t_tape)
+                if n < best:
+                    rep, best = r, n
         self.num_submitted += 1
         ev = env.event()
         reason = rep.core.validate(num_prompt_tokens, max_tokens)
@@ -409,18 +417,32 @@ class TapeWorld:
             self.num_rejected += 1
             ev.succeed(_Served(now, num_prompt_tokens, max_tokens, now, now, reason))
             return ev
-        tp, ov = rep.tape, rep.tape.ov
+        tp = rep.tape
+        ov = tp.ov
         first, last = tp.serve(t_tape + ov.frontend_s, int(num_prompt_tokens), int(max_tokens), prompt_segments,
                                rep.cache, rep.agents)
-        first, last = first - self.tape.t0_s, last - self.tape.t0_s
+        first, last = first - t0, last - t0
         done = last + ov.post_decode_s + ov.per_output_token_s * max_tokens
         rep.in_flight += 1
 
         def finish(_tick) -> None:
             rep.in_flight -= 1
             ev.succeed(_Served(now, num_prompt_tokens, max_tokens, first, last))
-        env.call_at(max(done, now), finish)
+        env.call_at(done if done > now else now, finish)
         return ev
+
+    def load(self) -> tuple[float, float, float]:
+        """``SimBackend.load`` of this world (the same sums, read straight off the tapes)."""
+        t = self.env.now + self.tape.t0_s
+        run_n = wait_n = kv = 0.0
+        reps = self.cluster.replicas
+        for rep in reps:
+            r, w, used, _ = rep.tape.state(t)
+            run_n += r + rep.in_flight
+            wait_n += w
+            kv += used / rep.kv_usable
+        n = len(reps)
+        return run_n / n, wait_n / n, kv / n
 
 
 class TapeCache:
