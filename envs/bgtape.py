@@ -80,6 +80,7 @@ class ReplicaTape:
         self.S_period = self.S[-1]
         self.pf_base = self.model.step_ticks(0, 0, []) / TICKS_PER_S
         self._pf_own: dict[tuple[int, int], float] = {}
+        self._max_batched, self._block = engine.max_num_batched_tokens, engine.block_size
         self._budget_cap = engine.long_prefill_token_threshold or None
 
     # ---------------------------------------------------------------- looping
@@ -181,18 +182,19 @@ class ReplicaTape:
         (both updated): calls admitted at the same instant share a step (budget and prefill cost), a call
         whose prefill step is in progress delays the next step by the time its chunk adds, and every call in
         flight adds its decode cost to the steps."""
-        cfg = self.cfg
         hit = self._prefix_hit(prompt_tokens, segments, cache)
         new = prompt_tokens - hit
-        t0, t = self.t0_s, self.t
-        k, x = divmod(t_enqueue_s - t0, self.period_s)
+        t0, t, period = self.t0_s, self.t, self.period_s
+        k, x = divmod(t_enqueue_s - t0, period)
         x += t0
         j = bisect_right(t, x)
-        t_a = self._admit_local(t_enqueue_s, int(k), j - 1)
-        if t_a != t_enqueue_s:  # admitted at a later boundary: its place on the loop
-            k, x = divmod(t_a - t0, self.period_s)
-            x += t0
-            j = bisect_right(t, x)
+        t_a = t_enqueue_s
+        if j > 0 and self.waiting[j - 1]:
+            t_a = self._admit_local(t_enqueue_s, int(k), j - 1)
+            if t_a != t_enqueue_s:  # admitted at a later boundary: its place on the loop
+                k, x = divmod(t_a - t0, period)
+                x += t0
+                j = bisect_right(t, x)
         live = [a for a in agents if a[1] > t_enqueue_s] if agents else agents
         agents[:] = live
         same_new = same_pf = 0
@@ -203,12 +205,11 @@ class ReplicaTape:
                 same_pf += a[3]
             elif a[0] > t_a and a[0] > in_progress:
                 in_progress = a[0]
-        run_bg = self.running[j - 1 if j > 0 else 0]
-        budget = max(cfg.max_num_batched_tokens - run_bg, cfg.block_size)
-        if self._budget_cap:
-            budget = min(budget, self._budget_cap)
+        budget = self._budget(self.running[j - 1 if j > 0 else 0])
         k_pf = max(1, math.ceil((new + same_new) / budget))
-        pf_own = self._prefill_s(new, hit)
+        pf_own = self._pf_own.get((new, hit))
+        if pf_own is None:
+            pf_own = self._prefill_s(new, hit)
         s0 = math.ceil(self._steps_local(int(k), x, j) - 1e-9)
         delay = max(0.0, in_progress - self._time_at_steps(s0)) if in_progress else 0.0
         t_first = self._time_at_steps(s0 + k_pf) + pf_own + same_pf + delay
@@ -217,9 +218,16 @@ class ReplicaTape:
         if n_dec > 0:
             ctx = prompt_tokens + output_tokens / 2
             marg = (self.per_dec_s + self.per_ctx_s * ctx) * (1 + len(live))
-            t_last = self._time_at_steps(self._steps_at(t_first) + n_dec) + marg * n_dec
+            k, x = divmod(t_first - t0, period)
+            x += t0
+            t_last = self._time_at_steps(self._steps_local(int(k), x, bisect_right(t, x)) + n_dec) + marg * n_dec
         agents.append([t_first, t_last, new, pf_own, t_a])
         return t_first, t_last
+
+    def _budget(self, running: int) -> int:
+        """Prefill tokens a step has left after ``running`` decodes (vLLM's token budget, chunked prefill)."""
+        budget = max(self._max_batched - running, self._block)
+        return min(budget, self._budget_cap) if self._budget_cap else budget
 
 
 class _Served:
