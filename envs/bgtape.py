@@ -366,6 +366,21 @@ class _TapeReplica:
         self.in_flight -= 1
 
 
+def _least_outstanding(reps: list[_TapeReplica], t_tape_s: float) -> _TapeReplica:
+    """The replica with the fewest outstanding requests at ``t_tape_s``, the first on ties (``min``'s); the
+    replicas of a tape share its loop, so the local time is computed once."""
+    tp = reps[0].tape
+    x = tp.t0_s + (t_tape_s - tp.t0_s) % tp.period_s
+    best = None
+    for r in reps:
+        tp = r.tape
+        i = bisect_right(tp.t, x) - 1
+        n = tp.out0 + bisect_right(tp.submits, x) - (tp.done_since[i] if i >= 0 else 0) + r.in_flight
+        if best is None or n < best:
+            rep, best = r, n
+    return rep
+
+
 class _Cluster:
     def __init__(self, pools: dict[str, list[_TapeReplica]]):
         self.pools = pools
@@ -415,13 +430,7 @@ class TapeWorld:
         now = env.now
         t0 = self.tape.t0_s
         t_tape = now + t0
-        rep = reps[0]
-        if len(reps) > 1:  # least outstanding, the first on ties (min's)
-            best = rep.outstanding(t_tape)
-            for r in reps[1:]:
-                n = r.outstanding(t_tape)
-                if n < best:
-                    rep, best = r, n
+        rep = reps[0] if len(reps) == 1 else _least_outstanding(reps, t_tape)
         self.num_submitted += 1
         ev = env.event()
         reason = rep.core.validate(num_prompt_tokens, max_tokens)

@@ -280,20 +280,25 @@ class MASLatencyEnv(DecisionEnv):
             for item in stage:
                 if isinstance(item, Call):
                     segs = item.segments
-                    ctx = item.prompt_tokens - sum(n for _, n in segs)
+                    p = item.prompt_tokens
+                    ctx = p
+                    for _, n in segs:
+                        ctx -= n
                     if ctx > 0:
                         segs = (*segs, ((1 << 50) + self.new_key(), ctx))
-                    evs.append(env.submit(BACKEND_POOL, item.prompt_tokens, item.completion_tokens, segs))
+                    evs.append(env.submit(BACKEND_POOL, p, item.completion_tokens, segs))
                     ep.calls += 1
-                    ep.prompt_tokens += item.prompt_tokens
+                    ep.prompt_tokens += p
                     ep.completion_tokens += item.completion_tokens
                 else:
                     assert isinstance(item, ToolRun)
                     evs.append(env.timeout(item.seconds))
-            res = (yield evs[0]) if len(evs) == 1 else (yield env.all_of(evs))
-            # every call of the stage that was not served counts (concurrent calls too)
-            ep.rejected += sum(bool(getattr(v, "reject_reason", None)) for v in ([res] if len(evs) == 1
-                                                                                 else res.values()))
+            if len(evs) == 1:
+                res = yield evs[0]
+                ep.rejected += bool(getattr(res, "reject_reason", None))
+            else:  # every call of the stage that was not served counts (concurrent calls too)
+                res = yield env.all_of(evs)
+                ep.rejected += sum(bool(getattr(v, "reject_reason", None)) for v in res.values())
         cost = plan.cost_usd
         ep.cost_usd += cost
         self.ledger_usd += cost
@@ -357,10 +362,11 @@ class MASLatencyEnv(DecisionEnv):
     def _obs(self, ep: _Episode, run: QueryRun, layer: int) -> dict:
         k = len(self.operator_names)
         prev = np.zeros(k, np.int8)
-        prev[ep.prev_ops] = 1
-        now = self.backend.now
-        load = np.array(self.backend.load(), np.float32)
-        prog = np.array([now - ep.start_s, run.cp_layers, len(run.solutions), 1e3 * ep.cost_usd], np.float32)
+        for i in ep.prev_ops:
+            prev[i] = 1
+        be = self.backend
+        load = np.array(be.load(), np.float32)
+        prog = np.array((be.now - ep.start_s, run.cp_layers, len(run.solutions), 1e3 * ep.cost_usd), np.float32)
         return {"attempt": min(ep.attempt, self.max_retries), "layer": layer, "load": load,
                 "prev_first": ep.prev_ops[0] if ep.prev_ops else k, "prev_ops": prev, "progress": prog,
                 "query": self.queries.embedding[ep.q].copy()}
