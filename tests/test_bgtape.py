@@ -144,7 +144,8 @@ def _mas_tape_rollout(seed: int, episodes: int, profile: str | None = None) -> l
     import gymnasium as gym
 
     cluster = ClusterConfig() if profile is None else ClusterConfig(profile=profile)
-    env = gym.make("MASLatency-v0", task="gsm8k", split="test", backend=TapeBackend(cluster))
+    backend = TapeBackend(cluster, warmup_s=10.0, horizon_s=120.0)
+    env = gym.make("MASLatency-v0", task="gsm8k", split="test", backend=backend)
     rng = np.random.default_rng(seed)
     k = len(env.unwrapped.operator_names)
     out = []
