@@ -64,7 +64,7 @@ class TapeBackend(SimBackend):
         # SimBackend's one-line wrappers, bound straight to this world's clock (one Python call less each)
         env = world.env
         self.event, self.process, self.timeout, self.run = env.event, env.process, env.timeout, env.run
-        self.all_of, self.any_of, self.load = env.all_of, env.any_of, world.load
+        self.all_of, self.any_of, self.load, self.submit = env.all_of, env.any_of, world.load, world.submit
 
 
 def cmdp_tape_world(models: Sequence[ModelEntry], regime: LoadRegime, seed: int, *, router: str, warmup_s: float,

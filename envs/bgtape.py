@@ -421,8 +421,10 @@ class TapeWorld:
     def run(self, until=None) -> None:
         self.env.run(until=until)
 
-    def submit(self, pool: str, num_prompt_tokens: int, max_tokens: int, *, prompt_segments=None, wait: bool = True,
+    def submit(self, pool: str, num_prompt_tokens: int, max_tokens: int, prompt_segments=None, *, wait: bool = True,
                **_ignored):
+        """``sim.World.submit`` of one agent call (``wait`` is implied: the event's value is the served call);
+        ``prompt_segments`` may also come fourth, as ``Backend.submit`` passes it."""
         reps = self.cluster.pools.get(pool)
         if reps is None:
             raise ValueError(f"unknown pool {pool!r}; pools: {sorted(self.cluster.pools)}")
