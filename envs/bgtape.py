@@ -53,8 +53,7 @@ class ReplicaTape:
 
     Every lookup maps a time to its place on the loop: ``k`` whole periods and the local time ``x`` (``divmod``),
     then the boundary index by ``bisect`` on plain lists (faster than numpy on one scalar). ``serve`` computes
-    that place once per time it needs and reuses it; the prefill cost of a prompt is memoised per (new, cached)
-    token count (a pure function of the step model).
+    that place once per time it needs and reuses it.
     """
 
     def __init__(self, rows: dict[str, np.ndarray], t0_s: float, period_s: float, engine, step_model, overheads):
@@ -79,7 +78,6 @@ class ReplicaTape:
         self.S = rows["S"].tolist()
         self.S_period = self.S[-1]
         self.pf_base = self.model.step_ticks(0, 0, []) / TICKS_PER_S
-        self._pf_own: dict[tuple[int, int], float] = {}
         self._max_batched, self._block = engine.max_num_batched_tokens, engine.block_size
         self._budget_cap = engine.long_prefill_token_threshold or None
 
@@ -166,12 +164,8 @@ class ReplicaTape:
         return min((hit // bs) * bs, ((prompt_tokens - 1) // bs) * bs)
 
     def _prefill_s(self, new: int, hit: int) -> float:
-        """The step time a prefill chunk of ``new`` tokens after ``hit`` cached ones adds (memoised)."""
-        key = (new, hit)
-        pf = self._pf_own.get(key)
-        if pf is None:
-            pf = self._pf_own[key] = max(self.model.step_ticks(0, 0, [key]) / TICKS_PER_S - self.pf_base, 0.0)
-        return pf
+        """The step time a prefill chunk of ``new`` tokens after ``hit`` cached ones adds."""
+        return max(self.model.step_ticks(0, 0, [(new, hit)]) / TICKS_PER_S - self.pf_base, 0.0)
 
     def serve(self, t_enqueue_s: float, prompt_tokens: int, output_tokens: int, segments, cache: dict,
               agents: list) -> tuple[float, float]:
@@ -207,9 +201,7 @@ class ReplicaTape:
                 in_progress = a[0]
         budget = self._budget(self.running[j - 1 if j > 0 else 0])
         k_pf = max(1, math.ceil((new + same_new) / budget))
-        pf_own = self._pf_own.get((new, hit))
-        if pf_own is None:
-            pf_own = self._prefill_s(new, hit)
+        pf_own = self._prefill_s(new, hit)
         s0 = math.ceil(self._steps_local(int(k), x, j) - 1e-9)
         delay = max(0.0, in_progress - self._time_at_steps(s0)) if in_progress else 0.0
         t_first = self._time_at_steps(s0 + k_pf) + pf_own + same_pf + delay
