@@ -60,7 +60,11 @@ class TapeBackend(SimBackend):
         c = self.cluster
         key = ("mas", c.profile, c.replicas, c.router, c.background_rate_per_s, seed, self.warmup_s, self.horizon_s)
         tape = TAPES.get(key, lambda: build_world(c, seed), self.warmup_s, self.horizon_s)
-        self.world = TapeWorld(tape)
+        self.world = world = TapeWorld(tape)
+        # SimBackend's one-line wrappers, bound straight to this world's clock (one Python call less each)
+        env = world.env
+        self.event, self.process, self.timeout, self.run = env.event, env.process, env.timeout, env.run
+        self.all_of, self.any_of, self.load, self.submit = env.all_of, env.any_of, world.load, world.submit
 
 
 def cmdp_tape_world(models: Sequence[ModelEntry], regime: LoadRegime, seed: int, *, router: str, warmup_s: float,

@@ -36,6 +36,7 @@ import simpy
 
 import sim
 from sim.engine import EngineCore
+from sim.latency import JitteredStepModel
 from sim.timebase import TICKS_PER_S
 from sim.world import SimEnv
 
@@ -48,13 +49,22 @@ _FIELDS = ("t_s", "S", "running", "waiting", "used", "ema_s", "arrived", "admitt
 
 
 class ReplicaTape:
-    """One replica's background, boundary by boundary, looped with period ``period_s`` (see module docstring)."""
+    """One replica's background, boundary by boundary, looped with period ``period_s`` (see module docstring).
+
+    Every lookup maps a time to its place on the loop: ``k`` whole periods and the local time ``x`` (``divmod``),
+    then the boundary index by ``bisect`` on plain lists (faster than numpy on one scalar). ``serve`` computes
+    that place once per time it needs and reuses it.
+    """
 
     def __init__(self, rows: dict[str, np.ndarray], t0_s: float, period_s: float, engine, step_model, overheads):
         self.t0_s, self.period_s = t0_s, period_s
-        self.cfg, self.model, self.ov = engine, step_model, overheads
+        self.cfg, self.ov = engine, overheads
+        # a jittered model draws from its own generator on every step_ticks: the tape must not (it is shared by
+        # every world of a session), so the agent's own costs come from the deterministic base model
+        self.model = step_model.base if isinstance(step_model, JitteredStepModel) else step_model
         t = rows["t_s"]
         self.t = t.tolist()
+        self.n = len(self.t)
         self.running, self.waiting = rows["running"].tolist(), rows["waiting"].tolist()
         self.used, self.ema = rows["used"].tolist(), rows["ema_s"].tolist()
         self.arrived = rows["arrived"].tolist()
@@ -63,11 +73,13 @@ class ReplicaTape:
         self.submits, self.out0 = rows["submits"].tolist(), int(rows["out0"])
         done = rows["admitted"] - rows["running"]
         self.done_since = (done - rows["done0"]).tolist()
-        lin = step_model.linear_decode
+        lin = self.model.linear_decode
         self.per_step_s, self.per_dec_s, self.per_ctx_s = (x / TICKS_PER_S for x in lin) if lin else (0.0, 0.0, 0.0)
         self.S = rows["S"].tolist()
         self.S_period = self.S[-1]
-        self.pf_base = step_model.step_ticks(0, 0, []) / TICKS_PER_S
+        self.pf_base = self.model.step_ticks(0, 0, []) / TICKS_PER_S
+        self._max_batched, self._block = engine.max_num_batched_tokens, engine.block_size
+        self._budget_cap = engine.long_prefill_token_threshold or None
 
     # ---------------------------------------------------------------- looping
     def _local(self, t_s: float) -> tuple[int, float]:
@@ -76,48 +88,56 @@ class ReplicaTape:
 
     def _index(self, t_s: float) -> tuple[int, int]:
         """(period, index of the last boundary at or before t_s, -1 if none in the period)."""
-        k, x = self._local(t_s)
-        return k, bisect_right(self.t, x) - 1
+        k, x = divmod(t_s - self.t0_s, self.period_s)
+        return int(k), bisect_right(self.t, self.t0_s + x) - 1
 
     def state(self, t_s: float) -> tuple[int, int, int, float]:
         """(running, waiting, used blocks, TTFT EMA s) of the background at ``t_s``."""
-        _, i = self._index(t_s)
-        i = max(i, 0)
+        i = bisect_right(self.t, self.t0_s + (t_s - self.t0_s) % self.period_s) - 1
+        if i < 0:
+            i = 0
         return self.running[i], self.waiting[i], self.used[i], self.ema[i]
 
     def outstanding(self, t_s: float) -> int:
         """Background requests submitted to this replica and not finished at ``t_s`` (the router's count)."""
-        k, x = self._local(t_s)
+        x = self.t0_s + (t_s - self.t0_s) % self.period_s
         i = bisect_right(self.t, x) - 1
         return self.out0 + bisect_right(self.submits, x) - (self.done_since[i] if i >= 0 else 0)
 
     def _steps_at(self, t_s: float) -> float:
-        k, x = self._local(t_s)
-        i = bisect_right(self.t, x)
-        n = len(self.t)
-        if i >= n:
-            return k * self.S_period + self.S[-1]
-        s_prev, t_prev = (self.S[i - 1], self.t[i - 1]) if i else (0.0, self.t0_s)
-        frac = (x - t_prev) / (self.t[i] - t_prev) if self.t[i] > t_prev else 1.0
-        return k * self.S_period + s_prev + frac * (self.S[i] - s_prev)
+        k, x = divmod(t_s - self.t0_s, self.period_s)
+        x += self.t0_s
+        return self._steps_local(int(k), x, bisect_right(self.t, x))
+
+    def _steps_local(self, k: int, x: float, i: int) -> float:
+        """The step clock at local time ``x`` of period ``k``, ``i`` = ``bisect_right(t, x)``."""
+        S, t = self.S, self.t
+        if i >= self.n:
+            return k * self.S_period + S[-1]
+        s_prev, t_prev = (S[i - 1], t[i - 1]) if i else (0.0, self.t0_s)
+        frac = (x - t_prev) / (t[i] - t_prev) if t[i] > t_prev else 1.0
+        return k * self.S_period + s_prev + frac * (S[i] - s_prev)
 
     def _time_at_steps(self, s: float) -> float:
+        S, t = self.S, self.t
         k, x = divmod(s, self.S_period)
-        i = bisect_left(self.S, x)
-        if i >= len(self.S):
-            i = len(self.S) - 1
-        s_prev, t_prev = (self.S[i - 1], self.t[i - 1]) if i else (0.0, self.t0_s)
-        frac = (x - s_prev) / (self.S[i] - s_prev) if self.S[i] > s_prev else 1.0
-        return k * self.period_s + t_prev + frac * (self.t[i] - t_prev)
+        i = bisect_left(S, x)
+        if i >= self.n:
+            i = self.n - 1
+        s_prev, t_prev = (S[i - 1], t[i - 1]) if i else (0.0, self.t0_s)
+        frac = (x - s_prev) / (S[i] - s_prev) if S[i] > s_prev else 1.0
+        return k * self.period_s + t_prev + frac * (t[i] - t_prev)
 
     def _admit_time(self, t_s: float) -> float:
         """First boundary at or after ``t_s`` by which every background request queued before it is admitted."""
         k, i = self._index(t_s)
+        return self._admit_local(t_s, k, i)
+
+    def _admit_local(self, t_s: float, k: int, i: int) -> float:
         if i < 0 or self.waiting[i] == 0:
             return t_s
-        need = self.arrived[i]
-        j = bisect_left(self.admitted_max, need, lo=i)
-        if j >= len(self.t):  # not within this period: admitted at the wrap (the tape starts over)
+        j = bisect_left(self.admitted_max, self.arrived[i], lo=i)
+        if j >= self.n:  # not within this period: admitted at the wrap (the tape starts over)
             return (k + 1) * self.period_s + self.t0_s
         return k * self.period_s + self.t[j]
 
@@ -143,6 +163,10 @@ class ReplicaTape:
         bs = self.cfg.block_size
         return min((hit // bs) * bs, ((prompt_tokens - 1) // bs) * bs)
 
+    def _prefill_s(self, new: int, hit: int) -> float:
+        """The step time a prefill chunk of ``new`` tokens after ``hit`` cached ones adds."""
+        return max(self.model.step_ticks(0, 0, [(new, hit)]) / TICKS_PER_S - self.pf_base, 0.0)
+
     def serve(self, t_enqueue_s: float, prompt_tokens: int, output_tokens: int, segments, cache: dict,
               agents: list) -> tuple[float, float]:
         """(first token time, last token time) of one call reaching this engine at ``t_enqueue_s``.
@@ -152,31 +176,50 @@ class ReplicaTape:
         (both updated): calls admitted at the same instant share a step (budget and prefill cost), a call
         whose prefill step is in progress delays the next step by the time its chunk adds, and every call in
         flight adds its decode cost to the steps."""
-        cfg = self.cfg
         hit = self._prefix_hit(prompt_tokens, segments, cache)
         new = prompt_tokens - hit
-        t_a = self._admit_time(t_enqueue_s)
-        live = [a for a in agents if a[1] > t_enqueue_s]
+        t0, t, period = self.t0_s, self.t, self.period_s
+        k, x = divmod(t_enqueue_s - t0, period)
+        x += t0
+        j = bisect_right(t, x)
+        t_a = t_enqueue_s
+        if j > 0 and self.waiting[j - 1]:
+            t_a = self._admit_local(t_enqueue_s, int(k), j - 1)
+            if t_a != t_enqueue_s:  # admitted at a later boundary: its place on the loop
+                k, x = divmod(t_a - t0, period)
+                x += t0
+                j = bisect_right(t, x)
+        live = [a for a in agents if a[1] > t_enqueue_s] if agents else agents
         agents[:] = live
-        same = [a for a in live if a[4] == t_a]
-        in_progress = max((a[0] for a in live if a[4] != t_a and a[0] > t_a), default=0.0)
-        run_bg = self.state(t_a)[0]
-        budget = max(cfg.max_num_batched_tokens - run_bg, cfg.block_size)
-        if cfg.long_prefill_token_threshold:
-            budget = min(budget, cfg.long_prefill_token_threshold)
-        k_pf = max(1, math.ceil((new + sum(a[2] for a in same)) / budget))
-        pf_own = max(self.model.step_ticks(0, 0, [(new, hit)]) / TICKS_PER_S - self.pf_base, 0.0)
-        s0 = math.ceil(self._steps_at(t_a) - 1e-9)
-        delay = max(0.0, in_progress - self._time_at_steps(s0))
-        t_first = self._time_at_steps(s0 + k_pf) + pf_own + sum(a[3] for a in same) + delay
+        same_new = same_pf = 0
+        in_progress = 0.0
+        for a in live:
+            if a[4] == t_a:
+                same_new += a[2]
+                same_pf += a[3]
+            elif a[0] > t_a and a[0] > in_progress:
+                in_progress = a[0]
+        budget = self._budget(self.running[j - 1 if j > 0 else 0])
+        k_pf = max(1, math.ceil((new + same_new) / budget))
+        pf_own = self._prefill_s(new, hit)
+        s0 = math.ceil(self._steps_local(int(k), x, j) - 1e-9)
+        delay = max(0.0, in_progress - self._time_at_steps(s0)) if in_progress else 0.0
+        t_first = self._time_at_steps(s0 + k_pf) + pf_own + same_pf + delay
         n_dec = output_tokens - 1
         t_last = t_first
         if n_dec > 0:
             ctx = prompt_tokens + output_tokens / 2
             marg = (self.per_dec_s + self.per_ctx_s * ctx) * (1 + len(live))
-            t_last = self._time_at_steps(self._steps_at(t_first) + n_dec) + marg * n_dec
+            k, x = divmod(t_first - t0, period)
+            x += t0
+            t_last = self._time_at_steps(self._steps_local(int(k), x, bisect_right(t, x)) + n_dec) + marg * n_dec
         agents.append([t_first, t_last, new, pf_own, t_a])
         return t_first, t_last
+
+    def _budget(self, running: int) -> int:
+        """Prefill tokens a step has left after ``running`` decodes (vLLM's token budget, chunked prefill)."""
+        budget = max(self._max_batched - running, self._block)
+        return min(budget, self._budget_cap) if self._budget_cap else budget
 
 
 class _Served:
@@ -305,9 +348,29 @@ class _TapeReplica:
         self.cache: dict = {}
         self.agents: list = []
         self.core = _TapeCore(self, env, offset_s)
+        self.kv_usable = self.core.kv.num_usable
 
     def outstanding(self, t_tape_s: float) -> int:
         return self.tape.outstanding(t_tape_s) + self.in_flight
+
+    def release(self, _event) -> None:
+        """A call of this world is done (its event's first callback)."""
+        self.in_flight -= 1
+
+
+def _least_outstanding(reps: list[_TapeReplica], t_tape_s: float) -> _TapeReplica:
+    """The replica with the fewest outstanding requests at ``t_tape_s``, the first on ties (``min``'s); the
+    replicas of a tape share its loop, so the local time is computed once."""
+    tp = reps[0].tape
+    x = tp.t0_s + (t_tape_s - tp.t0_s) % tp.period_s
+    best = None
+    for r in reps:
+        tp = r.tape
+        i = bisect_right(tp.t, x) - 1
+        n = tp.out0 + bisect_right(tp.submits, x) - (tp.done_since[i] if i >= 0 else 0) + r.in_flight
+        if best is None or n < best:
+            rep, best = r, n
+    return rep
 
 
 class _Cluster:
@@ -350,15 +413,18 @@ class TapeWorld:
     def run(self, until=None) -> None:
         self.env.run(until=until)
 
-    def submit(self, pool: str, num_prompt_tokens: int, max_tokens: int, *, prompt_segments=None, wait: bool = True,
+    def submit(self, pool: str, num_prompt_tokens: int, max_tokens: int, prompt_segments=None, *, wait: bool = True,
                **_ignored):
+        """``sim.World.submit`` of one agent call (``wait`` is implied: the event's value is the served call);
+        ``prompt_segments`` may also come fourth, as ``Backend.submit`` passes it."""
         reps = self.cluster.pools.get(pool)
         if reps is None:
             raise ValueError(f"unknown pool {pool!r}; pools: {sorted(self.cluster.pools)}")
         env = self.env
         now = env.now
-        t_tape = now + self.tape.t0_s
-        rep = reps[0] if len(reps) == 1 else min(reps, key=lambda r: r.outstanding(t_tape))
+        t0 = self.tape.t0_s
+        t_tape = now + t0
+        rep = reps[0] if len(reps) == 1 else _least_outstanding(reps, t_tape)
         self.num_submitted += 1
         ev = env.event()
         reason = rep.core.validate(num_prompt_tokens, max_tokens)
@@ -366,18 +432,32 @@ class TapeWorld:
             self.num_rejected += 1
             ev.succeed(_Served(now, num_prompt_tokens, max_tokens, now, now, reason))
             return ev
-        tp, ov = rep.tape, rep.tape.ov
+        tp = rep.tape
+        ov = tp.ov
         first, last = tp.serve(t_tape + ov.frontend_s, int(num_prompt_tokens), int(max_tokens), prompt_segments,
                                rep.cache, rep.agents)
-        first, last = first - self.tape.t0_s, last - self.tape.t0_s
+        first, last = first - t0, last - t0
         done = last + ov.post_decode_s + ov.per_output_token_s * max_tokens
         rep.in_flight += 1
-
-        def finish(_tick) -> None:
-            rep.in_flight -= 1
-            ev.succeed(_Served(now, num_prompt_tokens, max_tokens, first, last))
-        env.call_at(max(done, now), finish)
+        # the call's outcome is known now: the event is triggered at once and processed when the call is done
+        # (one queue entry; SimPy's private _ok/_value, as sim.SimEnv.run sets them, sim.world.SIMPY_TESTED)
+        ev._ok, ev._value = True, _Served(now, num_prompt_tokens, max_tokens, first, last)
+        ev.callbacks.append(rep.release)
+        env.schedule_at(ev, done if done > now else now)
         return ev
+
+    def load(self) -> tuple[float, float, float]:
+        """``SimBackend.load`` of this world (the same sums, read straight off the tapes)."""
+        t = self.env.now + self.tape.t0_s
+        run_n = wait_n = kv = 0.0
+        reps = self.cluster.replicas
+        for rep in reps:
+            r, w, used, _ = rep.tape.state(t)
+            run_n += r + rep.in_flight
+            wait_n += w
+            kv += used / rep.kv_usable
+        n = len(reps)
+        return run_n / n, wait_n / n, kv / n
 
 
 class TapeCache:

@@ -23,6 +23,15 @@ __all__ = ["MASLatencyEnv"]
 _SPLIT_ID = {"train": 1, "test": 2}
 
 
+def _entropy(words: list[int]):
+    """``words`` as ``np.random.SeedSequence`` entropy: a uint32 array when every word fits in 32 bits.
+
+    The same seed: SeedSequence turns a list into the concatenation of each int's 32-bit words (one per int
+    below 2**32), which is this array; it only does so one int at a time, ~100 us per query attempt (as much
+    as the rest of a Gymnasium step). Other words keep the list (and SeedSequence's own handling)."""
+    return np.array(words, np.uint32) if all(0 <= w < 1 << 32 for w in words) else words
+
+
 @dataclass(slots=True, kw_only=True, eq=False)
 class _Episode(Episode):
     """One query in flight: its bookkeeping across attempts (retries)."""
@@ -196,7 +205,7 @@ class MASLatencyEnv(DecisionEnv):
         qid = (task_key(self.cfg.task.name) << 28) | (_SPLIT_ID[self.cfg.split] << 24) | ep.q
         return QueryRun(cfg=self.cfg, quality=self.quality, difficulty=float(self.queries.difficulty[ep.q]),
                         query_tokens=int(self.queries.prompt_tokens[ep.q]), query_content_id=qid,
-                        draws=Draws(words))
+                        draws=Draws(_entropy(words)))
 
     def _episode(self, ep: _Episode):
         env = self.backend
@@ -265,8 +274,8 @@ class MASLatencyEnv(DecisionEnv):
 
     @staticmethod
     def _layer_info(names, cps, secs, contrib, seconds, dups) -> dict:
-        b = int(np.argmax(cps)) if cps else -1
-        bs = int(np.argmax(secs)) if secs else -1
+        b = max(range(len(cps)), key=cps.__getitem__) if cps else -1       # the first maximum (np.argmax's)
+        bs = max(range(len(secs)), key=secs.__getitem__) if secs else -1
         return {"ops": list(names), "cp_tokens": cps, "op_seconds": secs, "cp_tokens_layer": contrib,
                 "seconds": seconds, "bottleneck": names[b] if b >= 0 else None, "bottleneck_index": b,
                 "bottleneck_seconds": names[bs] if bs >= 0 else None, "ignored_duplicates": dups}
@@ -280,20 +289,25 @@ class MASLatencyEnv(DecisionEnv):
             for item in stage:
                 if isinstance(item, Call):
                     segs = item.segments
-                    ctx = item.prompt_tokens - sum(n for _, n in segs)
+                    p = item.prompt_tokens
+                    ctx = p
+                    for _, n in segs:
+                        ctx -= n
                     if ctx > 0:
                         segs = (*segs, ((1 << 50) + self.new_key(), ctx))
-                    evs.append(env.submit(BACKEND_POOL, item.prompt_tokens, item.completion_tokens, segs))
+                    evs.append(env.submit(BACKEND_POOL, p, item.completion_tokens, segs))
                     ep.calls += 1
-                    ep.prompt_tokens += item.prompt_tokens
+                    ep.prompt_tokens += p
                     ep.completion_tokens += item.completion_tokens
                 else:
                     assert isinstance(item, ToolRun)
                     evs.append(env.timeout(item.seconds))
-            res = (yield evs[0]) if len(evs) == 1 else (yield env.all_of(evs))
-            # every call of the stage that was not served counts (concurrent calls too)
-            ep.rejected += sum(bool(getattr(v, "reject_reason", None)) for v in ([res] if len(evs) == 1
-                                                                                 else res.values()))
+            if len(evs) == 1:
+                res = yield evs[0]
+                ep.rejected += bool(getattr(res, "reject_reason", None))
+            else:  # every call of the stage that was not served counts (concurrent calls too)
+                res = yield env.all_of(evs)
+                ep.rejected += sum(bool(getattr(v, "reject_reason", None)) for v in res.values())
         cost = plan.cost_usd
         ep.cost_usd += cost
         self.ledger_usd += cost
@@ -323,6 +337,10 @@ class MASLatencyEnv(DecisionEnv):
         """Integer-valued floats are accepted (a policy's float tensor of indices), and any shape holding
         exactly K entries (a batch of one)."""
         k = len(self.operator_names)
+        if type(action) is np.ndarray and action.shape == (k,) and action.dtype.kind in "iu":
+            v = action.tolist()  # the common case (a policy's int array), checked without numpy reductions
+            if min(v) >= 0 and max(v) <= k:
+                return action.astype(np.int64)
         want = (f"{k} integers in 0..{k} (an operator index of env.operator_names, or {k} for an empty slot): "
                 f"the action space is MultiDiscrete([{k + 1}] * {k})")
         try:
@@ -353,10 +371,11 @@ class MASLatencyEnv(DecisionEnv):
     def _obs(self, ep: _Episode, run: QueryRun, layer: int) -> dict:
         k = len(self.operator_names)
         prev = np.zeros(k, np.int8)
-        prev[ep.prev_ops] = 1
-        now = self.backend.now
-        load = np.array(self.backend.load(), np.float32)
-        prog = np.array([now - ep.start_s, run.cp_layers, len(run.solutions), 1e3 * ep.cost_usd], np.float32)
+        for i in ep.prev_ops:
+            prev[i] = 1
+        be = self.backend
+        load = np.array(be.load(), np.float32)
+        prog = np.array((be.now - ep.start_s, run.cp_layers, len(run.solutions), 1e3 * ep.cost_usd), np.float32)
         return {"attempt": min(ep.attempt, self.max_retries), "layer": layer, "load": load,
                 "prev_first": ep.prev_ops[0] if ep.prev_ops else k, "prev_ops": prev, "progress": prog,
                 "query": self.queries.embedding[ep.q].copy()}
