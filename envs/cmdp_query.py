@@ -36,6 +36,7 @@ from .cmdp_catalog import (
 )
 from .embeddings import text_seed
 from .operators import LENGTH_SIGMA, MAX_COMPLETION_TOKENS, Quality
+from .seeding import entropy
 from .tasks import WRONG_SHARED, TaskSpec, sigmoid
 from .topologies import MAX_NODES, Node, Topology
 
@@ -76,7 +77,7 @@ class QueryState:
     _z: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        g = np.random.Generator(np.random.PCG64(np.random.SeedSequence(self.seed_words)))
+        g = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy(self.seed_words))))
         self._u = g.random((MAX_NODES, 3))
         self._z = g.standard_normal(MAX_NODES)
         n = len(self.topology)
@@ -184,7 +185,7 @@ class QueryState:
         """A Latin hypercube of ``draws`` points per (node, purpose): each column hits every 1/draws stratum
         once, so the share of draws under a probability is exact to 1/draws (differences between actions
         that move a probability by 1 point are not lost in sampling noise); unbiased like plain draws."""
-        g = np.random.Generator(np.random.PCG64(np.random.SeedSequence([*self.seed_words, 0x5EED])))
+        g = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy([*self.seed_words, 0x5EED]))))
         shape = (draws, len(self.topology), 3)
         strata = np.argsort(g.random(shape), axis=0)                     # an independent permutation per column
         return (strata + g.random(shape)) / draws

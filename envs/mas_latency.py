@@ -15,21 +15,13 @@ from .decision import DecisionEnv, Episode, observation_space
 from .embeddings import EMBED_DIM
 from .infos import MASFinalInfo
 from .operators import CONSTANTS, GENERATE_TYPE, operator_set, quality
+from .seeding import entropy
 from .supernet import Call, Draws, GraphConfig, OpPlan, QueryRun, ToolRun
 from .tasks import make_queries, make_task, task_key
 
 __all__ = ["MASLatencyEnv"]
 
 _SPLIT_ID = {"train": 1, "test": 2}
-
-
-def _entropy(words: list[int]):
-    """``words`` as ``np.random.SeedSequence`` entropy: a uint32 array when every word fits in 32 bits.
-
-    The same seed: SeedSequence turns a list into the concatenation of each int's 32-bit words (one per int
-    below 2**32), which is this array; it only does so one int at a time, ~100 us per query attempt (as much
-    as the rest of a Gymnasium step). Other words keep the list (and SeedSequence's own handling)."""
-    return np.array(words, np.uint32) if all(0 <= w < 1 << 32 for w in words) else words
 
 
 @dataclass(slots=True, kw_only=True, eq=False)
@@ -205,7 +197,7 @@ class MASLatencyEnv(DecisionEnv):
         qid = (task_key(self.cfg.task.name) << 28) | (_SPLIT_ID[self.cfg.split] << 24) | ep.q
         return QueryRun(cfg=self.cfg, quality=self.quality, difficulty=float(self.queries.difficulty[ep.q]),
                         query_tokens=int(self.queries.prompt_tokens[ep.q]), query_content_id=qid,
-                        draws=Draws(_entropy(words)))
+                        draws=Draws(entropy(words)))
 
     def _episode(self, ep: _Episode):
         env = self.backend
