@@ -124,11 +124,17 @@ class SimulatedRun:
 
 def simulate_run(run: MeasuredRun, profile: sim.Profile, *, seed: int = 0) -> SimulatedRun:
     """Replay ``run`` through the simulated engines of ``profile`` with the run's engine settings (one engine, or
-    ``data_parallel_size`` behind vLLM's DP load balancing: ``replay_pool``)."""
+    ``data_parallel_size`` behind vLLM's DP load balancing: ``replay_pool``; a DP run whose requests carry an
+    ``engine`` column, as ``traces.dpsplit.observed_engines`` adds, sends each request to that engine)."""
     prof, _ = replay_profile(profile, run)
-    world = sim.make_world(replay_pool(prof, run), seed=seed, sample_interval_s=None)
+    pool = replay_pool(prof, run)
     off = run.offsets_s
     order = np.argsort(off, kind="stable")
+    if pool.replicas > 1 and "engine" in run.requests.columns:  # the engines the run was observed on (dpsplit)
+        eng = run.requests["engine"].to_numpy(np.int64)[order]
+        pool = replace(pool, router_options=(*pool.router_options, ("pinned", tuple((str(j), int(e))
+                                                                                    for j, e in enumerate(eng)))))
+    world = sim.make_world(pool, seed=seed, sample_interval_s=None)
     sim.Workload(pool="replay", arrivals=sim.TraceArrivals(off[order]), name="replay", id_prefix="",
                  prompt_tokens=run.prompt_tokens[order], output_tokens=run.output_tokens[order]).start(world)
     gauges = _sample_ticks(run, world)
