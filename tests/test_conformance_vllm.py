@@ -14,21 +14,11 @@ tests fail, never skip, when it cannot be.
 
 from __future__ import annotations
 
-import json
-from collections import Counter
-
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings
 
-from traces.conformance import (
-    MAX_STEPS,
-    SchedulerDriver,
-    first_divergence,
-    random_case,
-    random_cases,
-    run_vllm,
-)
+from traces.conformance import first_divergence, random_case, random_cases, run_vllm
+from traces.conformance_hyp import conformance_cases, hypothesis_conformance
 from traces.conformance_sim import MODES, run_sim
 from traces.vllm_cpu import DEFAULT_VERSION
 
@@ -36,82 +26,6 @@ VERSIONS = ("0.19.0", DEFAULT_VERSION)
 NUM_CASES = 120
 SEED = 20260
 HYPOTHESIS_EXAMPLES = 150  # one case each, every release and every sim mode; derandomized: the same cases every run
-
-
-@st.composite
-def _engines(draw) -> dict:
-    """Small limits (as ``traces.conformance._engine``): tight KV (often one max_model_len sequence plus 0-2
-    blocks), few slots, a small token budget, the threshold and the full-ISL gate on or off."""
-    bs = draw(st.sampled_from([16, 8, 4, 2]))
-    max_num_seqs = draw(st.integers(1, 8))
-    mml = draw(st.integers(max(8, 2 * bs), 128))
-    min_blocks = -(-mml // bs)
-    extra = draw(st.one_of(st.integers(0, 2), st.integers(0, 3 * min_blocks)))
-    return {"block_size": bs, "num_gpu_blocks": min_blocks + extra + 1, "max_num_seqs": max_num_seqs,
-            "max_num_batched_tokens": draw(st.integers(max(max_num_seqs, 4), 64)), "max_model_len": mml,
-            "enable_prefix_caching": draw(st.booleans()),
-            "long_prefill_token_threshold": draw(st.one_of(st.just(0), st.integers(1, mml))),
-            "scheduler_reserve_full_isl": draw(st.booleans())}
-
-
-def _prompt(draw, i: int, room: int, prefixes: list[int], earlier: list[list]) -> list[list]:
-    """Segments (``traces.conformance``): a copy or truncation of an earlier prompt, or a shared system prompt,
-    maybe a shared second level, and a private tail (content ids as ``random_case``'s)."""
-    if earlier and draw(st.booleans()) and draw(st.booleans()):
-        segs, left = [], room
-        for cid, n in earlier[draw(st.integers(0, len(earlier) - 1))]:
-            if left > 0:
-                segs.append([cid, min(n, left)])
-                left -= min(n, left)
-        return segs
-    segs, left = [], room
-    k = draw(st.one_of(st.none(), st.integers(0, len(prefixes) - 1)))
-    if k is not None:
-        segs.append([k, min(prefixes[k], left)])
-        left -= segs[-1][1]
-        second = draw(st.one_of(st.none(), st.tuples(st.integers(0, 2), st.integers(1, 128)))) if left else None
-        if second is not None:
-            segs.append([100 + 10 * k + second[0], min(second[1], left)])
-            left -= segs[-1][1]
-    tail = draw(st.integers(0 if segs else 1, left)) if left > 0 else 0
-    if tail:
-        segs.append([10_000 + i, tail])
-    return segs
-
-
-@st.composite
-def conformance_cases(draw) -> dict:
-    """A request stream in ``traces.conformance``'s case format: arrivals (bursts at one step and gaps), prompt
-    and output lengths, shared prefixes, and aborts (of a waiting, running or finished request, or before its
-    arrival). Shrinks towards one request, no gaps, no abort."""
-    eng = draw(_engines())
-    mml = eng["max_model_len"]
-    prefixes = draw(st.lists(st.integers(1, mml - 1), min_size=1, max_size=3))
-    step, requests, aborts, earlier = 0, [], [], []
-    for i in range(draw(st.integers(1, 16))):
-        step += draw(st.integers(0, 12))
-        max_tokens = draw(st.integers(1, min(32, mml - 1)))
-        segs = _prompt(draw, i, mml - max_tokens, prefixes, earlier)
-        earlier.append(segs)
-        requests.append({"id": f"r{i}", "arrival_step": step, "segments": segs, "max_tokens": max_tokens})
-        abort = draw(st.one_of(st.none(), st.integers(-2, 40)))
-        if abort is not None:
-            aborts.append({"id": f"r{i}", "step": max(0, step + abort)})
-    return {"id": "hypothesis", "seed": 0, "engine": eng, "requests": requests, "aborts": aborts,
-            "max_steps": MAX_STEPS}
-
-
-def _abort_kinds(case: dict, steps: list[dict]) -> Counter:
-    """Which aborts hit a request that was waiting or running at that step (from vLLM's records)."""
-    out: Counter = Counter()
-    for a in case["aborts"]:
-        r = next(r for r in case["requests"] if r["id"] == a["id"])
-        before = steps[: a["step"]]
-        if a["step"] < r["arrival_step"] or any(a["id"] in s["finished"] for s in before):
-            continue
-        out["aborted_running" if any(a["id"] == rid for s in before for rid, _ in s["scheduled"])
-            else "aborted_waiting"] += 1
-    return out
 
 
 def _features(cases: list[dict], steps: dict[str, list]) -> dict[str, int]:
@@ -186,33 +100,32 @@ def test_bench_conformance_cli_reports_per_version_json(capsys):
 
 @pytest.mark.slow
 def test_hypothesis_streams_are_step_identical(tmp_path):
-    """Hypothesis-drawn streams (``conformance_cases``), one case per example through one persistent driver per
-    release (``SchedulerDriver``: vLLM imported once, a failing case shrinks cheaply), every sim mode, step by
-    step. Derandomized with a bounded number of examples (the same cases in CI every run); the examples covered
-    preemption, prefix hits, and aborts of waiting and of running requests."""
-    seen: Counter = Counter()
-    with SchedulerDriver(VERSIONS[0], tmp_path / "a") as old, SchedulerDriver(VERSIONS[1], tmp_path / "b") as new:
-
-        @settings(max_examples=HYPOTHESIS_EXAMPLES, derandomize=True, database=None, deadline=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-        @given(case=conformance_cases())
-        def check(case):
-            old.send([case])
-            new.send([case])
-            steps = {VERSIONS[0]: old.receive()[case["id"]], VERSIONS[1]: new.receive()[case["id"]]}
-            for version, want in steps.items():
-                for mode in MODES:
-                    d = first_divergence(want, run_sim(case, mode, vllm_version=version))
-                    assert d is None, (f"vLLM {version} / sim {mode}: step {d['step']} {d['field']}: vLLM "
-                                       f"{d['expected']} sim {d['got']}\ncase {json.dumps(case)}")
-            st0 = steps[VERSIONS[0]]
-            seen["cases"] += 1
-            seen["preempted"] += any(s["preempted"] for s in st0)
-            seen["prefix_hits"] += any(h > 0 for s in st0 for _, h in s["admitted"])
-            seen["threshold"] += case["engine"]["long_prefill_token_threshold"] > 0
-            seen.update(_abort_kinds(case, st0))
-
-        check()
+    """Hypothesis-drawn streams (``traces.conformance_hyp.conformance_cases``), one case per example through one
+    persistent driver per release, every sim mode, step by step: all identical. Derandomized with a bounded
+    number of examples (the same cases in CI every run); they covered preemption, prefix hits, the threshold, and
+    aborts of waiting and of running requests."""
+    rep = hypothesis_conformance(VERSIONS, list(MODES), HYPOTHESIS_EXAMPLES, tmp_path)
+    assert rep["divergence"] is None, rep["divergence"]
+    seen = rep["features"]
     n = seen["cases"]
+    assert n >= HYPOTHESIS_EXAMPLES // 2, rep
+    for v in VERSIONS:
+        for m in MODES:
+            res = rep["versions"][v][m]
+            assert res["cases"] == res["cases_identical"] == n and res["steps_identical"] == res["steps"] > n, (v, m)
     assert seen["preempted"] >= n // 20 and seen["prefix_hits"] >= n // 10 and seen["threshold"] >= n // 10, seen
     assert seen["aborted_running"] >= 5 and seen["aborted_waiting"] >= 5, seen
+
+
+@settings(max_examples=60, derandomize=True, database=None, deadline=None)
+@given(case=conformance_cases())
+def test_hypothesis_cases_are_valid_and_modes_agree(case):
+    """Every drawn case is one vLLM accepts (each request fits max_model_len, the KV cache holds one max_model_len
+    sequence, the token budget covers max_num_seqs) and sim's three modes agree on it step by step."""
+    e = case["engine"]
+    assert (e["num_gpu_blocks"] - 1) * e["block_size"] >= e["max_model_len"] >= 8
+    assert e["max_num_batched_tokens"] >= e["max_num_seqs"]
+    for r in case["requests"]:
+        assert 1 <= sum(n for _, n in r["segments"]) <= e["max_model_len"] - r["max_tokens"]
+    ref = run_sim(case, "reference")
+    assert run_sim(case, "fast") == ref and run_sim(case, "jump") == ref

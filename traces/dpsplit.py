@@ -25,9 +25,19 @@ What this cannot know: the true assignment. Under 0.19-0.26 (dense models) it is
 the replay recovers it exactly when the reset phase is right (no run records it; 0 assumed). Under vLLM >= 0.27
 it depends on the engines' published load and thus on the step times: measured on a simulated 2-engine run, a
 1 % change of every coefficient changes 30-45 % of the replay's choices, so the split is right in aggregate
-(per-engine load over time) but not request by request, and the per-engine fit carries a bias of a few percent
-in step time (held-out TPOT -3.5 % at 7.5 req/s, where the true split gives the fit within the refinement's
-trade-offs). ``assignment_changes`` in the report says how much it moved between rounds.
+(per-engine load over time) but not request by request. Neither the per-engine gauges nor shared timestamps pin
+it down (a gauge-matching assignment, local search on running + waiting + KV per engine and tick, was as wrong as
+a coin on those runs: the gauges count requests, they do not name them). What follows for the fit:
+
+* one request's NNLS row on the wrong engine carries that engine's load: errors in the regressors, which
+  flattened the fitted model (context cost 0.45x, per-request cost 3.3x the truth, held-out TPOT +4 %). The
+  sub-runs are therefore fitted on rows summed over ``ROW_BIN_S`` seconds across engines
+  (``traces.stepfit._binned``), where what one engine over-counts the other under-counts: context cost 0.90-0.96x,
+  held-out TPOT within 0.5 % on the same runs;
+* the TTFT mean and tail of such a run depend on the DP coordinator's timer (``routing_envelope``): the
+  refinement leaves them out (``routing_dominated``) and the replay's bar holds them to the envelope.
+
+``assignment_changes`` in the report says how much the split moved between rounds.
 """
 
 from __future__ import annotations
@@ -196,8 +206,8 @@ def fit_data_parallel(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], 
                                "requests_per_engine": {r.name: [int((a == i).sum()) for i in range(r.engine.data_parallel_size)]
                                                        for r, a in zip(runs, assigned, strict=True) if a is not None}})
     info["method"] = ("each DP run split into one run per engine by replaying the whole DP world (vLLM's DP load "
-                      "balancing, sim.dplb) at the current profile; the sub-runs fitted together; repeated while "
-                      f"the assignment changed (at most {MAX_ROUNDS} fits)")
+                      "balancing, sim.dplb) at the current profile; the sub-runs fitted together on rows summed "
+                      f"over {ROW_BIN_S:g} s; repeated while the assignment changed (at most {MAX_ROUNDS} fits)")
     info["sub_runs"] = [r.name for r in subs]
     return subs, sub_masks, fit, info
 
