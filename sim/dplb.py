@@ -136,14 +136,21 @@ class VllmDPRouter:
         rule: the release's rule (``DP_RULES``).
         api_servers: API-server processes (``--api-server-count``; each has its own client; ``C`` above).
         publish_phase_s: where the coordinator's 5 s grid of zero snapshots falls (rules without engine reports).
+        poll_offset_s: delay of the coordinator's first poll after a quiet spell, beyond ``stats_interval_s`` (rules
+            with engine reports): where the coordinator's timer falls relative to the requests, which no run
+            records; ``traces.dpsplit.routing_envelope`` replays several to see how much the routing depends on it.
     """
 
-    def __init__(self, rule: DPLBRule, *, api_servers: int = 1, publish_phase_s: float = 0.0):
+    def __init__(self, rule: DPLBRule, *, api_servers: int = 1, publish_phase_s: float = 0.0,
+                 poll_offset_s: float = 0.0):
         if not isinstance(api_servers, int) or api_servers < 1:
             raise ValueError(f"api_servers must be an integer >= 1, got {api_servers!r}")
         if not math.isfinite(publish_phase_s):
             raise ValueError(f"publish_phase_s must be finite, got {publish_phase_s!r}")
         self.rule, self.api_servers, self.publish_phase_s = rule, api_servers, float(publish_phase_s)
+        if not 0.0 <= poll_offset_s < rule.stats_interval_s:
+            raise ValueError(f"poll_offset_s must be in [0, {rule.stats_interval_s}) s, got {poll_offset_s!r}")
+        self.poll_offset_s = float(poll_offset_s)
         self._clients: list[_Client] | None = None
         self._replicas: Sequence[Replica] = ()
         self._next_client = 0
@@ -221,7 +228,7 @@ class VllmDPRouter:
             self._polling = True
             self._polls_since_publish = 0
             env = self._replicas[0].env
-            env.call_at(now_s + self.rule.stats_interval_s, self._poll)
+            env.call_at(now_s + self.rule.stats_interval_s + self.poll_offset_s, self._poll)
 
     def _snapshot(self, t_s: float) -> list[tuple]:
         out = []

@@ -15,14 +15,17 @@ tests fail, never skip, when it cannot be.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
 
 from traces.conformance import first_divergence, random_case, random_cases, run_vllm
+from traces.conformance_hyp import conformance_cases, hypothesis_conformance
 from traces.conformance_sim import MODES, run_sim
 from traces.vllm_cpu import DEFAULT_VERSION
 
 VERSIONS = ("0.19.0", DEFAULT_VERSION)
 NUM_CASES = 120
 SEED = 20260
+HYPOTHESIS_EXAMPLES = 100  # one case each, every release and every sim mode; derandomized: the same cases every run
 
 
 def _features(cases: list[dict], steps: dict[str, list]) -> dict[str, int]:
@@ -93,3 +96,36 @@ def test_bench_conformance_cli_reports_per_version_json(capsys):
     for res in per.values():
         assert res["cases_identical"] == 6 and res["steps_identical"] == res["steps"] > 0
         assert res["first_divergence"] is None
+
+
+@pytest.mark.slow
+def test_hypothesis_streams_are_step_identical(tmp_path):
+    """Hypothesis-drawn streams (``traces.conformance_hyp.conformance_cases``), one case per example through one
+    persistent driver per release, every sim mode, step by step: all identical. Derandomized with a bounded
+    number of examples (the same cases in CI every run); they covered preemption, prefix hits, the threshold, and
+    aborts of waiting and of running requests."""
+    rep = hypothesis_conformance(VERSIONS, list(MODES), HYPOTHESIS_EXAMPLES, tmp_path)
+    assert rep["divergence"] is None, rep["divergence"]
+    seen = rep["features"]
+    n = seen["cases"]
+    assert n >= HYPOTHESIS_EXAMPLES // 2, rep
+    for v in VERSIONS:
+        for m in MODES:
+            res = rep["versions"][v][m]
+            assert res["cases"] == res["cases_identical"] == n and res["steps_identical"] == res["steps"] > n, (v, m)
+    assert seen["preempted"] >= n // 20 and seen["prefix_hits"] >= n // 10 and seen["threshold"] >= n // 10, seen
+    assert seen["aborted_running"] >= 5 and seen["aborted_waiting"] >= 5, seen
+
+
+@settings(max_examples=60, derandomize=True, database=None, deadline=None)
+@given(case=conformance_cases())
+def test_hypothesis_cases_are_valid_and_modes_agree(case):
+    """Every drawn case is one vLLM accepts (each request fits max_model_len, the KV cache holds one max_model_len
+    sequence, the token budget covers max_num_seqs) and sim's three modes agree on it step by step."""
+    e = case["engine"]
+    assert (e["num_gpu_blocks"] - 1) * e["block_size"] >= e["max_model_len"] >= 8
+    assert e["max_num_batched_tokens"] >= e["max_num_seqs"]
+    for r in case["requests"]:
+        assert 1 <= sum(n for _, n in r["segments"]) <= e["max_model_len"] - r["max_tokens"]
+    ref = run_sim(case, "reference")
+    assert run_sim(case, "fast") == ref and run_sim(case, "jump") == ref

@@ -101,3 +101,16 @@ def test_per_replica_capacity():
     assert [r.core.cfg.num_gpu_blocks for r in w.replicas] == [9000, 9500]
     with pytest.raises(ValueError, match="give one per replica"):
         sim.PoolSpec(name="p", profile=base, replicas=2, num_gpu_blocks_per_replica=(9000,))
+
+
+@pytest.mark.parametrize("offset_s, publishes", [(0.0, 1), (0.05, 0)])
+def test_poll_offset_moves_the_coordinators_first_poll(offset_s, publishes):
+    """``poll_offset_s`` delays the coordinator's first poll after a quiet spell (the timer phase no run records,
+    which ``traces.dpsplit.routing_envelope`` varies): with a request at t=0, the first snapshot is published at
+    0.1 s, or at 0.15 s with a 50 ms offset."""
+    w = _world("vllm_dp", 1001, poll_offset_s=offset_s)
+    w.env.call_at(0.0, lambda _e: w.open_request("p", 100, 50))
+    w.run(until=0.12)
+    assert w.cluster.routers["p"].num_publishes == publishes
+    with pytest.raises(ValueError, match="poll_offset_s must be in"):
+        VllmDPRouter(DP_RULES["vllm_dp"], poll_offset_s=0.1)

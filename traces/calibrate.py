@@ -50,7 +50,7 @@ from scipy.optimize import minimize
 import sim
 
 from .calreport import OVERHEAD_SOURCE, format_report, profile_provenance, report
-from .dpsplit import dp_capacity, dp_final_errors, fit_data_parallel
+from .dpsplit import dp_capacity, dp_final_errors, fit_data_parallel, routing_dominated
 from .hardware import GpuEntry, ModelEntry
 from .kvcapacity import KVCapacity, kv_capacity, refine_capacity_by_replay
 from .replay_core import METRICS, as_run, fit_mask, latency_errors, simulate_run
@@ -233,9 +233,11 @@ def _apply(base: sim.Profile, fit: StepFit, mult: dict[str, float]) -> sim.Profi
     return prof
 
 
-def _objective(errors: dict) -> float:
+def _objective(errors: dict, skip: frozenset = frozenset()) -> float:
+    """``skip``: ``(metric, stat)`` pairs left out (a DP run's routing-dominated ones, ``traces.dpsplit``)."""
     return float(sum(w * np.log1p(errors[m][s]["error_pct"] / 100.0) ** 2
-                     for m in METRICS for s, w in _STAT_WEIGHTS.items() if errors[m][s]["error_pct"] is not None))
+                     for m in METRICS for s, w in _STAT_WEIGHTS.items()
+                     if errors[m][s]["error_pct"] is not None and (m, s) not in skip))
 
 
 def _wants_jitter(fit: StepFit) -> bool:
@@ -261,7 +263,7 @@ def _refine(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], base: sim.
         key = tuple(np.round(x, 12))
         if key not in cache:
             prof = _apply(base, fit, dict(zip(names, np.exp(x), strict=True)))
-            loss = sum(_objective(latency_errors(r, simulate_run(r, prof, seed=seed), m))
+            loss = sum(_objective(latency_errors(r, simulate_run(r, prof, seed=seed), m), routing_dominated(r))
                        for r, m in zip(runs, masks, strict=True))
             cache[key] = loss + REFINE_ANCHOR_WEIGHT * float(np.sum(x**2))
             history.append(cache[key])

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FIELDS", "ConformanceError", "compare_cases", "describe_divergence", "first_divergence", "random_case",
+__all__ = ["FIELDS", "ConformanceError", "SchedulerDriver", "compare_cases", "describe_divergence", "first_divergence", "random_case",
            "random_cases", "run_vllm", "segment_tokens", "vllm_batch"]
 
 #: the per-step record, compared field by field in this order (see ``traces/vllm_sched_driver.py``)
@@ -196,6 +196,75 @@ def run_vllm(cases: Sequence[dict], versions: Sequence[str]) -> dict[str, dict[s
                 if p.poll() is None:
                     p.kill()
                     p.wait()
+
+
+class SchedulerDriver:
+    """A persistent driver process of vLLM ``version``'s scheduler (``vllm_sched_driver.py --serve``): vLLM is
+    imported once, then every ``run(cases)`` is one line out and one line back, so a property-based test can send
+    cases one by one (and shrink a failing one) without paying the import per case. Use as a context manager, or
+    call ``close()``; the process is stopped by its own handle."""
+
+    def __init__(self, version: str, workdir: str | Path, *, timeout_s: float = 600.0):
+        from .vllm_cpu import write_tiny_model
+
+        self.version, self.timeout_s = version, timeout_s
+        work = Path(workdir)
+        work.mkdir(parents=True, exist_ok=True)
+        self.model_dir = str(write_tiny_model(work / "model"))
+        self._log_path = work / f"driver-{version}.log"
+        py, env = _driver_env(version)
+        with open(self._log_path, "w") as log:
+            self.proc = subprocess.Popen([py, str(_DRIVER), "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=log, env=env, cwd=str(work), text=True)
+        hello = self._read()
+        if hello.get("vllm_version") != version:
+            self.close()
+            raise ConformanceError(f"asked for vLLM {version}, the driver imported {hello.get('vllm_version')}")
+
+    def _read(self) -> dict:
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout_s)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            tail = self._log_path.read_text(errors="replace")[-3000:] if self._log_path.exists() else ""
+            raise ConformanceError(f"vLLM {self.version}'s scheduler driver stopped answering "
+                                   f"(exit {self.proc.returncode}); log {self._log_path}:\n{tail}")
+        return json.loads(line)
+
+    def send(self, cases: Sequence[dict]) -> None:
+        """Start ``cases`` (the answer is ``receive()``'s; two drivers run side by side between the calls)."""
+        self.proc.stdin.write(json.dumps(vllm_batch(cases, self.model_dir)) + "\n")
+        self.proc.stdin.flush()
+
+    def run(self, cases: Sequence[dict]) -> dict[str, list]:
+        """``{case id: steps}`` for ``cases``; ``ConformanceError`` when vLLM rejects one."""
+        self.send(cases)
+        return self.receive()
+
+    def receive(self) -> dict[str, list]:
+        """The answer to the last ``send``: ``{case id: steps}``; ``ConformanceError`` when vLLM rejects one."""
+        answer = self._read()
+        bad = [f"{r['id']}: {r['error']}" for r in answer["results"] if r["error"]]
+        if bad:
+            raise ConformanceError(f"vLLM {self.version} rejected {len(bad)} case(s): " + "; ".join(bad[:5]))
+        return {r["id"]: r["steps"] for r in answer["results"]}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> SchedulerDriver:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------------------------- comparison

@@ -30,6 +30,7 @@ from pathlib import Path
 import sim
 
 from .calibrate import calibrate_run
+from .dpsplit import routing_envelope
 from .replay_core import (
     METRICS,
     STATS,
@@ -77,16 +78,32 @@ def preemption_agreement(measured: int | None, simulated: int, *, rel: float = 0
             "agree": abs(diff) <= max(abs_, rel * measured), "tolerance": f"{rel:.0%} or {abs_} preemptions"}
 
 
-def _bar(metrics: dict, threshold_pct: float) -> dict:
+def _bar(metrics: dict, threshold_pct: float, envelope: dict | None = None) -> dict:
     """The accuracy bar over the defined errors; ``undefined`` lists the others (e.g. TPOT when every output is
-    one token, TTFT when every measured TTFT is 0), which neither pass nor fail it. No defined error: failed."""
+    one token, TTFT when every measured TTFT is 0), which neither pass nor fail it. No defined error: failed.
+
+    With a DP routing envelope (``traces.dpsplit.routing_envelope``) a routing-dominated statistic (a DP run's
+    TTFT mean and tail under load-dependent balancing) beyond the threshold still passes when the measured value
+    lies within the envelope's prediction interval widened by the threshold: the run is one realisation of a
+    balancer whose timer no run records, as the real-engine bar accepts the engine's own run-to-run spread.
+    ``passed_strict`` is the plain threshold; ``passed_by_routing_envelope`` lists what the envelope admitted."""
     all_errs = {f"{m}.{s}": metrics[m][s]["error_pct"] for m in METRICS for s in BAR_STATS}
     errs = {k: v for k, v in all_errs.items() if v is not None}
     worst = max(errs, key=lambda k: abs(errs[k])) if errs else None
+    strict = {k for k, v in errs.items() if abs(v) <= threshold_pct}
+    admitted = []
+    for k in sorted(set(errs) - strict) if envelope is not None else ():
+        m, st = k.split(".")
+        e = envelope["metrics"].get(m, {}).get(st)
+        slack = threshold_pct / 100 * abs(e["measured"]) if e else 0.0
+        if e and e["lo"] - slack <= e["measured"] <= e["hi"] + slack:
+            admitted.append(k)
     return {"threshold_pct": threshold_pct, "stats": list(BAR_STATS), "worst": worst,
             "worst_error_pct": errs[worst] if worst else None,
             "undefined": [k for k, v in all_errs.items() if v is None],
-            "passed": bool(errs) and all(abs(v) <= threshold_pct for v in errs.values())}
+            "passed_strict": bool(errs) and len(strict) == len(errs),
+            "passed_by_routing_envelope": admitted,
+            "passed": bool(errs) and len(strict) + len(admitted) == len(errs)}
 
 
 def replay_run(run_or_dir: MeasuredRun | str | Path, profile: sim.Profile | str | Path, *,
@@ -115,10 +132,11 @@ def replay_run(run_or_dir: MeasuredRun | str | Path, profile: sim.Profile | str 
     simulated = simulate_run(run, prof, seed=seed)
     metrics = latency_errors(run, simulated, eval_mask)
     used, overrides = replay_profile(prof, run)
+    envelope = routing_envelope(run, prof, eval_mask, metrics, seed=seed)
     out = {"run": run.name, "profile": prof.name, "fit_fraction": fit_fraction,
            "evaluated_requests": int(eval_mask.sum()), "split_s": split, "metrics": metrics,
            "timeseries_mae": timeseries_mae(run, simulated, from_s=split),
-           "bar": _bar(metrics, 10.0 if fit_fraction is not None else 5.0),
+           "bar": _bar(metrics, 10.0 if fit_fraction is not None else 5.0, envelope),
            "simulated": {"preemptions": simulated.preemptions, "engine_steps": simulated.engine_steps,
                          "rejected": simulated.rejected},
            "preemptions": preemption_agreement(measured_preemptions(run), simulated.preemptions),
@@ -126,6 +144,7 @@ def replay_run(run_or_dir: MeasuredRun | str | Path, profile: sim.Profile | str 
                                                            "max_model_len", "block_size", "num_gpu_blocks")},
            "engine_overridden_by_run": overrides,
            "data_parallel": _dp_report(run, used),
+           "routing_envelope": envelope,
            "kv_cache_recorded": run.kv_cache_recorded}
     if calibration is not None:
         out["calibration"] = calibration

@@ -20,7 +20,7 @@ from sim.dplb import dp_router_name
 
 from .runs import MeasuredRun, read_run
 
-__all__ = ["METRICS", "STATS", "SimulatedRun", "as_run", "fit_mask", "latency_errors", "per_engine_blocks",
+__all__ = ["METRICS", "STATS", "SimulatedRun", "as_run", "dp_router", "fit_mask", "latency_errors", "per_engine_blocks",
            "replay_pool", "replay_profile", "simulate_run", "timeseries_mae"]
 
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
@@ -94,6 +94,11 @@ def _is_moe(run: MeasuredRun) -> bool:
     return isinstance(hf, dict) and any(isinstance(hf.get(k), int) and hf[k] > 1 for k in keys)
 
 
+def dp_router(run: MeasuredRun) -> str:
+    """The ``sim.dplb`` router of the run's release (and MoE or not) for its DP engines."""
+    return dp_router_name(run.meta.vllm_version, moe=_is_moe(run))
+
+
 def replay_pool(profile: sim.Profile, run: MeasuredRun, name: str = "replay") -> sim.PoolSpec:
     """The pool a replay of ``run`` serves from: ``data_parallel_size`` engines of ``profile`` (already through
     ``replay_profile``) behind vLLM's DP load balancing of the run's release (``sim.dplb``), each with its
@@ -102,7 +107,7 @@ def replay_pool(profile: sim.Profile, run: MeasuredRun, name: str = "replay") ->
     if e.data_parallel_size == 1:
         return sim.PoolSpec(name=name, profile=profile)
     return sim.PoolSpec(name=name, profile=profile, replicas=e.data_parallel_size,
-                        router=dp_router_name(run.meta.vllm_version, moe=_is_moe(run)),
+                        router=dp_router(run),
                         router_options=(("api_servers", e.api_server_count),),
                         num_gpu_blocks_per_replica=per_engine_blocks(run))
 
@@ -122,13 +127,18 @@ class SimulatedRun:
     rejected: int
 
 
-def simulate_run(run: MeasuredRun, profile: sim.Profile, *, seed: int = 0) -> SimulatedRun:
+def simulate_run(run: MeasuredRun, profile: sim.Profile, *, seed: int = 0,
+                 router_options: tuple[tuple[str, object], ...] = ()) -> SimulatedRun:
     """Replay ``run`` through the simulated engines of ``profile`` with the run's engine settings (one engine, or
-    ``data_parallel_size`` behind vLLM's DP load balancing: ``replay_pool``)."""
+    ``data_parallel_size`` behind vLLM's DP load balancing: ``replay_pool``). ``router_options`` go to a DP pool's
+    router on top of the run's (e.g. the coordinator's timer phase, ``traces.dpsplit.routing_envelope``)."""
     prof, _ = replay_profile(profile, run)
-    world = sim.make_world(replay_pool(prof, run), seed=seed, sample_interval_s=None)
+    pool = replay_pool(prof, run)
+    if pool.replicas > 1 and router_options:
+        pool = replace(pool, router_options=(*pool.router_options, *router_options))
     off = run.offsets_s
     order = np.argsort(off, kind="stable")
+    world = sim.make_world(pool, seed=seed, sample_interval_s=None)
     sim.Workload(pool="replay", arrivals=sim.TraceArrivals(off[order]), name="replay", id_prefix="",
                  prompt_tokens=run.prompt_tokens[order], output_tokens=run.output_tokens[order]).start(world)
     gauges = _sample_ticks(run, world)

@@ -242,6 +242,7 @@ class _Rows:
     k: np.ndarray  # engine steps
     kind: np.ndarray  # "decode" | "prefill"
     has_offset: np.ndarray  # the row contains the client-side offset
+    t: np.ndarray  # the row's time (mid-span, seconds after the run's first queued_ts): for binned fits
 
 
 def _rows(trace: EngineTrace, run: FitRun) -> _Rows:
@@ -268,14 +269,35 @@ def _rows(trace: EngineTrace, run: FitRun) -> _Rows:
         y_pre = (f - req["scheduled_ts"].to_numpy())[pre]
     X = np.vstack([cum[trace.last_step[dec]] - cum[trace.first_step[dec]], cum[trace.first_step[pre]] - cum[lo]])
     n_dec, n_pre = int(dec.sum()), int(pre.sum())
+    q0 = req["queued_ts"].min()
     return _Rows(X=X, y=np.concatenate([(last - f)[dec], y_pre]),
                  k=np.concatenate([(trace.last_step - trace.first_step)[dec], trace.first_step[pre] - lo]),
                  kind=np.array(["decode"] * n_dec + ["prefill"] * n_pre),
-                 has_offset=np.concatenate([np.zeros(n_dec, bool), np.full(n_pre, run.client_side)]))
+                 has_offset=np.concatenate([np.zeros(n_dec, bool), np.full(n_pre, run.client_side)]),
+                 t=np.concatenate([(f[dec] + last[dec]) / 2 - q0, f[pre] - q0]))
 
 
 def _stack(rows: list[_Rows]) -> _Rows:
-    return _Rows(*(np.concatenate([getattr(r, f) for r in rows]) for f in ("X", "y", "k", "kind", "has_offset")))
+    return _Rows(*(np.concatenate([getattr(r, f) for r in rows]) for f in ("X", "y", "k", "kind", "has_offset", "t")))
+
+
+def _binned(rows: _Rows, bin_s: float | None) -> _Rows:
+    """Rows summed per (kind, time bin of ``bin_s``) across all runs; unchanged without a bin. A data-parallel
+    fit (``traces.dpsplit``) uses it: its per-engine sub-runs come from a split that is right in aggregate but
+    not request by request, so one request's summed basis terms carry the other engine's load (errors in the
+    regressors, which bias least squares towards a flat model); summed over the requests of a few seconds, what
+    one engine over-counts the other under-counts."""
+    if bin_s is None:
+        return rows
+    key = np.stack([rows.kind == "decode", rows.has_offset, np.floor(rows.t / bin_s)], axis=1)
+    _, inv = np.unique(key, axis=0, return_inverse=True)
+    inv = inv.ravel()
+    m = inv.max() + 1
+    X = np.zeros((m, rows.X.shape[1]))
+    np.add.at(X, inv, rows.X)
+    first = np.unique(inv, return_index=True)[1]
+    return _Rows(X=X, y=np.bincount(inv, rows.y, m), k=np.bincount(inv, rows.k, m).astype(np.int64),
+                 kind=rows.kind[first], has_offset=rows.has_offset[first], t=rows.t[first])
 
 
 def _nnls(rows: _Rows, family: FitFamily) -> tuple[np.ndarray, float | None]:
@@ -311,7 +333,7 @@ def _reconstruct(runs: Sequence[FitRun], engine: EngineConfig, model) -> list[En
 
 
 def fit_step_model(runs: Sequence[FitRun], engine: EngineConfig, family: FitFamily | PhysicsStepModel, *,
-                   max_iterations: int | None = None) -> StepFit:
+                   max_iterations: int | None = None, row_bin_s: float | None = None) -> StepFit:
     """Reconstruct the runs and fit the coefficients (and the client-side offset), alternating until they settle.
 
     Args:
@@ -321,6 +343,7 @@ def fit_step_model(runs: Sequence[FitRun], engine: EngineConfig, family: FitFami
             ``PhysicsStepModel`` stands for ``physics_family`` of its hardware, model and TP.
         max_iterations: reconstruction/fit rounds at most (stops earlier when everything moves < 0.5 %); default
             the family's.
+        row_bin_s: fit on rows summed per time bin of this many seconds (``_binned``; data-parallel sub-runs).
     """
     if not runs:
         raise ValueError("fit_step_model needs at least one run")
@@ -335,7 +358,7 @@ def fit_step_model(runs: Sequence[FitRun], engine: EngineConfig, family: FitFami
         if len(rows.y) < len(free) + 2 + bool(rows.has_offset.any()):
             raise ValueError(f"only {len(rows.y)} usable rows to fit {len(free)} coefficients; the run needs more "
                              "requests that were not preempted")
-        new, new_offset = _nnls(rows, family)
+        new, new_offset = _nnls(_binned(rows, row_bin_s), family)
         iterations.append({"iteration": it, "engine_steps": sum(t.num_steps for t in traces),
                            "preemptions": int(sum(t.num_preemptions.sum() for t in traces)), "rows": int(len(rows.y)),
                            **{c: float(new[names.index(c)]) for c in free},

@@ -7,7 +7,10 @@ release's pure-Python package first on ``PYTHONPATH``), as vLLM's unit tests do
 complete after the step. It imports nothing of ours, and vLLM only inside functions, so importing this module
 from the project's own environment never fails.
 
-Usage: ``python vllm_sched_driver.py CASES.json RECORDS.json``. The batch is
+Usage: ``python vllm_sched_driver.py CASES.json RECORDS.json`` (one batch), or ``python vllm_sched_driver.py
+--serve`` (persistent: one batch per line of stdin, its answer as one line on stdout; vLLM's own prints go to
+stderr; ends at end of input), which lets a property-based test send many small batches to one process and pay
+vLLM's import once (``traces.conformance.SchedulerDriver``). The batch is
 ``{"model_dir": DIR, "cases": [case, ...]}``; a case is (``traces.conformance`` builds them)::
 
     {"id": str, "engine": {"block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens",
@@ -138,21 +141,50 @@ def run_case(case: dict, model_dir: str) -> list[dict]:
     return steps
 
 
-def main() -> int:
-    t0 = time.monotonic()
-    if len(sys.argv) != 3:
-        print("usage: python vllm_sched_driver.py CASES.json RECORDS.json", file=sys.stderr)
-        return 2
-    with open(sys.argv[1]) as fh:
-        batch = json.load(fh)
-    import vllm
-
+def run_batch(batch: dict) -> list[dict]:
     results = []
     for case in batch["cases"]:
         try:
             results.append({"id": case["id"], "steps": run_case(case, batch["model_dir"]), "error": None})
         except Exception as e:  # one broken case must not hide the others' results
             results.append({"id": case["id"], "steps": [], "error": f"{type(e).__name__}: {e}"})
+    return results
+
+
+def serve() -> int:
+    """One batch per stdin line, one answer per stdout line; everything else written to fd 1 goes to stderr."""
+    import os
+
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    import vllm
+
+    answers.write(json.dumps({"vllm_version": vllm.__version__, "ready": True}) + "\n")
+    answers.flush()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        t0 = time.monotonic()
+        results = run_batch(json.loads(line))
+        answers.write(json.dumps({"vllm_version": vllm.__version__, "results": results,
+                                  "wall_s": time.monotonic() - t0}) + "\n")
+        answers.flush()
+    return 0
+
+
+def main() -> int:
+    t0 = time.monotonic()
+    if sys.argv[1:] == ["--serve"]:
+        return serve()
+    if len(sys.argv) != 3:
+        print("usage: python vllm_sched_driver.py CASES.json RECORDS.json | --serve", file=sys.stderr)
+        return 2
+    with open(sys.argv[1]) as fh:
+        batch = json.load(fh)
+    import vllm
+
+    results = run_batch(batch)
     with open(sys.argv[2], "w") as fh:  # not stdout: vLLM's logger writes there
         json.dump({"vllm_version": vllm.__version__, "results": results, "wall_s": time.monotonic() - t0}, fh)
     return 0

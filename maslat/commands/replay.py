@@ -91,7 +91,9 @@ def run(args) -> int:
     print(f"accuracy bar |error| <= {b['threshold_pct']:g} % on {'/'.join(b['stats'])}: "
           f"{'PASS' if b['passed'] else 'FAIL'} "
           + (f"(worst {b['worst']} {b['worst_error_pct']:+.2f} %)" if b["worst"] else "(no defined error)")
-          + (f"; undefined: {', '.join(b['undefined'])}" if b.get("undefined") else ""))
+          + (f"; undefined: {', '.join(b['undefined'])}" if b.get("undefined") else "")
+          + (f"; within the DP routing envelope: {', '.join(b['passed_by_routing_envelope'])}"
+             if b.get("passed_by_routing_envelope") else ""))
     if "plots" in out:
         print("plots: " + ", ".join(out["plots"].values()))
     if args.json:
