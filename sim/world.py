@@ -190,6 +190,8 @@ class Replica:
         self._busy = False
         self._queue, self._eid = self.env._queue, self.env._eid  # the SimPy heap, for _arm_at
         self._boundary = self._on_boundary  # one bound method, not one per armed step
+        self._frontend_s = self.overheads.frontend_s
+        self._max_model_len = engine.max_model_len
 
     def gauges(self, now_s: float | None = None) -> dict[str, float]:
         """What a scraper of this replica's ``/metrics`` would read now, under vLLM's names (without the
@@ -397,20 +399,28 @@ class World:
                                  f"num_prompt_tokens={num_prompt_tokens}, got {prompt_segments}")
         self._seq = seq = self._seq + 1
         now = self.env._now
-        req = Request(request_id or f"{pool}-{seq}", num_prompt_tokens, max_tokens,
-                      arrival_time=now, prompt_segments=prompt_segments, tag=tag)
+        req = Request(request_id or f"{pool}-{seq}", num_prompt_tokens, max_tokens, now, prompt_segments, tag)
         req.seq_id = seq
         self.num_submitted += 1
         if wait:
             req.on_finish = self.env.event()
         rep = reps[router.choose(reps, req, now)]
         req.replica = rep.index
-        reason = rep.core.validate(req)
-        if reason is not None:
-            self._reject(rep, req, reason)
+        p, o = req.num_prompt_tokens, req.max_tokens
+        if p < 1 or o < 1 or p + o > rep._max_model_len:
+            self._reject(rep, req, rep.core.validate(req))  # EngineCore.validate says which rule failed
             return req
         rep.outstanding += 1
-        rep.submit(req, now + rep.overheads.frontend_s)
+        t = now + rep._frontend_s
+        pending = rep._pending  # rep.submit(req, t), inlined: once per request
+        pending.append((t, req))
+        if len(pending) == 1:
+            if rep._busy:
+                end = rep.core.truncate(t)
+                if end is not None:
+                    rep._arm(end)
+            else:
+                rep._arm_at(t)
         return req
 
     def _reject(self, rep: Replica, req: Request, reason: str) -> None:
