@@ -588,7 +588,8 @@ class EngineCore:
         self.pub_running, self.pub_waiting = len(self.running), len(self.waiting)
         kv = self.kv
         self.pub_used_blocks = kv.num_usable - kv.free
-        self.num_finished += len(finished)
+        if finished:
+            self.num_finished += len(finished)
         if self._hooks:
             if self._step_records is not None:
                 self._record(p, finished)
@@ -612,12 +613,31 @@ class EngineCore:
             start = end
 
     def _finish_decodes(self, key: int, T: float, finished: list[Request]) -> None:
+        """Decodes whose last token came at decode clock ``key`` leave the aggregate and finish
+        (``_leave_decode`` and ``_finish`` inlined: once per request)."""
         h = self.fin_heap
+        D, bs, phase, kv, running, prefilling = self.clock.D, self.cfg.block_size, self.phase, self.kv, self.running, \
+            self.prefilling
         while h and h[0][0] <= key:
             _, _, r = heappop(h)
             if r._finish_step == key:
-                self._leave_decode(r, T)
-                self._finish(r, T, finished)
+                dorig = r._computed_base
+                c = dorig + D
+                r._num_computed_tokens, r._num_output_tokens, r._is_decoding = c, r._output_base + D, False
+                self.n_dec -= 1
+                self.ctx_base -= dorig
+                phase[dorig % bs] -= 1
+                r._finish_step = -1
+                nb = -(-c // bs)
+                r.kv_anon += nb - r.kv_blocks
+                r.kv_blocks = nb
+                r.last_output_ts = r.last_token_ts = T
+                r.status = _LENGTH_CAPPED
+                kv.free_request(r)
+                del running[r]
+                if prefilling:
+                    prefilling.pop(r, None)
+                finished.append(r)
 
     def _complete_run(self, p: _Plan, T: float, finished: list[Request]) -> None:
         D0, j, n = self.clock.D, p.k, p.n_dec
