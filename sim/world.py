@@ -25,6 +25,8 @@ from .latency import make_step_time_model
 from .profiles import Profile
 from .records import RecordStore, TimeSeries
 from .request import Request, RequestStatus
+
+_WAITING = RequestStatus.WAITING  # a module constant: an Enum class-attribute lookup costs ~10x more
 from .routing import make_router
 from .timebase import TICKS_PER_S, ticks_at_or_after
 
@@ -190,6 +192,7 @@ class Replica:
         self._busy = False
         self._queue, self._eid = self.env._queue, self.env._eid  # the SimPy heap, for _arm_at
         self._boundary = self._on_boundary  # one bound method, not one per armed step
+        self._done = world._finished
         self._frontend_s = self.overheads.frontend_s
         self._max_model_len = engine.max_model_len
 
@@ -266,7 +269,7 @@ class Replica:
             finished = core.complete(now)  # the boundary is the step's end
             world = self.world
             if finished:
-                done = world._finished
+                done = self._done
                 for r in finished:
                     done(self, r)
             if world.step_listener is not None:
@@ -277,9 +280,15 @@ class Replica:
         else:
             start = max(core.t, ticks_at_or_after(now))
         pending = self._pending
-        while pending and pending[0][0] <= now:
-            t_enq, req = pending.popleft()
-            core.add_request(req, t_enq)
+        if pending and pending[0][0] <= now:
+            waiting, clock = core.waiting, core.clock
+            while pending and pending[0][0] <= now:
+                t_enq, req = pending.popleft()
+                if req.prompt_segments is None:  # core.add_request(req, t_enq), inlined: once per request
+                    req.queued_ts, req.status, req._decode_clock = t_enq, _WAITING, clock
+                    waiting.append(req)
+                else:
+                    core.add_request(req, t_enq)
         end = core.begin(start, pending[0][0] if pending else None)  # a decode run stops for the next arrival
         self._busy = end is not None
         if end is not None:  # re-arm with the tick that just fired (off the heap, so free to reuse)
@@ -411,16 +420,7 @@ class World:
             self._reject(rep, req, rep.core.validate(req))  # EngineCore.validate says which rule failed
             return req
         rep.outstanding += 1
-        t = now + rep._frontend_s
-        pending = rep._pending  # rep.submit(req, t), inlined: once per request
-        pending.append((t, req))
-        if len(pending) == 1:
-            if rep._busy:
-                end = rep.core.truncate(t)
-                if end is not None:
-                    rep._arm(end)
-            else:
-                rep._arm_at(t)
+        rep.submit(req, now + rep._frontend_s)  # not inlined: envs.bgtape wraps a replica's submit
         return req
 
     def _reject(self, rep: Replica, req: Request, reason: str) -> None:
