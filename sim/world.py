@@ -25,14 +25,13 @@ from .latency import make_step_time_model
 from .profiles import Profile
 from .records import RecordStore, TimeSeries
 from .request import Request, RequestStatus
-
-_WAITING = RequestStatus.WAITING  # a module constant: an Enum class-attribute lookup costs ~10x more
 from .routing import make_router
 from .timebase import TICKS_PER_S, ticks_at_or_after
 
 __all__ = ["LATE", "SIMPY_TESTED", "Cluster", "PoolSpec", "Replica", "SimEnv", "World", "check_simpy_version",
            "make_world"]
 
+_WAITING = RequestStatus.WAITING  # a module constant: an Enum class-attribute lookup costs ~10x more
 LATE = 2  # after simpy's URGENT (0) and NORMAL (1) events at the same instant
 
 
