@@ -75,6 +75,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, step_model: StepTimeModel, *, jumps: bool = True,
                  force_reference: bool = False, check_invariants: bool = False, ttft_ema_alpha: float = 0.2):
         self.cfg = config
+        self._bs, self._max_batched = config.block_size, config.max_num_batched_tokens  # read every step
         self.model = step_model
         self.kv = KVCacheManager(config)
         self.waiting: deque[Request] = deque()
@@ -305,13 +306,13 @@ class EngineCore:
 
     def _schedule_fast(self, t0: int) -> _Plan | None:
         """O(1)-in-decodes step when no preemption is needed; ``None`` if the fast conditions fail."""
-        kv = self.kv
         n_dec = self.n_dec
-        budget = self.cfg.max_num_batched_tokens - n_dec
+        budget = self._max_batched - n_dec
         if budget < 0:
             return None
+        kv = self.kv
         D = self.clock.D
-        need = self.phase[(-D) % self.cfg.block_size] if n_dec else 0
+        need = self.phase[(-D) % self._bs] if n_dec else 0
         free = kv.free - need
         if free < 0:
             return None
@@ -387,7 +388,7 @@ class EngineCore:
 
     def _need_over(self, D: int, k: int) -> int:
         """Blocks the decodes need over the k steps starting at decode clock D."""
-        bs, n, ph = self.cfg.block_size, self.n_dec, self.phase
+        bs, n, ph = self._bs, self.n_dec, self.phase
         q, rem = divmod(k, bs)
         total = q * n
         for j in range(rem):
@@ -411,7 +412,7 @@ class EngineCore:
         k_fin = h[0][0] - D + 1
         if k_fin < 2:
             return
-        bs, phase = self.cfg.block_size, self.phase
+        bs, phase = self._bs, self.phase
         free = self.kv.free + phase[(-D) % bs]  # before the first step's blocks, taken by _schedule_fast
         # largest k <= k_fin whose cumulative block need fits
         cycles = free // n
@@ -640,16 +641,21 @@ class EngineCore:
                 finished.append(r)
 
     def _complete_run(self, p: _Plan, T: float, finished: list[Request]) -> None:
-        D0, j, n = self.clock.D, p.k, p.n_dec
+        clock = self.clock
+        D0, j, n = clock.D, p.k, p.n_dec
         if j > 1:  # the first step's blocks were taken when it was planned
             self.kv.pop_free(self._need_over(D0 + 1, j - 1))
-        self.clock.D = D0 + j
+        clock.D = D0 + j
         self.num_steps += j
         self.num_jumps += 1
         self.num_jumped_steps += j
         self.generation_tokens += n * j
-        self.itl.observe_linear((p.P + p.g * p.ctx) / TICKS_PER_S, p.g * n / TICKS_PER_S, j, n)
-        self.iteration_tokens.observe(n, j)
+        g = p.g
+        self.itl.observe_linear((p.P + g * p.ctx) / TICKS_PER_S, g * n / TICKS_PER_S, j, n)
+        it = self.iteration_tokens  # it.observe(n, j), inlined: once per run
+        it.counts[bisect_left(it.bounds, n)] += j
+        it.sum += n * j
+        it.count += j
         if j == p.k_fin:
             self._finish_decodes(D0 + j - 1, T, finished)
 
