@@ -274,19 +274,25 @@ class EngineCore:
         sched, prefilling = plan.sched, (self.prefilling if self._valid else None)
         while waiting and budget > 0 and len(running) < max_seqs:
             r = waiting[0]
+            tokens = r.num_prompt_tokens + r._num_output_tokens
             if r.prompt_segments is None and not r.num_preemptions:
-                hit = ev = 0  # a private prompt never computed before has no cached prefix (find_hit's shortcut)
+                # a private prompt never computed before has no cached prefix (find_hit's shortcut)
+                h = 0
+                n = tokens if thr is None or tokens <= thr else thr
+                if n > budget:
+                    n = budget
+                if not kv.allocate_private_prompt(r, n, gate):
+                    break
             else:
                 hit, ev = kv.find_hit(r) if r._num_computed_tokens == 0 else (0, 0)
-            h = hit * bs
-            tokens = r.num_prompt_tokens + r._num_output_tokens
-            n = tokens - h
-            if thr is not None and n > thr:
-                n = thr
-            if n > budget:
-                n = budget
-            if not kv.allocate_slots(r, n, hit, ev, gate):
-                break
+                h = hit * bs
+                n = tokens - h
+                if thr is not None and n > thr:
+                    n = thr
+                if n > budget:
+                    n = budget
+                if not kv.allocate_slots(r, n, hit, ev, gate):
+                    break
             waiting.popleft()
             running[r] = None
             r.status = _RUNNING
