@@ -75,6 +75,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, step_model: StepTimeModel, *, jumps: bool = True,
                  force_reference: bool = False, check_invariants: bool = False, ttft_ema_alpha: float = 0.2):
         self.cfg = config
+        self._bs, self._max_batched = config.block_size, config.max_num_batched_tokens  # read every step
         self.model = step_model
         self.kv = KVCacheManager(config)
         self.waiting: deque[Request] = deque()
@@ -162,7 +163,7 @@ class EngineCore:
         r._is_decoding = True
         self.n_dec += 1
         self.ctx_base += dorig
-        self.phase[dorig % self.cfg.block_size] += 1
+        self.phase[dorig % self._bs] += 1
         r._finish_step = fkey = r.max_tokens - 1 - oorig
         heappush(self.fin_heap, (fkey, r.seq_id, r))
         if r._admit_seq > self.max_dec_seq:
@@ -273,19 +274,25 @@ class EngineCore:
         sched, prefilling = plan.sched, (self.prefilling if self._valid else None)
         while waiting and budget > 0 and len(running) < max_seqs:
             r = waiting[0]
+            tokens = r.num_prompt_tokens + r._num_output_tokens
             if r.prompt_segments is None and not r.num_preemptions:
-                hit = ev = 0  # a private prompt never computed before has no cached prefix (find_hit's shortcut)
+                # a private prompt never computed before has no cached prefix (find_hit's shortcut)
+                h = 0
+                n = tokens if thr is None or tokens <= thr else thr
+                if n > budget:
+                    n = budget
+                if not kv.allocate_private_prompt(r, n, gate):
+                    break
             else:
                 hit, ev = kv.find_hit(r) if r._num_computed_tokens == 0 else (0, 0)
-            h = hit * bs
-            tokens = r.num_prompt_tokens + r._num_output_tokens
-            n = tokens - h
-            if thr is not None and n > thr:
-                n = thr
-            if n > budget:
-                n = budget
-            if not kv.allocate_slots(r, n, hit, ev, gate):
-                break
+                h = hit * bs
+                n = tokens - h
+                if thr is not None and n > thr:
+                    n = thr
+                if n > budget:
+                    n = budget
+                if not kv.allocate_slots(r, n, hit, ev, gate):
+                    break
             waiting.popleft()
             running[r] = None
             r.status = _RUNNING
@@ -305,13 +312,13 @@ class EngineCore:
 
     def _schedule_fast(self, t0: int) -> _Plan | None:
         """O(1)-in-decodes step when no preemption is needed; ``None`` if the fast conditions fail."""
-        kv = self.kv
         n_dec = self.n_dec
-        budget = self.cfg.max_num_batched_tokens - n_dec
+        budget = self._max_batched - n_dec
         if budget < 0:
             return None
+        kv = self.kv
         D = self.clock.D
-        need = self.phase[(-D) % self.cfg.block_size] if n_dec else 0
+        need = self.phase[(-D) % self._bs] if n_dec else 0
         free = kv.free - need
         if free < 0:
             return None
@@ -387,7 +394,7 @@ class EngineCore:
 
     def _need_over(self, D: int, k: int) -> int:
         """Blocks the decodes need over the k steps starting at decode clock D."""
-        bs, n, ph = self.cfg.block_size, self.n_dec, self.phase
+        bs, n, ph = self._bs, self.n_dec, self.phase
         q, rem = divmod(k, bs)
         total = q * n
         for j in range(rem):
@@ -411,7 +418,7 @@ class EngineCore:
         k_fin = h[0][0] - D + 1
         if k_fin < 2:
             return
-        bs, phase = self.cfg.block_size, self.phase
+        bs, phase = self._bs, self.phase
         free = self.kv.free + phase[(-D) % bs]  # before the first step's blocks, taken by _schedule_fast
         # largest k <= k_fin whose cumulative block need fits
         cycles = free // n
@@ -588,7 +595,8 @@ class EngineCore:
         self.pub_running, self.pub_waiting = len(self.running), len(self.waiting)
         kv = self.kv
         self.pub_used_blocks = kv.num_usable - kv.free
-        self.num_finished += len(finished)
+        if finished:
+            self.num_finished += len(finished)
         if self._hooks:
             if self._step_records is not None:
                 self._record(p, finished)
@@ -612,24 +620,48 @@ class EngineCore:
             start = end
 
     def _finish_decodes(self, key: int, T: float, finished: list[Request]) -> None:
+        """Decodes whose last token came at decode clock ``key`` leave the aggregate and finish
+        (``_leave_decode`` and ``_finish`` inlined: once per request)."""
         h = self.fin_heap
+        D, bs, phase, kv, running, prefilling = self.clock.D, self.cfg.block_size, self.phase, self.kv, self.running, \
+            self.prefilling
         while h and h[0][0] <= key:
             _, _, r = heappop(h)
             if r._finish_step == key:
-                self._leave_decode(r, T)
-                self._finish(r, T, finished)
+                dorig = r._computed_base
+                c = dorig + D
+                r._num_computed_tokens, r._num_output_tokens, r._is_decoding = c, r._output_base + D, False
+                self.n_dec -= 1
+                self.ctx_base -= dorig
+                phase[dorig % bs] -= 1
+                r._finish_step = -1
+                nb = -(-c // bs)
+                r.kv_anon += nb - r.kv_blocks
+                r.kv_blocks = nb
+                r.last_output_ts = r.last_token_ts = T
+                r.status = _LENGTH_CAPPED
+                kv.free_request(r)
+                del running[r]
+                if prefilling:
+                    prefilling.pop(r, None)
+                finished.append(r)
 
     def _complete_run(self, p: _Plan, T: float, finished: list[Request]) -> None:
-        D0, j, n = self.clock.D, p.k, p.n_dec
+        clock = self.clock
+        D0, j, n = clock.D, p.k, p.n_dec
         if j > 1:  # the first step's blocks were taken when it was planned
             self.kv.pop_free(self._need_over(D0 + 1, j - 1))
-        self.clock.D = D0 + j
+        clock.D = D0 + j
         self.num_steps += j
         self.num_jumps += 1
         self.num_jumped_steps += j
         self.generation_tokens += n * j
-        self.itl.observe_linear((p.P + p.g * p.ctx) / TICKS_PER_S, p.g * n / TICKS_PER_S, j, n)
-        self.iteration_tokens.observe(n, j)
+        g = p.g
+        self.itl.observe_linear((p.P + g * p.ctx) / TICKS_PER_S, g * n / TICKS_PER_S, j, n)
+        it = self.iteration_tokens  # it.observe(n, j), inlined: once per run
+        it.counts[bisect_left(it.bounds, n)] += j
+        it.sum += n * j
+        it.count += j
         if j == p.k_fin:
             self._finish_decodes(D0 + j - 1, T, finished)
 
@@ -694,9 +726,19 @@ class EngineCore:
         r.last_output_ts = T
         if out >= r.max_tokens:
             self._finish(r, T, finished)
-        elif self._valid:
+        elif self._valid:  # it joins the decode aggregate (_enter_decode, inlined: once per request)
             del self.prefilling[r]
-            self._enter_decode(r)
+            D = self.clock.D
+            r._computed_base = dorig = r._num_computed_tokens - D
+            r._output_base = oorig = out - D
+            r._is_decoding = True
+            self.n_dec += 1
+            self.ctx_base += dorig
+            self.phase[dorig % self._bs] += 1
+            r._finish_step = fkey = r.max_tokens - 1 - oorig
+            heappush(self.fin_heap, (fkey, r.seq_id, r))
+            if r._admit_seq > self.max_dec_seq:
+                self.max_dec_seq = r._admit_seq
 
     def _finish(self, r: Request, T: float, finished: list[Request]) -> None:
         r.status = _LENGTH_CAPPED

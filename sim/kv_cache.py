@@ -366,6 +366,31 @@ class KVCacheManager:
                     req.kv_reg = full
         return True
 
+    def allocate_private_prompt(self, req, num_new_tokens: int, full_sequence_must_fit: bool = False) -> bool:
+        """``allocate_slots(req, num_new_tokens, 0, 0, full_sequence_must_fit)`` for a request never scheduled
+        before whose prompt has no segments (no prefix hit possible, nothing held, only private content): the
+        common admission, without the general path's branches (once per request)."""
+        bs, free = self.block_size, self.free
+        if full_sequence_must_fit:
+            full = req.num_prompt_tokens + req._num_output_tokens
+            if full > self.max_model_len:
+                full = self.max_model_len
+            if -(-full // bs) > free:
+                return False
+        need = -(-num_new_tokens // bs)
+        if need > free:
+            return False
+        if need:
+            self.pop_free(need)
+            req.kv_anon += need
+            req.kv_blocks += need
+        if self.enable_caching:  # an all-private chain: only the registration mark advances
+            total = req.num_prompt_tokens + req._num_output_tokens
+            full = (num_new_tokens if num_new_tokens < total else total) // bs
+            if full > req.kv_reg:
+                req.kv_reg = full
+        return True
+
     def cache_blocks(self, req, num_tokens: int) -> None:
         """Give identities to the request's newly full blocks of *shared* content up to ``num_tokens``."""
         bs = self.block_size

@@ -83,7 +83,6 @@ class Request:
         request_id: str,
         num_prompt_tokens: int,
         max_tokens: int,
-        *,
         arrival_time: float = 0.0,
         prompt_segments: tuple[tuple[int, int], ...] | None = None,
         tag: object = None,

@@ -24,8 +24,7 @@ def latency_summary(world, pool: str | None = None) -> dict:
     cols = rs.columns()
     if not cols:
         return {"finished": 0, "rejected": dict(world.rejected)}
-    status = np.array(rs.status)
-    ok = status == "FINISHED_LENGTH_CAPPED"
+    ok = np.fromiter(map("FINISHED_LENGTH_CAPPED".__eq__, rs.status), bool, len(rs.status))  # ~3x np.array(...)
     if pool is not None:
         ok &= np.array(rs.pool) == pool
     q, s, f, last = cols["queued_s"][ok], cols["scheduled_s"][ok], cols["first_token_s"][ok], cols["last_token_s"][ok]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from heapq import heappush
 
 import numpy as np
 
@@ -233,28 +234,49 @@ class Workload:
         else:
             self._world.env.call_again(fired, self._t)
 
+    def _refill(self) -> None:
+        self._buf_p, self._buf_o = (a.tolist() for a in self.lengths.draw(self._len_rng, _CHUNK))
+        self._bi = 0
+
     def _lengths(self) -> tuple[int, int]:
         if self.prompt_tokens is not None:
             i = self.submitted
             return int(self.prompt_tokens[i]), int(self.output_tokens[i])
         if self._buf_p is None or self._bi >= len(self._buf_p):
-            self._buf_p, self._buf_o = (a.tolist() for a in self.lengths.draw(self._len_rng, _CHUNK))
-            self._bi = 0
+            self._refill()
         i = self._bi
         self._bi += 1
         return self._buf_p[i], self._buf_o[i]
 
     def _fire(self, tick) -> None:
-        p, o = self._lengths()
+        """One arrival: submit it and re-arm ``tick`` at the next (``_lengths``, ``_Gaps.__next__`` and
+        ``_schedule`` inlined: this runs once per request)."""
+        if self.prompt_tokens is None:
+            i = self._bi
+            buf = self._buf_p
+            if buf is None or i >= len(buf):
+                self._refill()
+                i, buf = 0, self._buf_p
+            self._bi = i + 1
+            p, o = buf[i], self._buf_o[i]
+        else:
+            p, o = self._lengths()
+        world = self._world
         rid = f"{self.id_prefix}{self.submitted}" if self.id_prefix is not None else None
-        self._world._submit(self.pool, p, o, None, None, rid, False)  # world.submit(pool, p, o, request_id=rid)
-        self.submitted += 1
-        if self.prompt_tokens is not None and self.submitted >= len(self.prompt_tokens):
+        world._submit(self.pool, p, o, None, None, rid, False)  # world.submit(pool, p, o, request_id=rid)
+        self.submitted = n = self.submitted + 1
+        if self.prompt_tokens is not None and n >= len(self.prompt_tokens):
             self._stop()
             return
-        gap = next(self._gaps, None)
+        gaps = self._gaps
+        gap = next(gaps.it, None)
         if gap is None:
             self._stop()
             return
-        self._t += gap
-        self._schedule(tick)
+        gaps.n += 1
+        self._t = t = self._t + gap
+        if (self.until_s is not None and t > self.until_s) or (self.num_requests is not None and n >= self.num_requests):
+            self._stop()
+            return
+        env = world.env
+        heappush(env._queue, (t, 1, next(env._eid), tick))  # env.call_again(tick, t)

@@ -31,6 +31,7 @@ from .timebase import TICKS_PER_S, ticks_at_or_after
 __all__ = ["LATE", "SIMPY_TESTED", "Cluster", "PoolSpec", "Replica", "SimEnv", "World", "check_simpy_version",
            "make_world"]
 
+_WAITING = RequestStatus.WAITING  # a module constant: an Enum class-attribute lookup costs ~10x more
 LATE = 2  # after simpy's URGENT (0) and NORMAL (1) events at the same instant
 
 
@@ -190,6 +191,9 @@ class Replica:
         self._busy = False
         self._queue, self._eid = self.env._queue, self.env._eid  # the SimPy heap, for _arm_at
         self._boundary = self._on_boundary  # one bound method, not one per armed step
+        self._done = world._finished
+        self._frontend_s = self.overheads.frontend_s
+        self._max_model_len = engine.max_model_len
 
     def gauges(self, now_s: float | None = None) -> dict[str, float]:
         """What a scraper of this replica's ``/metrics`` would read now, under vLLM's names (without the
@@ -264,7 +268,7 @@ class Replica:
             finished = core.complete(now)  # the boundary is the step's end
             world = self.world
             if finished:
-                done = world._finished
+                done = self._done
                 for r in finished:
                     done(self, r)
             if world.step_listener is not None:
@@ -275,9 +279,15 @@ class Replica:
         else:
             start = max(core.t, ticks_at_or_after(now))
         pending = self._pending
-        while pending and pending[0][0] <= now:
-            t_enq, req = pending.popleft()
-            core.add_request(req, t_enq)
+        if pending and pending[0][0] <= now:
+            waiting, clock = core.waiting, core.clock
+            while pending and pending[0][0] <= now:
+                t_enq, req = pending.popleft()
+                if req.prompt_segments is None:  # core.add_request(req, t_enq), inlined: once per request
+                    req.queued_ts, req.status, req._decode_clock = t_enq, _WAITING, clock
+                    waiting.append(req)
+                else:
+                    core.add_request(req, t_enq)
         end = core.begin(start, pending[0][0] if pending else None)  # a decode run stops for the next arrival
         self._busy = end is not None
         if end is not None:  # re-arm with the tick that just fired (off the heap, so free to reuse)
@@ -397,20 +407,19 @@ class World:
                                  f"num_prompt_tokens={num_prompt_tokens}, got {prompt_segments}")
         self._seq = seq = self._seq + 1
         now = self.env._now
-        req = Request(request_id or f"{pool}-{seq}", num_prompt_tokens, max_tokens,
-                      arrival_time=now, prompt_segments=prompt_segments, tag=tag)
+        req = Request(request_id or f"{pool}-{seq}", num_prompt_tokens, max_tokens, now, prompt_segments, tag)
         req.seq_id = seq
         self.num_submitted += 1
         if wait:
             req.on_finish = self.env.event()
         rep = reps[router.choose(reps, req, now)]
         req.replica = rep.index
-        reason = rep.core.validate(req)
-        if reason is not None:
-            self._reject(rep, req, reason)
+        p, o = req.num_prompt_tokens, req.max_tokens
+        if p < 1 or o < 1 or p + o > rep._max_model_len:
+            self._reject(rep, req, rep.core.validate(req))  # EngineCore.validate says which rule failed
             return req
         rep.outstanding += 1
-        rep.submit(req, now + rep.overheads.frontend_s)
+        rep.submit(req, now + rep._frontend_s)  # not inlined: envs.bgtape wraps a replica's submit
         return req
 
     def _reject(self, rep: Replica, req: Request, reason: str) -> None:

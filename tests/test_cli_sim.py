@@ -47,13 +47,17 @@ def test_simulate_bad_input_is_a_clear_error():
 @pytest.mark.slow
 def test_bench_sim_small_json():
     d = last_json(maslat("bench", "sim", "--requests", "3000", "--replicas", "2", "--long-requests", "100",
-                         "--stepwise-requests", "1200", "--json"))
+                         "--stepwise-requests", "1200", "--reference-requests", "300", "--json"))
     for k in ("scenario", "requests", "wall_s", "requests_per_s", "sim_s_per_wall_s", "peak_rss_mb", "stepwise"):
         assert k in d
     assert d["stepwise"]["identical_results"] is True and d["finished"] == 3000
     assert d["stepwise"]["requests"] == 1200 and d["jump_speedup"] > 0   # both engines on the same prefix
-    ph = d["phases_s"]
-    assert ph["whole_command_s"] >= ph["saturation_s"] + ph["main_s"] + ph["stepwise_s"] + ph["long_outputs_s"]
+    ph = d["phases_s"]  # the comparisons run beside the main run, one after another
+    assert d["comparisons_beside_main"] is True
+    side = ph["stepwise_s"] + ph["reference_s"] + ph["long_outputs_s"]
+    assert ph["whole_command_s"] >= ph["saturation_s"] + max(ph["main_s"], side) and d["whole_command_cpu_s"] > 0
+    rf = d["reference"]  # the literal vLLM algorithm on a shorter prefix: same results, slower
+    assert rf["identical_results"] is True and rf["requests"] == 300 and rf["fast_speedup_cpu"] > 1
     j = d["jumps"]  # the counters that explain the gain: one boundary per single step or jumped run
     assert j["engine_steps"] == d["engine_steps"] and j["step_boundaries"] == j["engine_steps"] - j["jumped_steps"] + j["jumps"]
     lo = d["long_outputs"]

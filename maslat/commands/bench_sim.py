@@ -12,19 +12,26 @@ from ._common import add_json_flag, emit_json, format_table
 
 HELP = "simulator speed: N requests through R replicas at a fraction of saturation, with and without jumps"
 DESCRIPTION = """\
-Measures the simulator on one core. First the saturation throughput of one replica is measured by
-simulation (an overloaded replica, Azure-conv lengths); then --requests Poisson arrivals at
---load x saturation x --replicas run through the cluster with decode-run jumps (the default engine),
-in a fresh process. The first --stepwise-requests of the same arrivals then run twice more, with jumps and
-step by step (jumps off): both must produce identical latency statistics, and the gain is the ratio of
-their wall times, measured in this run. The engine counters say why the gain is what it is: step
-boundaries (one per single step, one per jumped run), jumps, mean steps per jump. ``phases_s`` says where
-the whole command's time went.
+Measures the simulator, one simulation per process on one core. First the saturation throughput of one
+replica is measured by simulation (an overloaded replica, Azure-conv lengths); then --requests Poisson
+arrivals at --load x saturation x --replicas run through the cluster with decode-run jumps (the default
+engine), in a fresh process.
+
+While that runs (on the machine's second core; --serial waits for it instead), the comparisons run, each in
+its own fresh process: the first --stepwise-requests of the same arrivals with jumps and step by step (jumps
+off), and the first --reference-requests with the literal per-request vLLM algorithm (the reference mode,
+several times slower per step, hence the shorter prefix). All must produce identical latency statistics; the
+gains are ratios of their wall and CPU times, measured in this run. The engine counters say why the gain is
+what it is: step boundaries (one per single step, one per jumped run), jumps, mean steps per jump.
+``phases_s`` says where the whole command's time went.
 
 A second, smaller scenario (--long-requests, 0 skips it) has long outputs at a light load, where
 nothing interrupts the decodes for hundreds of steps: there the jumps pay off.
 
-Defaults are the acceptance scenario: 1,000,000 requests, 8 x h100-llama-3.1-8b, load 0.8.
+Defaults are the acceptance scenario: 1,000,000 requests, 8 x h100-llama-3.1-8b, load 0.8. The comparison
+prefixes (30,000 step by step, 3,000 with the reference algorithm) are sized so that, together with the
+long-output scenario, they finish on the second core well before the main run: the whole command then takes
+the saturation measurement plus the main run.
 """
 
 LONG_PROMPT_TOKENS, LONG_OUTPUT_TOKENS, LONG_RATE_PER_S = 512, 2048, 2.0
@@ -40,8 +47,13 @@ def configure(p) -> None:
     p.add_argument("--router", default="round_robin")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-stepwise", action="store_true", help="only run the default (jumping) engine")
-    p.add_argument("--stepwise-requests", type=int, default=100_000,
-                   help="the step-by-step comparison runs on this prefix of the arrivals (default 100,000)")
+    p.add_argument("--stepwise-requests", type=int, default=30_000,
+                   help="the step-by-step comparison runs on this prefix of the arrivals (default 30,000)")
+    p.add_argument("--reference-requests", type=int, default=3_000,
+                   help="the reference-algorithm comparison runs on this prefix of the arrivals (default 3,000; "
+                        "0 skips it)")
+    p.add_argument("--serial", action="store_true",
+                   help="run the comparisons after the main run instead of beside it on a second core")
     p.add_argument("--long-requests", type=int, default=300,
                    help=f"requests of the long-output scenario ({LONG_PROMPT_TOKENS}-token prompts, "
                         f"{LONG_OUTPUT_TOKENS}-token outputs, Poisson {LONG_RATE_PER_S} req/s); 0 skips it")
@@ -108,7 +120,8 @@ def _scenario(params: dict, queue) -> None:
     from sim.summary import latency_summary
 
     world = make_world(PoolSpec(name="p", profile=load_profile(params["profile"]), replicas=params["replicas"],
-                                router=params["router"]), seed=params["seed"], jumps=params["jumps"])
+                                router=params["router"]), seed=params["seed"], jumps=params["jumps"],
+                       force_reference=params.get("force_reference", False))
     Workload(pool="p", arrivals=PoissonArrivals(params["rate"]), lengths=_lengths(params),
              num_requests=params["requests"], name="bench").start(world)
     t0 = time.perf_counter()
@@ -119,6 +132,12 @@ def _scenario(params: dict, queue) -> None:
     s = latency_summary(world)
     queue.put({"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "simulated_s": world.now, "summary": s, "counters": engine_counters(world, wall)})
+
+
+def _cpu_s_all_processes() -> float:
+    """User + system CPU seconds of this process and its finished children (the scenario processes)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _rss_mb() -> float:
@@ -195,14 +214,24 @@ def _soak(args) -> int:
     return 0
 
 
-def _in_fresh_process(params: dict, target=_scenario) -> dict:
+def _start_fresh_process(params: dict, target=_scenario) -> tuple:
+    """Start ``target(params, queue)`` in a fresh (spawned) process; ``_collect`` waits for its result."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     proc = ctx.Process(target=target, args=(params, q))
     proc.start()
+    return proc, q
+
+
+def _collect(handle: tuple) -> dict:
+    proc, q = handle
     out = q.get()
     proc.join()
     return out
+
+
+def _in_fresh_process(params: dict, target=_scenario) -> dict:
+    return _collect(_start_fresh_process(params, target))
 
 
 def _identical(a: dict, b: dict) -> bool:
@@ -259,6 +288,14 @@ def _main_json(args, sat: float, rate: float, fast: dict, step: dict | None) -> 
     return out
 
 
+def _reference_json(fast: dict, ref: dict) -> dict:
+    """The fast engine (jumps off) against the literal per-request algorithm on the same prefix."""
+    return {"requests": ref["summary"]["finished"], "wall_s": ref["wall_s"], "cpu_s": ref["cpu_s"],
+            "fast_wall_s": fast["wall_s"], "fast_cpu_s": fast["cpu_s"], "identical_results": _identical(fast, ref),
+            "fast_speedup": ref["wall_s"] / fast["wall_s"], "fast_speedup_cpu": ref["cpu_s"] / fast["cpu_s"],
+            "engine_steps": ref["summary"]["engine_steps"], "us_per_step": ref["counters"]["us_per_step"]}
+
+
 def _print_table(out: dict) -> None:
     j = out["jumps"]
     rows = [["with jumps", out["wall_s"], out["requests_per_s"], out["sim_s_per_wall_s"], out["peak_rss_mb"],
@@ -277,6 +314,11 @@ def _print_table(out: dict) -> None:
         print(f"jump speed-up on the first {s['requests']:,} requests {out['jump_speedup']:.2f}x wall "
               f"({out['jump_speedup_cpu']:.2f}x CPU; {s['jumps_wall_s']:.2f} s with jumps, {s['wall_s']:.2f} s step by "
               f"step, one run); identical results: {s['identical_results']}")
+    if "reference" in out:
+        rf = out["reference"]
+        print(f"step by step vs the reference algorithm on the first {rf['requests']:,} requests: "
+              f"{rf['fast_speedup']:.1f}x wall ({rf['fast_speedup_cpu']:.1f}x CPU; {rf['fast_wall_s']:.2f} s vs "
+              f"{rf['wall_s']:.2f} s, one run); identical results: {rf['identical_results']}")
     if "long_outputs" in out:
         lo = out["long_outputs"]
         print(f"{lo['scenario']}: {lo['wall_s']:.2f} s with jumps, {lo['stepwise_wall_s']:.2f} s step by step "
@@ -286,9 +328,9 @@ def _print_table(out: dict) -> None:
 
 def run(args) -> int:
     if (args.requests < 1 or args.replicas < 1 or not 0 < args.load or args.long_requests < 0
-            or args.stepwise_requests < 0 or args.soak < 0):
+            or args.stepwise_requests < 0 or args.reference_requests < 0 or args.soak < 0):
         raise ValueError("--requests and --replicas must be >= 1, --load > 0, --long-requests, "
-                         "--stepwise-requests and --soak >= 0")
+                         "--stepwise-requests, --reference-requests and --soak >= 0")
     if args.soak:
         return _soak(args)
     t_start = time.perf_counter()
@@ -303,26 +345,49 @@ def run(args) -> int:
     base = {"profile": args.profile, "replicas": args.replicas, "router": args.router, "seed": args.seed,
             "rate": rate, "requests": args.requests, "length_arrays": lengths}
     print(f"running {args.requests:,} requests with jumps ...", file=sys.stderr)
-    t0 = time.perf_counter()
-    fast = _in_fresh_process({**base, "jumps": True})
-    phases["main_s"] = time.perf_counter() - t0
-    step = None
-    m = min(args.requests, args.stepwise_requests)
-    if not args.skip_stepwise and m:
+    t_main = time.perf_counter()
+    main = _start_fresh_process({**base, "jumps": True})
+    fast = None
+    m = 0 if args.skip_stepwise else min(args.requests, args.stepwise_requests)
+    if args.serial or m == args.requests:  # the comparison needs the main run's result, or --serial
+        fast = _collect(main)
+        phases["main_s"] = time.perf_counter() - t_main
+    step = ref = None
+    if m:
         print(f"running the first {m:,} requests with jumps, then step by step ...", file=sys.stderr)
         t0 = time.perf_counter()
         sub = fast if m == args.requests else _in_fresh_process({**base, "requests": m, "jumps": True})
         step = (sub, _in_fresh_process({**base, "requests": m, "jumps": False}))
         phases["stepwise_s"] = time.perf_counter() - t0
-    out = _main_json(args, sat, rate, fast, step)
+    r = 0 if args.skip_stepwise else min(args.requests, args.reference_requests)
+    if r:
+        print(f"running the first {r:,} requests step by step, then with the reference algorithm ...",
+              file=sys.stderr)
+        t0 = time.perf_counter()
+        ref = _reference_json(_in_fresh_process({**base, "requests": r, "jumps": False}),
+                              _in_fresh_process({**base, "requests": r, "jumps": False, "force_reference": True}))
+        phases["reference_s"] = time.perf_counter() - t0
+    long_out = None
     if args.long_requests:
         t0 = time.perf_counter()
-        out["long_outputs"] = _long_outputs(args)
+        long_out = _long_outputs(args)
         phases["long_outputs_s"] = time.perf_counter() - t0
+    if fast is None:
+        fast = _collect(main)
+        phases["main_s"] = time.perf_counter() - t_main
+    out = _main_json(args, sat, rate, fast, step)
+    if ref is not None:
+        out["reference"] = ref
+    if long_out is not None:
+        out["long_outputs"] = long_out
     phases["whole_command_s"] = time.perf_counter() - t_start
     out["phases_s"] = phases
+    out["whole_command_cpu_s"] = _cpu_s_all_processes()  # steadier than wall time on a shared machine
+    out["comparisons_beside_main"] = not args.serial and m != args.requests
     _print_table(out)
-    print("where the command's time went: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+    print("where the command's time went" + (" (the comparisons ran beside the main run)"
+                                             if out["comparisons_beside_main"] else "") + ": "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     if args.json:
         emit_json(out)
     return 0
