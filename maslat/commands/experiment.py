@@ -37,7 +37,8 @@ reach 240 Adam steps, e.g. 27 on HumanEval, lambda_t 0.01 and a per-query baseli
 LAMaS's own: 4 epochs, lambda_t 0.005, no per-query baseline; batches of 4 run concurrently, Adam lr 0.01),
 then run the test split once at concurrency 30 on the simulated cluster with background load. The table
 gives mean ± std over seeds of: score %, CP length in tokens exactly as LAMaS reports it (mean, p90), $ per
-query at gpt-4o-mini prices, critical-path seconds under contention (mean, p90) and LLM calls per query; then LAMaS's CP-token and CP-second reductions against MaAS.
+query at gpt-4o-mini prices, critical-path seconds under contention (mean, p90) and LLM calls per query;
+then LAMaS's CP-token and CP-second reductions against MaAS.
 """
 CMDP_DESCRIPTION = """\
 For every seed: one PPO-Lagrangian policy per load regime, trained on the train split with SLOs drawn per
