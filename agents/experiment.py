@@ -1,7 +1,7 @@
 """The LAMaS paper's experiment in simulation: every method, trained and tested with the same seeds.
 
 For each seed and method: train on the train split (4 epochs, or more to reach ``lamas.MIN_UPDATES`` Adam
-steps on a small split; batches of 4, 4 in flight), then run the
+steps on a small split, under ``lamas.PROTOCOLS[protocol]``; batches of 4, 4 in flight), then run the
 test split once at concurrency 30. Every method sees the same worlds (same background arrivals) and the
 same per-query LLM outcomes for the same operator at the same place (common random numbers), so
 differences between methods are paired. Optionally the trained controllers are re-tested at other
@@ -35,13 +35,14 @@ class ExperimentResult:
     task: str
     seeds: list[int]
     methods: list[str]
+    protocol: str = "robust"
     runs: dict[str, list[dict]] = field(default_factory=dict)            # method -> per-seed summaries
     curves: dict[str, list[list[dict]]] = field(default_factory=dict)    # method -> per-seed training metrics
     loads: dict[float, dict[str, list[dict]]] = field(default_factory=dict)  # load factor -> method -> summaries
     test_infos: dict[str, list[list[dict]]] = field(default_factory=dict)  # method -> per-seed episode infos
 
     def to_json(self) -> dict:
-        out = {"task": self.task, "seeds": len(self.seeds), "methods": aggregate(self.runs)}
+        out = {"task": self.task, "seeds": len(self.seeds), "protocol": self.protocol, "methods": aggregate(self.runs)}
         out["savings"] = savings(self.runs)
         out["per_seed"] = per_seed(self.seeds, self.runs)
         if self.task in PUBLISHED:
@@ -95,9 +96,9 @@ def savings(runs: dict[str, list[dict]], ours: str = "lamas", base: str = "maas"
 
 
 def episodes_per_seed(task: str, methods: Sequence[str], epochs: int | None = None,
-                      load_factors: Sequence[float] = ()) -> int:
+                      load_factors: Sequence[float] = (), protocol: str = "robust") -> int:
     spec = make_task(task)
-    ep = train_epochs(Args(task=task, epochs=epochs))
+    ep = train_epochs(Args(task=task, epochs=epochs, protocol=protocol))
     n_train = sum(spec.num_train * ep for m in methods if METHODS[m].learned)
     return n_train + spec.num_test * len(methods) * (1 + len(load_factors))
 
@@ -105,7 +106,7 @@ def episodes_per_seed(task: str, methods: Sequence[str], epochs: int | None = No
 def run_experiment(task: str, seeds: Sequence[int], methods: Sequence[str] | None = None, *,
                    cluster: ClusterConfig | None = None, load_factors: Sequence[float] = (), epochs: int | None = None,
                    keep_infos: bool = False, progress: Callable[[int], None] | None = None,
-                   map_fn: Callable | None = None) -> ExperimentResult:
+                   map_fn: Callable | None = None, protocol: str = "robust") -> ExperimentResult:
     """Train and test every method for every seed; ``progress(n)`` is told of every finished episode.
 
     Each (seed, method) is an independent trial (``lamas_trial``); ``map_fn(fn, trials) -> results`` runs
@@ -116,10 +117,10 @@ def run_experiment(task: str, seeds: Sequence[int], methods: Sequence[str] | Non
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
     cluster = cluster or ClusterConfig()
-    res = ExperimentResult(task, list(seeds), methods)
+    res = ExperimentResult(task, list(seeds), methods, protocol)
     trials = [(seed, m) for seed in seeds for m in methods]
     fn = partial(lamas_trial, task=task, cluster=cluster, load_factors=tuple(load_factors), epochs=epochs,
-                 keep_infos=keep_infos, progress=progress if map_fn is None else None)
+                 keep_infos=keep_infos, progress=progress if map_fn is None else None, protocol=protocol)
     outs = (map_fn or (lambda f, xs: [f(x) for x in xs]))(fn, trials)
     for (_seed, m), out in zip(trials, outs, strict=True):
         res.runs.setdefault(m, []).append(out["summary"])
@@ -133,11 +134,11 @@ def run_experiment(task: str, seeds: Sequence[int], methods: Sequence[str] | Non
 
 def lamas_trial(trial: tuple[int, str], *, task: str, cluster: ClusterConfig, load_factors: Sequence[float] = (),
                 epochs: int | None = None, keep_infos: bool = False,
-                progress: Callable[[int], None] | None = None) -> dict:
+                progress: Callable[[int], None] | None = None, protocol: str = "robust") -> dict:
     """One (seed, method): train, test, re-test at each load factor. A pure function of its arguments."""
     seed, m = trial
     tick = (lambda _info: progress(1)) if progress else None
-    args = Args(method=m, task=task, seed=seed, epochs=epochs, cluster=cluster)
+    args = Args(method=m, task=task, seed=seed, epochs=epochs, cluster=cluster, protocol=protocol)
     tr = train(args, progress=progress)
     infos = evaluate(args, tr.controller, on_done=tick)
     loads = []

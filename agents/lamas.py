@@ -1,17 +1,22 @@
 """Training and evaluating LAMaS, MaAS and their ablations on ``MASLatency-v0`` (reads top to bottom).
 
-Protocol (docs/lamas.md#6-protocol): the train split in file order, 4 epochs, batches of 4 queries run
-concurrently, one Adam step (lr 0.01) per batch; then the test split at concurrency 30 with the same
-stochastic sampling.
+Protocol (docs/lamas.md#6-protocol): the train split in file order, batches of 4 queries run concurrently,
+one Adam step (lr 0.01) per batch; then the test split at concurrency 30 with the same stochastic sampling.
 
-One deviation, for small train splits only: by default training takes at least ``MIN_UPDATES`` = 120 Adam
-steps (whole epochs in file order), the fewest that any of the paper's three splits gets with 4 epochs
-(MATH: 30 batches x 4). HumanEval's 33 training queries make 9 batches, and 4 epochs are 36 steps: too few
-for the controller to settle, so a seed's result depended on its first batches. The EMA normaliser's std is
-set by batch 1 (0.05 to 0.44 across seeds 0-4, depending on whether that batch held a wrong answer) and
-moves by 5 % a step, so the critical-path penalty's weight differed 8x between seeds and the CP cut against
-MaAS ranged 22-58 % over seeds 0-4. At 14 epochs (126 steps) it is 49-58 % on every seed. GSM8K and MATH
-keep the paper's 4 epochs; MBPP trains 6. ``Args(epochs=4)`` (``--epochs 4``) is the paper's protocol.
+Two protocols (``Args.protocol``, ``PROTOCOLS``). ``"paper"`` is LAMaS's: 4 epochs, lambda_t = 0.005 (the
+HumanEval README), the EMA normaliser as the only baseline. ``"robust"`` (the default) makes every seed
+reproduce the paper's claim (>= 38 % CP cut against MaAS at <= 1 pt score loss) and deviates in three ways,
+measured over five seeds per task (``maslat experiment lamas --seeds 5 --methods lamas maas``):
+
+* at least ``MIN_UPDATES`` = 240 Adam steps in whole epochs, for every method alike (GSM8K 4 epochs as in
+  the paper, MATH 8, MBPP 11, HumanEval 27). With 36 steps (HumanEval, 4 epochs) the EMA normaliser's std,
+  set by batch 1 (0.05 to 0.44 across seeds), weighted the CP penalty up to 8x differently between seeds;
+* a per-query baseline (``agents.objectives.QueryBaseline``): MBPP's controller did not shorten its paths at
+  all in 16 epochs (test CP flat at 600-700 tokens) because whether a query is answered depends on the query,
+  not the architecture, and a wrong answer's -1.7 std on every operator drowned the ~0.1 CP credit;
+* lambda_t x 2 (0.01; the author's own GSM8K runs used 0.001-0.05, docs/lamas.md#8): at 0.005 MBPP's
+  penalty (~0.06 for a 600-token path) stayed below the score noise even with the query baseline (CP cut
+  26-29 %); at 0.02 every cut but one exceeded 44 % but scores fell up to 3.8 points below MaAS.
 """
 
 from __future__ import annotations
@@ -25,14 +30,32 @@ import torch
 from envs import ClusterConfig, MASLatencyEnv, make_task, operator_embeddings, operator_set
 
 from .controller import ControllerPolicy, LAMaSController
-from .objectives import OBJECTIVES, EMANormaliser, ObjectiveInput, cost_deltas, layer_tokens
+from .objectives import OBJECTIVES, EMANormaliser, ObjectiveInput, QueryBaseline, cost_deltas, layer_tokens
 from .policies import make_static
 
-__all__ = ["METHODS", "MIN_UPDATES", "Args", "Method", "TrainResult", "evaluate", "make_policy", "summarize", "train",
-           "train_epochs"]
+__all__ = ["METHODS", "MIN_UPDATES", "PROTOCOLS", "Args", "Method", "Protocol", "TrainResult", "evaluate", "make_policy",
+           "summarize", "train", "train_epochs"]
 
-#: Adam steps training takes at least when ``Args.epochs`` is ``None`` (module docstring)
-MIN_UPDATES = 120
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Protocol:
+    """How controllers train (module docstring): the paper's, or the one every seed reproduces with."""
+
+    min_updates: int            # Adam steps training takes at least when ``Args.epochs`` is None
+    token_weight_scale: float   # multiplies each method's lambda_t (0 stays 0: MaAS, the lambda_t = 0 ablation)
+    query_baseline: bool        # critical-path objective: subtract each query's earlier mean s - 3c
+
+    def __post_init__(self) -> None:
+        if self.min_updates < 0 or not self.token_weight_scale >= 0:
+            raise ValueError("Protocol.min_updates and token_weight_scale must be >= 0")
+
+
+#: Adam steps training takes at least under the default protocol (module docstring)
+MIN_UPDATES = 240
+PROTOCOLS: dict[str, Protocol] = {
+    "robust": Protocol(min_updates=MIN_UPDATES, token_weight_scale=2.0, query_baseline=True),
+    "paper": Protocol(min_updates=0, token_weight_scale=1.0, query_baseline=False),
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,7 +65,7 @@ class Method:
     execution: str = "parallel"      # "parallel" (LAMaS) or "sequential" (MaAS)
     variant: str = "lamas"           # fixed graph steps where LAMaS and MaAS differ (MATH test pre-step)
     objective: str | None = "cp"     # key of agents.objectives.OBJECTIVES; None for a static baseline
-    token_weight: float = 0.005      # lambda_t
+    token_weight: float = 0.005      # lambda_t as in the paper; the protocol may scale it
     normalise: bool = True           # EMA (cp) or batch (no_cp) normalisation
     static: str | None = None        # agents.policies.POLICIES name for fixed architectures
 
@@ -79,14 +102,16 @@ class Args:
     """benchmark of the task model (``envs.TASKS``)"""
     seed: int = 0
     """seeds the controller's initial weights, its sampling, the LLM outcomes and the background traffic"""
+    protocol: str = "robust"
+    """key of PROTOCOLS: "paper" is LAMaS's own (4 epochs, lambda_t 0.005, no query baseline)"""
     epochs: int | None = None
-    """passes over the train split; None: 4, or more whole epochs to reach ``MIN_UPDATES`` Adam steps"""
+    """passes over the train split; None: 4, or more whole epochs to reach the protocol's ``min_updates``"""
     batch_size: int = 4
     """queries per Adam step, run concurrently (LAMaS: 4)"""
     lr: float = 0.01
     """Adam learning rate of the controller (LAMaS: 0.01)"""
     token_weight: float | None = None
-    """lambda_t; None takes the method's"""
+    """lambda_t; None takes the method's, scaled by the protocol's ``token_weight_scale``"""
     threshold: float = 0.3
     """operators whose probability is above it are selected (MaAS threshold sampling)"""
     num_layers: int = 4
@@ -102,6 +127,8 @@ class Args:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
         for f in ("epochs", "batch_size", "num_layers", "test_concurrency"):
             if getattr(self, f) is not None and getattr(self, f) < 1:
                 raise ValueError(f"Args.{f} must be >= 1")
@@ -139,14 +166,14 @@ def new_controller(args: Args) -> LAMaSController:
 
 
 def train_epochs(args: Args, num_queries: int | None = None) -> int:
-    """Epochs ``train`` runs: ``args.epochs``, or (None) 4 raised to reach ``MIN_UPDATES`` Adam steps."""
+    """Epochs ``train`` runs: ``args.epochs``, or (None) 4 raised to reach the protocol's ``min_updates``."""
     if args.epochs is not None:
         return args.epochs
     n = make_task(args.task).num_train if num_queries is None else num_queries
     if args.max_train_queries is not None:
         n = min(n, args.max_train_queries)
     batches = -(-n // args.batch_size)
-    return max(4, -(-MIN_UPDATES // batches))
+    return max(4, -(-PROTOCOLS[args.protocol].min_updates // batches))
 
 
 def train(args: Args, progress: Callable[[int], None] | None = None) -> TrainResult:
@@ -154,7 +181,8 @@ def train(args: Args, progress: Callable[[int], None] | None = None) -> TrainRes
     method = METHODS[args.method]
     if not method.learned:
         return TrainResult(args, None, [])
-    lam = method.token_weight if args.token_weight is None else args.token_weight
+    proto = PROTOCOLS[args.protocol]
+    lam = method.token_weight * proto.token_weight_scale if args.token_weight is None else args.token_weight
     env = _make_env(args, method, "train")
     ctrl = new_controller(args)
     opt = torch.optim.Adam(ctrl.parameters(), lr=args.lr)
@@ -163,6 +191,7 @@ def train(args: Args, progress: Callable[[int], None] | None = None) -> TrainRes
     loss_fn = OBJECTIVES[method.objective]
     norm: EMANormaliser | bool | None = (EMANormaliser() if method.normalise else None) if method.objective == "cp" \
         else method.normalise
+    baseline = QueryBaseline() if proto.query_baseline and method.objective == "cp" else None
     prev_cost, metrics, step = 0.0, [], 0
     conc = args.train_concurrency or args.batch_size
     n = len(env.queries) if args.max_train_queries is None else min(len(env.queries), args.max_train_queries)
@@ -174,13 +203,17 @@ def train(args: Args, progress: Callable[[int], None] | None = None) -> TrainRes
             infos = env.rollout(policy, batch_q, concurrency=conc)
             costs, prev_cost = cost_deltas([i["cumulative_cost_usd"] for i in infos], prev_cost)
             traces = [policy.pop(i["episode_key"]) for i in infos]
-            batch = [ObjectiveInput(i["score"], c, i["cp_tokens"], t, layer_tokens(t, i, names))
+            batch = [ObjectiveInput(i["score"], c, i["cp_tokens"], t, layer_tokens(t, i, names), query=i["query"])
                      for i, c, t in zip(infos, costs, traces, strict=True)]
             obj = method.objective
             if obj == "cp" and any(i["failed"] for i in infos):
                 obj = "no_cp"    # LAMaS: a query without layer info sends the batch down the no-CP path
-            loss, util = (loss_fn(ctrl, batch, lam, norm) if obj == method.objective
-                          else OBJECTIVES["no_cp"](ctrl, batch, lam, True))
+            if obj != method.objective:
+                loss, util = OBJECTIVES["no_cp"](ctrl, batch, lam, True)
+            elif obj == "cp":
+                loss, util = loss_fn(ctrl, batch, lam, norm, baseline)
+            else:
+                loss, util = loss_fn(ctrl, batch, lam, norm)
             opt.zero_grad()
             loss.backward()
             opt.step()

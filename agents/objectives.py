@@ -6,7 +6,9 @@ when query i finished minus the previous query's (``cost_deltas``), so concurren
 
 * ``cp``: per selected operator, u = s - 3c - (lambda/50) * CP_layers for the bottleneck operator of each
   layer (max tokens, ties to the first) and s - 3c for the others; EMA-normalised; a separate
-  log(p_j + 1e-10) per operator; loss = -mean(log p * u_hat).
+  log(p_j + 1e-10) per operator; loss = -mean(log p * u_hat). Optionally (``QueryBaseline``, a deviation
+  from LAMaS, on by default in ``agents.lamas``) each query's mean s - 3c over its earlier visits is
+  subtracted first, so that which queries a batch holds no longer drowns the critical-path credit.
 * ``no_cp``: u_i = s_i - 3c_i - (lambda/50) * cp_token_i (the reported CP, post-processing included),
   batch mean/std normalisation (centred only if std <= 1e-8); per-query log-prob = sum over layers of
   sum log_softmax of the selected operators (-1.5 for the layer-0 EarlyStop rule).
@@ -23,7 +25,7 @@ import torch
 
 from .controller import LAYER0_EARLYSTOP_PENALTY, LAMaSController, Trace
 
-__all__ = ["OBJECTIVES", "EMANormaliser", "ObjectiveInput", "bottleneck_utilities", "cost_deltas"]
+__all__ = ["OBJECTIVES", "EMANormaliser", "ObjectiveInput", "QueryBaseline", "bottleneck_utilities", "cost_deltas"]
 
 
 @dataclass(slots=True)
@@ -33,6 +35,7 @@ class ObjectiveInput:
     cp_tokens: float                 # reported cp_token (layers + post-processing)
     trace: Trace
     layer_tokens: list[list[float]]  # c(op) of the selected operators, per layer, in selected order
+    query: int = -1                  # index of the query in its split (QueryBaseline's key)
 
 
 class EMANormaliser:
@@ -52,6 +55,33 @@ class EMANormaliser:
             self.mean = m * self.mean + (1 - m) * bm
             self.std = m * self.std + (1 - m) * bs
         return (u - self.mean) / max(self.std, 1e-8)
+
+
+class QueryBaseline:
+    """Per-query baseline for the ``cp`` objective: the mean of s - 3c over the query's earlier visits.
+
+    Why (a deviation from LAMaS, whose only baseline is the EMA normaliser's mean): the train split is
+    repeated every epoch in file order, and whether a query is answered right depends far more on the query
+    than on the architecture (the task models' difficulty spread; MBPP: ~20 % of queries wrong under every
+    architecture). With one global mean every operator of a hard query is pushed down by about -1.7 std, so
+    the critical-path credit (~0.1 against a score of 0 or 1) is noise-dominated and MBPP's controller did
+    not shorten its paths in 16 epochs. Subtracting what the query itself scored before keeps the score
+    signal where the architecture changed it and removes the part the query fixes. A query's first visit
+    falls back to the batch mean (as a plain batch baseline would)."""
+
+    def __init__(self) -> None:
+        self.total: dict[int, float] = {}
+        self.visits: dict[int, int] = {}
+
+    def offsets(self, batch: Sequence[ObjectiveInput]) -> list[float]:
+        """Baselines for the batch's queries, then record the batch (so a query never sees its own visit)."""
+        vals = [b.score - 3.0 * b.cost_usd for b in batch]
+        first = float(np.mean(vals))
+        out = [self.total[b.query] / self.visits[b.query] if b.query in self.visits else first for b in batch]
+        for b, v in zip(batch, vals, strict=True):
+            self.total[b.query] = self.total.get(b.query, 0.0) + v
+            self.visits[b.query] = self.visits.get(b.query, 0) + 1
+        return out
 
 
 def cost_deltas(cumulative_usd: Sequence[float], previous_usd: float) -> tuple[list[float], float]:
@@ -95,9 +125,10 @@ def _layer_probs(ctrl: LAMaSController, batch: Sequence[ObjectiveInput]) -> dict
     return out
 
 
-def cp_loss(ctrl, batch, token_weight, norm: EMANormaliser | None):
+def cp_loss(ctrl, batch, token_weight, norm: EMANormaliser | None, baseline: QueryBaseline | None = None):
     probs = _layer_probs(ctrl, batch)
-    lps, us = [], []
+    lps, us, offs_op = [], [], []
+    offs = baseline.offsets(batch) if baseline is not None else [0.0] * len(batch)
     for i, b in enumerate(batch):
         utils = bottleneck_utilities(b.score, b.cost_usd, b.layer_tokens, token_weight)
         for d, u_layer in zip(b.trace.decisions, utils, strict=False):
@@ -105,8 +136,9 @@ def cp_loss(ctrl, batch, token_weight, norm: EMANormaliser | None):
             for j, u in zip(d.selected, u_layer, strict=True):
                 lps.append(torch.log(p[j] + 1e-10))
                 us.append(u)
-    u = torch.tensor(us, dtype=torch.float32)
-    raw = float(u.mean())
+                offs_op.append(offs[i])
+    raw = float(np.mean(us))
+    u = torch.tensor(us, dtype=torch.float32) - torch.tensor(offs_op, dtype=torch.float32)
     if norm is not None:
         u = norm(u)
     return -(torch.stack(lps) * u).mean(), raw

@@ -65,14 +65,17 @@ def test_per_seed_has_the_keys_of_the_means():
 
 
 def test_small_train_splits_get_at_least_min_updates_adam_steps():
-    from agents.lamas import MIN_UPDATES, Args, train_epochs
+    from agents.lamas import MIN_UPDATES, PROTOCOLS, Args, train_epochs
 
+    assert PROTOCOLS["robust"].min_updates == MIN_UPDATES
     got = {t: train_epochs(Args(task=t)) for t in ("gsm8k", "math", "humaneval", "mbpp")}
-    assert got == {"gsm8k": 4, "math": 4, "humaneval": 14, "mbpp": 6}
+    assert got == {"gsm8k": 4, "math": 8, "humaneval": 27, "mbpp": 11}
     for t, ep in got.items():   # whole epochs, the fewest that reach MIN_UPDATES (never fewer than the paper's 4)
         from envs import make_task
 
         batches = -(-make_task(t).num_train // 4)
         assert ep * batches >= MIN_UPDATES and (ep == 4 or (ep - 1) * batches < MIN_UPDATES)
-    assert train_epochs(Args(task="humaneval", epochs=4)) == 4          # the paper's protocol on request
+    assert train_epochs(Args(task="humaneval", epochs=4)) == 4
     assert train_epochs(Args(task="humaneval", max_train_queries=4)) == MIN_UPDATES
+    # the paper's protocol: 4 epochs everywhere
+    assert {train_epochs(Args(task=t, protocol="paper")) for t in ("gsm8k", "math", "humaneval", "mbpp")} == {4}

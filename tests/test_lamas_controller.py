@@ -15,6 +15,7 @@ from agents.controller import (
 from agents.objectives import (
     EMANormaliser,
     ObjectiveInput,
+    QueryBaseline,
     bottleneck_utilities,
     cost_deltas,
     cp_loss,
@@ -126,3 +127,40 @@ def test_cp_loss_pushes_the_bottleneck_down():
     p1 = ctrl.probs(0, torch.tensor(q[None].copy()), torch.zeros(1, dtype=torch.long))[0].detach()
     assert p1[sel[0]] < p0[sel[0]]                       # the bottleneck loses probability
     assert all(p1[j] > p0[j] for j in sel[1:])           # the others gain
+
+
+def _one_op_input(score: float, query: int, tokens: float = 100.0) -> ObjectiveInput:
+    q = operator_embeddings("math")[query % 7]
+    tr = Trace(q, [Decision(0, 7, [0], False)])
+    return ObjectiveInput(score, 0.0, tokens, tr, [[tokens]], query=query)
+
+
+def test_query_baseline_is_the_query_s_own_earlier_mean():
+    qb = QueryBaseline()
+    b1 = [_one_op_input(1.0, 0), _one_op_input(0.0, 1)]
+    assert qb.offsets(b1) == [0.5, 0.5]                 # first visits: the batch mean
+    assert qb.offsets([_one_op_input(0.0, 0), _one_op_input(0.0, 1), _one_op_input(1.0, 2)]) == [1.0, 0.0, 1 / 3]
+    assert qb.offsets([_one_op_input(1.0, 0)]) == [0.5]  # (1 + 0) / 2: never its own visit
+    assert qb.visits == {0: 3, 1: 2, 2: 1}
+
+
+def test_query_baseline_removes_what_the_query_fixes():
+    """A query wrong under every architecture pushes its operators down without the baseline; with it, only the
+    critical-path credit is left, so the same bottleneck gets the same push on an easy and a hard query."""
+    torch.manual_seed(0)
+
+    def grads(baseline, score):
+        ctrl = LAMaSController(operator_embeddings("math"), seed=0)
+        batch = [_one_op_input(score, 3, 300.0), _one_op_input(1.0, 4, 10.0)]
+        if baseline is not None:
+            baseline.offsets(batch)                       # an earlier epoch with the same outcomes
+        loss, raw = cp_loss(ctrl, batch, 0.02, None, baseline)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in ctrl.parameters() if p.grad is not None]), raw
+
+    g_easy, raw_easy = grads(QueryBaseline(), 1.0)
+    g_hard, raw_hard = grads(QueryBaseline(), 0.0)
+    assert torch.allclose(g_easy, g_hard) and raw_hard == pytest.approx(raw_easy - 0.5)  # raw utility unchanged
+    g_easy0, _ = grads(None, 1.0)
+    g_hard0, _ = grads(None, 0.0)
+    assert not torch.allclose(g_easy0, g_hard0, atol=1e-4)

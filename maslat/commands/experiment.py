@@ -33,11 +33,12 @@ examples:
 """
 LAMAS_DESCRIPTION = """\
 For every seed and method: train on the task's train split (4 epochs in file order, more on a small split to
-reach 120 Adam steps, e.g. 14 on HumanEval; --epochs 4 is the paper's protocol; batches of 4 run
-concurrently, Adam lr 0.01), then run the test split once at concurrency 30 on the simulated cluster with
-background load. The table gives mean ± std over seeds of: score %, CP length in tokens exactly as LAMaS
-reports it (mean, p90), $ per query at gpt-4o-mini prices, critical-path seconds under contention (mean,
-p90) and LLM calls per query; then LAMaS's CP-token and CP-second reductions against MaAS.
+reach 240 Adam steps, e.g. 27 on HumanEval, lambda_t 0.01 and a per-query baseline; --protocol paper is
+LAMaS's own: 4 epochs, lambda_t 0.005, no per-query baseline; batches of 4 run concurrently, Adam lr 0.01),
+then run the test split once at concurrency 30 on the simulated cluster with background load. The table
+gives mean ± std over seeds of: score %, CP length in tokens exactly as LAMaS reports it (mean, p90), $ per
+query at gpt-4o-mini prices, critical-path seconds under contention (mean, p90) and LLM calls per query;
+then LAMaS's CP-token and CP-second reductions against MaAS.
 """
 CMDP_DESCRIPTION = """\
 For every seed: one PPO-Lagrangian policy per load regime, trained on the train split with SLOs drawn per
@@ -88,7 +89,9 @@ def _configure_lamas(p) -> None:
     p.add_argument("--methods", nargs="+", default=None, type=_underscored, choices=tuple(METHODS),
                    help="subset of the methods (default: all)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="passes over the train split (default: 4, more on a small split to reach 120 Adam steps)")
+                   help="passes over the train split (default: 4, more on a small split to reach 240 Adam steps)")
+    p.add_argument("--protocol", default="robust", choices=("robust", "paper"),
+                   help="how controllers train (agents.lamas.PROTOCOLS): robust (default) or the paper's own")
     p.add_argument("--load-factors", type=float, nargs="*", default=[],
                    help="also re-test the trained controllers at these multiples of the background rate")
     _common(p, "pareto.png, curves.png", "write summary.json here")
@@ -155,12 +158,12 @@ def _experiment_lamas(args) -> int:
         output_path(args.out, (".json",), what="--out")  # checked before hours of work, not after
     methods = args.methods or list(METHODS)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    total = episodes_per_seed(args.task, methods, args.epochs, args.load_factors) * len(seeds)
+    total = episodes_per_seed(args.task, methods, args.epochs, args.load_factors, args.protocol) * len(seeds)
     t0 = time.perf_counter()
     with progress(total, f"lamas experiment ({args.task}, {len(seeds)} seed(s))", unit="episode") as bar:
         res = run_experiment(args.task, seeds, methods, cluster=cluster_from_args(args),
                              load_factors=args.load_factors, epochs=args.epochs, progress=bar.update,
-                             map_fn=args.map_fn)
+                             map_fn=args.map_fn, protocol=args.protocol)
     summary = res.to_json()
     summary["wall_s"] = time.perf_counter() - t0
     print(results_table(summary["methods"]))
