@@ -97,7 +97,8 @@ def client_offset(client_ttft_s: np.ndarray, engine_ttft_s: float, step_wait_s: 
     from a request's arrival to the start of the next engine step (``step_wait_s``, from a reconstruction).
 
     vLLM's engine core takes new requests from its input queue only between steps and stamps ``queued_ts`` then
-    (``vllm/v1/engine/core.py``, ``EngineCore.step`` / ``_process_input_queue``; ``Request.record_event``), so the
+    (``vllm/v1/engine/core.py``, ``EngineCoreProc.run_busy_loop`` -> ``_process_input_queue``;
+    ``vllm/v1/core/sched/scheduler.py``, ``Scheduler.add_request`` records ``EngineCoreEventType.QUEUED``), so the
     time a request spends waiting for the step in flight is in neither the engine's sums nor the constant: the
     simulator models it (a request arriving during a step is scheduled at the next one). Never negative.
     """
