@@ -3,12 +3,23 @@
 Collect two load levels with ``maslat collect``, calibrate a profile from them, then predict held-out workloads
 (another rate and length mix) with ``maslat replay`` and a trained LAMaS policy's critical paths with
 ``maslat validate-policy``. A 2-core CPU engine's timings wander from run to run, so every accuracy check measures
-the engine's own spread in the same test (the same workload, same seed, collected twice) and prints, per statistic,
-the strict verdict (the simulator's error no larger than that spread, and at most 5 % wherever the spread is below
-5 %) and a guard-rail verdict (no larger than twice the spread, or 15 %). ``make test`` asserts every figure is
-measured and finite, the preemption counts and the live runs' integrity, and reports the accuracy;
-``MASLAT_REAL_VLLM_ACCURACY=guard|strict`` (``make test-real-vllm-strict``) asserts a bar (``realvllm.ACCURACY``). The simulator's error is that of its prediction of the workload: the replays of both collections against both
-measurements (each statistic averaged over the two), so one collection's luck is not charged to the model. Preemption counts (``vllm:num_preemptions_total`` against the simulator's) agree within 10 % or 3.
+the engine's own spread in the same test (the same workload, same seed, collected twice: the held-out workload
+once before and once after the calibration loads, so the engine's drift over the calibration is inside that
+spread) and prints, per statistic, the strict verdict (the simulator's error no larger than that spread, and at most
+5 % wherever the spread is below 5 %) and the guard verdict (no larger than twice the spread, or 15 %). The
+simulator's error is that of its prediction of the workload: the replays of both collections against both
+measurements (each statistic averaged over the two), so one collection's luck is not charged to the model.
+Preemption counts (``vllm:num_preemptions_total`` against the simulator's) agree within 10 % or 3.
+
+**What is asserted** (``realvllm.ACCURACY``, default ``realvllm.DEFAULT_ACCURACY`` = ``guard``): every figure
+measured and finite, the live runs' integrity, the preemption counts, the guard bar on mean/p50/p90 of TTFT, TPOT
+and E2E of the held-out replay and on validate-policy's critical-path seconds (mean, p90), and that a deliberately
+wrong profile (every step x ``WRONG_FACTOR``) misses the bar on the same real data. The strict bar is printed and
+asserted only with ``MASLAT_REAL_VLLM_ACCURACY=strict`` (``make test-real-vllm-strict``): measured on a shared,
+loaded 2-core machine it did not hold reliably (held-out: 2 of 5 runs; validate-policy's critical paths came out
+~10 % high against a spread under 3 %), the guard held in 4 of 5 (the miss: a calibration load collected while
+the machine ran ~10x oversubscribed, its steps ~30 % slower than both held-out collections').
+``MASLAT_REAL_VLLM_ACCURACY=report`` asserts no bar.
 
 These tests run alone (``make test`` runs the ``real_vllm`` marker after the main suite): they are measurements.
 """

@@ -51,7 +51,7 @@ import sim
 
 from .calreport import OVERHEAD_SOURCE, format_report, profile_provenance, report
 from .dpsplit import dp_capacity, dp_final_errors, fit_data_parallel
-from .enginelatency import engine_ttft
+from .enginelatency import pooled_offset, run_engine_ttfts
 from .hardware import GpuEntry, ModelEntry
 from .kvcapacity import KVCapacity, kv_capacity, refine_capacity_by_replay
 from .replay_core import METRICS, as_run, fit_mask, latency_errors, simulate_run
@@ -281,23 +281,8 @@ def _refine(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], base: sim.
                             f"{REFINE_ANCHOR_WEIGHT} x sum(log m)^2"}
 
 
-def _engine_ttfts(runs: Sequence[MeasuredRun]) -> dict[str, tuple[float | None, str]]:
-    """Per client-side run, the engine core's own mean TTFT from its latency sums, or ``None`` and why not
-    (``traces.enginelatency.engine_ttft``); with it the fit measures the run's client-side constant."""
-    return {r.name: engine_ttft(r.meta.extra.get("collector"), num_requests=len(r)) for r in runs if r.client_side}
-
-
-def _pooled_offset(runs: Sequence[MeasuredRun], fit: StepFit) -> float | None:
-    """The request-weighted mean of the runs' measured client-side constants, when every client-side run has one
-    (``StepFit.measured_offsets_s``)."""
-    vals = [(fit.measured_offsets_s.get(r.name), len(r)) for r in runs if r.client_side]
-    if not vals or any(v is None for v, _ in vals):
-        return None
-    return sum(v * n for v, n in vals) / sum(n for _, n in vals)
-
-
 def _overheads(fit: StepFit, runs: Sequence[MeasuredRun]) -> tuple[sim.Overheads, str]:
-    pooled = _pooled_offset(runs, fit)
+    pooled = pooled_offset(runs, fit.measured_offsets_s)
     if fit.offset_s is None and pooled is not None:
         how = "; ".join(f"{k} {1e3 * v:.2f} ms" for k, v in fit.measured_offsets_s.items() if v is not None)
         return replace(PRIOR_OVERHEADS, frontend_s=pooled), (
@@ -381,9 +366,7 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     _check_servable(runs, engine)
     parallel = sim.ParallelConfig(tensor_parallel_size=runs[0].engine.tensor_parallel_size,
                                   expert_parallel=runs[0].engine.enable_expert_parallel)
-    measured = _engine_ttfts(runs)
-    if any(v is None for v, _ in measured.values()):  # measured for every client-side run, or fitted for all
-        measured = {k: (None, h) for k, (_, h) in measured.items()}
+    measured = run_engine_ttfts(runs)  # the client-side constant measured for every client-side run, or fitted
     fit_runs = [FitRun.of(r, m, measured.get(r.name, (None, ""))[0]) for r, m in zip(runs, masks, strict=True)]
     family = (physics_family(hw, shape.model.spec, parallel) if family_name == "physics"
               else linear_family(fit_runs))
@@ -425,6 +408,7 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     if dp_info is not None:
         rep.update(run="+".join(r.name for r in runs), data_parallel=dp_info,
                    run_dir=str(runs[0].path) if len(runs) == 1 else [str(r.path) for r in runs])
+    rep["identifiability"] = fit.identifiability
     if measured:
         rep["client_offset"] = {"method": "fitted" if fit.offset_s is not None else "measured",
                                 "runs": {k: {"offset_s": fit.measured_offsets_s.get(k), "engine_ttft_s": v,

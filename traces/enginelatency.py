@@ -29,7 +29,8 @@ import math
 
 import numpy as np
 
-__all__ = ["ENGINE_HISTOGRAMS", "client_offset", "engine_ttft", "histogram_sums", "latency_deltas"]
+__all__ = ["ENGINE_HISTOGRAMS", "client_offset", "engine_ttft", "histogram_sums", "latency_deltas", "pooled_offset",
+           "run_engine_ttfts"]
 
 #: key in ``meta.json`` -> the vLLM v1 histogram (``vllm/v1/metrics/loggers.py``)
 ENGINE_HISTOGRAMS = {"queue_s": "vllm:request_queue_time_seconds", "prefill_s": "vllm:request_prefill_time_seconds",
@@ -103,3 +104,22 @@ def client_offset(client_ttft_s: np.ndarray, engine_ttft_s: float, step_wait_s: 
     simulator models it (a request arriving during a step is scheduled at the next one). Never negative.
     """
     return max(0.0, float(np.mean(client_ttft_s)) - engine_ttft_s - float(np.mean(step_wait_s)))
+
+
+def run_engine_ttfts(runs) -> dict[str, tuple[float | None, str]]:
+    """Per client-side ``traces.runs.MeasuredRun``, its engine-core mean TTFT (``engine_ttft``) or ``None`` and why
+    not; when any client-side run lacks it, every value is ``None`` (the constant is then fitted for all, one
+    unknown shared by every client-side row, rather than measured for some and fitted for others)."""
+    out = {r.name: engine_ttft(r.meta.extra.get("collector"), num_requests=len(r)) for r in runs if r.client_side}
+    if any(v is None for v, _ in out.values()):
+        out = {k: (None, h) for k, (_, h) in out.items()}
+    return out
+
+
+def pooled_offset(runs, measured_offsets_s: dict[str, float | None]) -> float | None:
+    """The request-weighted mean of the runs' measured client-side constants (the profile has one
+    ``frontend_s``), when every client-side run has one."""
+    vals = [(measured_offsets_s.get(r.name), len(r)) for r in runs if r.client_side]
+    if not vals or any(v is None for v, _ in vals):
+        return None
+    return sum(v * n for v, n in vals) / sum(n for _, n in vals)

@@ -55,6 +55,7 @@ from sim import EngineConfig, PhysicsCoefficients, PhysicsStepModel
 from sim.latency import BASIS_NAMES
 
 from .enginelatency import client_offset
+from .fitcheck import identifiability
 from .reconstruct import (
     EngineTrace,
     Events,
@@ -228,6 +229,7 @@ class StepFit:
             client-side run's constant was measured (``FitRun.engine_ttft_s``).
         measured_offsets_s: per run, its measured client-side constant at the final reconstruction (``None``
             where not measured).
+        identifiability: ``identifiability`` of the final rows (condition number, relative standard errors).
         rows_kind: per row, ``"decode"`` or ``"prefill"``; ``y_s`` measured and ``pred_s`` fitted durations
             (client-side prefill rows: TTFT less the reconstructed wait, offset included in both).
         steps: engine steps per row.
@@ -246,6 +248,7 @@ class StepFit:
     iterations: list[dict]
     runs: tuple[RunFit, ...]
     measured_offsets_s: dict[str, float | None] = field(default_factory=dict)
+    identifiability: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -390,4 +393,6 @@ def fit_step_model(runs: Sequence[FitRun], engine: EngineConfig, family: FitFami
                             decode_only_pred_s=st.X[d] @ coef, event_errors_s=event_time_errors(events, t)))
         at += n
     return StepFit(family=family, coefficients=_coef_dict(family, coef), free=free, offset_s=offset, rows_kind=rows.kind, y_s=rows.y, pred_s=pred, steps=rows.k,
-                   iterations=iterations, runs=tuple(parts), measured_offsets_s=measured)
+                   iterations=iterations, runs=tuple(parts), measured_offsets_s=measured,
+                   identifiability=identifiability(rows.X, rows.y, rows.k, rows.has_offset, family.names,
+                                                   family.free, coef, offset))
