@@ -413,6 +413,11 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
         rep["client_offset"] = {"method": "fitted" if fit.offset_s is not None else "measured",
                                 "runs": {k: {"offset_s": fit.measured_offsets_s.get(k), "engine_ttft_s": v,
                                              "how": h} for k, (v, h) in measured.items()}}
+        if "offset_s" in fit.identifiability.get("weak", ()):
+            rep["client_offset"]["warning"] = (
+                "the fitted client-side constant is weakly identified (standard error "
+                f"{100 * fit.identifiability['relative_se']['offset_s']:.0f} % of its value): collect the runs with "
+                "this version of `maslat collect` from a vLLM v1 server, whose latency histograms measure it")
     rep["model_source"], rep["hardware_source"] = shape.model_src, shape.gpu_src
     rep["model_source_kind"] = shape.model_kind
     if hw is not None:
