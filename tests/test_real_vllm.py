@@ -20,8 +20,8 @@ with ``MASLAT_REAL_VLLM_ACCURACY=strict|guard`` (``make test-real-vllm-strict``)
 
 Why coarse: the record on a shared 2-core machine (load average 9-24 from other jobs; calibration with the
 client-side constant measured, held-out collected around the calibration loads), held-out replay:
-strict held in 2 of 6 runs, guard in 4 of 6, coarse in 5 of 6; validate-policy: strict 2 of 3, guard and coarse
-3 of 3. Every miss was a calibration load collected while the engine ran at another speed than during both
+strict held in 3 of 7 runs, guard in 5 of 7, coarse in 6 of 7; validate-policy: strict 3 of 4, guard and coarse
+4 of 4. Every miss was a calibration load collected while the engine ran at another speed than during both
 held-out collections (a heavy load ~9 % faster than the held-out pair around it; under ~10x oversubscription its
 steps ~30 % slower): a calibration can only be as right as the speed it saw. In a run whose four collections kept
 one speed, the strict bar held with every held-out error within 2.4 % (TTFT, TPOT, E2E) and the critical paths
