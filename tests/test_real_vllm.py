@@ -20,13 +20,13 @@ prints its strict, guard and coarse verdicts; ``MASLAT_REAL_VLLM_ACCURACY=strict
 bar to every metric (``make test-real-vllm-strict``).
 
 The record (a shared 2-core machine, load average 2-24 from other jobs; the client-side constant measured, the
-held-out workload collected around the calibration loads; 9 runs): held-out strict held in 3, guard in 5, coarse in
-6, the per-metric default in 8; validate-policy (6 runs): strict 3, guard and coarse 6. The misses: calibration
+held-out workload collected around the calibration loads; 10 runs): held-out strict held in 3, guard in 5, coarse
+in 6, the per-metric default in 9; validate-policy (7 runs): strict 4, guard and coarse 7. The misses: calibration
 loads collected while the engine ran at another speed than during both held-out collections (a heavy load ~9 %
 faster than the held-out pair around it; under ~10x oversubscription, steps ~30 % slower: the one default miss): a
 calibration can only be as right as the speed it saw; and TTFT wherever the held-out load sat near the engine's
 saturation knee (a fast, lightly loaded engine just keeping up: TTFT 0.7-1.9 s), where the simulator, its TPOT
-within 1-13 %, queued more than the engine (TTFT +49..+113 %, p50 up to +242 %; the engine's own prefill-time sums
+within 1-13 %, queued more than the engine (TTFT +49..+113 %, p50 up to +242 %, in 3 runs; the engine's own prefill-time sums
 showed the simulator's prefill phase 16-38 % long in mixed batches). In a run whose four collections kept one speed
 the strict bar held on every statistic, errors within 2.4 % (TTFT, TPOT, E2E) and 4 % (critical paths).
 
