@@ -108,41 +108,58 @@ def rel_pct(a: float, b: float) -> float:
     return 100.0 * abs(a - b) / abs(b)
 
 
-#: How the real-engine accuracy checks end. ``report`` (``make test``, CI): the engine's own spread, the simulator's
-#: error and the strict verdict are printed per statistic and every error must be a finite number, but no accuracy
-#: bar is asserted: measured here, a CPU engine's speed on a shared 2-core machine moved between the calibration and
-#: the held-out collections by 10-35 % (and by up to 200 % under other jobs), and the calibration of such runs is
-#: not yet stable enough for a bar that a red CI would turn into "nothing lands". ``guard``: the error at most
-#: max(2 x spread, 15 %). ``strict`` (``make test-real-vllm-strict``): the issue's bar, at most the spread and at
-#: most 5 % wherever the spread is below 5 %. Set by ``MASLAT_REAL_VLLM_ACCURACY``.
-ACCURACY = os.environ.get("MASLAT_REAL_VLLM_ACCURACY", "report")
-GUARD_FLOOR_PCT = 15.0
+#: How the real-engine accuracy checks end (``MASLAT_REAL_VLLM_ACCURACY``; ``bar_passes``). ``strict``: the issue's bar,
+#: the simulator's error at most the engine's own run-to-run spread on the same workload and at most 5 % wherever
+#: that spread is below 5 %. ``guard``: at most max(2 x spread, 15 %). ``coarse``: at most max(3 x spread, 30 %).
+#: ``report``: only a finite error. Unset, each metric gets the tightest bar that held in the measured runs on this
+#: kind of (shared, loaded) machine (``DEFAULT_BARS``; the record is in ``tests/test_real_vllm.py``'s docstring);
+#: set, the one bar applies to every metric.
+ACCURACY_MODES = ("report", "coarse", "guard", "strict")
+DEFAULT_BARS = {"ttft_s": "report", "tpot_s": "guard", "e2e_s": "coarse", "cp_seconds": "guard"}
+ACCURACY = os.environ.get("MASLAT_REAL_VLLM_ACCURACY", "")
+#: what the default asserts, in words (for messages)
+DEFAULT_ACCURACY = "per metric: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_BARS.items())
+#: (multiple of the spread, floor %) of each mode's bar
+BARS = {"report": (np.inf, np.inf), "coarse": (3.0, 30.0), "guard": (2.0, 15.0), "strict": (1.0, 5.0)}
 
 
-def pooled_row(tag: str, stat: str, pair: list[dict], floor_pct: float = 5.0) -> tuple:
+def accuracy_for(stat: str) -> str:
+    """The bar asserted on ``stat`` (``"tpot_s.p90"``, ``"cp_seconds_mean"``): ``ACCURACY`` when set, else the
+    metric's ``DEFAULT_BARS`` entry."""
+    if ACCURACY:
+        return ACCURACY
+    return next(v for k, v in DEFAULT_BARS.items() if stat.startswith(k))
+
+
+def bar_passes(spread_pct: float, err_pct: float, mode: str) -> bool:
+    """Whether a simulator error ``err_pct`` (signed, %) passes ``mode``'s bar given the engine's own spread."""
+    if mode not in ACCURACY_MODES:
+        raise ValueError(f"MASLAT_REAL_VLLM_ACCURACY must be one of {ACCURACY_MODES}, got {mode!r}")
+    if not (finite(err_pct) and finite(spread_pct)):
+        return False
+    k, floor = BARS[mode]
+    return bool(abs(err_pct) <= max(k * spread_pct, floor))
+
+
+def pooled_row(tag: str, stat: str, pair: list[dict], mode: str | None = None) -> tuple:
     """One statistic of a workload collected twice (``pair``: each ``{"measured", "error_pct"}`` of the simulator's
     replay of that collection): the engine's own spread ``100 |B - A| / A``, the simulator's error on the pooled
     workload (its two predictions against the two measurements, each averaged over the pair), the strict bar
-    ``max(spread, floor_pct)``, whether the error is within it, whether it is within the guard-rail
-    ``max(2 x spread, GUARD_FLOOR_PCT)``, and whether the row passes what ``ACCURACY`` asserts."""
+    ``max(spread, 5 %)``, the strict, guard and coarse verdicts, and whether the row passes ``mode`` (default
+    ``accuracy_for(stat)``)."""
     a, b = (p["measured"] for p in pair)
     sims = [p["measured"] * (1 + p["error_pct"] / 100.0) if finite(p["error_pct"]) else float("nan") for p in pair]
     spread = rel_pct(b, a)
     err = 100.0 * ((sims[0] + sims[1]) / (a + b) - 1.0)
-    bar = max(spread, floor_pct)
-    strict = bool(finite(err) and abs(err) <= bar)
-    guard = bool(finite(err) and abs(err) <= max(2 * spread, GUARD_FLOOR_PCT))
-    if ACCURACY not in ("report", "guard", "strict"):
-        raise ValueError(f"MASLAT_REAL_VLLM_ACCURACY must be report, guard or strict, got {ACCURACY!r}")
-    passes = {"report": bool(finite(err)), "guard": guard, "strict": strict}[ACCURACY]
-    return (tag, stat, a, b, spread, err, bar, strict, guard, passes)
+    return (tag, stat, a, b, spread, err, max(spread, BARS["strict"][1]),
+            *(bar_passes(spread, err, m) for m in ("strict", "guard", "coarse")), bar_passes(spread, err, mode or accuracy_for(stat)))
 
 
 def stats_table(rows: list[tuple]) -> str:
     head = (f"{'run':10s} {'stat':14s} {'meas A':>10s} {'meas B':>10s} {'spread%':>8s} {'sim err%':>9s} "
-            f"{'bar%':>6s} {'strict':>6s} {'guard':>6s}")
+            f"{'bar%':>6s} {'strict':>6s} {'guard':>6s} {'coarse':>6s}")
     return "\n".join([head, *(f"{r[0]:10s} {r[1]:14s} {r[2]:10.4g} {r[3]:10.4g} {r[4]:8.2f} {r[5]:9.2f} {r[6]:6.2f} "
-                               f"{'ok' if r[7] else 'MISS':>6s} {'ok' if r[8] else 'MISS':>6s}" for r in rows)])
+                               + " ".join(f"{'ok' if v else 'MISS':>6s}" for v in r[7:10]) for r in rows)])
 
 
 def finite(x) -> bool:

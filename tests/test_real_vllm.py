@@ -3,12 +3,32 @@
 Collect two load levels with ``maslat collect``, calibrate a profile from them, then predict held-out workloads
 (another rate and length mix) with ``maslat replay`` and a trained LAMaS policy's critical paths with
 ``maslat validate-policy``. A 2-core CPU engine's timings wander from run to run, so every accuracy check measures
-the engine's own spread in the same test (the same workload, same seed, collected twice) and prints, per statistic,
-the strict verdict (the simulator's error no larger than that spread, and at most 5 % wherever the spread is below
-5 %) and a guard-rail verdict (no larger than twice the spread, or 15 %). ``make test`` asserts every figure is
-measured and finite, the preemption counts and the live runs' integrity, and reports the accuracy;
-``MASLAT_REAL_VLLM_ACCURACY=guard|strict`` (``make test-real-vllm-strict``) asserts a bar (``realvllm.ACCURACY``). The simulator's error is that of its prediction of the workload: the replays of both collections against both
-measurements (each statistic averaged over the two), so one collection's luck is not charged to the model. Preemption counts (``vllm:num_preemptions_total`` against the simulator's) agree within 10 % or 3.
+the engine's own spread in the same test (the same workload, same seed, collected twice: the held-out workload
+once before and once after the calibration loads, so the engine's drift over the calibration is inside that
+spread) and prints, per statistic, the strict verdict (the simulator's error no larger than that spread, and at most
+5 % wherever the spread is below 5 %) and the looser guard and coarse verdicts (below). The
+simulator's error is that of its prediction of the workload: the replays of both collections against both
+measurements (each statistic averaged over the two), so one collection's luck is not charged to the model.
+Preemption counts (``vllm:num_preemptions_total`` against the simulator's) agree within 10 % or 3.
+
+**What is asserted** by default (``realvllm.DEFAULT_BARS``: per metric, the tightest bar that held in the measured
+runs): every figure measured and finite, the live runs' integrity, the preemption counts, the held-out replay's TPOT
+(mean/p50/p90) within the guard bar (max(2 x spread, 15 %)), its E2E within the coarse bar (max(3 x spread, 30 %)),
+validate-policy's critical-path seconds (mean, p90) within the guard bar, and that a deliberately wrong profile
+(every step x ``WRONG_FACTOR``) misses those bars on the same real data. TTFT is reported, not asserted. Every row
+prints its strict, guard and coarse verdicts; ``MASLAT_REAL_VLLM_ACCURACY=strict|guard|coarse|report`` applies one
+bar to every metric (``make test-real-vllm-strict``).
+
+The record (a shared 2-core machine, load average 2-24 from other jobs; the client-side constant measured, the
+held-out workload collected around the calibration loads; 10 runs): held-out strict held in 3, guard in 5, coarse
+in 6, the per-metric default in 9; validate-policy (7 runs): strict 4, guard and coarse 7. The misses: calibration
+loads collected while the engine ran at another speed than during both held-out collections (a heavy load ~9 %
+faster than the held-out pair around it; under ~10x oversubscription, steps ~30 % slower: the one default miss): a
+calibration can only be as right as the speed it saw; and TTFT wherever the held-out load sat near the engine's
+saturation knee (a fast, lightly loaded engine just keeping up: TTFT 0.7-1.9 s), where the simulator, its TPOT
+within 1-13 %, queued more than the engine (TTFT +49..+113 %, p50 up to +242 %, in 3 runs; the engine's own prefill-time sums
+showed the simulator's prefill phase 16-38 % long in mixed batches). In a run whose four collections kept one speed
+the strict bar held on every statistic, errors within 2.4 % (TTFT, TPOT, E2E) and 4 % (critical paths).
 
 These tests run alone (``make test`` runs the ``real_vllm`` marker after the main suite): they are measurements.
 """
@@ -23,6 +43,7 @@ import pytest
 
 from .realvllm import (
     ACCURACY,
+    DEFAULT_ACCURACY,
     ENGINE,
     collect,
     keep_dir,
@@ -44,14 +65,18 @@ BAR_STATS = ("mean", "p50", "p90")
 LIGHT = {"rate": 1.0, "num_requests": 30, "workload": "lognormal:250,50", "seed": 11}
 HEAVY = {"rate": 2.0, "num_requests": 45, "workload": "lognormal:500,100", "seed": 12}
 HELD_OUT = {"rate": 1.5, "num_requests": 60, "workload": "lognormal:400,80", "seed": 21}
+#: the deliberately wrong profile of the held-out test: every step-time coefficient times this
+WRONG_FACTOR = 1.6
 
 
 @pytest.fixture(scope="session")
 def calibrated(real_vllm, tmp_path_factory):
-    """Two load levels collected from the real engine and the profile ``maslat calibrate`` fits to them."""
+    """The held-out workload, the two calibration load levels, the held-out workload again (in this order, so the
+    engine's drift over the calibration is inside the held-out pair's spread), and the profile ``maslat calibrate``
+    fits to the two load levels."""
     d = keep_dir(tmp_path_factory, "calibration")
     runs = {}
-    for name, load in (("light", LIGHT), ("heavy", HEAVY)):
+    for name, load in (("held-a", HELD_OUT), ("light", LIGHT), ("heavy", HEAVY), ("held-b", HELD_OUT)):
         runs[name] = collect(real_vllm, d / name, **load)
         assert runs[name]["failed"] == 0 and runs[name]["ok"] >= load["num_requests"] - 3, runs[name]
     profile = d / "cpu-tiny.json"
@@ -68,32 +93,42 @@ def calibrated(real_vllm, tmp_path_factory):
     print(buf.getvalue())
     assert report["step_time_model"] == "linear", report["step_time_model_reason"]
     assert report["model_source_kind"] == "local_dir", report["model_source"]
+    # the client-side constant is measured from the engine's own latency sums, not fitted (traces.enginelatency)
+    assert report["client_offset"]["method"] == "measured", report["client_offset"]
     return {"profile": profile, "report": report, "runs": runs, "dir": d}
 
 
-def test_heldout_replay_within_the_engines_own_spread(real_vllm, calibrated, tmp_path_factory):
-    """Held-out workload collected twice: the replay of each is as close as the engine is to itself."""
-    tmp_path = keep_dir(tmp_path_factory, "held-out")
-    meas, rep = [], []
-    for k in ("a", "b"):
-        meas.append(collect(real_vllm, tmp_path / f"held-{k}", **HELD_OUT))
-        rep.append(last_json(maslat("replay", tmp_path / f"held-{k}", "--profile", calibrated["profile"], "--json")))
-    assert all(m["failed"] == 0 for m in meas), meas
-    rows, bad = [], []
-    for m in METRICS:
-        for s in BAR_STATS:
-            row = pooled_row("held", f"{m}.{s}", [r["metrics"][m][s] for r in rep])
-            rows.append(row)
-            if not row[-1]:  # what realvllm.ACCURACY asserts (make test: a finite error, the figures printed)
-                bad.append(row)
-    pre = [r["preemptions"] for r in rep]
+def _held_out_rows(calibrated, profile, mode: str | None = None) -> tuple[list, list, list]:
+    """Replay both held-out collections with ``profile``: the rows (``realvllm.pooled_row``), those that miss the
+    bar of ``mode`` (default ``ACCURACY``), and the replays' preemption counts."""
+    d = calibrated["dir"]
+    rep = [last_json(maslat("replay", d / f"held-{k}", "--profile", profile, "--json")) for k in ("a", "b")]
+    rows = [pooled_row("held", f"{m}.{s}", [r["metrics"][m][s] for r in rep], mode)
+            for m in METRICS for s in BAR_STATS]
+    return rows, [r for r in rows if not r[-1]], [r["preemptions"] for r in rep]
+
+
+def test_heldout_replay_within_the_engines_own_spread(real_vllm, calibrated):
+    """Held-out workload collected before and after the calibration loads: the replay of each is as close as the
+    engine is to itself (the ``ACCURACY`` bar), and a deliberately wrong profile misses that bar."""
+    rows, bad, pre = _held_out_rows(calibrated, calibrated["profile"])
     table = stats_table(rows) + "\npreemptions (measured, simulated): " + ", ".join(
         f"{p['measured']}/{p['simulated']}" for p in pre)
-    print(table)
-    assert not bad, f"simulator error beyond the {ACCURACY} bar (realvllm.pooled_row):\n{table}"
+    print(f"accuracy bar asserted: {ACCURACY or DEFAULT_ACCURACY}\n{table}")
+    assert not bad, f"simulator error beyond the {ACCURACY or DEFAULT_ACCURACY} bar (realvllm.pooled_row):\n{table}"
     for p in pre:
         assert p["measured"] is not None, f"the collector did not record vllm:num_preemptions_total: {table}"
         assert p["agree"], f"preemptions measured {p['measured']} vs simulated {p['simulated']}:\n{table}"
+    # the bar can fail: the same profile with every step 40 % slower misses it on real data
+    wrong = calibrated["dir"] / "wrong.json"
+    prof = json.loads(calibrated["profile"].read_text())
+    coef = prof["latency"]["coefficients"]
+    for k in ("step_s", "pf_token_s", "pf_attn_s", "dc_seq_s", "dc_ctx_s"):
+        coef[k] *= WRONG_FACTOR
+    wrong.write_text(json.dumps(prof))
+    wrong_rows, wrong_bad, _ = _held_out_rows(calibrated, wrong, None if ACCURACY != "report" else "coarse")
+    print(f"a profile with steps x{WRONG_FACTOR}:\n{stats_table(wrong_rows)}")
+    assert wrong_bad, f"a profile with every step x{WRONG_FACTOR} passed the bar: the bar cannot fail"
 
 
 def test_trained_lamas_policy_on_the_real_engine_within_its_spread(real_vllm, calibrated, tmp_path):
@@ -116,7 +151,7 @@ def test_trained_lamas_policy_on_the_real_engine_within_its_spread(real_vllm, ca
             bad.append(row)
     table = stats_table(rows)
     print(table)
-    assert not bad, f"validate-policy error beyond the {ACCURACY} bar (realvllm.pooled_row):\n{table}"
+    assert not bad, f"validate-policy error beyond the {ACCURACY or DEFAULT_ACCURACY} bar (realvllm.pooled_row):\n{table}"
 
 
 def test_an_engine_that_cannot_start_fails_with_its_log(tmp_path):

@@ -51,6 +51,7 @@ import sim
 
 from .calreport import OVERHEAD_SOURCE, format_report, profile_provenance, report
 from .dpsplit import dp_capacity, dp_final_errors, fit_data_parallel, routing_dominated
+from .enginelatency import pooled_offset, run_engine_ttfts
 from .hardware import GpuEntry, ModelEntry
 from .kvcapacity import KVCapacity, kv_capacity, refine_capacity_by_replay
 from .replay_core import METRICS, as_run, fit_mask, latency_errors, simulate_run
@@ -283,6 +284,15 @@ def _refine(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], base: sim.
 
 
 def _overheads(fit: StepFit, runs: Sequence[MeasuredRun]) -> tuple[sim.Overheads, str]:
+    pooled = pooled_offset(runs, fit.measured_offsets_s)
+    if fit.offset_s is None and pooled is not None:
+        how = "; ".join(f"{k} {1e3 * v:.2f} ms" for k, v in fit.measured_offsets_s.items() if v is not None)
+        return replace(PRIOR_OVERHEADS, frontend_s=pooled), (
+            f"frontend_s: the client-side constant (API server frontend and HTTP) MEASURED per run as the mean "
+            f"client TTFT less the engine core's own mean TTFT (vllm:request_queue_time_seconds + "
+            f"vllm:request_prefill_time_seconds) and less the mean wait for the step in flight (reconstructed), "
+            f"request-weighted over the runs = {pooled:.6g} s ({how}; traces.enginelatency); not refined. "
+            "post_decode_s and per_output_token_s: BLIS priors (docs/latency_physics.md#4-step-time-model)")
     if fit.offset_s is None:
         return PRIOR_OVERHEADS, OVERHEAD_SOURCE
     client = [r.name for r in runs if r.client_side]
@@ -358,7 +368,8 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     _check_servable(runs, engine)
     parallel = sim.ParallelConfig(tensor_parallel_size=runs[0].engine.tensor_parallel_size,
                                   expert_parallel=runs[0].engine.enable_expert_parallel)
-    fit_runs = [FitRun.of(r, m) for r, m in zip(runs, masks, strict=True)]
+    measured = run_engine_ttfts(runs)  # the client-side constant measured for every client-side run, or fitted
+    fit_runs = [FitRun.of(r, m, measured.get(r.name, (None, ""))[0]) for r, m in zip(runs, masks, strict=True)]
     family = (physics_family(hw, shape.model.spec, parallel) if family_name == "physics"
               else linear_family(fit_runs))
     model_spec = None if shape.model is None else shape.model.spec
@@ -399,6 +410,16 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     if dp_info is not None:
         rep.update(run="+".join(r.name for r in runs), data_parallel=dp_info,
                    run_dir=str(runs[0].path) if len(runs) == 1 else [str(r.path) for r in runs])
+    rep["identifiability"] = fit.identifiability
+    if measured:
+        rep["client_offset"] = {"method": "fitted" if fit.offset_s is not None else "measured",
+                                "runs": {k: {"offset_s": fit.measured_offsets_s.get(k), "engine_ttft_s": v,
+                                             "how": h} for k, (v, h) in measured.items()}}
+        if "offset_s" in fit.identifiability.get("weak", ()):
+            rep["client_offset"]["warning"] = (
+                "the fitted client-side constant is weakly identified (standard error "
+                f"{100 * fit.identifiability['relative_se']['offset_s']:.0f} % of its value): collect the runs with "
+                "this version of `maslat collect` from a vLLM v1 server, whose latency histograms measure it")
     rep["model_source"], rep["hardware_source"] = shape.model_src, shape.gpu_src
     rep["model_source_kind"] = shape.model_kind
     if hw is not None:

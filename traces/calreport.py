@@ -203,7 +203,9 @@ def format_report(report: dict) -> str:
     ov = r["overheads"]
     lines.append(f"  frontend_s  {ov['frontend_s']:12.6g}  "
                  + (f"(NNLS {r['nnls']['offset_s']:.6g})  client-side constant (frontend + HTTP), fitted"
-                    if ov["frontend_fitted"] else "prior (not identifiable from engine-side times)"))
+                    if ov["frontend_fitted"] else "client-side constant, measured (engine latency sums)"
+                    if ov["source"].startswith("frontend_s: the client-side constant (API server frontend and HTTP) "
+                                               "MEASURED") else "prior (not identifiable from engine-side times)"))
     lines.append("residuals of the NNLS fit (relative, per row):")
     for k, v in r["nnls"]["residuals"].items():
         if v["rows"]:

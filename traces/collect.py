@@ -20,6 +20,8 @@ run-format field      what the collector records (client side; vLLM does not exp
 So TTFT = ``first_token_ts - queued_ts`` here includes what a server-side run excludes: HTTP, the API
 server's tokenization and queueing before the engine core (``overheads.frontend_s`` in a profile) and the
 stream's delivery. E2E likewise; TPOT is nearly unaffected. ``meta.json`` says ``"timestamps": "client"``.
+``collector.engine_latency`` holds the growth over the run of the engine's latency histogram sums (queue,
+prefill, decode, E2E, TTFT; ``traces.enginelatency``): calibration measures the client-side constant with them.
 ``timeseries.csv`` comes from the scrapes: running/waiting summed over engines, KV usage averaged, and
 throughputs as the difference of ``vllm:prompt_tokens_total`` / ``generation_tokens_total`` between ticks
 (a server restart, seen as a new ``process_start_time_seconds`` or a counter going down, starts the
@@ -56,6 +58,7 @@ from .client import (
     served_model,
     stream_request,
 )
+from .enginelatency import histogram_sums, latency_deltas
 from .loadplan import LoadPlan
 from .runwriter import RunWriter
 from .scrape import Scrape, parse_scrape
@@ -170,6 +173,9 @@ class Collector:
         self.task_errors: list[str] = []  # tasks that died of an exception (a bug): the run is not complete
         self.first_error: str | None = None  # of a failed request, for the message when none succeeded
         self.signal: str | None = None  # SIGINT / SIGTERM that stopped the collection
+        # the engine's latency histogram sums at the first and the latest good scrape (traces.enginelatency)
+        self.latency_first: dict | None = None
+        self.latency_last: dict | None = None
 
     # ------------------------------------------------------------------ discovery
     async def discover(self, session) -> None:
@@ -204,7 +210,12 @@ class Collector:
             async with session.get(self.cfg.metrics, timeout=timeout) as r:
                 if r.status != 200:
                     return None
-                return parse_scrape(await r.text(), mf)
+                text = await r.text()
+                parsed = parse_scrape(text, mf)
+                sums = histogram_sums(text)
+                self.latency_first = self.latency_first if self.latency_first is not None else sums
+                self.latency_last = sums
+                return parsed
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return None
 
@@ -405,6 +416,8 @@ class Collector:
         # summed over engines, restarts survived as for the token counters); absent when not exposed
         if self.preemptions is not None:
             meta["collector"]["preemptions"] = int(round(self.preemptions))
+        if self.latency_first and self.latency_last:  # the engine's own share of the run's latencies
+            meta["collector"]["engine_latency"] = latency_deltas(self.latency_first, self.latency_last)
         if self.stand_in_max_lag_s is not None:
             meta["collector"]["stand_in_max_lag_s"] = self.stand_in_max_lag_s
         meta["collector"].update(self.extra_meta)

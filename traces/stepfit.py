@@ -18,7 +18,9 @@ Regression rows (every one a sum of whole engine steps, so linear in the coeffic
   ``offset + wait + (steps from its admission to its first token)``, where ``offset`` is the client-side
   constant (the API server's frontend and HTTP, ``overheads.frontend_s``; one unknown shared by all client-side
   rows, fitted with the coefficients as one more NNLS column) and ``wait`` the time from its arrival to the
-  start of its admission step, taken from the reconstruction. Only requests admitted at the first step
+  start of its admission step, taken from the reconstruction. When the run's constant was measured
+  (``FitRun.engine_ttft_s``, ``traces.enginelatency``) it is subtracted instead: on queued CPU runs the fitted one is
+  not identified (it trades against ``step_s`` and ``pf_token_s`` in the few rows that carry it). Only requests admitted at the first step
   boundary after their arrival make such rows (``wait`` is 0 when the engine was idle and less than the step
   in flight otherwise); a request that queued longer would bring the reconstruction's accumulated timing
   error into the offset (its decode span is still used).
@@ -52,6 +54,8 @@ from scipy.optimize import nnls
 from sim import EngineConfig, PhysicsCoefficients, PhysicsStepModel
 from sim.latency import BASIS_NAMES
 
+from .enginelatency import client_offset
+from .fitcheck import identifiability
 from .reconstruct import (
     EngineTrace,
     Events,
@@ -166,6 +170,10 @@ class FitRun:
         mask: requests whose timestamps may be used (the fit part of a held-out check).
         async_scheduling: whether the run scheduled one step ahead (shifts engine-side prefill rows by a step).
         client_side: the times are a client's (``traces.collect``): no ``scheduled_ts``, TTFT holds the offset.
+        engine_ttft_s: a client-side run's engine-core mean TTFT from its own latency sums
+            (``traces.enginelatency.engine_ttft``); with it the run's client-side constant is measured at every
+            reconstruction (``enginelatency.client_offset``) and its prefill rows carry no offset column
+            (``None``: the constant is fitted with the coefficients).
     """
 
     name: str
@@ -176,13 +184,15 @@ class FitRun:
     mask: np.ndarray
     async_scheduling: bool = False
     client_side: bool = False
+    engine_ttft_s: float | None = None
 
     @classmethod
-    def of(cls, run, mask: np.ndarray) -> FitRun:
-        """From a ``traces.runs.MeasuredRun``."""
+    def of(cls, run, mask: np.ndarray, engine_ttft_s: float | None = None) -> FitRun:
+        """From a ``traces.runs.MeasuredRun`` (and its engine-core mean TTFT, if measured)."""
         return cls(name=run.name, requests=run.requests, prompt_tokens=run.prompt_tokens,
                    output_tokens=run.output_tokens, offsets_s=run.offsets_s, mask=np.asarray(mask, bool),
-                   async_scheduling=bool(run.engine.async_scheduling), client_side=run.client_side)
+                   async_scheduling=bool(run.engine.async_scheduling), client_side=run.client_side,
+                   engine_ttft_s=engine_ttft_s if run.client_side else None)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -215,7 +225,11 @@ class StepFit:
         family: the fitted family.
         coefficients: every coefficient of the family (fitted and held), by name.
         free: the fitted names.
-        offset_s: the fitted client-side constant (seconds), or ``None`` when no run is client-side.
+        offset_s: the fitted client-side constant (seconds), or ``None`` when no run is client-side or every
+            client-side run's constant was measured (``FitRun.engine_ttft_s``).
+        measured_offsets_s: per run, its measured client-side constant at the final reconstruction (``None``
+            where not measured).
+        identifiability: ``identifiability`` of the final rows (condition number, relative standard errors).
         rows_kind: per row, ``"decode"`` or ``"prefill"``; ``y_s`` measured and ``pred_s`` fitted durations
             (client-side prefill rows: TTFT less the reconstructed wait, offset included in both).
         steps: engine steps per row.
@@ -233,6 +247,8 @@ class StepFit:
     steps: np.ndarray
     iterations: list[dict]
     runs: tuple[RunFit, ...]
+    measured_offsets_s: dict[str, float | None] = field(default_factory=dict)
+    identifiability: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -243,6 +259,19 @@ class _Rows:
     kind: np.ndarray  # "decode" | "prefill"
     has_offset: np.ndarray  # the row contains the client-side offset
     t: np.ndarray  # the row's time (mid-span, seconds after the run's first queued_ts): for binned fits
+
+
+def measured_offset(trace: EngineTrace, run: FitRun) -> float | None:
+    """The run's client-side constant measured against ``trace`` (``traces.enginelatency.client_offset``), or
+    ``None`` when the run has no engine latency sums."""
+    if not run.client_side or run.engine_ttft_s is None:
+        return None
+    req = run.requests
+    ttft = (req["first_token_ts"] - req["queued_ts"]).to_numpy(float)
+    a = np.asarray(run.offsets_s, float)
+    k = np.minimum(np.searchsorted(trace.start, a - 1e-9, side="left"), max(trace.num_steps - 1, 0))
+    wait = np.maximum(trace.start[k] - a, 0.0) if trace.num_steps else np.zeros(len(a))
+    return client_offset(ttft, run.engine_ttft_s, wait)
 
 
 def _rows(trace: EngineTrace, run: FitRun) -> _Rows:
@@ -261,7 +290,7 @@ def _rows(trace: EngineTrace, run: FitRun) -> _Rows:
         pre[pre] &= (j[pre] == 0) | (trace.start[np.maximum(j[pre] - 1, 0)] <= run.offsets_s[pre])
         lo = j[pre]
         wait = trace.start[lo] - run.offsets_s[pre]
-        y_pre = (f - req["queued_ts"].to_numpy())[pre] - wait
+        y_pre = (f - req["queued_ts"].to_numpy())[pre] - wait - (measured_offset(trace, run) or 0.0)
     else:
         shift = int(run.async_scheduling)
         pre = clean & (trace.admit_step - 1 - shift >= 0)
@@ -273,7 +302,8 @@ def _rows(trace: EngineTrace, run: FitRun) -> _Rows:
     return _Rows(X=X, y=np.concatenate([(last - f)[dec], y_pre]),
                  k=np.concatenate([(trace.last_step - trace.first_step)[dec], trace.first_step[pre] - lo]),
                  kind=np.array(["decode"] * n_dec + ["prefill"] * n_pre),
-                 has_offset=np.concatenate([np.zeros(n_dec, bool), np.full(n_pre, run.client_side)]),
+                 has_offset=np.concatenate([np.zeros(n_dec, bool),
+                                            np.full(n_pre, run.client_side and run.engine_ttft_s is None)]),
                  t=np.concatenate([(f[dec] + last[dec]) / 2 - q0, f[pre] - q0]))
 
 
@@ -373,14 +403,19 @@ def fit_step_model(runs: Sequence[FitRun], engine: EngineConfig, family: FitFami
             break
         traces = _reconstruct(runs, engine, family.make(_coef_dict(family, coef)))
     pred = rows.X @ coef + (0.0 if offset is None else offset * rows.has_offset)
-    parts, at = [], 0
+    parts, at, measured = [], 0, {}
     for t, r in zip(traces, runs, strict=True):
         n = len(_rows(t, r).y)
-        events = observed_events(r.requests, r.mask, offset_s=offset if r.client_side else 0.0)
+        own = measured_offset(t, r)
+        events = observed_events(r.requests, r.mask, offset_s=(0.0 if not r.client_side else own
+                                                                if own is not None else offset))
+        measured[r.name] = own
         st = step_rows(events, t, min_steps=DECODE_STRETCH_MIN_STEPS)
         d = st.decode_only
         parts.append(RunFit(name=r.name, trace=t, rows=slice(at, at + n), events=events, decode_only_y_s=st.y_s[d],
                             decode_only_pred_s=st.X[d] @ coef, event_errors_s=event_time_errors(events, t)))
         at += n
     return StepFit(family=family, coefficients=_coef_dict(family, coef), free=free, offset_s=offset, rows_kind=rows.kind, y_s=rows.y, pred_s=pred, steps=rows.k,
-                   iterations=iterations, runs=tuple(parts))
+                   iterations=iterations, runs=tuple(parts), measured_offsets_s=measured,
+                   identifiability=identifiability(rows.X, rows.y, rows.k, rows.has_offset, family.names,
+                                                   family.free, coef, offset))
