@@ -10,6 +10,12 @@ Protocol, per seed:
    with ``warmup_s`` of background, the same for every policy (common random numbers), so differences
    between policies are differences between their choices.
 
+Background load (``train_background``, ``eval_background``): by default both phases replay background tapes
+(``envs.bgtape``, an approximation: the agent's calls are served in closed form against background simulated
+once per regime and seed; every evaluation episode starts at its own seeded offset on its (seed, regime)'s
+tape); ``"exact"`` simulates every background request next to the agent's calls, as before (several times
+slower). The summary's ``background`` says which each phase used.
+
 Per (regime, policy): quality (%), SLO attainment, goodput (the fraction of queries both correct and within
 the SLO), p50/p95 latency, $ per query, calls per query; pooled over the SLO factors and per factor, then
 mean +- std over seeds.
@@ -45,6 +51,7 @@ POLICIES = ("ppo_lagrangian", "masrouter", *BASELINES, "oracle")
 #: 5-40x with Concise/Flash, and 0.75x is feasible. An SLO no plan can meet tests only the load.
 SLO_FACTORS = {"math": (0.75, 1.0, 1.5, 2.0), "code": (2.0, 2.5, 3.0, 4.0)}
 TRAIN_SLO_FACTOR = {"math": (0.6, 2.2), "code": (1.8, 4.5)}
+_EVAL_TAPE_STREAM = 31
 
 
 def default_slo(task: str) -> tuple[tuple[float, ...], tuple[float, float]]:
@@ -71,9 +78,13 @@ class CMDPExperimentConfig:
         ppo: PPO-Lagrangian arguments (its seed is replaced by each experiment seed).
         masrouter: MasRouter arguments.
         estimator: the environments' estimator (``"default"``: the shipped bundle).
-        train_background: the training worlds' background, ``"exact"`` (every request simulated) or
-            ``"tape"`` (``envs.bgtape``: replayed from a tape, an approximation several times faster); evaluation
-            is always exact.
+        train_background: the training worlds' background: ``"tape"`` (``envs.bgtape``: replayed from one
+            tape per regime and seed, an approximation several times faster) or ``"exact"`` (every background
+            request simulated next to the agent's calls).
+        eval_background: the evaluation worlds' background: ``"tape"`` (one tape per regime and seed, every
+            episode starting at its own seeded offset on it: ``MASLatencyCMDPEnv(tape_seed=...)``) or
+            ``"exact"`` (a fresh world per episode seed, warmed up for ``warmup_s``). ``tests/
+            test_cmdp_experiment.py`` states how close the tape's figures are to the exact ones.
     """
 
     task: str = "gsm8k"
@@ -87,11 +98,14 @@ class CMDPExperimentConfig:
     ppo: PPOLagArgs = field(default_factory=PPOLagArgs)
     masrouter: MasRouterArgs = field(default_factory=MasRouterArgs)
     estimator: object = "default"
-    train_background: Literal["exact", "tape"] = "exact"
+    train_background: Literal["exact", "tape"] = "tape"
+    eval_background: Literal["exact", "tape"] = "tape"
 
     def __post_init__(self) -> None:
-        if self.train_background not in ("exact", "tape"):
-            raise ValueError(f"train_background must be 'exact' or 'tape', got {self.train_background!r}")
+        for name in ("train_background", "eval_background"):
+            if getattr(self, name) not in ("exact", "tape"):
+                raise ValueError(f"{name} must be 'exact' or 'tape' (envs.bgtape's approximation), got "
+                                 f"{getattr(self, name)!r}")
         bad = [p for p in self.policies if p not in POLICIES]
         if bad:
             raise ValueError(f"unknown policies {bad}; choose from {POLICIES}")
@@ -108,6 +122,19 @@ def _env(cfg: CMDPExperimentConfig, regime: str, split: str, estimator, **kw) ->
     return MASLatencyCMDPEnv(cfg.task, split, load=regime, estimator=estimator, warmup_s=cfg.warmup_s, **kw)
 
 
+def _eval_env(cfg: CMDPExperimentConfig, regime: str, seed: int, estimator) -> MASLatencyCMDPEnv:
+    """The test-split world of one (seed, regime) evaluation: exact, or every episode on one shared tape of its
+    own seed (not the training tape's, nor any episode's: ``SeedSequence([seed, regime, 31])``)."""
+    if cfg.eval_background == "exact":
+        return _env(cfg, regime, "test", estimator)
+    return _env(cfg, regime, "test", estimator, background="tape", tape_seed=_eval_tape_seed(seed, regime))
+
+
+def _eval_tape_seed(seed: int, regime: str) -> int:
+    return int(np.random.SeedSequence([seed, sum(regime.encode()), _EVAL_TAPE_STREAM]).generate_state(1)[0]
+               & 0x7FFFFFFF)
+
+
 def _episode_seed(seed: int, regime: str, i: int, j: int) -> int:
     return int(np.random.SeedSequence([seed, sum(regime.encode()), i, j]).generate_state(1)[0] & 0x7FFFFFFF)
 
@@ -119,17 +146,25 @@ def evaluate(policy, env: MASLatencyCMDPEnv, queries: Sequence[int], slo_factors
 
 
 def evaluate_all(policies: Sequence, env: MASLatencyCMDPEnv, queries: Sequence[int], slo_factors: Sequence[float],
-                 seed: int, regime: str, progress: Callable[[int], None] | None = None) -> list[dict]:
+                 seed: int, regime: str, progress: Callable[[int], None] | None = None,
+                 policy_s: dict[str, float] | None = None) -> list[dict]:
     """``evaluate`` for several policies, episode by episode: every policy runs episode (i, j) before any
     runs the next, so the episode's warmed-up world is simulated once and copied for the others
     (``envs.background``). Each policy still sees its episodes in the same order, so the rows (returned
-    policy by policy, as ``evaluate`` one policy after another would) are the same bit for bit."""
+    policy by policy, as ``evaluate`` one policy after another would) are the same bit for bit.
+
+    ``policy_s`` (if given) accumulates each policy's wall seconds by name: the first policy of an episode
+    pays for simulating its warm-up."""
     rows: list[list[dict]] = [[] for _ in policies]
+    clock = time.perf_counter
     for i, q in enumerate(queries):
         for j, f in enumerate(slo_factors):
             s = _episode_seed(seed, regime, i, j)
             for k, policy in enumerate(policies):
+                t0 = clock()
                 rows[k].append(_episode(policy, env, s, int(q), float(f), seed, regime))
+                if policy_s is not None:
+                    policy_s[policy.name] = policy_s.get(policy.name, 0.0) + clock() - t0
                 if progress is not None:
                     progress(1)
     return [r for per in rows for r in per]
@@ -208,7 +243,8 @@ def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], 
     trials = [(seed, regime, mas_of[seed] and mas_of[seed]["router"]) for seed in cfg.seeds for regime in cfg.regimes]
     outs = run(partial(cmdp_trial, cfg=cfg, est=est, queries=tuple(queries), progress=progress if local else None,
                        log=log if local else None), trials)
-    rows, curves, timing = [], {}, {"train_ppo_s": {}, "train_masrouter_s": [], "evaluate_s": {}}
+    rows, curves = [], {}
+    timing = {"train_ppo_s": {}, "train_masrouter_s": [], "evaluate_s": {}, "evaluate_policy_s": {}}
     for (seed, regime, _), out in zip(trials, outs, strict=True):
         if mas_of[seed] is not None and regime == cfg.regimes[0]:
             timing["train_masrouter_s"].append(mas_of[seed]["train_s"])
@@ -217,10 +253,14 @@ def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], 
             timing["train_ppo_s"].setdefault(regime, []).append(out["train_s"])
             curves[f"ppo_lagrangian/{regime}/seed{seed}"] = out["history"]
         timing["evaluate_s"].setdefault(regime, []).append(out["evaluate_s"])
+        per = timing["evaluate_policy_s"].setdefault(regime, {})
+        for name, sec in out["evaluate_policy_s"].items():
+            per[name] = per.get(name, 0.0) + sec
         rows += out["rows"]
     df = pd.DataFrame(rows)
     out = {"task": cfg.task, "seeds": len(cfg.seeds), **summarise(df), "slo_factors": list(cfg.slo_factors),
            "eval_queries": cfg.eval_queries, "timing": timing, "wall_s": time.perf_counter() - t_start,
+           "background": {"train": cfg.train_background, "evaluate": cfg.eval_background},
            "config": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in
                       ((f, getattr(cfg, f)) for f in cfg.__dataclass_fields__) if k != "estimator"}}
     out["findings"] = findings(out)
@@ -229,9 +269,12 @@ def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], 
 
 
 def masrouter_trial(seed: int, *, cfg: CMDPExperimentConfig, est, progress: Callable[[int], None] | None = None) -> dict:
-    """Train the load-blind MasRouter for one seed (idle world; the regime does not enter its utility)."""
+    """Train the load-blind MasRouter for one seed (idle world; the regime does not enter its utility). Its
+    observations (query, role) and utility (quality, $) do not depend on latency, so ``train_background`` only
+    changes how fast it trains: tape and exact give the same router, bit for bit
+    (``tests/test_cmdp_experiment.py``)."""
     t0 = time.perf_counter()
-    menv = _env(cfg, "idle", "train", est, slo_factor=cfg.train_slo_factor)
+    menv = _env(cfg, "idle", "train", est, slo_factor=cfg.train_slo_factor, background=cfg.train_background)
     mas, mh = train_masrouter(menv, MasRouterArgs(**{**asdict(cfg.masrouter), "seed": seed}), progress=progress)
     return {"router": mas, "history": mh, "train_s": time.perf_counter() - t0}
 
@@ -253,13 +296,15 @@ def cmdp_trial(trial: tuple, *, cfg: CMDPExperimentConfig, est, queries: Sequenc
         pols.append(ppo)
     if mas is not None:
         pols.append(mas)
-    eenv = _env(cfg, regime, "test", est)
+    t0 = time.perf_counter()
+    eenv = _eval_env(cfg, regime, seed, est)
     pols += [make_baseline(b, eenv) for b in BASELINES if b in cfg.policies]
     if "oracle" in cfg.policies:
-        pols.append(LookaheadOracle(lambda regime=regime: _env(cfg, regime, "test", est)))
-    t0 = time.perf_counter()
-    rows = evaluate_all(pols, eenv, queries, cfg.slo_factors, seed, regime, progress)
-    return {"rows": rows, "history": hist, "train_s": train_s, "evaluate_s": time.perf_counter() - t0}
+        pols.append(LookaheadOracle(lambda: _eval_env(cfg, regime, seed, est)))
+    policy_s: dict[str, float] = {}
+    rows = evaluate_all(pols, eenv, queries, cfg.slo_factors, seed, regime, progress, policy_s)
+    return {"rows": rows, "history": hist, "train_s": train_s, "evaluate_s": time.perf_counter() - t0,
+            "evaluate_policy_s": policy_s}
 
 
 def episodes_total(cfg: CMDPExperimentConfig) -> int:
