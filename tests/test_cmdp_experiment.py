@@ -17,8 +17,14 @@ import pandas as pd
 import pytest
 import torch
 
-from agents.cmdp_experiment import (CMDPExperimentConfig, _eval_env, _eval_tape_seed, evaluate_all,
-                                    masrouter_trial, summarise)
+from agents.cmdp_experiment import (
+    CMDPExperimentConfig,
+    _eval_env,
+    _eval_tape_seed,
+    evaluate_all,
+    masrouter_trial,
+    summarise,
+)
 from agents.cmdp_policies import BASELINES, make_baseline
 from agents.masrouter import MasRouterArgs
 from envs.background_modes import tape_offset_s
