@@ -153,10 +153,10 @@ def evaluate_all(policies: Sequence, env: MASLatencyCMDPEnv, queries: Sequence[i
     (``envs.background``). Each policy still sees its episodes in the same order, so the rows (returned
     policy by policy, as ``evaluate`` one policy after another would) are the same bit for bit.
 
-    ``policy_s`` (if given) accumulates each policy's wall seconds by name: the first policy of an episode
-    pays for simulating its warm-up."""
+    ``policy_s`` (if given) accumulates each policy's CPU seconds by name (``time.process_time``: on a shared
+    machine wall time measures the neighbours): the first policy of an episode pays for its warm-up."""
     rows: list[list[dict]] = [[] for _ in policies]
-    clock = time.perf_counter
+    clock = time.process_time
     for i, q in enumerate(queries):
         for j, f in enumerate(slo_factors):
             s = _episode_seed(seed, regime, i, j)
@@ -230,7 +230,7 @@ def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], 
     ``maslat.ray_runner.RayMap``: as Ray tasks, without ``progress``/``log``). Same results either way."""
     from envs.estimators import load_estimator
 
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     probe = MASLatencyCMDPEnv(cfg.task, "test", estimator="none")
     est = load_estimator(cfg.estimator, probe.model_names)
     qrng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seeds[0], 11])))
@@ -244,20 +244,26 @@ def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], 
     outs = run(partial(cmdp_trial, cfg=cfg, est=est, queries=tuple(queries), progress=progress if local else None,
                        log=log if local else None), trials)
     rows, curves = [], {}
-    timing = {"train_ppo_s": {}, "train_masrouter_s": [], "evaluate_s": {}, "evaluate_policy_s": {}}
+    timing = {"train_ppo_s": {}, "train_masrouter_s": [], "evaluate_s": {}, "evaluate_policy_cpu_s": {},
+              "cpu_s": {"train_ppo": {}, "train_masrouter": [], "evaluate": {}}}
+    cpu = timing["cpu_s"]
     for (seed, regime, _), out in zip(trials, outs, strict=True):
         if mas_of[seed] is not None and regime == cfg.regimes[0]:
             timing["train_masrouter_s"].append(mas_of[seed]["train_s"])
+            cpu["train_masrouter"].append(mas_of[seed]["train_cpu_s"])
             curves[f"masrouter/seed{seed}"] = mas_of[seed]["history"]
         if out["train_s"] is not None:
             timing["train_ppo_s"].setdefault(regime, []).append(out["train_s"])
+            cpu["train_ppo"].setdefault(regime, []).append(out["train_cpu_s"])
             curves[f"ppo_lagrangian/{regime}/seed{seed}"] = out["history"]
         timing["evaluate_s"].setdefault(regime, []).append(out["evaluate_s"])
-        per = timing["evaluate_policy_s"].setdefault(regime, {})
+        cpu["evaluate"].setdefault(regime, []).append(out["evaluate_cpu_s"])
+        per = timing["evaluate_policy_cpu_s"].setdefault(regime, {})
         for name, sec in out["evaluate_policy_s"].items():
             per[name] = per.get(name, 0.0) + sec
         rows += out["rows"]
     df = pd.DataFrame(rows)
+    cpu["total"] = time.process_time() - c_start  # this process's (without map_fn: the whole run's)
     out = {"task": cfg.task, "seeds": len(cfg.seeds), **summarise(df), "slo_factors": list(cfg.slo_factors),
            "eval_queries": cfg.eval_queries, "timing": timing, "wall_s": time.perf_counter() - t_start,
            "background": {"train": cfg.train_background, "evaluate": cfg.eval_background},
@@ -273,30 +279,31 @@ def masrouter_trial(seed: int, *, cfg: CMDPExperimentConfig, est, progress: Call
     observations (query, role) and utility (quality, $) do not depend on latency, so ``train_background`` only
     changes how fast it trains: tape and exact give the same router, bit for bit
     (``tests/test_cmdp_experiment.py``)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     menv = _env(cfg, "idle", "train", est, slo_factor=cfg.train_slo_factor, background=cfg.train_background)
     mas, mh = train_masrouter(menv, MasRouterArgs(**{**asdict(cfg.masrouter), "seed": seed}), progress=progress)
-    return {"router": mas, "history": mh, "train_s": time.perf_counter() - t0}
+    return {"router": mas, "history": mh, "train_s": time.perf_counter() - t0,
+            "train_cpu_s": time.process_time() - c0}
 
 
 def cmdp_trial(trial: tuple, *, cfg: CMDPExperimentConfig, est, queries: Sequence[int],
                progress: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None) -> dict:
     """One (seed, regime, trained MasRouter or None): train PPO-Lagrangian, evaluate every policy."""
     seed, regime, mas = trial
-    pols, hist, train_s = [], None, None
+    pols, hist, train_s, train_cpu_s = [], None, None, None
     if "ppo_lagrangian" in cfg.policies:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tenv = _env(cfg, regime, "train", est, slo_factor=cfg.train_slo_factor, background=cfg.train_background,
                     cost=ENV_COST[cfg.ppo.cost])
         ppo, hist = train_ppo_lagrangian(tenv, PPOLagArgs(**{**asdict(cfg.ppo), "seed": seed}), progress=progress)
-        train_s = time.perf_counter() - t0
+        train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         if log is not None:
             log(f"seed {seed} {regime}: PPO-Lagrangian trained in {train_s:.0f} s (lambda "
                 f"{hist[-1]['constraint/lambda']:.2f}, train attainment {hist[-1]['latency/slo_attainment']:.3f})")
         pols.append(ppo)
     if mas is not None:
         pols.append(mas)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     eenv = _eval_env(cfg, regime, seed, est)
     pols += [make_baseline(b, eenv) for b in BASELINES if b in cfg.policies]
     if "oracle" in cfg.policies:
@@ -304,7 +311,7 @@ def cmdp_trial(trial: tuple, *, cfg: CMDPExperimentConfig, est, queries: Sequenc
     policy_s: dict[str, float] = {}
     rows = evaluate_all(pols, eenv, queries, cfg.slo_factors, seed, regime, progress, policy_s)
     return {"rows": rows, "history": hist, "train_s": train_s, "evaluate_s": time.perf_counter() - t0,
-            "evaluate_policy_s": policy_s}
+            "train_cpu_s": train_cpu_s, "evaluate_cpu_s": time.process_time() - c0, "evaluate_policy_s": policy_s}
 
 
 def episodes_total(cfg: CMDPExperimentConfig) -> int:
