@@ -82,9 +82,10 @@ class CMDPExperimentConfig:
             tape per regime and seed, an approximation several times faster) or ``"exact"`` (every background
             request simulated next to the agent's calls).
         eval_background: the evaluation worlds' background: ``"tape"`` (one tape per regime and seed, every
-            episode starting at its own seeded offset on it: ``MASLatencyCMDPEnv(tape_seed=...)``) or
-            ``"exact"`` (a fresh world per episode seed, warmed up for ``warmup_s``). ``tests/
-            test_cmdp_experiment.py`` states how close the tape's figures are to the exact ones.
+            episode starting at its own seeded offset on it: ``MASLatencyCMDPEnv(tape_seed=...)``, so episodes
+            meet the regime's steady state) or ``"exact"`` (a fresh world per episode seed, warmed up for
+            ``warmup_s``: under ``busy`` still ramping up, ~270 requests running at 20 s against ~380 from
+            40 s on). ``tests/test_cmdp_experiment.py`` states how close the tape's figures are.
     """
 
     task: str = "gsm8k"

@@ -49,8 +49,17 @@ def test_masrouter_trains_the_same_router_on_a_tape():
         states.append((out["router"].state_dict(), out["history"]))
     (a, ha), (b, hb) = states
     assert ha == hb
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]
-                                        for k in a)
+    assert _same(a, b)
+
+
+def _same(x, y) -> bool:
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
+    if torch.is_tensor(x):
+        return torch.equal(x, y)
+    if isinstance(x, np.ndarray):
+        return np.array_equal(x, y)
+    return x == y
 
 
 def _episode(env, seed, action=(0, 2)):
