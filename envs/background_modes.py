@@ -3,6 +3,9 @@
 ``MASLatency-v0`` takes ``backend=TapeBackend(cluster)``; ``MASLatency-CMDP-v0`` calls ``cmdp_tape_world`` from
 its ``_new_world`` when built with ``background="tape"``. Both key the process-wide ``TAPES`` by everything
 the background depends on, so every environment of a session with the same recipe and seed replays one tape.
+``MASLatencyCMDPEnv(background="tape", tape_seed=k)`` (an evaluation's world) replays the one tape of seed ``k``
+for every ``reset(seed=s)``, from an offset drawn from ``s`` (``tape_offset_s``): one tape per evaluation, not
+per episode (a tape per episode would cost more than the exact warm-up it replaces).
 """
 
 from __future__ import annotations
