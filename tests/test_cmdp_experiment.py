@@ -104,11 +104,13 @@ def test_tape_evaluation_reports_the_exact_figures_within_seed_noise(task, regim
     exact one (3 seeds x 12 queries x 4 SLO factors), and the spread of the exact figures over the seeds."""
     seeds = (0, 1, 2)
     ex, tp = (_baseline_figures(m, task, regime, seeds, 12) for m in ("exact", "tape"))
-    assert (ex.quality.values == tp.quality.values).all()  # outcomes depend on the actions alone
+    static = ex.policy.isin(["always_large_deepthink", "always_small_flash"]).values
+    assert (ex.quality.values[static] == tp.quality.values[static]).all()  # same actions, same outcomes
     for pol in BASELINES:
         for k, floor in (("slo_attainment", 0.05), ("goodput", 0.05), ("latency_p50_s", None)):
             per_e = [summarise(d)["regimes"][regime][pol][k] for _, d in ex[ex.policy == pol].groupby("seed")]
             per_t = [summarise(d)["regimes"][regime][pol][k] for _, d in tp[tp.policy == pol].groupby("seed")]
             gap, spread = abs(np.mean(per_t) - np.mean(per_e)), np.std(per_e)
             tol = max(2 * spread, floor if floor is not None else 0.10 * np.mean(per_e))
+            print(f"{task} {regime} {pol} {k}: exact {per_e} tape {per_t} gap {gap:.3g} tol {tol:.3g}")
             assert gap <= tol, (pol, k, per_e, per_t)
