@@ -73,7 +73,7 @@ def test_experiment_cmdp_json_last_line(tmp_path):
     assert (tmp_path / "episodes.csv").read_text().count("\n") == 3 * 2 + 1
     (one,) = res["per_seed"]
     assert one["seed"] == 0 and one["regimes"] == res["regimes"] and one["findings"] == res["findings"]
-    assert res["background"] == {"train": "tape", "evaluate": "tape"}  # the default: envs.bgtape's tapes
+    assert res["background"] == {"train": "tape", "evaluate": "exact"}  # the defaults
     assert set(res["timing"]["evaluate_policy_cpu_s"]["busy"]) == {"ppo_lagrangian", "masrouter", "always_small_flash"}
 
 

@@ -1,7 +1,8 @@
 """``maslat experiment cmdp``'s background modes (``agents.cmdp_experiment``): what the default tapes change.
 
-The experiment trains and evaluates against background tapes by default (``envs.bgtape``: an approximation,
-several times faster); ``--train-background exact --eval-background exact`` is the old, exact path. Here:
+The experiment trains against background tapes by default (``envs.bgtape``: an approximation, several times
+faster) and evaluates exactly; ``--eval-background tape`` evaluates on tapes too, ``--train-background exact``
+is the old, exact training. Here:
 
 * MasRouter's training does not depend on latency, so tape and exact give the same router;
 * an evaluation on a tape is deterministic per episode seed, the same world for every policy and for the
@@ -33,7 +34,7 @@ from envs.cmdp import MASLatencyCMDPEnv
 
 def test_config_checks_the_background_modes():
     cfg = CMDPExperimentConfig(task="humaneval")
-    assert (cfg.train_background, cfg.eval_background) == ("tape", "tape")
+    assert (cfg.train_background, cfg.eval_background) == ("tape", "exact")
     with pytest.raises(ValueError, match="eval_background must be 'exact' or 'tape'"):
         CMDPExperimentConfig(task="humaneval", eval_background="fast")
     with pytest.raises(ValueError, match="tape_seed .* needs background='tape'"):

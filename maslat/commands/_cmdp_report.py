@@ -21,8 +21,8 @@ def training_note(summary: dict) -> str:
         lines.append("evaluation time per regime (mean over seeds): " + ", ".join(ev))
     if bg:
         lines.append(f"background: training {bg['train']}, evaluation {bg['evaluate']}"
-                     + (" (tape: envs.bgtape's approximation; --train-background exact --eval-background exact "
-                        "simulates every request)" if "tape" in bg.values() else ""))
+                     + (" (tape: envs.bgtape's approximation; exact: every background request simulated)"
+                        if "tape" in bg.values() else ""))
     lines.append(f"total wall {summary['wall_s']:.0f} s")
     return "\n".join(lines)
 
