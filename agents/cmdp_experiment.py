@@ -13,10 +13,9 @@ Protocol, per seed:
 Background load (``train_background``, ``eval_background``): by default training replays background tapes
 (``envs.bgtape``, an approximation: the agent's calls served in closed form against background simulated once
 per regime and seed; a tape-trained policy scored within seed noise of an exact-trained one on HumanEval busy,
-3 seeds) and evaluation is
-exact; ``"tape"`` for evaluation starts every episode at its own seeded offset on its (seed, regime)'s tape
-(~8x cheaper, steady-state load: see ``eval_background``); ``"exact"`` for training simulates every background
-request next to the agent's calls, as before. The summary's ``background`` says which each phase used.
+3 seeds) and evaluation is exact; ``"tape"`` for evaluation starts every episode at its own seeded offset on
+its (seed, regime)'s tape (~8x cheaper, steady-state load: see ``eval_background``); ``"exact"`` for training
+simulates every background request next to the agent's calls, as before. The summary's ``background`` says which each phase used.
 
 Per (regime, policy): quality (%), SLO attainment, goodput (the fraction of queries both correct and within
 the SLO), p50/p95 latency, $ per query, calls per query; pooled over the SLO factors and per factor, then
