@@ -10,6 +10,13 @@ Protocol, per seed:
    with ``warmup_s`` of background, the same for every policy (common random numbers), so differences
    between policies are differences between their choices.
 
+Background load (``train_background``, ``eval_background``): by default training replays background tapes
+(``envs.bgtape``, an approximation: the agent's calls served in closed form against background simulated once
+per regime and seed; a tape-trained policy scored within seed noise of an exact-trained one on HumanEval busy,
+3 seeds) and evaluation is exact; ``"tape"`` for evaluation starts every episode at its own seeded offset on
+its (seed, regime)'s tape (~8x cheaper, steady-state load: see ``eval_background``); ``"exact"`` for training
+simulates every background request next to the agent's calls, as before. The summary's ``background`` says which each phase used.
+
 Per (regime, policy): quality (%), SLO attainment, goodput (the fraction of queries both correct and within
 the SLO), p50/p95 latency, $ per query, calls per query; pooled over the SLO factors and per factor, then
 mean +- std over seeds.
@@ -45,6 +52,7 @@ POLICIES = ("ppo_lagrangian", "masrouter", *BASELINES, "oracle")
 #: 5-40x with Concise/Flash, and 0.75x is feasible. An SLO no plan can meet tests only the load.
 SLO_FACTORS = {"math": (0.75, 1.0, 1.5, 2.0), "code": (2.0, 2.5, 3.0, 4.0)}
 TRAIN_SLO_FACTOR = {"math": (0.6, 2.2), "code": (1.8, 4.5)}
+_EVAL_TAPE_STREAM = 31
 
 
 def default_slo(task: str) -> tuple[tuple[float, ...], tuple[float, float]]:
@@ -71,9 +79,15 @@ class CMDPExperimentConfig:
         ppo: PPO-Lagrangian arguments (its seed is replaced by each experiment seed).
         masrouter: MasRouter arguments.
         estimator: the environments' estimator (``"default"``: the shipped bundle).
-        train_background: the training worlds' background, ``"exact"`` (every request simulated) or
-            ``"tape"`` (``envs.bgtape``: replayed from a tape, an approximation several times faster); evaluation
-            is always exact.
+        train_background: the training worlds' background: ``"tape"`` (``envs.bgtape``: replayed from one
+            tape per regime and seed, an approximation several times faster) or ``"exact"`` (every background
+            request simulated next to the agent's calls).
+        eval_background: the evaluation worlds' background: ``"exact"`` (a fresh world per episode seed, warmed
+            up for ``warmup_s``: under ``busy`` still ramping up, ~270 requests running at 20 s against ~380 from
+            40 s on) or ``"tape"`` (one tape per regime and seed, every episode starting at its own seeded offset
+            on it: ``MASLatencyCMDPEnv(tape_seed=...)``, ~8x cheaper, but episodes meet the regime's steady
+            state: p50 latency 13-30 % higher under ``busy``, beyond seed noise; ``tests/
+            test_cmdp_experiment.py``), so not the default.
     """
 
     task: str = "gsm8k"
@@ -87,11 +101,14 @@ class CMDPExperimentConfig:
     ppo: PPOLagArgs = field(default_factory=PPOLagArgs)
     masrouter: MasRouterArgs = field(default_factory=MasRouterArgs)
     estimator: object = "default"
-    train_background: Literal["exact", "tape"] = "exact"
+    train_background: Literal["exact", "tape"] = "tape"
+    eval_background: Literal["exact", "tape"] = "exact"
 
     def __post_init__(self) -> None:
-        if self.train_background not in ("exact", "tape"):
-            raise ValueError(f"train_background must be 'exact' or 'tape', got {self.train_background!r}")
+        for name in ("train_background", "eval_background"):
+            if getattr(self, name) not in ("exact", "tape"):
+                raise ValueError(f"{name} must be 'exact' or 'tape' (envs.bgtape's approximation), got "
+                                 f"{getattr(self, name)!r}")
         bad = [p for p in self.policies if p not in POLICIES]
         if bad:
             raise ValueError(f"unknown policies {bad}; choose from {POLICIES}")
@@ -108,6 +125,19 @@ def _env(cfg: CMDPExperimentConfig, regime: str, split: str, estimator, **kw) ->
     return MASLatencyCMDPEnv(cfg.task, split, load=regime, estimator=estimator, warmup_s=cfg.warmup_s, **kw)
 
 
+def _eval_env(cfg: CMDPExperimentConfig, regime: str, seed: int, estimator) -> MASLatencyCMDPEnv:
+    """The test-split world of one (seed, regime) evaluation: exact, or every episode on one shared tape of its
+    own seed (not the training tape's, nor any episode's: ``SeedSequence([seed, regime, 31])``)."""
+    if cfg.eval_background == "exact":
+        return _env(cfg, regime, "test", estimator)
+    return _env(cfg, regime, "test", estimator, background="tape", tape_seed=_eval_tape_seed(seed, regime))
+
+
+def _eval_tape_seed(seed: int, regime: str) -> int:
+    return int(np.random.SeedSequence([seed, sum(regime.encode()), _EVAL_TAPE_STREAM]).generate_state(1)[0]
+               & 0x7FFFFFFF)
+
+
 def _episode_seed(seed: int, regime: str, i: int, j: int) -> int:
     return int(np.random.SeedSequence([seed, sum(regime.encode()), i, j]).generate_state(1)[0] & 0x7FFFFFFF)
 
@@ -119,17 +149,25 @@ def evaluate(policy, env: MASLatencyCMDPEnv, queries: Sequence[int], slo_factors
 
 
 def evaluate_all(policies: Sequence, env: MASLatencyCMDPEnv, queries: Sequence[int], slo_factors: Sequence[float],
-                 seed: int, regime: str, progress: Callable[[int], None] | None = None) -> list[dict]:
+                 seed: int, regime: str, progress: Callable[[int], None] | None = None,
+                 policy_s: dict[str, float] | None = None) -> list[dict]:
     """``evaluate`` for several policies, episode by episode: every policy runs episode (i, j) before any
     runs the next, so the episode's warmed-up world is simulated once and copied for the others
     (``envs.background``). Each policy still sees its episodes in the same order, so the rows (returned
-    policy by policy, as ``evaluate`` one policy after another would) are the same bit for bit."""
+    policy by policy, as ``evaluate`` one policy after another would) are the same bit for bit.
+
+    ``policy_s`` (if given) accumulates each policy's CPU seconds by name (``time.process_time``: on a shared
+    machine wall time measures the neighbours): the first policy of an episode pays for its warm-up."""
     rows: list[list[dict]] = [[] for _ in policies]
+    clock = time.process_time
     for i, q in enumerate(queries):
         for j, f in enumerate(slo_factors):
             s = _episode_seed(seed, regime, i, j)
             for k, policy in enumerate(policies):
+                t0 = clock()
                 rows[k].append(_episode(policy, env, s, int(q), float(f), seed, regime))
+                if policy_s is not None:
+                    policy_s[policy.name] = policy_s.get(policy.name, 0.0) + clock() - t0
                 if progress is not None:
                     progress(1)
     return [r for per in rows for r in per]
@@ -195,7 +233,7 @@ def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], 
     ``maslat.ray_runner.RayMap``: as Ray tasks, without ``progress``/``log``). Same results either way."""
     from envs.estimators import load_estimator
 
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.process_time()
     probe = MASLatencyCMDPEnv(cfg.task, "test", estimator="none")
     est = load_estimator(cfg.estimator, probe.model_names)
     qrng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seeds[0], 11])))
@@ -208,19 +246,30 @@ def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], 
     trials = [(seed, regime, mas_of[seed] and mas_of[seed]["router"]) for seed in cfg.seeds for regime in cfg.regimes]
     outs = run(partial(cmdp_trial, cfg=cfg, est=est, queries=tuple(queries), progress=progress if local else None,
                        log=log if local else None), trials)
-    rows, curves, timing = [], {}, {"train_ppo_s": {}, "train_masrouter_s": [], "evaluate_s": {}}
+    rows, curves = [], {}
+    timing = {"train_ppo_s": {}, "train_masrouter_s": [], "evaluate_s": {}, "evaluate_policy_cpu_s": {},
+              "cpu_s": {"train_ppo": {}, "train_masrouter": [], "evaluate": {}}}
+    cpu = timing["cpu_s"]
     for (seed, regime, _), out in zip(trials, outs, strict=True):
         if mas_of[seed] is not None and regime == cfg.regimes[0]:
             timing["train_masrouter_s"].append(mas_of[seed]["train_s"])
+            cpu["train_masrouter"].append(mas_of[seed]["train_cpu_s"])
             curves[f"masrouter/seed{seed}"] = mas_of[seed]["history"]
         if out["train_s"] is not None:
             timing["train_ppo_s"].setdefault(regime, []).append(out["train_s"])
+            cpu["train_ppo"].setdefault(regime, []).append(out["train_cpu_s"])
             curves[f"ppo_lagrangian/{regime}/seed{seed}"] = out["history"]
         timing["evaluate_s"].setdefault(regime, []).append(out["evaluate_s"])
+        cpu["evaluate"].setdefault(regime, []).append(out["evaluate_cpu_s"])
+        per = timing["evaluate_policy_cpu_s"].setdefault(regime, {})
+        for name, sec in out["evaluate_policy_s"].items():
+            per[name] = per.get(name, 0.0) + sec
         rows += out["rows"]
     df = pd.DataFrame(rows)
+    cpu["total"] = time.process_time() - c_start  # this process's (without map_fn: the whole run's)
     out = {"task": cfg.task, "seeds": len(cfg.seeds), **summarise(df), "slo_factors": list(cfg.slo_factors),
            "eval_queries": cfg.eval_queries, "timing": timing, "wall_s": time.perf_counter() - t_start,
+           "background": {"train": cfg.train_background, "evaluate": cfg.eval_background},
            "config": {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in
                       ((f, getattr(cfg, f)) for f in cfg.__dataclass_fields__) if k != "estimator"}}
     out["findings"] = findings(out)
@@ -229,37 +278,43 @@ def run_cmdp_experiment(cfg: CMDPExperimentConfig, *, progress: Callable[[int], 
 
 
 def masrouter_trial(seed: int, *, cfg: CMDPExperimentConfig, est, progress: Callable[[int], None] | None = None) -> dict:
-    """Train the load-blind MasRouter for one seed (idle world; the regime does not enter its utility)."""
-    t0 = time.perf_counter()
-    menv = _env(cfg, "idle", "train", est, slo_factor=cfg.train_slo_factor)
+    """Train the load-blind MasRouter for one seed (idle world; the regime does not enter its utility). Its
+    observations (query, role) and utility (quality, $) do not depend on latency, so ``train_background`` only
+    changes how fast it trains: tape and exact give the same router, bit for bit
+    (``tests/test_cmdp_experiment.py``)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    menv = _env(cfg, "idle", "train", est, slo_factor=cfg.train_slo_factor, background=cfg.train_background)
     mas, mh = train_masrouter(menv, MasRouterArgs(**{**asdict(cfg.masrouter), "seed": seed}), progress=progress)
-    return {"router": mas, "history": mh, "train_s": time.perf_counter() - t0}
+    return {"router": mas, "history": mh, "train_s": time.perf_counter() - t0,
+            "train_cpu_s": time.process_time() - c0}
 
 
 def cmdp_trial(trial: tuple, *, cfg: CMDPExperimentConfig, est, queries: Sequence[int],
                progress: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None) -> dict:
     """One (seed, regime, trained MasRouter or None): train PPO-Lagrangian, evaluate every policy."""
     seed, regime, mas = trial
-    pols, hist, train_s = [], None, None
+    pols, hist, train_s, train_cpu_s = [], None, None, None
     if "ppo_lagrangian" in cfg.policies:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tenv = _env(cfg, regime, "train", est, slo_factor=cfg.train_slo_factor, background=cfg.train_background,
                     cost=ENV_COST[cfg.ppo.cost])
         ppo, hist = train_ppo_lagrangian(tenv, PPOLagArgs(**{**asdict(cfg.ppo), "seed": seed}), progress=progress)
-        train_s = time.perf_counter() - t0
+        train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         if log is not None:
             log(f"seed {seed} {regime}: PPO-Lagrangian trained in {train_s:.0f} s (lambda "
                 f"{hist[-1]['constraint/lambda']:.2f}, train attainment {hist[-1]['latency/slo_attainment']:.3f})")
         pols.append(ppo)
     if mas is not None:
         pols.append(mas)
-    eenv = _env(cfg, regime, "test", est)
+    t0, c0 = time.perf_counter(), time.process_time()
+    eenv = _eval_env(cfg, regime, seed, est)
     pols += [make_baseline(b, eenv) for b in BASELINES if b in cfg.policies]
     if "oracle" in cfg.policies:
-        pols.append(LookaheadOracle(lambda regime=regime: _env(cfg, regime, "test", est)))
-    t0 = time.perf_counter()
-    rows = evaluate_all(pols, eenv, queries, cfg.slo_factors, seed, regime, progress)
-    return {"rows": rows, "history": hist, "train_s": train_s, "evaluate_s": time.perf_counter() - t0}
+        pols.append(LookaheadOracle(lambda: _eval_env(cfg, regime, seed, est)))
+    policy_s: dict[str, float] = {}
+    rows = evaluate_all(pols, eenv, queries, cfg.slo_factors, seed, regime, progress, policy_s)
+    return {"rows": rows, "history": hist, "train_s": train_s, "evaluate_s": time.perf_counter() - t0,
+            "train_cpu_s": train_cpu_s, "evaluate_cpu_s": time.process_time() - c0, "evaluate_policy_s": policy_s}
 
 
 def episodes_total(cfg: CMDPExperimentConfig) -> int:

@@ -3,11 +3,16 @@
 ``MASLatency-v0`` takes ``backend=TapeBackend(cluster)``; ``MASLatency-CMDP-v0`` calls ``cmdp_tape_world`` from
 its ``_new_world`` when built with ``background="tape"``. Both key the process-wide ``TAPES`` by everything
 the background depends on, so every environment of a session with the same recipe and seed replays one tape.
+``MASLatencyCMDPEnv(background="tape", tape_seed=k)`` (an evaluation's world) replays the one tape of seed ``k``
+for every ``reset(seed=s)``, from an offset drawn from ``s`` (``tape_offset_s``): one tape per evaluation, not
+per episode (a tape per episode would cost more than the exact warm-up it replaces).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import numpy as np
 
 from .backend import SimBackend
 from .bgtape import BACKGROUND_MODES, TAPES, TapeWorld
@@ -16,11 +21,12 @@ from .cmdp_catalog import ModelEntry
 from .cmdp_world import build_cmdp_world
 from .loads import LoadRegime
 
-__all__ = ["DEFAULT_HORIZON_S", "TapeBackend", "check_background", "cmdp_tape_world"]
+__all__ = ["DEFAULT_HORIZON_S", "TapeBackend", "check_background", "cmdp_tape_world", "tape_offset_s"]
 
 #: simulated seconds of background per tape (looped beyond): long against a query (~10-60 s) and a load
 #: phase (20 s), short against a training run
 DEFAULT_HORIZON_S = 600.0
+_OFFSET_STREAM = 23
 
 
 def check_background(mode: str) -> str:
@@ -68,10 +74,26 @@ class TapeBackend(SimBackend):
 
 
 def cmdp_tape_world(models: Sequence[ModelEntry], regime: LoadRegime, seed: int, *, router: str, warmup_s: float,
-                    horizon_s: float = DEFAULT_HORIZON_S) -> TapeWorld:
-    """The CMDP world of ``build_cmdp_world`` after ``warmup_s``, its agent calls served against a tape."""
+                    horizon_s: float = DEFAULT_HORIZON_S, offset_s: float = 0.0) -> TapeWorld:
+    """The CMDP world of ``build_cmdp_world`` after ``warmup_s``, its agent calls served against a tape.
+
+    ``offset_s``: the world's clock starts that far into the tape (looped past ``horizon_s``), so that many
+    episodes can replay one tape from different points (``tape_offset_s``) instead of one tape each."""
     _check_router(router)
+    if not 0 <= offset_s < float("inf"):
+        raise ValueError(f"offset_s must be a finite number of seconds >= 0, got {offset_s!r}")
     key = ("cmdp", tuple((m.name, m.profile, m.replicas) for m in models), regime, seed, router, float(warmup_s),
            float(horizon_s))
     tape = TAPES.get(key, lambda: build_cmdp_world(models, regime, seed, router=router), warmup_s, horizon_s)
-    return TapeWorld(tape)
+    world = TapeWorld(tape)
+    if offset_s > 0:  # nothing is scheduled in a fresh TapeWorld: this only moves its clock (and tape time) on
+        world.run(until=offset_s)
+    return world
+
+
+def tape_offset_s(seed: int, horizon_s: float = DEFAULT_HORIZON_S) -> float:
+    """Where the episode of ``reset(seed=seed)`` starts on a shared tape: uniform over one period of the tape,
+    from the seed alone (its own stream, ``SeedSequence([seed, 23])``), so every policy and the oracle's
+    lookaheads meet the same background for the same seed (common random numbers)."""
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), _OFFSET_STREAM])))
+    return float(rng.uniform(0.0, horizon_s))

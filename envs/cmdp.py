@@ -11,7 +11,7 @@ from gymnasium import spaces
 
 from .backend import Backend, SimBackend, call_timing
 from .background import WARM_WORLDS
-from .background_modes import check_background, cmdp_tape_world
+from .background_modes import check_background, cmdp_tape_world, tape_offset_s
 from .cluster import BackgroundTrace
 from .cmdp_catalog import ROLE_NAMES, STRATEGY_NAMES, ModelEntry, default_models, model_accuracy
 from .cmdp_query import QueryState
@@ -116,7 +116,7 @@ class MASLatencyCMDPEnv(DecisionEnv):
     load="idle", models=None, planner="mix", execution="dag", estimator="default",
     action_type="multidiscrete", flatten_obs=False, warmup_s=30.0, dataset_seed=0, shuffle=True,
     counterfactual_quality=False, background_trace=None, router="least_outstanding", cost="violation",
-    backend=None)``.
+    backend=None, background="exact", tape_seed=None)``.
     The SLO is ``slo_s`` seconds if given, else ``slo_factor`` times the query's *reference latency*: the
     critical path of its topology with the strongest model and DeepThink on idle replicas (simulated; an
     answer to the design's open question 1). A ``(low, high)`` factor is drawn uniformly per episode.
@@ -127,7 +127,9 @@ class MASLatencyCMDPEnv(DecisionEnv):
     ``reuse_warmup=True`` serves a seed's warm-up from a snapshot after its first simulation
     (``envs.background``: exact, ~5x cheaper than re-simulating it). ``background="tape"`` (default
     ``"exact"``) replays the background from a tape simulated once per regime and seed and serves the calls
-    against it in closed form: an approximation, several times faster (``envs.bgtape``).
+    against it in closed form: an approximation, several times faster (``envs.bgtape``). With ``tape_seed=k``
+    every ``reset(seed=s)`` replays the one tape of seed ``k`` from an offset drawn from ``s``
+    (``envs.background_modes.tape_offset_s``): many seeded episodes (an evaluation) for the price of one tape.
 
     ## Copies
     An environment cannot be copied or pickled (``TypeError``, ``envs.nocopy``): its world is live SimPy
@@ -157,7 +159,7 @@ class MASLatencyCMDPEnv(DecisionEnv):
                  counterfactual_quality: bool = False,
                  background_trace: BackgroundTrace | None = None, router: str = "least_outstanding",
                  render_mode: str | None = None, reuse_warmup: bool = True, backend: Backend | None = None,
-                 cost: str = "violation", background: str = "exact"):
+                 cost: str = "violation", background: str = "exact", tape_seed: int | None = None):
         self.task = make_task(task)
         if split not in _SPLIT_ID:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -184,6 +186,10 @@ class MASLatencyCMDPEnv(DecisionEnv):
         self.background = check_background(background)
         if background == "tape" and background_trace is not None:
             raise ValueError("background='tape' does not replay a background_trace; use background='exact'")
+        if tape_seed is not None and (background != "tape" or not isinstance(tape_seed, int | np.integer)):
+            raise ValueError(f"tape_seed (an integer) needs background='tape', got tape_seed={tape_seed!r} with "
+                             f"background={background!r}")
+        self.tape_seed = None if tape_seed is None else int(tape_seed)
         self.counterfactual_quality = bool(counterfactual_quality)
         self.planner = make_planner(planner, self.task.kind, dataset_seed)
         self.estimator = load_estimator(estimator, self.model_names)
@@ -278,6 +284,9 @@ class MASLatencyCMDPEnv(DecisionEnv):
             return build_cmdp_world(self.models, self.regime, seed, router=self.router, trace=self.background_trace)
 
         if self.background == "tape":  # an approximation (envs.bgtape): the background replayed from a tape
+            if self.tape_seed is not None:  # one tape for every seed, each starting at its own offset
+                return cmdp_tape_world(self.models, self.regime, self.tape_seed, router=self.router,
+                                       warmup_s=self.warmup_s, offset_s=tape_offset_s(seed))
             return cmdp_tape_world(self.models, self.regime, seed, router=self.router, warmup_s=self.warmup_s)
         if self.reuse_warmup and self.background_trace is None:   # a trace's arrays are not a cache key
             key = (tuple((m.name, m.profile, m.replicas) for m in self.models), self.regime, seed, self.router,

@@ -73,6 +73,8 @@ def test_experiment_cmdp_json_last_line(tmp_path):
     assert (tmp_path / "episodes.csv").read_text().count("\n") == 3 * 2 + 1
     (one,) = res["per_seed"]
     assert one["seed"] == 0 and one["regimes"] == res["regimes"] and one["findings"] == res["findings"]
+    assert res["background"] == {"train": "tape", "evaluate": "exact"}  # the defaults
+    assert set(res["timing"]["evaluate_policy_cpu_s"]["busy"]) == {"ppo_lagrangian", "masrouter", "always_small_flash"}
 
 
 def test_estimators_train_on_a_live_phase2_run_of_the_stand_in(tmp_path):

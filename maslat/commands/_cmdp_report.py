@@ -9,10 +9,22 @@ __all__ = ["findings_text", "results_table", "training_note"]
 
 
 def training_note(summary: dict) -> str:
+    """Where the time went (training per regime, evaluation per regime) and which background each phase used."""
     t = summary["timing"]
     parts = [f"{r} {sum(v) / len(v):.0f} s" for r, v in t["train_ppo_s"].items()]
-    return ("PPO-Lagrangian training time per regime (mean over seeds): " + ", ".join(parts)
-            + f"; total wall {summary['wall_s']:.0f} s") if parts else f"total wall {summary['wall_s']:.0f} s"
+    ev = [f"{r} {sum(v) / len(v):.0f} s" for r, v in t["evaluate_s"].items()]
+    bg = summary.get("background")
+    lines = []
+    if parts:
+        lines.append("PPO-Lagrangian training time per regime (mean over seeds): " + ", ".join(parts))
+    if ev:
+        lines.append("evaluation time per regime (mean over seeds): " + ", ".join(ev))
+    if bg:
+        lines.append(f"background: training {bg['train']}, evaluation {bg['evaluate']}"
+                     + (" (tape: envs.bgtape's approximation; exact: every background request simulated)"
+                        if "tape" in bg.values() else ""))
+    lines.append(f"total wall {summary['wall_s']:.0f} s")
+    return "\n".join(lines)
 
 
 def findings_text(summary: dict) -> str:
