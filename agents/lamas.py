@@ -14,7 +14,7 @@ measured over five seeds per task (``maslat experiment lamas --seeds 5 --methods
 * a per-query baseline (``agents.objectives.QueryBaseline``): MBPP's controller did not shorten its paths at
   all in 16 epochs (test CP flat at 600-700 tokens) because whether a query is answered depends on the query,
   not the architecture, and a wrong answer's -1.7 std on every operator drowned the ~0.1 CP credit;
-* lambda_t x 2 (0.01; the author's own GSM8K runs used 0.001-0.05, docs/lamas.md#8): at 0.005 MBPP's
+* lambda_t x 2 (0.01; the author's own GSM8K runs used 0.001-0.05, docs/lamas.md#8-calibration-targets): at 0.005 MBPP's
   penalty (~0.06 for a 600-token path) stayed below the score noise even with the query baseline (CP cut
   26-29 %); at 0.02 every cut but one exceeded 44 % but scores fell up to 3.8 points below MaAS.
 """
