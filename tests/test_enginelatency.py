@@ -65,3 +65,14 @@ def test_the_constant_is_the_client_ttft_less_the_engine_ttft_and_the_wait_for_t
     # the engine saw 0.25 s of it on average; the requests waited 0.05 s on average for the step in flight
     assert client_offset(client, 0.25, np.array([0.0, 0.1, 0.05])) == pytest.approx(0.10)
     assert client_offset(client, 0.45, np.zeros(3)) == 0.0  # never negative
+
+
+def test_measured_constants_that_disagree_are_distrusted():
+    from traces.enginelatency import offsets_disagree
+
+    assert offsets_disagree({"light": 0.028, "heavy": 0.033}) is None          # the real CPU engine's two loads
+    assert offsets_disagree({"light": 0.028, "heavy": 0.0}) is None            # a clamped heavy run: within 100 ms
+    assert offsets_disagree({"light": 0.028, "heavy": None}) is None           # one value: nothing to compare
+    assert "clamped" in offsets_disagree({"light": 0.0, "heavy": 0.0})         # sums longer than the client's wait
+    why = offsets_disagree({"light": 0.164, "heavy": 0.696})                   # a stand-in lagging the wall clock
+    assert why is not None and "light 164.0 ms" in why and "heavy 696.0 ms" in why

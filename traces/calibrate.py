@@ -51,7 +51,7 @@ import sim
 
 from .calreport import OVERHEAD_SOURCE, format_report, profile_provenance, report
 from .dpsplit import dp_capacity, dp_final_errors, fit_data_parallel, routing_dominated
-from .enginelatency import pooled_offset, run_engine_ttfts
+from .enginelatency import offsets_disagree, pooled_offset, run_engine_ttfts
 from .hardware import GpuEntry, ModelEntry
 from .kvcapacity import KVCapacity, kv_capacity, refine_capacity_by_replay
 from .replay_core import METRICS, as_run, fit_mask, latency_errors, simulate_run
@@ -383,6 +383,10 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
         dp_runs, dp_masks, fit, dp_info = fit_data_parallel(runs, masks, engine, family, at, seed=seed)
     else:
         fit = fit_step_model(fit_runs, engine, family)
+        if (why_fitted := offsets_disagree(fit.measured_offsets_s)) is not None:
+            measured = {k: (None, why_fitted) for k in measured}
+            fit_runs = [FitRun.of(r, m) for r, m in zip(runs, masks, strict=True)]
+            fit = fit_step_model(fit_runs, engine, family)
         if cap.method == "kv_usage_gauge" or (cap.method == "not_binding" and _gauge_peak(runs, splits) >= 0.5):
             cap, engine, engine_sources, fit = _replay_capacity(runs, splits, shape, hw, cap, fit, fit_runs, seed)
     if not cap.measured:

@@ -123,3 +123,28 @@ def pooled_offset(runs, measured_offsets_s: dict[str, float | None]) -> float | 
     if not vals or any(v is None for v, _ in vals):
         return None
     return sum(v * n for v, n in vals) / sum(n for _, n in vals)
+
+
+#: measured client-side constants of one calibration's runs may differ by this much before they are distrusted
+OFFSET_AGREEMENT_S = 0.1
+
+
+def offsets_disagree(measured_offsets_s: dict[str, float | None]) -> str | None:
+    """Why the runs' measured client-side constants cannot be used, or ``None`` when they can.
+
+    The constant (frontend, HTTP) does not depend on load, so runs of one server measure it alike (the real CPU
+    engine: 28 and 33 ms at two loads). When they differ by more than ``max(OFFSET_AGREEMENT_S, half the
+    largest)``, the engine's sums do not cover what the client waited for (a server whose engine lags the wall
+    clock, a proxy queueing in front of it) and the constant must be fitted instead."""
+    vals = {k: v for k, v in measured_offsets_s.items() if v is not None}
+    if vals and not any(vals.values()):
+        return ("every run's measured client-side constant is <= 0 (clamped): the server's latency sums include "
+                "waits the client did not see (a server that stamps QUEUED on arrival rather than at the next step, "
+                "as vLLM does), so it is fitted")
+    if len(vals) < 2:
+        return None
+    lo, hi = min(vals.values()), max(vals.values())
+    if hi - lo <= max(OFFSET_AGREEMENT_S, 0.5 * hi):
+        return None
+    return ("the runs' measured client-side constants disagree (" + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in
+            vals.items()) + "): the engine's latency sums do not cover what the client waited for, so it is fitted")
