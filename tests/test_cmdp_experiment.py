@@ -74,7 +74,8 @@ def _episode(env, seed, action=(0, 2)):
 
 
 def test_evaluation_tape_is_one_tape_per_seed_and_regime_with_seeded_offsets():
-    cfg = CMDPExperimentConfig(task="humaneval")
+    assert _eval_env(CMDPExperimentConfig(task="humaneval"), "busy", 0, "none").tape_seed is None  # exact default
+    cfg = CMDPExperimentConfig(task="humaneval", eval_background="tape")
     a, b = _eval_env(cfg, "busy", 0, "none"), _eval_env(cfg, "busy", 0, "none")
     assert a.tape_seed == b.tape_seed == _eval_tape_seed(0, "busy")
     assert len({_eval_tape_seed(s, r) for s in (0, 1, 2) for r in ("idle", "busy", "bursty", "shift")}) == 12
