@@ -726,19 +726,9 @@ class EngineCore:
         r.last_output_ts = T
         if out >= r.max_tokens:
             self._finish(r, T, finished)
-        elif self._valid:  # it joins the decode aggregate (_enter_decode, inlined: once per request)
+        elif self._valid:  # it joins the decode aggregate (once per request)
             del self.prefilling[r]
-            D = self.clock.D
-            r._computed_base = dorig = r._num_computed_tokens - D
-            r._output_base = oorig = out - D
-            r._is_decoding = True
-            self.n_dec += 1
-            self.ctx_base += dorig
-            self.phase[dorig % self._bs] += 1
-            r._finish_step = fkey = r.max_tokens - 1 - oorig
-            heappush(self.fin_heap, (fkey, r.seq_id, r))
-            if r._admit_seq > self.max_dec_seq:
-                self.max_dec_seq = r._admit_seq
+            self._enter_decode(r)
 
     def _finish(self, r: Request, T: float, finished: list[Request]) -> None:
         r.status = _LENGTH_CAPPED
