@@ -54,7 +54,7 @@ def test_a_deliberately_wrong_profile_fails_the_default_bar():
 def test_each_metric_has_its_default_bar():
     if not __import__("os").environ.get("MASLAT_REAL_VLLM_ACCURACY"):
         assert accuracy_for("ttft_s.p90") == "report" and accuracy_for("tpot_s.mean") == "coarse"
-        assert accuracy_for("e2e_s.p50") == "report" and accuracy_for("cp_seconds_p90") == "guard"
+        assert accuracy_for("e2e_s.p50") == "report" and accuracy_for("cp_seconds_p90") == "coarse"
 
 
 def test_a_missing_figure_fails_every_mode_and_a_bad_mode_is_refused():
