@@ -48,25 +48,20 @@ from .timebase import TICKS_PER_S, ticks_to_s
 
 __all__ = ["EngineCore"]
 
-_SINGLE, _RUN, _MERGED = 0, 1, 2
+_SINGLE, _RUN = 0, 1
 # enum members as module constants: a class-attribute lookup on an Enum costs ~10x a global lookup
 _WAITING, _RUNNING, _PREEMPTED = RequestStatus.WAITING, RequestStatus.RUNNING, RequestStatus.PREEMPTED
 _LENGTH_CAPPED = RequestStatus.FINISHED_LENGTH_CAPPED
 
 
 class _Plan:
-    """The step (``_SINGLE``), decode run (``_RUN``) or prefill step plus decode run (``_MERGED``) in flight
-    between ``begin`` and ``complete``.
+    """The step (``_SINGLE``) or decode run (``_RUN``) in flight between ``begin`` and ``complete``.
 
     ``t0_s`` is ``t0`` in seconds (a big tick count divides slowly: computed once). ``k``, ``k_fin``, ``P``,
-    ``g`` and ``used0`` are only set on runs. A merged plan is its first step (``sched``, ``n_dec``, ``ctx``,
-    ending at tick ``t1``) and the run after it (``run``, a ``_RUN`` plan starting at ``t1``; ``newph``: the
-    block phases of the requests that join the decodes at ``t1``; ``fast1``: the run is one step that
-    completes as a fast step would).
+    ``g`` and ``used0`` are only set on runs.
     """
 
-    __slots__ = ("kind", "t0", "t0_s", "end", "fast", "sched", "n_dec", "ctx", "k", "k_fin", "P", "g", "used0",
-                 "t1", "t1_s", "run", "newph", "fast1")
+    __slots__ = ("kind", "t0", "t0_s", "end", "fast", "sched", "n_dec", "ctx", "k", "k_fin", "P", "g", "used0")
 
     def __init__(self, kind: int, t0: int, t0_s: float, fast: bool = False):
         self.kind, self.t0, self.t0_s, self.fast = kind, t0, t0_s, fast
@@ -107,19 +102,14 @@ class EngineCore:
         self.num_jumps = 0  # runs completed
         self.num_jumped_steps = 0  # engine steps inside them
         self.num_truncated_jumps = 0  # runs cut short by an arrival (or abort) after they were planned
-        self.num_merged = 0  # completed merged plans: a prefill step and a run, one boundary instead of two
         self.num_preemptions = 0  # vllm:num_preemptions
-        self._prompt_tokens = 0  # vllm:prompt_tokens (the property below)
+        self.prompt_tokens = 0  # vllm:prompt_tokens
         self.generation_tokens = 0  # vllm:generation_tokens
         self.prefix_cache_queries = 0  # vllm:prefix_cache_queries (tokens)
         self.prefix_cache_hits = 0  # vllm:prefix_cache_hits (tokens)
         self.num_finished = 0
         self.num_aborted = 0
-        self._ttft_ema_s = float("nan")
-        # merged plans (a prefill step and the decode run after it as one step boundary): off unless the owner of
-        # the clock turns them on and gives ``_env`` (anything with ``_now``, the simulated time in seconds)
-        self.merge_prefill_runs = False
-        self._env = None
+        self.ttft_ema_s = float("nan")
         self.itl = Histogram(ITL_BUCKETS_S)  # vllm:inter_token_latency_seconds
         # vllm:time_to_first_token_seconds, observed at the first token as vLLM does, from the frontend
         # arrival (so it includes the frontend delay), not from queued_ts
@@ -128,33 +118,6 @@ class EngineCore:
         self.step_records = None  # the property below; sets ``_hooks``
         self._rec_preempted: tuple[str, ...] = ()
         self._rec_pending: tuple = ()
-
-    @property
-    def prompt_tokens(self) -> int:
-        """vllm:prompt_tokens, as published at the current simulated time (a merged plan's first step has
-        completed once the clock has passed its end)."""
-        p = self._plan
-        if p is not None and p.kind == _MERGED and self._env._now > p.t1_s:
-            return self._prompt_tokens + sum(r.num_prompt_tokens for r, _, _ in p.sched if self._first_token(r))
-        return self._prompt_tokens
-
-    @property
-    def ttft_ema_s(self) -> float:
-        """EMA of the engine-side TTFT at the current simulated time (see ``prompt_tokens``)."""
-        p = self._plan
-        e = self._ttft_ema_s
-        if p is not None and p.kind == _MERGED and self._env._now > p.t1_s:
-            a, T = self.ttft_ema_alpha, p.t1_s
-            for r, _, _ in p.sched:  # as ``_sample`` will fold them in, in the same order
-                if self._first_token(r):
-                    ttft = T - r.queued_ts
-                    e = ttft if e != e else a * ttft + (1 - a) * e
-        return e
-
-    @staticmethod
-    def _first_token(r: Request) -> bool:
-        """Whether completing ``r``'s prefill samples its first token ever (``_sample``'s test)."""
-        return r._num_output_tokens == 0 and r.first_token_ts != r.first_token_ts
 
     # ------------------------------------------------------------------ requests in
     def validate(self, req: Request) -> str | None:
@@ -269,8 +232,6 @@ class EngineCore:
                 plan = self._schedule_reference(t0)
             elif self.jumps and not plan.sched and plan.n_dec and not self.prefilling and not self.lagging:
                 self._extend_to_run(plan, stop_s)
-            elif self.merge_prefill_runs and plan.sched and not self.waiting and self._step_records is None:
-                self._merge_run(plan, stop_s)
         self._plan = plan
         if self._hooks:  # one test per step for both
             self._after_begin(plan)
@@ -501,84 +462,6 @@ class EngineCore:
             j += 1
         return j
 
-    def _merge_run(self, plan: _Plan, stop_s: float | None) -> None:
-        """Turn a fast step that completes every prefill in the scheduler, with nobody waiting, into that step
-        plus the decode run that ``begin`` would plan at its end (``_MERGED``): one step boundary, not two.
-
-        The run is planned here exactly as ``begin`` at the step's end would plan it (the same decodes, finish
-        heap, free blocks, block phases and ``stop_s``): the step must finish nobody and leave no prefill, so
-        its end could only differ by what arrives meanwhile, and an arrival truncates the plan (``truncate``)
-        to what the two boundaries would have done. The run may be a single step (``fast1``: ``begin`` would
-        not extend it, and it completes as a fast step). Leaves ``plan`` as it is when the step's end must be a
-        boundary (a finish, a prefill left, an arrival by then) or the next step would not be the fast path's.
-        """
-        sched = plan.sched
-        if len(sched) != len(self.prefilling):
-            return
-        t1_s = plan.end / TICKS_PER_S
-        if stop_s is not None and t1_s >= stop_s:
-            return  # the next arrival reaches the engine by the step's end: it is admitted there
-        D = self.clock.D
-        D1, bs = D + 1, self._bs
-        k_fin = 1 << 62
-        h = self.fin_heap
-        if plan.n_dec:  # the next finish of a decode already running: drop stale entries first
-            while h[0][2]._finish_step != h[0][0]:
-                heappop(h)
-            k_fin = h[0][0] - D
-            if k_fin < 1:
-                return  # a decode finishes at the step's end: that is a boundary
-        newph, add_ctx = [], 0
-        for r, n, _ in sched:
-            out = r._num_output_tokens
-            c = r._num_computed_tokens + n
-            if c < r.num_prompt_tokens + out or out + 1 >= r.max_tokens:
-                return  # a chunk that leaves prefill to do, or a request that finishes at the step's end
-            newph.append((c - D1) % bs)
-            add_ctx += c
-            if r.max_tokens - 1 - out < k_fin:
-                k_fin = r.max_tokens - 1 - out
-        n = plan.n_dec + len(sched)
-        if n > self._max_batched:
-            return  # the fast path would not take the next step
-        k = self._run_blocks(D1, n, k_fin, newph)
-        if k < 1:
-            return  # the next step needs more blocks than are free: not the fast path's
-        a, b, g = self._linear
-        run = _Plan(_RUN, plan.end, t1_s)
-        run.n_dec, run.ctx, run.k_fin, run.P, run.g = n, plan.ctx + plan.n_dec + add_ctx, k_fin, a + b * n, g
-        run.used0, run.newph = self.kv.num_usable - self.kv.free, newph
-        end1 = run.t0 + run.P + g * run.ctx
-        if k < 2 or (stop_s is not None and end1 / TICKS_PER_S >= stop_s):
-            run.k, run.fast1, run.end = 1, True, end1  # ``begin`` would plan a single (fast) step
-        else:
-            if stop_s is not None:
-                k = min(k, self._steps_until(run, stop_s))
-            run.k, run.fast1 = k, False
-            run.end = run.t0 + k * run.P + g * (k * run.ctx + n * k * (k - 1) // 2)  # _run_end(run, k)
-        plan.kind, plan.fast, plan.run, plan.t1, plan.t1_s, plan.end = _MERGED, False, run, plan.end, t1_s, run.end
-
-    def _run_blocks(self, D: int, n: int, k_fin: int, newph: list[int]) -> int:
-        """Largest k <= k_fin whose cumulative block need fits the free blocks (as ``_extend_to_run``), for the
-        ``n`` decodes after the step whose new decodes have block phases ``newph``, from decode clock ``D``."""
-        bs, free, phase = self._bs, self.kv.free, self.phase
-        for i in newph:
-            phase[i] += 1
-        cycles = free // n
-        if cycles * bs >= k_fin:
-            k = k_fin
-        else:
-            k, used = cycles * bs, cycles * n
-            while k < k_fin:
-                nxt = phase[(-(D + k)) % bs]
-                if used + nxt > free:
-                    break
-                used += nxt
-                k += 1
-        for i in newph:
-            phase[i] -= 1
-        return k
-
     @staticmethod
     def _run_end(p: _Plan, j: int) -> int:
         return p.t0 + j * p.P + p.g * (j * p.ctx + p.n_dec * j * (j - 1) // 2)
@@ -632,18 +515,10 @@ class EngineCore:
         self.waiting.appendleft(r)
 
     # ------------------------------------------------------------------ truncation and gauges
-    def truncate(self, t_s: float, now_s: float | None = None) -> int | None:
-        """An arrival at ``t_s`` ends a decode run at the step then in progress; return the new end tick.
-
-        ``now_s``: when the caller learnt of it (the simulated time now). A merged plan becomes what two
-        boundaries would have made of it: only its first step if ``t_s`` falls in it; else the run is cut as
-        ``begin`` at the first step's end would have cut it (``stop_s``, if the arrival was known by then) or
-        as a later arrival truncates a run.
-        """
+    def truncate(self, t_s: float) -> int | None:
+        """An arrival at ``t_s`` ends a decode run at the step then in progress; return the new end tick."""
         p = self._plan
         if p is None or p.kind != _RUN:
-            if p is not None and p.kind == _MERGED:
-                return self._truncate_merged(p, t_s, now_s)
             return None
         j = self._steps_until(p, t_s)
         if j >= p.k:
@@ -651,32 +526,6 @@ class EngineCore:
         self.num_truncated_jumps += 1
         p.k = j
         p.end = self._run_end(p, j)
-        return p.end
-
-    def split_merged(self, now_s: float) -> int | None:
-        """Cut a merged plan whose first step is still in progress at ``now_s`` to that step (for a step
-        listener that must see its end); return the new end tick, or ``None`` if nothing changed."""
-        p = self._plan
-        if p is not None and p.kind == _MERGED and now_s <= p.t1_s:
-            return self._truncate_merged(p, now_s, now_s)
-        return None
-
-    def _truncate_merged(self, p: _Plan, t_s: float, now_s: float | None) -> int | None:
-        if t_s <= p.t1_s:  # during the first step: the plan is that step alone
-            p.kind, p.fast, p.end, p.run = _SINGLE, True, p.t1, None
-            return p.end
-        run = p.run
-        if run.fast1:
-            return None
-        j = self._steps_until(run, t_s)
-        if j >= run.k:
-            return None
-        if now_s is not None and now_s <= p.t1_s:  # known at the first step's end: ``begin(t1, stop_s)``
-            run.fast1 = j == 1  # the arrival lands in the run's first step: a single fast step
-        else:
-            self.num_truncated_jumps += 1
-        run.k = j
-        p.end = run.end = self._run_end(run, j)
         return p.end
 
     @staticmethod
@@ -715,8 +564,6 @@ class EngineCore:
     def gauges(self, t_s: float) -> tuple[int, int, int, int]:
         """``(running, waiting, used_blocks, generation_tokens)`` as published at simulated time ``t_s``."""
         p = self._plan
-        if p is not None and p.kind == _MERGED and t_s > p.t1_s:
-            return self._gauges_merged(p, t_s)
         if p is not None and p.kind == _RUN and t_s > p.t0_s:
             # steps that ended strictly before t_s
             j = p.k if p.end / TICKS_PER_S < t_s else min(p.k, self._steps_until(p, t_s) - 1)
@@ -724,24 +571,6 @@ class EngineCore:
                 used = p.used0 + self._need_over(self.clock.D, j)
                 return len(self.running), len(self.waiting), used, self.generation_tokens + p.n_dec * j
         return self.pub_running, self.pub_waiting, self.pub_used_blocks, self.generation_tokens
-
-    def _gauges_merged(self, p: _Plan, t_s: float) -> tuple[int, int, int, int]:
-        """A merged plan's gauges after its first step: as published at that step's end, then as its run's."""
-        run = p.run
-        gen = self.generation_tokens + p.n_dec + len(p.sched)  # every prefill in the step samples a token
-        j = 0
-        if not run.fast1:
-            j = run.k if run.end / TICKS_PER_S < t_s else min(run.k, self._steps_until(run, t_s) - 1)
-        used = run.used0
-        if j > 0:
-            bs, ph, extra = self._bs, self.phase, run.newph
-            D = self.clock.D + 1
-            q, rem = divmod(j, bs)
-            used += q * run.n_dec
-            for i in range(rem):
-                x = (-(D + i)) % bs
-                used += ph[x] + extra.count(x)
-        return len(self.running), len(self.waiting), used, gen + run.n_dec * j
 
     # ------------------------------------------------------------------ completion
     def complete(self, end_s: float | None = None) -> list[Request]:
@@ -760,8 +589,6 @@ class EngineCore:
             self._complete_fast(p, T, finished)
         elif p.kind == _RUN:
             self._complete_run(p, T, finished)
-        elif p.kind == _MERGED:
-            self._complete_merged(p, T, finished)
         else:
             self._complete_reference(p, T, finished)
         self.t, self.t_s = p.end, T
@@ -838,20 +665,6 @@ class EngineCore:
         if j == p.k_fin:
             self._finish_decodes(D0 + j - 1, T, finished)
 
-    def _complete_merged(self, p: _Plan, T: float, finished: list[Request]) -> None:
-        """The first step completes at ``t1`` (first tokens, the requests join the decodes), then the run; the
-        run's first step takes its blocks here, as ``begin`` would have at ``t1``."""
-        self._complete_fast(p, p.t1_s, finished)
-        self.num_merged += 1
-        run = p.run
-        need = self.phase[(-self.clock.D) % self._bs]
-        if need:
-            self.kv.pop_free(need)
-        if run.fast1:
-            self._complete_fast(run, T, finished)
-        else:
-            self._complete_run(run, T, finished)
-
     def _complete_fast(self, p: _Plan, T: float, finished: list[Request]) -> None:
         clock = self.clock
         D0 = clock.D
@@ -900,15 +713,14 @@ class EngineCore:
         self.generation_tokens += 1
         if out == 1 and r.first_token_ts != r.first_token_ts:  # first token ever
             r.first_token_ts = T
-            self._prompt_tokens += r.num_prompt_tokens
+            self.prompt_tokens += r.num_prompt_tokens
             ttft = T - r.queued_ts
             h, v = self.ttft, T - r.arrival_time  # h.observe(v), inlined: once per request
             h.counts[bisect_left(h.bounds, v)] += 1
             h.sum += v
             h.count += 1
             a = self.ttft_ema_alpha
-            e = self._ttft_ema_s
-            self._ttft_ema_s = ttft if e != e else a * ttft + (1 - a) * e
+            self.ttft_ema_s = ttft if self.ttft_ema_s != self.ttft_ema_s else a * ttft + (1 - a) * self.ttft_ema_s
         else:
             self.itl.observe(T - r.last_output_ts)
         r.last_output_ts = T

@@ -194,7 +194,6 @@ class Replica:
         self._done = world._finished
         self._frontend_s = self.overheads.frontend_s
         self._max_model_len = engine.max_model_len
-        self.core._env = self.env  # merged plans read the clock (``EngineCore.merge_prefill_runs``)
 
     def gauges(self, now_s: float | None = None) -> dict[str, float]:
         """What a scraper of this replica's ``/metrics`` would read now, under vLLM's names (without the
@@ -220,7 +219,7 @@ class Replica:
         self._pending.append((t_enqueue, req))
         if self._busy:
             if len(self._pending) == 1:
-                end = self.core.truncate(t_enqueue, self.env._now)
+                end = self.core.truncate(t_enqueue)
                 if end is not None:
                     self._arm(end)
         elif len(self._pending) == 1:
@@ -246,16 +245,6 @@ class Replica:
             self._arm(end)
         return True
 
-    def _listening(self, on: bool) -> None:
-        """A step listener sees every step boundary: merged plans (a prefill step and the run after it) only
-        while nobody listens; one in flight is cut to its first step if that has not ended yet."""
-        core = self.core
-        core.merge_prefill_runs = core.jumps and not on
-        if on and self._busy:
-            end = core.split_merged(self.env._now)
-            if end is not None:
-                self._arm(end)
-
     def _apply_aborts(self) -> None:
         aborts, self._aborts = self._aborts, []
         for r in aborts:
@@ -277,13 +266,13 @@ class Replica:
         now = self.env._now
         if self._busy:
             finished = core.complete(now)  # the boundary is the step's end
+            world = self.world
             if finished:
                 done = self._done
                 for r in finished:
                     done(self, r)
-            listener = self.world._step_listener
-            if listener is not None:
-                listener(self, finished)
+            if world.step_listener is not None:
+                world.step_listener(self, finished)
             if self._aborts:
                 self._apply_aborts()
             start = core.t
@@ -356,8 +345,9 @@ class World:
         self.num_rejected = 0
         self._notifying = 0  # completions on their way to waiting clients
         self.num_aborted = 0
-        self._step_listener = None
-        self.step_listener = None  # the property below
+        #: called as ``step_listener(replica, finished_requests)`` after every completed engine step (a
+        #: live front end streams tokens from it); ``None`` costs one attribute test per step
+        self.step_listener = None
         self._idle_event = None
         self.rejected: dict[str, int] = {}
         self._seq = 0
@@ -368,20 +358,6 @@ class World:
                 raise ValueError("sample_interval_s must be positive or None")
             self._interval = float(sample_interval_s)
             self.env.call_at(self._interval, self._sample)
-
-    @property
-    def step_listener(self):
-        """Called as ``step_listener(replica, finished_requests)`` after every completed step boundary (a live
-        front end streams tokens from it; ``envs.bgtape`` records from it); ``None`` costs one attribute test
-        per boundary. While one is set, a prefill step and the decode run after it are two boundaries, as
-        without merged plans; while none is, they may be one (``EngineCore.merge_prefill_runs``)."""
-        return self._step_listener
-
-    @step_listener.setter
-    def step_listener(self, fn) -> None:
-        self._step_listener = fn
-        for rep in self.cluster.replicas:
-            rep._listening(fn is not None)
 
     # ---------------------------------------------------------------- randomness
     def rng(self, name: str) -> np.random.Generator:
