@@ -91,6 +91,7 @@ class EngineCore:
         self.t = 0  # tick of the last emitted output batch
         self.t_s = 0.0  # the same in seconds
         self._plan: _Plan | None = None
+        self._spare: _Plan | None = None  # a completed plan for ``_schedule_fast`` to reuse
         self._admit_seq = 0
         self._valid = False  # decode aggregate built?
         self._reset_aggregate()
@@ -328,9 +329,20 @@ class EngineCore:
             if chunks is None:
                 return None
         # commit: nothing above changed any state
-        plan = _Plan(_SINGLE, t0, self.t_s if t0 == self.t else t0 / TICKS_PER_S, True)
+        plan = self._spare  # the last completed plan, reused (nothing keeps it): one object less per step
+        t0_s = self.t_s if t0 == self.t else t0 / TICKS_PER_S
+        if plan is None:
+            plan = _Plan(_SINGLE, t0, t0_s, True)
+        else:
+            self._spare = None
+            plan.kind, plan.t0, plan.t0_s, plan.fast, plan.sched, plan.n_dec, plan.ctx = _SINGLE, t0, t0_s, True, [], 0, 0
         if need:
-            kv.pop_free(need)
+            head = kv._head.next  # kv.pop_free(need), its common case inlined: once per step
+            if head.node is None and head.hi - head.lo > need:
+                head.hi -= need
+                kv.free -= need
+            else:
+                kv.pop_free(need)
         sched = plan.sched
         for r, n in chunks:
             ok = kv.allocate_slots(r, n)
@@ -602,6 +614,7 @@ class EngineCore:
                 self._record(p, finished)
             if self.check:
                 self.check_invariants()
+        self._spare = p
         return finished
 
     def _record(self, p: _Plan, finished: list[Request]) -> None:
@@ -650,7 +663,13 @@ class EngineCore:
         clock = self.clock
         D0, j, n = clock.D, p.k, p.n_dec
         if j > 1:  # the first step's blocks were taken when it was planned
-            self.kv.pop_free(self._need_over(D0 + 1, j - 1))
+            m, kv = self._need_over(D0 + 1, j - 1), self.kv
+            head = kv._head.next  # kv.pop_free(m), its common case inlined: once per run
+            if head.node is None and head.hi - head.lo > m:
+                head.hi -= m
+                kv.free -= m
+            else:
+                kv.pop_free(m)
         clock.D = D0 + j
         self.num_steps += j
         self.num_jumps += 1

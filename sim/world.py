@@ -220,8 +220,9 @@ class Replica:
         if self._busy:
             if len(self._pending) == 1:
                 end = self.core.truncate(t_enqueue)
-                if end is not None:
-                    self._arm(end)
+                if end is not None:  # self._arm(end), inlined: once per request
+                    self._gen = gen = self._gen + 1
+                    heappush(self._queue, (end / TICKS_PER_S, LATE, next(self._eid), _Tick(self._boundary, gen)))
         elif len(self._pending) == 1:
             self._arm_at(t_enqueue)
 
