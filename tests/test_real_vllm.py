@@ -49,6 +49,7 @@ from .realvllm import (
     DEFAULT_ACCURACY,
     ENGINE,
     collect,
+    engine_clock,
     keep_dir,
     last_json,
     maslat,
@@ -108,6 +109,13 @@ def _held_out_rows(calibrated, profile, mode: str | None = None) -> tuple[list, 
     rep = [last_json(maslat("replay", d / f"held-{k}", "--profile", profile, "--json")) for k in ("a", "b")]
     rows = [pooled_row("held", f"{m}.{s}", [r["metrics"][m][s] for r in rep], mode)
             for m in METRICS for s in BAR_STATS]
+    # the same collections on the engine core's own clock (its latency sums), which the server's delivery delays
+    # to the client do not touch (realvllm.engine_clock)
+    eng = [engine_clock(d / f"held-{k}", profile) for k in ("a", "b")]
+    rows += [pooled_row("held", k, [e[k] for e in eng], mode) for k in ("engine.prefill_s", "engine.decode_s")]
+    print("requests the server handed to the client late, first / last token (traces.delivery): "
+          + ", ".join(f"held-{k} {e['held_back']['first']} / {e['held_back']['last']} of {e['held_back']['requests']}"
+                      for k, e in zip("ab", eng, strict=True)))
     return rows, [r for r in rows if not r[-1]], [r["preemptions"] for r in rep]
 
 

@@ -11,11 +11,15 @@ the run, while the engine's own ``vllm:request_decode_time_seconds`` sum stayed 
 With the server's per-iteration log on (more frontend work per step), bursts reached 26 of 30 requests of a light
 load and the client's decode spans came out 29 % shorter than the engine's.
 
-A chunk read less than ``BURST_FRACTION`` of the run's median TPOT (over requests, each its mean inter-chunk gap) after the previous one cannot be a
-step of its own: it was delivered late, with the chunk before it. ``held_back`` marks, per request, whether its
-first chunk and its last chunk were such late deliveries (the first when the second chunk followed it in a burst,
-the last when it ended a burst); the fit leaves those times out (``traces.stepfit``). Runs without per-chunk times
-(engine-side runs, ``vllm bench`` results without ``--save-detailed``) are unchanged.
+A chunk read less than ``BURST_FRACTION`` of the run's median TPOT (over requests, each its mean inter-chunk gap)
+after the previous one cannot be a step of its own: it was delivered late, with the chunk before it.
+``held_back`` marks, per request, whether its first and its last chunk were such late deliveries (the first when
+the second chunk followed it in a burst, the last when it ended a burst). It is a diagnostic (the real-engine tests
+print it): what separates the client's clock from the engine's. The calibration does not drop those requests (on
+the real engine that biased the fit towards the busy periods, where the server held fewer tokens back, and moved the
+engine-clock prefill sums by +7 %); it keeps the steps on the engine's clock with the engine core's own latency sums
+instead (``traces.stepfit.engine_sum_rows``, ``traces.calibrate._engine_phase_loss``). Runs without per-chunk times
+(engine-side runs, ``vllm bench`` results without ``--save-detailed``) have nothing to mark.
 """
 
 from __future__ import annotations
