@@ -25,7 +25,9 @@ Pipeline (each step general: nothing here knows a particular run, GPU or model):
    context cost, prefill cost: ``FitFamily.multipliers``; plus the client-side constant for client-side runs) replays every run in
    the simulator and minimises the squared log errors of TTFT, TPOT and E2E (mean, p50, p90; p99 at a quarter
    weight) against the measured distributions, summed over the runs. A client-side run is replayed and compared
-   client-side (``traces.replay``).
+   client-side (``traces.replay``); where its collector recorded the engine core's own prefill and decode sums, their
+   replay errors join the objective (``_engine_phase_loss``), so that the server's delivery delays to the client
+   (``traces.delivery``) are not priced into the step times.
 
 Several runs of one server (``calibrate_runs``: say, a light load that fixes the prefill cost and the
 client-side constant and a heavy one that fixes the batching costs) are reconstructed separately and fitted

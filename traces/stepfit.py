@@ -25,6 +25,11 @@ Regression rows (every one a sum of whole engine steps, so linear in the coeffic
   in flight otherwise); a request that queued longer would bring the reconstruction's accumulated timing
   error into the offset (its decode span is still used).
 
+* **engine sums** of a client-side run whose collector recorded the engine core's own latency histograms
+  (``FitRun.engine_sums``): the run's summed ``first_token_ts - scheduled_ts`` and ``last_token_ts -
+  first_token_ts`` on the engine's clock, two rows of whole steps that the server's delivery delays to the client
+  (``traces.delivery``) do not touch (``engine_sum_rows``).
+
 Each row carries the summed basis terms of the reconstruction's steps (``traces.reconstruct``). Rows are
 weighted by ``1/sqrt(steps)`` (independent per-step noise). Several runs of one engine (say, at two load
 levels) are reconstructed separately and fitted together: their rows are stacked.
