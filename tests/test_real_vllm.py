@@ -23,7 +23,7 @@ TTFT is reported, not asserted. Every row prints its strict, guard and coarse ve
 test-real-vllm-strict``).
 
 Why the client's statistics miss where the engine's do not (2026-12-03, ``traces.delivery``): the server hands tokens
-to the client late, in bursts (chunks 10-30 us apart after a silence of 0.2-1.5 s, in 20-32 of 59 held-out requests
+to the client late, in bursts (chunks 10-30 us apart after a silence of 0.2-1.5 s, in 20-26 of 59 held-out requests
 on a quiet machine, the silences the same in both collections of a workload), while its own decode-time sums stay
 within 1 % of the simulated steps. A few requests whose last token is held back cross the gap of a bimodal TPOT
 distribution: TPOT p50 -27.7 % against a 2-3.5 % spread. Before the fix the refinement priced those delays into the

