@@ -39,7 +39,12 @@ calibration loads, engine.prefill +12.5 / 2.4, engine.decode +12.8 / 4.1, and sa
 4.5, +14 / 4.4, +10 / 0.05 (guard); E2E +25 / 2.0, +29 / 4.5, +25 / 0.05 (coarse); critical paths -14 / 25, -16 / 28
 (strict). Run r2 (load 13-16): every statistic strict (TTFT -4..-10, TPOT -1..+3, E2E -1..-3, engine -1.3 / -0.7,
 against spreads of 10-85 %, the engine's speed having moved ~18 % between the two held-out collections); critical
-paths -16 / 8, -16 / 10 (guard). The same collections calibrated by the previous code: r1 TTFT +61 / +100 / +38,
+paths -16 / 8, -16 / 10 (guard). Run r3 (load 11-14, with these bars): every held-out statistic strict but TPOT p90
+(-5.6 / 3.3, guard): TTFT +2.3 / 27, +8.8 / 26, -4.2 / 32; TPOT -0.3 / 10, -2.8 / 13; E2E +0.9 / 16, +0.1 / 21,
++1.4 / 26; engine.prefill +0.75 / 3.4, engine.decode +0.04 / 12; critical paths -12.8 / 1.6, -12.6 / 1.4 (guard).
+The critical paths came out 13-16 % short in all three runs while the held-out replay did not: a live LAMaS query
+chains calls, and a call whose last token the server holds back (``traces.delivery``) delays the next one, which
+the simulator does not model (open). The same collections calibrated by the previous code: r1 TTFT +61 / +100 / +38,
 E2E +26 / +34 / +28; r2 TTFT +10 / +23 / +3. Older collections re-calibrated offline: a quiet one with engine
 drift inside the held-out pair (TPOT p50 -17.8 -> -8.2 % against a 22.7 % spread) and one collected with the
 server's per-iteration log on (its frontend delayed tokens by 0.1-0.9 s: TPOT -14.0 / -15.6 / -6.9 -> -5.3 / -3.5 /
