@@ -33,7 +33,7 @@ the simulator up (TTFT +60..+100 %, E2E +26..+34 %). Now the engine's prefill an
 refinement terms (``traces.stepfit.engine_sum_rows``, ``traces.calibrate._engine_phase_loss``); the fit runs' own
 engine-clock sums replay within 1-3 %.
 
-The record since (a shared 2-core machine, load average 12-16 from other jobs; pooled held-out error / spread, %):
+The record since (a shared 2-core machine, load average 11-16 from other jobs; pooled held-out error / spread, %):
 run r1 (load 12-14): TTFT +52 / 1.1, +82 / 4.3, +36 / 3.5 (beyond coarse: the held-out pair ran ~12 % faster than the
 calibration loads, engine.prefill +12.5 / 2.4, engine.decode +12.8 / 4.1, and sat at the saturation knee); TPOT +12 /
 4.5, +14 / 4.4, +10 / 0.05 (guard); E2E +25 / 2.0, +29 / 4.5, +25 / 0.05 (coarse); critical paths -14 / 25, -16 / 28
@@ -42,7 +42,10 @@ against spreads of 10-85 %, the engine's speed having moved ~18 % between the tw
 paths -16 / 8, -16 / 10 (guard). Run r3 (load 11-14, with these bars): every held-out statistic strict but TPOT p90
 (-5.6 / 3.3, guard): TTFT +2.3 / 27, +8.8 / 26, -4.2 / 32; TPOT -0.3 / 10, -2.8 / 13; E2E +0.9 / 16, +0.1 / 21,
 +1.4 / 26; engine.prefill +0.75 / 3.4, engine.decode +0.04 / 12; critical paths -12.8 / 1.6, -12.6 / 1.4 (guard).
-The critical paths came out 13-16 % short in all three runs while the held-out replay did not: a live LAMaS query
+Run r4 (load 12-14, with these bars; passed): TTFT +13.5 / 0.7, +0.7 / 9.2, +19.0 / 6.2 (coarse); TPOT +7.4 / 0.3,
++9.9 / 9.8, +8.0 / 1.9 (guard); E2E +8.2 / 0.5, +11.3 / 0.5, +17.3 / 6.3 (coarse); engine.prefill -1.25 / 3.6,
+engine.decode +6.5 / 0.8 (guard); critical paths -5.7 / 5.2, -5.7 / 6.2 (guard). Preemptions agreed in every run.
+The critical paths came out 13-16 % short in r1-r3 (6 % in r4) while the held-out replay did not: a live LAMaS query
 chains calls, and a call whose last token the server holds back (``traces.delivery``) delays the next one, which
 the simulator does not model (open). The same collections calibrated by the previous code: r1 TTFT +61 / +100 / +38,
 E2E +26 / +34 / +28; r2 TTFT +10 / +23 / +3. Older collections re-calibrated offline: a quiet one with engine
