@@ -44,8 +44,11 @@ paths -16 / 8, -16 / 10 (guard). Run r3 (load 11-14, with these bars): every hel
 +1.4 / 26; engine.prefill +0.75 / 3.4, engine.decode +0.04 / 12; critical paths -12.8 / 1.6, -12.6 / 1.4 (guard).
 Run r4 (load 12-14, with these bars; passed): TTFT +13.5 / 0.7, +0.7 / 9.2, +19.0 / 6.2 (coarse); TPOT +7.4 / 0.3,
 +9.9 / 9.8, +8.0 / 1.9 (guard); E2E +8.2 / 0.5, +11.3 / 0.5, +17.3 / 6.3 (coarse); engine.prefill -1.25 / 3.6,
-engine.decode +6.5 / 0.8 (guard); critical paths -5.7 / 5.2, -5.7 / 6.2 (guard). Preemptions agreed in every run.
-The critical paths came out 13-16 % short in r1-r3 (6 % in r4) while the held-out replay did not: a live LAMaS query
+engine.decode +6.5 / 0.8 (guard); critical paths -5.7 / 5.2, -5.7 / 6.2 (guard). Run r5 (load 11-13; passed):
+TTFT +22.2 / 0.6, +14.2 / 8.9, +18.3 / 1.9 (coarse); TPOT +9.4 / 6.4, +6.5 / 6.3, +7.6 / 2.3 (guard); E2E +12.3 /
+3.1, +11.1 / 1.6, +3.9 / 12 (guard); engine.prefill +4.9 / 1.4, engine.decode +8.7 / 3.9 (guard); critical paths
+-6.8 / 3.9, -6.5 / 6.4 (guard). Preemptions agreed in every run.
+The critical paths came out 13-16 % short in r1-r3 (6-7 % in r4, r5) while the held-out replay did not: a live LAMaS query
 chains calls, and a call whose last token the server holds back (``traces.delivery``) delays the next one, which
 the simulator does not model (open). The same collections calibrated by the previous code: r1 TTFT +61 / +100 / +38,
 E2E +26 / +34 / +28; r2 TTFT +10 / +23 / +3. Older collections re-calibrated offline: a quiet one with engine
