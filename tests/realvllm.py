@@ -115,7 +115,8 @@ def rel_pct(a: float, b: float) -> float:
 #: kind of (shared, loaded) machine (``DEFAULT_BARS``; the record is in ``tests/test_real_vllm.py``'s docstring);
 #: set, the one bar applies to every metric.
 ACCURACY_MODES = ("report", "coarse", "guard", "strict")
-DEFAULT_BARS = {"ttft_s": "report", "tpot_s": "coarse", "e2e_s": "report", "cp_seconds": "coarse"}
+DEFAULT_BARS = {"ttft_s": "report", "tpot_s": "guard", "e2e_s": "coarse", "cp_seconds": "guard",
+                "engine.": "guard"}
 ACCURACY = os.environ.get("MASLAT_REAL_VLLM_ACCURACY", "")
 #: what the default asserts, in words (for messages)
 DEFAULT_ACCURACY = "per metric: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_BARS.items())
@@ -153,6 +154,30 @@ def pooled_row(tag: str, stat: str, pair: list[dict], mode: str | None = None) -
     err = 100.0 * ((sims[0] + sims[1]) / (a + b) - 1.0)
     return (tag, stat, a, b, spread, err, max(spread, BARS["strict"][1]),
             *(bar_passes(spread, err, m) for m in ("strict", "guard", "coarse")), bar_passes(spread, err, mode or accuracy_for(stat)))
+
+
+def engine_clock(run_dir: Path, profile_path: Path) -> dict[str, dict]:
+    """The held-out statistics on the engine core's own clock: per phase (``engine.prefill_s``, ``engine.decode_s``:
+    the run's summed ``first_token - scheduled`` and ``last_token - first_token``), the engine's measurement (its
+    latency histograms' sums, recorded by the collector) and the simulator's replay of the run, as
+    ``{"measured", "error_pct"}`` for ``pooled_row``; plus ``held_back``, the requests whose first / last token the
+    server handed to the client late, in a burst (``traces.delivery``): what separates the client's clock from the
+    engine's."""
+    import sim
+    from traces.delivery import held_back
+    from traces.enginelatency import engine_phase_sums
+    from traces.replay_core import simulate_run
+    from traces.runs import read_run
+
+    run = read_run(run_dir)
+    sums = engine_phase_sums(run.meta.extra.get("collector"), num_requests=len(run))
+    assert sums is not None, f"{run_dir}: the collector recorded no engine latency sums for every request"
+    rec = simulate_run(run, sim.load_profile(profile_path)).records
+    got = {"prefill_s": (rec["first_token_s"] - rec["scheduled_s"]).sum(),
+           "decode_s": (rec["last_token_s"] - rec["first_token_s"]).sum()}
+    first, last = held_back(run.requests)
+    return {**{f"engine.{k}": {"measured": v, "error_pct": 100.0 * (got[k] / v - 1.0)} for k, v in sums.items()},
+            "held_back": {"first": int(first.sum()), "last": int(last.sum()), "requests": len(run)}}
 
 
 def stats_table(rows: list[tuple]) -> str:

@@ -25,7 +25,9 @@ Pipeline (each step general: nothing here knows a particular run, GPU or model):
    context cost, prefill cost: ``FitFamily.multipliers``; plus the client-side constant for client-side runs) replays every run in
    the simulator and minimises the squared log errors of TTFT, TPOT and E2E (mean, p50, p90; p99 at a quarter
    weight) against the measured distributions, summed over the runs. A client-side run is replayed and compared
-   client-side (``traces.replay``).
+   client-side (``traces.replay``); where its collector recorded the engine core's own prefill and decode sums, their
+   replay errors join the objective (``_engine_phase_loss``), so that the server's delivery delays to the client
+   (``traces.delivery``) are not priced into the step times.
 
 Several runs of one server (``calibrate_runs``: say, a light load that fixes the prefill cost and the
 client-side constant and a heavy one that fixes the batching costs) are reconstructed separately and fitted
@@ -51,7 +53,7 @@ import sim
 
 from .calreport import OVERHEAD_SOURCE, format_report, profile_provenance, report
 from .dpsplit import dp_capacity, dp_final_errors, fit_data_parallel, routing_dominated
-from .enginelatency import offsets_disagree, pooled_offset, run_engine_ttfts
+from .enginelatency import engine_phase_sums, offsets_disagree, pooled_offset, run_engine_ttfts
 from .hardware import GpuEntry, ModelEntry
 from .kvcapacity import KVCapacity, kv_capacity, refine_capacity_by_replay
 from .replay_core import METRICS, as_run, fit_mask, latency_errors, simulate_run
@@ -83,6 +85,13 @@ JITTER_WHEN_RESIDUAL = 0.10
 JITTER_SIGMA0 = 0.2
 JITTER_CORR_STEPS = 50.0
 _STAT_WEIGHTS = {"mean": 1.0, "p50": 1.0, "p90": 1.0, "p99": 0.25}
+#: weight of each engine-clock phase term (summed prefill, summed decode) in the refinement's objective, against
+#: the client-side statistics' 3.25 per metric: where the client's times carry the server's delivery delays
+#: (``traces.delivery``) and the engine's own sums say otherwise, the engine's clock wins. Without the term, on a
+#: real vLLM CPU engine whose server held tokens back, the refinement scaled the per-step cost x0.80 and the
+#: prefill cost x1.15 to mimic the client's delays, which put the engine-clock prefill and decode sums of the
+#: fit runs themselves off by +6..+14 % and -5..-16 % (NNLS alone: within 1 %)
+ENGINE_PHASE_WEIGHT = 10.0
 #: weight of sum(log(multiplier)^2) in the objective: keeps the refinement near the NNLS fit where the
 #: replay cannot tell directions apart (weight vs context cost in a KV-bound run)
 REFINE_ANCHOR_WEIGHT = 0.002
@@ -253,19 +262,36 @@ def _multiplier_names(fit: StepFit) -> list[str]:
             + ([JITTER_MULTIPLIER] if _wants_jitter(fit) else []))
 
 
+def _engine_phase_loss(simulated, sums: dict[str, float] | None) -> float:
+    """``ENGINE_PHASE_WEIGHT`` x the squared log errors of the replay's summed prefill and decode times against
+    the engine core's own (``traces.enginelatency.engine_phase_sums``); 0 without them."""
+    if not sums:
+        return 0.0
+    rec = simulated.records
+    got = {"prefill_s": float((rec["first_token_s"] - rec["scheduled_s"]).sum()),
+           "decode_s": float((rec["last_token_s"] - rec["first_token_s"]).sum())}
+    return ENGINE_PHASE_WEIGHT * sum(np.log(got[k] / v) ** 2 for k, v in sums.items() if v > 0 and got[k] > 0)
+
+
 def _refine(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], base: sim.Profile, fit: StepFit, *,
-            seed: int, max_evals: int, progress: Callable[[int], None] | None) -> tuple[dict, dict]:
-    """Nelder-Mead over log multipliers; every evaluation replays every run. Returns (multipliers, info)."""
+            seed: int, max_evals: int, progress: Callable[[int], None] | None,
+            engine_sums: Sequence[dict[str, float] | None] | None = None) -> tuple[dict, dict]:
+    """Nelder-Mead over log multipliers; every evaluation replays every run. Returns (multipliers, info).
+    ``engine_sums``: per run, the engine core's own prefill and decode sums (whole runs only), whose replay
+    errors join the objective (``_engine_phase_loss``)."""
     names = _multiplier_names(fit)
     cache: dict[tuple, float] = {}
     history: list[float] = []
+    sums = list(engine_sums) if engine_sums is not None else [None] * len(runs)
 
     def f(x: np.ndarray) -> float:
         key = tuple(np.round(x, 12))
         if key not in cache:
             prof = _apply(base, fit, dict(zip(names, np.exp(x), strict=True)))
-            loss = sum(_objective(latency_errors(r, simulate_run(r, prof, seed=seed), m), routing_dominated(r))
-                       for r, m in zip(runs, masks, strict=True))
+            loss = 0.0
+            for r, m, es in zip(runs, masks, sums, strict=True):
+                s = simulate_run(r, prof, seed=seed)
+                loss += _objective(latency_errors(r, s, m), routing_dominated(r)) + _engine_phase_loss(s, es)
             cache[key] = loss + REFINE_ANCHOR_WEIGHT * float(np.sum(x**2))
             history.append(cache[key])
             if progress is not None:
@@ -369,7 +395,10 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
     parallel = sim.ParallelConfig(tensor_parallel_size=runs[0].engine.tensor_parallel_size,
                                   expert_parallel=runs[0].engine.enable_expert_parallel)
     measured = run_engine_ttfts(runs)  # the client-side constant measured for every client-side run, or fitted
-    fit_runs = [FitRun.of(r, m, measured.get(r.name, (None, ""))[0]) for r, m in zip(runs, masks, strict=True)]
+    # the engine core's own prefill and decode sums, one more row each (traces.stepfit.engine_sum_rows)
+    sums = {r.name: engine_phase_sums(r.meta.extra.get("collector"), num_requests=len(r)) for r in runs}
+    fit_runs = [FitRun.of(r, m, measured.get(r.name, (None, ""))[0], sums[r.name])
+                for r, m in zip(runs, masks, strict=True)]
     family = (physics_family(hw, shape.model.spec, parallel) if family_name == "physics"
               else linear_family(fit_runs))
     model_spec = None if shape.model is None else shape.model.spec
@@ -385,7 +414,7 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
         fit = fit_step_model(fit_runs, engine, family)
         if (why_fitted := offsets_disagree(fit.measured_offsets_s)) is not None:
             measured = {k: (None, why_fitted) for k in measured}
-            fit_runs = [FitRun.of(r, m) for r, m in zip(runs, masks, strict=True)]
+            fit_runs = [FitRun.of(r, m, engine_sums=sums[r.name]) for r, m in zip(runs, masks, strict=True)]
             fit = fit_step_model(fit_runs, engine, family)
         if cap.method == "kv_usage_gauge" or (cap.method == "not_binding" and _gauge_peak(runs, splits) >= 0.5):
             cap, engine, engine_sources, fit = _replay_capacity(runs, splits, shape, hw, cap, fit, fit_runs, seed)
@@ -398,7 +427,8 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
                        parallel=parallel, engine=engine, overheads=overheads,
                        latency_model=family.latency_model, latency_coefficients=dict(fit.coefficients))
     n_mult = len(_multiplier_names(fit))
-    mult, refine_info = _refine(runs, masks, base, fit, seed=seed, progress=progress,
+    whole = [sums[r.name] if (dp_info is None and m.all()) else None for r, m in zip(runs, masks, strict=True)]
+    mult, refine_info = _refine(runs, masks, base, fit, seed=seed, progress=progress, engine_sums=whole,
                                 max_evals=max_evals if max_evals is not None else EVALS_PER_MULTIPLIER * n_mult)
     profile = _apply(base, fit, mult)
     replays = [simulate_run(r, profile, seed=seed) for r in runs]

@@ -14,7 +14,7 @@ import numpy as np
 
 import sim
 
-from .stepfit import RunFit, StepFit
+from .stepfit import ENGINE_SUM_KINDS, RunFit, StepFit
 
 __all__ = ["OVERHEAD_SOURCE", "format_report", "profile_provenance", "report"]
 
@@ -47,7 +47,10 @@ def _nnls_report(fit: StepFit, coef_final: dict[str, float]) -> dict:
                                                      fit.y_s[fit.rows_kind == "decode"]),
                           "prefill_spans": _residuals(fit.pred_s[fit.rows_kind == "prefill"],
                                                       fit.y_s[fit.rows_kind == "prefill"]),
-                          "decode_only_stretches": _residuals(dec_pred, dec_y)}}
+                          "decode_only_stretches": _residuals(dec_pred, dec_y),
+                          # the engine core's own latency sums (traces.stepfit.engine_sum_rows), where recorded
+                          **{k: _residuals(fit.pred_s[fit.rows_kind == k], fit.y_s[fit.rows_kind == k])
+                             for k in ENGINE_SUM_KINDS if (fit.rows_kind == k).any()}}}
 
 
 def _reconstruction(part: RunFit, fit: StepFit) -> dict:

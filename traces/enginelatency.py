@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-__all__ = ["ENGINE_HISTOGRAMS", "client_offset", "engine_ttft", "histogram_sums", "latency_deltas", "pooled_offset",
+__all__ = ["ENGINE_HISTOGRAMS", "client_offset", "engine_phase_sums", "engine_ttft", "histogram_sums", "latency_deltas", "pooled_offset",
            "run_engine_ttfts"]
 
 #: key in ``meta.json`` -> the vLLM v1 histogram (``vllm/v1/metrics/loggers.py``)
@@ -91,6 +91,21 @@ def engine_ttft(meta_collector: dict | None, *, num_requests: int) -> tuple[floa
     mean = (q["sum_s"] + p["sum_s"]) / num_requests
     return mean, (f"(vllm:request_queue_time_seconds + vllm:request_prefill_time_seconds sums) / {num_requests} = "
                   f"{1e3 * mean:.2f} ms")
+
+
+def engine_phase_sums(meta_collector: dict | None, *, num_requests: int) -> dict[str, float] | None:
+    """The engine core's own summed prefill and decode times over a client-side run's requests (``{"prefill_s",
+    "decode_s"}``, seconds), or ``None`` when the run does not record both over exactly its ``num_requests``
+    completed requests (or the server restarted). Per request, vLLM observes ``first_token_ts - scheduled_ts`` and
+    ``last_token_ts - first_token_ts`` on the engine core's clock (module docstring): each is a sum of whole engine
+    steps, untouched by how late the server delivered the tokens to the client (``traces.stepfit`` fits them)."""
+    el = (meta_collector or {}).get("engine_latency")
+    if not el or (meta_collector or {}).get("counter_resets"):
+        return None
+    p, d = el.get("prefill_s"), el.get("decode_s")
+    if not p or not d or not (p["count"] == d["count"] == num_requests):
+        return None
+    return {"prefill_s": float(p["sum_s"]), "decode_s": float(d["sum_s"])}
 
 
 def client_offset(client_ttft_s: np.ndarray, engine_ttft_s: float, step_wait_s: np.ndarray) -> float:

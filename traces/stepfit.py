@@ -25,6 +25,11 @@ Regression rows (every one a sum of whole engine steps, so linear in the coeffic
   in flight otherwise); a request that queued longer would bring the reconstruction's accumulated timing
   error into the offset (its decode span is still used).
 
+* **engine sums** of a client-side run whose collector recorded the engine core's own latency histograms
+  (``FitRun.engine_sums``): the run's summed ``first_token_ts - scheduled_ts`` and ``last_token_ts -
+  first_token_ts`` on the engine's clock, two rows of whole steps that the server's delivery delays to the client
+  (``traces.delivery``) do not touch (``engine_sum_rows``).
+
 Each row carries the summed basis terms of the reconstruction's steps (``traces.reconstruct``). Rows are
 weighted by ``1/sqrt(steps)`` (independent per-step noise). Several runs of one engine (say, at two load
 levels) are reconstructed separately and fitted together: their rows are stacked.
@@ -174,6 +179,8 @@ class FitRun:
             (``traces.enginelatency.engine_ttft``); with it the run's client-side constant is measured at every
             reconstruction (``enginelatency.client_offset``) and its prefill rows carry no offset column
             (``None``: the constant is fitted with the coefficients).
+        engine_sums: a client-side run's engine-core summed prefill and decode times over all its requests
+            (``traces.enginelatency.engine_phase_sums``); each becomes one more row (``engine_sum_rows``).
     """
 
     name: str
@@ -185,14 +192,17 @@ class FitRun:
     async_scheduling: bool = False
     client_side: bool = False
     engine_ttft_s: float | None = None
+    engine_sums: dict[str, float] | None = None
 
     @classmethod
-    def of(cls, run, mask: np.ndarray, engine_ttft_s: float | None = None) -> FitRun:
-        """From a ``traces.runs.MeasuredRun`` (and its engine-core mean TTFT, if measured)."""
+    def of(cls, run, mask: np.ndarray, engine_ttft_s: float | None = None,
+           engine_sums: dict[str, float] | None = None) -> FitRun:
+        """From a ``traces.runs.MeasuredRun`` (and its engine-core mean TTFT and phase sums, if measured)."""
         return cls(name=run.name, requests=run.requests, prompt_tokens=run.prompt_tokens,
                    output_tokens=run.output_tokens, offsets_s=run.offsets_s, mask=np.asarray(mask, bool),
                    async_scheduling=bool(run.engine.async_scheduling), client_side=run.client_side,
-                   engine_ttft_s=engine_ttft_s if run.client_side else None)
+                   engine_ttft_s=engine_ttft_s if run.client_side else None,
+                   engine_sums=engine_sums if run.client_side else None)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -230,7 +240,7 @@ class StepFit:
         measured_offsets_s: per run, its measured client-side constant at the final reconstruction (``None``
             where not measured).
         identifiability: ``identifiability`` of the final rows (condition number, relative standard errors).
-        rows_kind: per row, ``"decode"`` or ``"prefill"``; ``y_s`` measured and ``pred_s`` fitted durations
+        rows_kind: per row, ``"decode"`` or ``"prefill"`` (or one of ``ENGINE_SUM_KINDS``); ``y_s`` measured and ``pred_s`` fitted durations
             (client-side prefill rows: TTFT less the reconstructed wait, offset included in both).
         steps: engine steps per row.
         iterations: per iteration, the fitted free coefficients (and offset) and the reconstructions' size.
@@ -256,7 +266,7 @@ class _Rows:
     X: np.ndarray  # summed basis terms
     y: np.ndarray  # measured seconds
     k: np.ndarray  # engine steps
-    kind: np.ndarray  # "decode" | "prefill"
+    kind: np.ndarray  # "decode" | "prefill" | ENGINE_SUM_KINDS
     has_offset: np.ndarray  # the row contains the client-side offset
     t: np.ndarray  # the row's time (mid-span, seconds after the run's first queued_ts): for binned fits
 
@@ -299,12 +309,50 @@ def _rows(trace: EngineTrace, run: FitRun) -> _Rows:
     X = np.vstack([cum[trace.last_step[dec]] - cum[trace.first_step[dec]], cum[trace.first_step[pre]] - cum[lo]])
     n_dec, n_pre = int(dec.sum()), int(pre.sum())
     q0 = req["queued_ts"].min()
-    return _Rows(X=X, y=np.concatenate([(last - f)[dec], y_pre]),
+    rows = _Rows(X=X, y=np.concatenate([(last - f)[dec], y_pre]),
                  k=np.concatenate([(trace.last_step - trace.first_step)[dec], trace.first_step[pre] - lo]),
                  kind=np.array(["decode"] * n_dec + ["prefill"] * n_pre),
                  has_offset=np.concatenate([np.zeros(n_dec, bool),
                                             np.full(n_pre, run.client_side and run.engine_ttft_s is None)]),
                  t=np.concatenate([(f[dec] + last[dec]) / 2 - q0, f[pre] - q0]))
+    sums = engine_sum_rows(trace, run, cum)
+    return rows if sums is None else _stack([rows, sums])
+
+
+#: the kinds of the engine-sum rows (``engine_sum_rows``)
+ENGINE_SUM_KINDS = ("engine_prefill_sum", "engine_decode_sum")
+#: an engine-sum row weighs as much as ``ENGINE_SUM_WEIGHT**2 x n`` span rows of the ``n`` requests it sums: the
+#: span rows of a client-side run carry the server's delivery delays, the sums do not, so where they disagree the
+#: engine's clock should win. On real vLLM CPU collections whose server held tokens back (``traces.delivery``), 1
+#: (plain ``n`` rows) left the held-out engine decode sums 8-11 % short; 3 brought them within 5-6 %, the fit runs'
+#: own within 1 %
+ENGINE_SUM_WEIGHT = 3.0
+
+
+def engine_sum_rows(trace: EngineTrace, run: FitRun, cum: np.ndarray) -> _Rows | None:
+    """Two rows from the engine core's own latency sums (``FitRun.engine_sums``), or ``None`` without them.
+
+    vLLM observes, per request and on the engine core's clock, ``first_token_ts - scheduled_ts`` (the steps from
+    the one that first scheduled it to the one that emitted its first token) and ``last_token_ts -
+    first_token_ts`` (the steps after that one up to the one that emitted its last token); summed over the run's
+    requests, each is a sum of whole reconstructed steps, as a span row is, but measured where the steps ran. A
+    client's token times can carry the server's delivery delays (``traces.delivery``: tokens held back and read in
+    bursts); these rows cannot, so they keep the step times on the engine's clock. Each stands for the ``n``
+    requests it sums: scaled by ``ENGINE_SUM_WEIGHT x sqrt(n)`` (rows are weighted ``1/sqrt(steps)``), it weighs as
+    much as ``ENGINE_SUM_WEIGHT**2 x n`` span rows of its mean length would. Only for a whole run (the sums cover every request, so a held-out part's
+    timing would leak into a fit on the first part) whose every request was reconstructed."""
+    if run.engine_sums is None or not run.mask.all():
+        return None
+    first, last, admit = trace.first_step, trace.last_step, trace.admit_step
+    if len(first) != len(run.mask) or (first <= 0).any() or (admit <= 0).any() or (last < first).any():
+        return None
+    n = len(first)
+    scale = float(np.sqrt(n)) * ENGINE_SUM_WEIGHT
+    X = np.vstack([(cum[first] - cum[admit - 1]).sum(axis=0), (cum[last] - cum[first]).sum(axis=0)]) * scale
+    y = np.array([run.engine_sums["prefill_s"], run.engine_sums["decode_s"]]) * scale
+    k = np.array([int((first - admit + 1).sum()), int((last - first).sum())], np.int64)
+    t_mid = float((run.requests["first_token_ts"] - run.requests["queued_ts"].min()).median())
+    return _Rows(X=X, y=y, k=k, kind=np.array(ENGINE_SUM_KINDS), has_offset=np.zeros(2, bool), t=np.full(2, t_mid))
 
 
 def _stack(rows: list[_Rows]) -> _Rows:
