@@ -8,7 +8,7 @@ reads and writes SimPy internals, construction checks the installed release agai
 
 ``LATE`` is the priority of step boundaries: after SimPy's ``URGENT`` and ``NORMAL`` events at the same
 instant, so that requests arriving at that instant are queued before the engine schedules, as in vLLM's busy
-loop (``vllm/v1/engine/core.py``, ``EngineCore.run_busy_loop``: inputs are drained before each step).
+loop (``vllm/v1/engine/core.py``, ``EngineCoreProc.run_busy_loop``: inputs are drained before each step).
 """
 
 from __future__ import annotations
