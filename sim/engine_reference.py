@@ -1,4 +1,4 @@
-"""The per-request vLLM algorithm of ``sim.engine.EngineCore``: the reference path and the passes both paths share.
+"""The per-request vLLM algorithm of ``EngineCore``: the reference path and the passes both paths share.
 
 Mirrors ``vllm/v1/core/sched/scheduler.py``: ``Scheduler.schedule``'s RUNNING pass with recompute
 preemption of the most recently admitted request (``_schedule_reference``, ``_preempt`` for

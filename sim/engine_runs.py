@@ -1,4 +1,4 @@
-"""Decode runs of ``sim.engine.EngineCore``: k pure-decode steps planned, truncated and completed in closed form.
+"""Decode runs of ``EngineCore``: k pure-decode steps planned, truncated and completed in closed form.
 
 A run is the fast path's pure-decode step (``sim.engine_fast``) extended while nothing can change but context
 growth: no prefill, nothing admissible, no finish before the last step, blocks for all k steps. With the step

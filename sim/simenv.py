@@ -1,4 +1,4 @@
-"""The SimPy event loop of the shell: ``SimEnv``, absolute-time callbacks (``_Tick``) and the SimPy version pin.
+"""The SimPy event loop: ``SimEnv``, absolute-time callbacks (``_Tick``) and the SimPy version pin.
 
 The shell only advances time, and at a million requests its event loop is a large part of the cost. ``SimEnv``
 is a ``simpy.Environment`` that can schedule at an absolute time without float round-off (a step boundary is
