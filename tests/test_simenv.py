@@ -13,7 +13,7 @@ import pytest
 import simpy
 from simpy.events import NORMAL
 
-import sim.world
+import sim.simenv
 from sim.world import SIMPY_TESTED, SimEnv, check_simpy_version
 
 
@@ -158,6 +158,6 @@ def test_untested_simpy_version_fails_loudly(monkeypatch):
         with pytest.raises(RuntimeError, match=rf"simpy >={lo_maj}\.{lo_min},<{hi_maj}\.{hi_min}"):
             check_simpy_version(bad)
     monkeypatch.setattr(simpy, "__version__", "9.0.0")
-    monkeypatch.setattr(sim.world, "_simpy_checked", False)
+    monkeypatch.setattr(sim.simenv, "_simpy_checked", False)
     with pytest.raises(RuntimeError, match="simpy 9.0.0 is installed"):
         SimEnv()
