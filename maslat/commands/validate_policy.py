@@ -188,6 +188,8 @@ def _report(args, out: dict, header: str, error_key: str, label: str) -> int:
     pq, b = out[error_key], out["bar"]
     print(f"per query, {label} error: median |e| {_pct(pq['median_abs'])}, p90 {_pct(pq['p90_abs'])}; "
           f"mismatched queries {sum(out['mismatched_queries'].values())}; failed live calls {out['failed_live_calls']}")
+    if "call_clock" in out:
+        print(_call_clock_line(out["call_clock"]))
     print(f"bar |error| <= {b['threshold_pct']:g} % on {'/'.join(b['on'])}: {'PASS' if b['passed'] else 'FAIL'} "
           f"(worst {b['worst']} {_pct(b['worst_error_pct'])})")
     if out["failed_live_calls"]:
@@ -197,6 +199,23 @@ def _report(args, out: dict, header: str, error_key: str, label: str) -> int:
     if args.json:
         emit_json(out)
     return 1 if out["failed_live_calls"] else 0
+
+
+def _call_clock_line(c: dict) -> str:
+    """The calls' seconds, simulated against live: client, and the engine core's phases (``maslat.callclock``)."""
+    e = c["error_pct"]
+    parts = [f"client {c['live']['client_s']:.4g} s {_signed(e['client_s'])}"]
+    if c["engine"] == "measured":
+        parts += [f"{k} {c['live'][k]:.4g} s {_signed(e[k])}" for k in ("queue_s", "prefill_s", "decode_s")]
+        parts.append(f"serving path per call {c['live']['serving_s_per_call']:.3g} s (simulated "
+                     f"{c['simulated']['serving_s_per_call']:.3g} s)")
+    else:
+        parts.append(f"engine phases: {c['engine']}")
+    return f"calls ({c['live']['calls']} live), live seconds and simulated error: " + ", ".join(parts)
+
+
+def _signed(x: float | None) -> str:
+    return "(n/a)" if x is None else f"({x:+.2f} %)"
 
 
 def _pct(x: float | None) -> str:
