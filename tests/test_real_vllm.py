@@ -192,7 +192,23 @@ def test_trained_lamas_policy_on_the_real_engine_within_its_spread(real_vllm, ca
             bad.append(row)
     table = stats_table(rows)
     print(table)
+    _print_call_clock(res)
     assert not bad, f"validate-policy error beyond the {ACCURACY or DEFAULT_ACCURACY} bar (realvllm.pooled_row):\n{table}"
+
+
+def _print_call_clock(res: list[dict]) -> None:
+    """Reported, not asserted: where the two validations' call seconds went (``maslat.callclock``): the client's
+    seconds and the engine core's phases (the server's own histograms over each run), simulated against live, and the
+    serving path per call. A critical-path miss that the decode row shares is the engine's speed during the
+    validation, not the serving path."""
+    cc = [r["call_clock"] for r in res]
+    keys = ["client_s", *(("queue_s", "prefill_s", "decode_s") if all(c["engine"] == "measured" for c in cc) else ())]
+    rows = [pooled_row("calls", k, [{"measured": c["live"][k], "error_pct": c["error_pct"][k]} for c in cc], "report")
+            for k in keys]
+    print(stats_table(rows))
+    print("serving path per call (client seconds less the engine phases), live / simulated: " + ", ".join(
+        f"{c['live'].get('serving_s_per_call', float('nan')):.3f} / {c['simulated']['serving_s_per_call']:.3f} s"
+        for c in cc) + ("" if len(keys) > 1 else f" (engine phases: {cc[0]['engine']})"))
 
 
 def test_an_engine_that_cannot_start_fails_with_its_log(tmp_path):
