@@ -63,10 +63,13 @@ paths was the engine's speed: the live critical paths came out 15.35 / 15.33 s (
 was 6-9 % long at every context length (200-800 tokens, no trend), TTFT within a few %. So the critical-path miss
 followed the engine's speed during the validation: the same profile, +9.7 % here, predicted r5's validations (an
 engine 15-20 % slower on the same queries, load 11-13) 6.8 % short. In r1-r5 the validations ran last, after the
-held-out pair whose engine-clock decode the same profiles matched or overestimated (-1..+13 %), so the engine ran
-slower there than in the held-out pair, or the LAMaS calls (4-8 running, 90-420 output tokens, shared prefixes) sit
-where the profile's decode split (per sequence against per context token) is least identified; these runs cannot
-tell the two apart, and a per-call delivery lag would move the critical paths by about 1 % either way. Each validation's ``call_clock``
+held-out pair whose engine-clock decode the same profiles matched or overestimated (-1..+13 %), so either the engine ran
+slower there than in the held-out pair or the LAMaS calls (4-8 running, 90-420 output tokens, shared prefixes) sit
+where the profile's decode split (per sequence against per context token) is least identified. The diagnostic run
+favours the first: its per-call simulated decode, +6..+9 % (median +7.6 %) at every context length, is r5's held-out
+engine-clock decode error (+8.7 %) again, so r5's profile was as far off on the LAMaS calls as on the held-out
+workload, and r5's validations met an engine about 15 % slower than its held-out pair. A per-call delivery lag would
+move the critical paths by about 1 % either way. Each validation's ``call_clock``
 (``maslat.callclock``: the calls' client seconds and engine phases, simulated against live) is printed below the
 critical-path rows, reported, not asserted, so a run shows which of the two moved. The same collections calibrated by the previous code (its fit runs' engine-clock prefill
 +8..+23 % long): r1 TTFT +61 / +100 / +38, E2E +26 / +34 / +28; r2 TTFT +10 / +23 / +3; r3 TTFT +31 / +56 / +20,
