@@ -56,17 +56,17 @@ r5's profile, every call timed at the client and the server's latency histograms
 over the 33 calls of each run the client's seconds exceeded the server's own e2e by 58 / 80 ms per call and the
 server's e2e exceeded the engine core's queue + prefill + decode by 39 / 32 ms, so the serving path cost 0.09-0.12 s
 per call against the simulator's 0.04 s (``frontend_s`` 0.030, post-decode 0.001, 46 us per output token): 50-75 ms
-per 6.5 s call, 1-1.5 % of a critical path. The queries spent 0.01-0.4 s outside their calls. What moved the critical
+per 6.5 s call, 1-1.5 % of a critical path. What moved the critical
 paths was the engine's speed: the live critical paths came out 15.35 / 15.33 s (r5: 17.7 / 18.4), the simulator's
 16.82 s (+9.6 / +9.7 %, p90 +10.0 / +9.4 %), and on the engine's own clock the simulated decode sum was +12.4 / +11.7 %
 (230.4 s against 205.0 / 206.3 s), prefill +9.5 / +5.4 %, queue 1.24 against 0.65 s; per call the simulated decode
-was 6-9 % long at every context length (200-800 tokens, no trend), TTFT within a few %. So the critical-path miss
+was 5-13 % long (interquartile), median TTFT +2 / +7 %. So the critical-path miss
 followed the engine's speed during the validation: the same profile, +9.7 % here, predicted r5's validations (an
 engine 15-20 % slower on the same queries, load 11-13) 6.8 % short. In r1-r5 the validations ran last, after the
 held-out pair whose engine-clock decode the same profiles matched or overestimated (-1..+13 %), so either the engine ran
 slower there than in the held-out pair or the LAMaS calls (4-8 running, 90-420 output tokens, shared prefixes) sit
 where the profile's decode split (per sequence against per context token) is least identified. The diagnostic run
-favours the first: its per-call simulated decode, +6..+9 % (median +7.6 %) at every context length, is r5's held-out
+favours the first: its per-call simulated decode (median +8.2 / +7.1 %, no trend over 200-800-token contexts) is r5's held-out
 engine-clock decode error (+8.7 %) again, so r5's profile was as far off on the LAMaS calls as on the held-out
 workload, and r5's validations met an engine about 15 % slower than its held-out pair. A per-call delivery lag would
 move the critical paths by about 1 % either way. Each validation's ``call_clock``
