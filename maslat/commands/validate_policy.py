@@ -22,7 +22,10 @@ and print the evaluation table side by side: live, simulated, and the prediction
 Score, CP tokens, calls, tokens and cost are identical by construction (same seed, queries and actions;
 checked query by query); the simulator predicts the seconds: the bar is |error| <= 5 % on the mean and
 p90 of the critical-path seconds, with no failed live call. Against `maslat serve --time-scale X` all
-times are the server's simulated seconds.
+times are the server's simulated seconds. Below the table, the calls' clock (`call_clock` in the JSON): the
+calls' client seconds and the engine's queue, prefill and decode sums (live: the server's own latency
+histograms over the run), simulated against live, and the serving path per call, so a miss reads as the
+engine's speed or as the path around it.
 
 MASLatency-CMDP-v0 policies (a PPO-Lagrangian or MasRouter policy.pt from `maslat train`, or a baseline:
 always_large_deepthink | always_small_flash | greedy_fastest) need one endpoint per model pool, named after
