@@ -122,7 +122,7 @@ def call_clock(live: CallTally, before: dict | None, after: dict | None, simulat
         return out
     if any(d[k]["count"] != live.calls for k in PHASES):
         out["engine"] = (f"the server counted {d['decode_s']['count']:g} requests during the run, not its "
-                         f"{live.calls} calls (other traffic): no engine sums")
+                         f"{live.calls} served calls (other traffic, or failed calls): no engine sums")
         return out
     eng = {k: d[k]["sum_s"] for k in PHASES}
     out["engine"] = "measured"
