@@ -13,6 +13,9 @@
    prediction's error ``100 x (simulated - live) / live``; per query, the error of the critical-path seconds.
    The bar: ``|error| <= 5 %`` on the mean and p90 of the critical-path seconds, identical counts, and no
    failed call.
+4. **Where the call seconds went** (``call_clock``, ``maslat.callclock``): summed over the calls, the client's
+   seconds and the engine core's queue, prefill and decode (live: the server's own latency histograms over the
+   run), simulated against live, so a critical-path miss reads as the engine's speed or as the serving path.
 
 ``MASLatency-CMDP-v0`` policies (PPO-Lagrangian, MasRouter, the baselines: ``validate_cmdp_policy``) go the same
 way with one endpoint per model pool (the small and the large model), the Planner and the Executor live and the
@@ -139,7 +142,7 @@ def validate_policy(args, controller, endpoints: dict, *, split: str = "test", n
     from envs import ClusterConfig, MASLatencyEnv
     from envs.backend import BACKEND_POOL
 
-    from .livebackend import LiveBackend
+    from .callclock import TalliedLiveBackend, TalliedSimBackend, call_clock, scrape_sums
 
     method = METHODS[args.method]
 
@@ -147,7 +150,7 @@ def validate_policy(args, controller, endpoints: dict, *, split: str = "test", n
         return MASLatencyEnv(args.task, split, execution=method.execution, variant=method.variant,
                              num_layers=args.num_layers, **kw)
 
-    backend = LiveBackend(endpoints, request_timeout_s=request_timeout_s, prompt_salt=fresh_prompt_salt())
+    backend = TalliedLiveBackend(endpoints, request_timeout_s=request_timeout_s, prompt_salt=fresh_prompt_salt())
 
     def done(info: dict) -> None:
         if partial is not None:
@@ -163,20 +166,25 @@ def validate_policy(args, controller, endpoints: dict, *, split: str = "test", n
         if len({_key({"query": e, "attempt": 0, "layer": 0}) for e in live_env.queries.embedding[:n]}) != n:
             raise ValueError("two of these queries have the same embedding: their decisions cannot be told apart")
         recorder = RecordingPolicy(make_policy(args, controller, record=False, stream=2))
+        page = backend.pools[BACKEND_POOL].endpoint.metrics if BACKEND_POOL in backend.pools else None
+        before = scrape_sums(page) if page else None
         t0 = time.perf_counter()
         live = live_env.rollout(recorder, queries, concurrency=concurrency, on_done=done)
         live_wall_s = time.perf_counter() - t0
+        after = scrape_sums(page) if page else None
         engines, stats, time_scale = backend.engines(BACKEND_POOL), backend.stats(), backend.time_scale
     finally:
         live_env.close()
     cluster = ClusterConfig(profile=profile, replicas=replicas or engines, router=router,
                             background_rate_per_s=background_rate_per_s)
-    sim_env = make_env(cluster=cluster)
+    sim_backend = TalliedSimBackend(cluster)
+    sim_env = make_env(backend=sim_backend)
     sim_env.reset(seed=args.seed)
     t0 = time.perf_counter()
     simulated = sim_env.rollout(ReplayPolicy(recorder.actions), queries, concurrency=concurrency)
     return {"method": args.method, "task": args.task, "split": split, "queries": n, "concurrency": concurrency,
             "seed": args.seed, **compare(live, simulated),
+            "call_clock": call_clock(backend.tally, before, after, sim_backend.tally),
             "live": {"endpoints": stats, "time_scale": time_scale, "wall_s": live_wall_s,
                      "prompt_salt": backend.prompt_salt},
             "simulated": {"profile": cluster.profile, "replicas": cluster.replicas, "router": cluster.router,

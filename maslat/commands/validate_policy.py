@@ -22,7 +22,10 @@ and print the evaluation table side by side: live, simulated, and the prediction
 Score, CP tokens, calls, tokens and cost are identical by construction (same seed, queries and actions;
 checked query by query); the simulator predicts the seconds: the bar is |error| <= 5 % on the mean and
 p90 of the critical-path seconds, with no failed live call. Against `maslat serve --time-scale X` all
-times are the server's simulated seconds.
+times are the server's simulated seconds. Below the table, the calls' clock (`call_clock` in the JSON): the
+calls' client seconds and the engine's queue, prefill and decode sums (live: the server's own latency
+histograms over the run), simulated against live, and the serving path per call, so a miss reads as the
+engine's speed or as the path around it.
 
 MASLatency-CMDP-v0 policies (a PPO-Lagrangian or MasRouter policy.pt from `maslat train`, or a baseline:
 always_large_deepthink | always_small_flash | greedy_fastest) need one endpoint per model pool, named after
@@ -188,6 +191,8 @@ def _report(args, out: dict, header: str, error_key: str, label: str) -> int:
     pq, b = out[error_key], out["bar"]
     print(f"per query, {label} error: median |e| {_pct(pq['median_abs'])}, p90 {_pct(pq['p90_abs'])}; "
           f"mismatched queries {sum(out['mismatched_queries'].values())}; failed live calls {out['failed_live_calls']}")
+    if "call_clock" in out:
+        print(_call_clock_line(out["call_clock"]))
     print(f"bar |error| <= {b['threshold_pct']:g} % on {'/'.join(b['on'])}: {'PASS' if b['passed'] else 'FAIL'} "
           f"(worst {b['worst']} {_pct(b['worst_error_pct'])})")
     if out["failed_live_calls"]:
@@ -197,6 +202,23 @@ def _report(args, out: dict, header: str, error_key: str, label: str) -> int:
     if args.json:
         emit_json(out)
     return 1 if out["failed_live_calls"] else 0
+
+
+def _call_clock_line(c: dict) -> str:
+    """The calls' seconds, simulated against live: client, and the engine core's phases (``maslat.callclock``)."""
+    e = c["error_pct"]
+    parts = [f"client {c['live']['client_s']:.4g} s {_signed(e['client_s'])}"]
+    if c["engine"] == "measured":
+        parts += [f"{k} {c['live'][k]:.4g} s {_signed(e[k])}" for k in ("queue_s", "prefill_s", "decode_s")]
+        parts.append(f"serving path per call {c['live']['serving_s_per_call']:.3g} s (simulated "
+                     f"{c['simulated']['serving_s_per_call']:.3g} s)")
+    else:
+        parts.append(f"engine phases: {c['engine']}")
+    return f"calls ({c['live']['calls']} live), live seconds and simulated error: " + ", ".join(parts)
+
+
+def _signed(x: float | None) -> str:
+    return "(n/a)" if x is None else f"({x:+.2f} %)"
 
 
 def _pct(x: float | None) -> str:
