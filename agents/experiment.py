@@ -1,8 +1,9 @@
 """The LAMaS paper's experiment in simulation: every method, trained and tested with the same seeds.
 
 For each seed and method: train on the train split (4 epochs, or more to reach ``lamas.MIN_UPDATES`` Adam
-steps on a small split, under ``lamas.PROTOCOLS[protocol]``; batches of 4, 4 in flight), then run the
-test split once at concurrency 30. Every method sees the same worlds (same background arrivals) and the
+steps on a small split, under ``lamas.PROTOCOLS[protocol]``; batches of 4, 4 in flight; under the robust
+protocol ``lamas.RESTARTS`` controllers, one kept on a validation run of the train split by
+``agents.selection``), then run the test split once at concurrency 30. Every method sees the same worlds (same background arrivals) and the
 same per-query LLM outcomes for the same operator at the same place (common random numbers), so
 differences between methods are paired. Optionally the trained controllers are re-tested at other
 background loads (``load_factors``) to see how much of a token saving survives as seconds.
@@ -40,11 +41,14 @@ class ExperimentResult:
     curves: dict[str, list[list[dict]]] = field(default_factory=dict)    # method -> per-seed training metrics
     loads: dict[float, dict[str, list[dict]]] = field(default_factory=dict)  # load factor -> method -> summaries
     test_infos: dict[str, list[list[dict]]] = field(default_factory=dict)  # method -> per-seed episode infos
+    selection: dict[str, list[list[dict]]] = field(default_factory=dict)  # method -> per-seed restart figures
 
     def to_json(self) -> dict:
         out = {"task": self.task, "seeds": len(self.seeds), "protocol": self.protocol, "methods": aggregate(self.runs)}
         out["savings"] = savings(self.runs)
         out["per_seed"] = per_seed(self.seeds, self.runs)
+        for i, entry in enumerate(out["per_seed"]):   # which restart each learned method kept, and why
+            entry["selection"] = {m: rows[i] for m, rows in self.selection.items() if len(rows) > i and rows[i]}
         if self.task in PUBLISHED:
             ls, lc, ms, mc = PUBLISHED[self.task]
             out["published"] = {"lamas": {"score_pct": ls, "cp_tokens_mean": lc},
@@ -125,6 +129,7 @@ def run_experiment(task: str, seeds: Sequence[int], methods: Sequence[str] | Non
     for (_seed, m), out in zip(trials, outs, strict=True):
         res.runs.setdefault(m, []).append(out["summary"])
         res.curves.setdefault(m, []).append(out["curve"])
+        res.selection.setdefault(m, []).append(out.get("selection", []))
         if keep_infos:
             res.test_infos.setdefault(m, []).append(out["infos"])
         for f, s in zip(load_factors, out["loads"], strict=True):
@@ -145,4 +150,5 @@ def lamas_trial(trial: tuple[int, str], *, task: str, cluster: ClusterConfig, lo
     for f in load_factors:
         c = replace(cluster, background_rate_per_s=(cluster.background_rate_per_s or 0.0) * f)
         loads.append(summarize(evaluate(args, tr.controller, cluster=c, on_done=tick)))
-    return {"summary": summarize(infos), "curve": tr.metrics, "infos": infos if keep_infos else None, "loads": loads}
+    return {"summary": summarize(infos), "curve": tr.metrics, "infos": infos if keep_infos else None, "loads": loads,
+            "selection": tr.selection}
