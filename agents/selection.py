@@ -12,7 +12,9 @@ sees the same passes (common random numbers), so their differences are paired.
 
 Selection is constrained, like the paper's claim (a shorter critical path at no score loss): among the
 candidates whose validation score is within ``margin_pts`` of the best one's, the shortest mean CP length.
-For MaAS (no latency term) that is the same rule, which is why it applies to every learned method alike.
+A method without a latency term (MaAS, the lambda_t = 0 ablation) is selected by its own objective, the best
+validation score (margin 0), so the unconstrained baseline gets the same restarts and the same validation
+but no latency preference.
 """
 
 from __future__ import annotations

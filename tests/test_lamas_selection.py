@@ -56,18 +56,26 @@ def test_restarts_train_different_controllers_and_keep_one():
     assert single.selection == [] and single.metrics == one.metrics
 
 
-def test_the_robust_protocol_restarts_and_the_paper_does_not():
-    assert PROTOCOLS["robust"].restarts > 1 and PROTOCOLS["paper"].restarts == 1
+def test_restarts_are_validated_and_single_by_default():
+    assert PROTOCOLS["robust"].restarts == 1 and PROTOCOLS["paper"].restarts == 1
     with pytest.raises(ValueError, match="restarts"):
         Args(restarts=0)
+
+
+def test_maas_is_selected_by_its_own_objective_the_best_score():
+    """MaAS has no latency term: among restarts it keeps the best validation score, not a shorter path."""
+    torch.set_num_threads(1)
+    tr = train(Args(method="maas", task="humaneval", seed=2, epochs=1, max_train_queries=8, restarts=2))
+    best = max(t["val_score_pct"] for t in tr.selection)
+    assert next(t for t in tr.selection if t["chosen"])["val_score_pct"] == best
 
 
 def test_experiment_reports_each_seeds_selection():
     from agents.experiment import run_experiment
 
     torch.set_num_threads(1)
-    out = run_experiment("humaneval", [0], ["lamas", "single_cot"], epochs=1).to_json()
+    out = run_experiment("humaneval", [0], ["lamas", "single_cot"], epochs=1, restarts=3).to_json()
     (one,) = out["per_seed"]
     assert set(one["selection"]) == {"lamas"}                          # static methods train nothing
-    assert len(one["selection"]["lamas"]) == PROTOCOLS["robust"].restarts
+    assert len(one["selection"]["lamas"]) == 3
     assert sum(t["chosen"] for t in one["selection"]["lamas"]) == 1
