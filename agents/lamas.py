@@ -24,7 +24,7 @@ of one pair moves with a std of 0.8-2.4 points on HumanEval (131 queries) and 0.
 on MATH and 0.1-0.2 on GSM8K, and the pairs' expected gaps lie between -1.0 and +1.0 points. Lowering lambda_t
 (0.005, 0.0025) shortened the cut without raising the expected score. Training several controllers and
 keeping one on a validation run of the train split (``Args.restarts``, ``agents.selection``; every learned
-method alike) did not help either (HumanEval and MBPP, 3 restarts: three of nine seeds below -1 point, as
+method alike) did not help either (HumanEval and MBPP, 3 restarts: three of ten seeds below -1 point, as
 without), and triples the training time, so it is off by default.
 """
 
