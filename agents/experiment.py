@@ -1,8 +1,9 @@
 """The LAMaS paper's experiment in simulation: every method, trained and tested with the same seeds.
 
 For each seed and method: train on the train split (4 epochs, or more to reach ``lamas.MIN_UPDATES`` Adam
-steps on a small split, under ``lamas.PROTOCOLS[protocol]``; batches of 4, 4 in flight), then run the
-test split once at concurrency 30. Every method sees the same worlds (same background arrivals) and the
+steps on a small split, under ``lamas.PROTOCOLS[protocol]``; batches of 4, 4 in flight; with
+``restarts`` > 1, that many controllers, one kept on a validation run of the train split by
+``agents.selection``), then run the test split once at concurrency 30. Every method sees the same worlds (same background arrivals) and the
 same per-query LLM outcomes for the same operator at the same place (common random numbers), so
 differences between methods are paired. Optionally the trained controllers are re-tested at other
 background loads (``load_factors``) to see how much of a token saving survives as seconds.
@@ -18,7 +19,7 @@ import numpy as np
 
 from envs import ClusterConfig, make_task
 
-from .lamas import METHODS, Args, evaluate, summarize, train, train_epochs
+from .lamas import METHODS, PROTOCOLS, Args, evaluate, summarize, train, train_epochs
 
 __all__ = ["PUBLISHED", "ExperimentResult", "aggregate", "lamas_trial", "per_seed", "run_experiment", "savings"]
 
@@ -40,11 +41,14 @@ class ExperimentResult:
     curves: dict[str, list[list[dict]]] = field(default_factory=dict)    # method -> per-seed training metrics
     loads: dict[float, dict[str, list[dict]]] = field(default_factory=dict)  # load factor -> method -> summaries
     test_infos: dict[str, list[list[dict]]] = field(default_factory=dict)  # method -> per-seed episode infos
+    selection: dict[str, list[list[dict]]] = field(default_factory=dict)  # method -> per-seed restart figures
 
     def to_json(self) -> dict:
         out = {"task": self.task, "seeds": len(self.seeds), "protocol": self.protocol, "methods": aggregate(self.runs)}
         out["savings"] = savings(self.runs)
         out["per_seed"] = per_seed(self.seeds, self.runs)
+        for i, entry in enumerate(out["per_seed"]):   # which restart each learned method kept, and why
+            entry["selection"] = {m: rows[i] for m, rows in self.selection.items() if len(rows) > i and rows[i]}
         if self.task in PUBLISHED:
             ls, lc, ms, mc = PUBLISHED[self.task]
             out["published"] = {"lamas": {"score_pct": ls, "cp_tokens_mean": lc},
@@ -96,17 +100,21 @@ def savings(runs: dict[str, list[dict]], ours: str = "lamas", base: str = "maas"
 
 
 def episodes_per_seed(task: str, methods: Sequence[str], epochs: int | None = None,
-                      load_factors: Sequence[float] = (), protocol: str = "robust") -> int:
+                      load_factors: Sequence[float] = (), protocol: str = "robust", restarts: int | None = None) -> int:
+    """Episodes the progress bar counts per seed: training (every restart) and test runs; validation is not
+    counted."""
     spec = make_task(task)
-    ep = train_epochs(Args(task=task, epochs=epochs, protocol=protocol))
-    n_train = sum(spec.num_train * ep for m in methods if METHODS[m].learned)
+    a = Args(task=task, epochs=epochs, protocol=protocol, restarts=restarts)
+    n_restarts = a.restarts or PROTOCOLS[protocol].restarts
+    n_train = sum(spec.num_train * train_epochs(a) * n_restarts for m in methods if METHODS[m].learned)
     return n_train + spec.num_test * len(methods) * (1 + len(load_factors))
 
 
 def run_experiment(task: str, seeds: Sequence[int], methods: Sequence[str] | None = None, *,
                    cluster: ClusterConfig | None = None, load_factors: Sequence[float] = (), epochs: int | None = None,
                    keep_infos: bool = False, progress: Callable[[int], None] | None = None,
-                   map_fn: Callable | None = None, protocol: str = "robust") -> ExperimentResult:
+                   map_fn: Callable | None = None, protocol: str = "robust",
+                   restarts: int | None = None) -> ExperimentResult:
     """Train and test every method for every seed; ``progress(n)`` is told of every finished episode.
 
     Each (seed, method) is an independent trial (``lamas_trial``); ``map_fn(fn, trials) -> results`` runs
@@ -120,11 +128,13 @@ def run_experiment(task: str, seeds: Sequence[int], methods: Sequence[str] | Non
     res = ExperimentResult(task, list(seeds), methods, protocol)
     trials = [(seed, m) for seed in seeds for m in methods]
     fn = partial(lamas_trial, task=task, cluster=cluster, load_factors=tuple(load_factors), epochs=epochs,
-                 keep_infos=keep_infos, progress=progress if map_fn is None else None, protocol=protocol)
+                 keep_infos=keep_infos, progress=progress if map_fn is None else None, protocol=protocol,
+                 restarts=restarts)
     outs = (map_fn or (lambda f, xs: [f(x) for x in xs]))(fn, trials)
     for (_seed, m), out in zip(trials, outs, strict=True):
         res.runs.setdefault(m, []).append(out["summary"])
         res.curves.setdefault(m, []).append(out["curve"])
+        res.selection.setdefault(m, []).append(out.get("selection", []))
         if keep_infos:
             res.test_infos.setdefault(m, []).append(out["infos"])
         for f, s in zip(load_factors, out["loads"], strict=True):
@@ -134,15 +144,17 @@ def run_experiment(task: str, seeds: Sequence[int], methods: Sequence[str] | Non
 
 def lamas_trial(trial: tuple[int, str], *, task: str, cluster: ClusterConfig, load_factors: Sequence[float] = (),
                 epochs: int | None = None, keep_infos: bool = False,
-                progress: Callable[[int], None] | None = None, protocol: str = "robust") -> dict:
+                progress: Callable[[int], None] | None = None, protocol: str = "robust",
+                restarts: int | None = None) -> dict:
     """One (seed, method): train, test, re-test at each load factor. A pure function of its arguments."""
     seed, m = trial
     tick = (lambda _info: progress(1)) if progress else None
-    args = Args(method=m, task=task, seed=seed, epochs=epochs, cluster=cluster, protocol=protocol)
+    args = Args(method=m, task=task, seed=seed, epochs=epochs, cluster=cluster, protocol=protocol, restarts=restarts)
     tr = train(args, progress=progress)
     infos = evaluate(args, tr.controller, on_done=tick)
     loads = []
     for f in load_factors:
         c = replace(cluster, background_rate_per_s=(cluster.background_rate_per_s or 0.0) * f)
         loads.append(summarize(evaluate(args, tr.controller, cluster=c, on_done=tick)))
-    return {"summary": summarize(infos), "curve": tr.metrics, "infos": infos if keep_infos else None, "loads": loads}
+    return {"summary": summarize(infos), "curve": tr.metrics, "infos": infos if keep_infos else None, "loads": loads,
+            "selection": tr.selection}

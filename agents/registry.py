@@ -90,7 +90,7 @@ def _lamas(key: str) -> MethodSpec:
             else f"static architecture {m.static} (nothing to train)" if not m.learned
             else f"LAMaS {m.execution} execution, {m.objective} objective, lambda_t {m.token_weight}")
     return MethodSpec(name=key.replace("_", "-"), legacy=key if "_" in key else None, family="lamas", summary=what,
-                      args_type=Args, fixed={"method": key}, hidden=frozenset({"method", "cluster"}),
+                      args_type=Args, fixed={"method": key}, hidden=frozenset({"method", "cluster", "restart"}),
                       choices={"task": tuple(TASKS)}, train=train if m.learned else None,
                       load_policy=_load_controller if m.learned else None)
 

@@ -92,6 +92,9 @@ def _configure_lamas(p) -> None:
                    help="passes over the train split (default: 4, more on a small split to reach 240 Adam steps)")
     p.add_argument("--protocol", default="robust", choices=("robust", "paper"),
                    help="how controllers train (agents.lamas.PROTOCOLS): robust (default) or the paper's own")
+    p.add_argument("--restarts", type=int, default=None,
+                   help="controllers trained per seed and method, one kept by a validation run of the train split "
+                        "(agents.selection; default 1: three measured no better)")
     p.add_argument("--load-factors", type=float, nargs="*", default=[],
                    help="also re-test the trained controllers at these multiples of the background rate")
     _common(p, "pareto.png, curves.png", "write summary.json here")
@@ -158,12 +161,13 @@ def _experiment_lamas(args) -> int:
         output_path(args.out, (".json",), what="--out")  # checked before hours of work, not after
     methods = args.methods or list(METHODS)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    total = episodes_per_seed(args.task, methods, args.epochs, args.load_factors, args.protocol) * len(seeds)
+    total = episodes_per_seed(args.task, methods, args.epochs, args.load_factors, args.protocol,
+                              args.restarts) * len(seeds)
     t0 = time.perf_counter()
     with progress(total, f"lamas experiment ({args.task}, {len(seeds)} seed(s))", unit="episode") as bar:
         res = run_experiment(args.task, seeds, methods, cluster=cluster_from_args(args),
                              load_factors=args.load_factors, epochs=args.epochs, progress=bar.update,
-                             map_fn=args.map_fn, protocol=args.protocol)
+                             map_fn=args.map_fn, protocol=args.protocol, restarts=args.restarts)
     summary = res.to_json()
     summary["wall_s"] = time.perf_counter() - t0
     print(results_table(summary["methods"]))
