@@ -34,7 +34,7 @@ from envs.cmdp import MASLatencyCMDPEnv
 
 def test_config_checks_the_background_modes():
     cfg = CMDPExperimentConfig(task="humaneval")
-    assert (cfg.train_background, cfg.eval_background) == ("tape", "exact")
+    assert (cfg.train_background, cfg.eval_background, cfg.warmup_s) == ("tape", "tape", 60.0)
     with pytest.raises(ValueError, match="eval_background must be 'exact' or 'tape'"):
         CMDPExperimentConfig(task="humaneval", eval_background="fast")
     with pytest.raises(ValueError, match="tape_seed .* needs background='tape'"):
@@ -74,7 +74,7 @@ def _episode(env, seed, action=(0, 2)):
 
 
 def test_evaluation_tape_is_one_tape_per_seed_and_regime_with_seeded_offsets():
-    assert _eval_env(CMDPExperimentConfig(task="humaneval"), "busy", 0, "none").tape_seed is None  # exact default
+    assert _eval_env(CMDPExperimentConfig(task="humaneval", eval_background="exact"), "busy", 0, "none").tape_seed is None
     cfg = CMDPExperimentConfig(task="humaneval", eval_background="tape")
     a, b = _eval_env(cfg, "busy", 0, "none"), _eval_env(cfg, "busy", 0, "none")
     assert a.tape_seed == b.tape_seed == _eval_tape_seed(0, "busy")
