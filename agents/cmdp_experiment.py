@@ -50,7 +50,7 @@ from .cmdp_policies import BASELINES, make_baseline
 from .masrouter import MasRouterArgs, train_masrouter
 from .ppo_lagrangian import ENV_COST, PPOLagArgs, train_ppo_lagrangian
 
-__all__ = ["CMDPExperimentConfig", "POLICIES", "SLO_FACTORS", "TRAIN_SLO_FACTOR", "cmdp_trial", "default_slo", "evaluate", "evaluate_all", "findings",
+__all__ = ["CMDPExperimentConfig", "POLICIES", "PROTOCOL", "SLO_FACTORS", "STEADY_WARMUP_S", "TRAIN_SLO_FACTOR", "cmdp_trial", "default_slo", "evaluate", "evaluate_all", "findings",
            "masrouter_trial", "run_cmdp_experiment", "summarise", "summarise_per_seed"]
 
 POLICIES = ("ppo_lagrangian", "masrouter", *BASELINES, "oracle")
