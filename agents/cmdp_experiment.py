@@ -207,7 +207,8 @@ def _episode(policy, env: MASLatencyCMDPEnv, s: int, q: int, f: float, seed: int
 def _metrics(d: pd.DataFrame) -> dict:
     return {"quality_pct": 100.0 * d.quality.mean(), "slo_attainment": float(d.attained.mean()),
             "goodput": float(d.goodput.mean()), "latency_p50_s": float(d.latency_s.quantile(0.5)),
-            "latency_p95_s": float(d.latency_s.quantile(0.95)), "cost_usd_per_query": float(d.cost_usd.mean()),
+            "latency_p90_s": float(d.latency_s.quantile(0.9)), "latency_p95_s": float(d.latency_s.quantile(0.95)),
+            "cost_usd_per_query": float(d.cost_usd.mean()),
             "calls_per_query": float(d.calls.mean()), "large_model_share": float(d.large_share.mean()),
             "deepthink_share": float(d.deepthink_share.mean()), "episodes": int(len(d))}
 
