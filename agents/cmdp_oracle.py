@@ -10,7 +10,9 @@ completion, every later call has one too (the same fast completion), so the orac
 even the fastest plan would.
 
 It knows the load, not the answers: quality enters only through the public per-(model, strategy) table.
-Its cost is one replay per action tried (usually one or two per call).
+Its cost is one replay per action tried (usually one or two per call). The replays are of the world the oracle
+is scored in: on a background tape (``background="tape"``, the experiment's default evaluation) they replay the
+tape world (its calls served in closed form, ~10x cheaper), in an exact world every background request.
 """
 
 from __future__ import annotations

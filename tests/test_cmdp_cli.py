@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from agents.cmdp_experiment import PROTOCOL
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -67,13 +69,15 @@ def test_experiment_cmdp_json_last_line(tmp_path):
     assert res["task"] == "humaneval" and set(res["regimes"]) == {"busy"}
     for pol in ("ppo_lagrangian", "masrouter", "always_small_flash"):
         m = res["regimes"]["busy"][pol]
-        for k in ("quality_pct", "slo_attainment", "goodput", "latency_p50_s", "latency_p95_s", "cost_usd_per_query"):
+        for k in ("quality_pct", "slo_attainment", "goodput", "latency_p50_s", "latency_p90_s", "latency_p95_s",
+                  "cost_usd_per_query"):
             assert np.isfinite(m[k])
     assert (tmp_path / "goodput_vs_slo.png").stat().st_size > 0 and (tmp_path / "training.png").stat().st_size > 0
     assert (tmp_path / "episodes.csv").read_text().count("\n") == 3 * 2 + 1
     (one,) = res["per_seed"]
     assert one["seed"] == 0 and one["regimes"] == res["regimes"] and one["findings"] == res["findings"]
-    assert res["background"] == {"train": "tape", "evaluate": "exact"}  # the defaults
+    assert res["background"] == {"train": "tape", "evaluate": "tape", "warmup_s": 60.0,  # the defaults
+                                 "protocol": PROTOCOL}
     assert set(res["timing"]["evaluate_policy_cpu_s"]["busy"]) == {"ppo_lagrangian", "masrouter", "always_small_flash"}
 
 

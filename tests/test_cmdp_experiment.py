@@ -1,14 +1,15 @@
 """``maslat experiment cmdp``'s background modes (``agents.cmdp_experiment``): what the default tapes change.
 
-The experiment trains against background tapes by default (``envs.bgtape``: an approximation, several times
-faster) and evaluates exactly; ``--eval-background tape`` evaluates on tapes too, ``--train-background exact``
-is the old, exact training. Here:
+The experiment trains and evaluates against background tapes by default (``envs.bgtape``: an approximation,
+several times faster) at each regime's steady state (warm-up 60 s); ``--eval-background exact`` evaluates
+exactly, ``--train-background exact`` is the old, exact training. Here:
 
 * MasRouter's training does not depend on latency, so tape and exact give the same router;
 * an evaluation on a tape is deterministic per episode seed, the same world for every policy and for the
   oracle's lookaheads (common random numbers), one tape per (seed, regime), distinct from the training tape;
 * the figures the experiment reports, for the fixed-rule baselines (their choices do not depend on training),
-  are as close to the exact evaluation's as two seeds of the exact evaluation are to each other.
+  are as close to the exact evaluation's as two seeds of the exact evaluation are to each other;
+* the warm-up reaches the steady state (the old 20 s did not: the protocol change).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from agents.cmdp_experiment import (
+    STEADY_WARMUP_S,
     CMDPExperimentConfig,
     _eval_env,
     _eval_tape_seed,
@@ -34,7 +36,7 @@ from envs.cmdp import MASLatencyCMDPEnv
 
 def test_config_checks_the_background_modes():
     cfg = CMDPExperimentConfig(task="humaneval")
-    assert (cfg.train_background, cfg.eval_background) == ("tape", "exact")
+    assert (cfg.train_background, cfg.eval_background, cfg.warmup_s) == ("tape", "tape", 60.0)
     with pytest.raises(ValueError, match="eval_background must be 'exact' or 'tape'"):
         CMDPExperimentConfig(task="humaneval", eval_background="fast")
     with pytest.raises(ValueError, match="tape_seed .* needs background='tape'"):
@@ -74,7 +76,7 @@ def _episode(env, seed, action=(0, 2)):
 
 
 def test_evaluation_tape_is_one_tape_per_seed_and_regime_with_seeded_offsets():
-    assert _eval_env(CMDPExperimentConfig(task="humaneval"), "busy", 0, "none").tape_seed is None  # exact default
+    assert _eval_env(CMDPExperimentConfig(task="humaneval", eval_background="exact"), "busy", 0, "none").tape_seed is None
     cfg = CMDPExperimentConfig(task="humaneval", eval_background="tape")
     a, b = _eval_env(cfg, "busy", 0, "none"), _eval_env(cfg, "busy", 0, "none")
     assert a.tape_seed == b.tape_seed == _eval_tape_seed(0, "busy")
@@ -99,18 +101,35 @@ def _baseline_figures(mode: str, task: str, regime: str, seeds, num_queries: int
     return pd.DataFrame(rows)
 
 
+def test_the_warm_up_reaches_every_regimes_steady_state():
+    """``STEADY_WARMUP_S``: the background load an episode meets after the experiment's warm-up is the load it
+    meets later on (busy, the slowest to ramp up: requests running summed over the replicas, 4 seeds), and the
+    old 20 s warm-up was not (the protocol change of ``agents.cmdp_experiment``)."""
+    from envs.cmdp_catalog import default_models
+    from envs.cmdp_world import build_cmdp_world
+    from envs.loads import make_regime
+
+    assert CMDPExperimentConfig().warmup_s >= STEADY_WARMUP_S
+    models = default_models()
+    at = {20.0: [], STEADY_WARMUP_S: [], "later": []}
+    for seed in range(4):
+        w = build_cmdp_world(models, make_regime("busy", len(models)), seed)
+        for t in (20.0, STEADY_WARMUP_S, 90.0, 120.0, 150.0, 180.0):
+            w.run(until=t)
+            at.get(t, at["later"]).append(sum(r.core.pub_running for r in w.replicas))
+    steady = np.mean(at["later"])
+    assert abs(np.mean(at[STEADY_WARMUP_S]) / steady - 1) < 0.10, at
+    assert np.mean(at[20.0]) / steady < 0.85, at
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task,regime", [("gsm8k", "busy"), ("humaneval", "shift")])
 def test_tape_evaluation_reports_the_exact_figures_within_seed_noise(task, regime):
     """Per baseline, the reported SLO attainment, goodput and p50 latency of a tape evaluation against the
-    exact one (3 seeds x 12 queries x 4 SLO factors), and the spread of the exact figures over the seeds.
-
-    Attainment and goodput: within seed noise (measured gaps <= 0.04; HumanEval shift 70B-DeepThink
-    attainment 0.861 on the tape, 0.819 exact). p50 latency is not: the tape's episodes start at seeded
-    offsets in the regime's steady state, the exact path's 20 s after a cold start, while ``busy`` is still
-    ramping up (~270 requests running at 20 s, ~380 from 40 s on), so under ``busy`` the tape's p50 is
-    higher: measured +32 % for 8B-Flash on GSM8K (0.78 s exact, 1.05 s tape; exact seed spread 0.11 s),
-    +13-20 % on HumanEval (the experiment's 3-seed comparison, see the report). Bounded here, not hidden."""
+    exact one (3 seeds x 12 queries x 4 SLO factors, the default steady-state warm-up), and the spread of the
+    exact figures over the seeds. Under the old 20 s warm-up the exact episodes met ``busy`` still ramping up
+    and the tape's p50 latency was 13-32 % higher; at steady state they agree (every policy, both tasks, 16
+    queries: the README's comparison)."""
     seeds = (0, 1, 2)
     ex, tp = (_baseline_figures(m, task, regime, seeds, 12) for m in ("exact", "tape"))
     static = ex.policy.isin(["always_large_deepthink", "always_small_flash"]).values
@@ -121,7 +140,7 @@ def test_tape_evaluation_reports_the_exact_figures_within_seed_noise(task, regim
             per_t = [summarise(d)["regimes"][regime][pol][k] for _, d in tp[tp.policy == pol].groupby("seed")]
             gap, spread, mean = np.mean(per_t) - np.mean(per_e), np.std(per_e), np.mean(per_e)
             print(f"{task} {regime} {pol} {k}: exact {per_e} tape {per_t} gap {gap:.3g} seed sd {spread:.3g}")
-            if k == "latency_p50_s":  # steady state against a ramp: higher on the tape, by at most 40 %
-                assert -max(2 * spread, 0.10 * mean) <= gap <= max(2 * spread, 0.40 * mean), (pol, per_e, per_t)
+            if k == "latency_p50_s":
+                assert abs(gap) <= max(2 * spread, 0.10 * mean), (pol, per_e, per_t)
             else:
                 assert abs(gap) <= max(2 * spread, 0.05), (pol, k, per_e, per_t)

@@ -23,6 +23,8 @@ def training_note(summary: dict) -> str:
         lines.append(f"background: training {bg['train']}, evaluation {bg['evaluate']}"
                      + (" (tape: envs.bgtape's approximation; exact: every background request simulated)"
                         if "tape" in bg.values() else ""))
+        if "protocol" in bg:
+            lines.append(f"warm-up {bg['warmup_s']:g} s, protocol {bg['protocol']}")
     lines.append(f"total wall {summary['wall_s']:.0f} s")
     return "\n".join(lines)
 
