@@ -143,13 +143,7 @@ class _DecodeRuns:
         clock = self.clock
         D0, j, n = clock.D, p.k, p.n_dec
         if j > 1:  # the first step's blocks were taken when it was planned
-            m, kv = self._need_over(D0 + 1, j - 1), self.kv
-            head = kv._head.next  # kv.pop_free(m), its common case inlined: once per run
-            if head.node is None and head.hi - head.lo > m:
-                head.hi -= m
-                kv.free -= m
-            else:
-                kv.pop_free(m)
+            self.kv.pop_free(self._need_over(D0 + 1, j - 1))  # once per run: the per-step copy is in _schedule_fast
         clock.D = D0 + j
         self.num_steps += j
         self.num_jumps += 1
