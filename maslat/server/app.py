@@ -29,7 +29,6 @@ characters and tokens as vLLM bounds them (``maslat.server.openai``); ``/v1/*`` 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from .guard import ConnectionGuard, RateLimitedLog, fd_room, quiet_logs
 from .live import LiveSim
 from .middleware import KeyCheck, make_middlewares
 from .openai import APIError, error_body, loads_object, parse_chat, parse_completion
+from .sse import SSEChunks as _Chunks
 from .tokenizer import output_text, prompt_segments
 
 __all__ = ["ServeConfig", "StandInServer"]
@@ -127,33 +127,6 @@ class ServeConfig:
         m = self.profile.model
         rows = m.embedding_params / m.hidden_size
         return int(rows) if rows >= 1 and rows == int(rows) else None
-
-
-class _Chunks:
-    """Pre-rendered SSE chunks of one streamed response (one JSON object per output token)."""
-
-    def __init__(self, kind: str, rid: str, created: int, model: str):
-        self.kind = kind
-        obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
-        self.head = f'{{"id":"{rid}","object":"{obj}","created":{created},"model":{json.dumps(model)},'
-        if kind == "completion":
-            self.pre = self.head + '"choices":[{"index":0,"text":'
-            self.post = ',"logprobs":null,"finish_reason":%s,"stop_reason":null}]}'
-        else:
-            self.pre = self.head + '"choices":[{"index":0,"delta":{"content":'
-            self.post = '},"logprobs":null,"finish_reason":%s}]}'
-
-    def role(self) -> str:
-        return (f'data: {self.head}"choices":[{{"index":0,"delta":{{"role":"assistant","content":""}},'
-                f'"logprobs":null,"finish_reason":null}}]}}\n\n')
-
-    def token(self, k: int, last: bool) -> str:
-        fin = '"length"' if last else "null"
-        return "data: " + self.pre + json.dumps(output_text(k, k + 1)) + self.post % fin + "\n\n"
-
-    def usage(self, prompt: int, completion: int) -> str:
-        u = {"prompt_tokens": prompt, "total_tokens": prompt + completion, "completion_tokens": completion}
-        return f'data: {self.head}"choices":[],"usage":{json.dumps(u)}}}\n\n'
 
 
 class StandInServer:
