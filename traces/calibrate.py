@@ -70,7 +70,7 @@ from .calrefine import (  # noqa: F401 (re-exported: the refinement's names, imp
     _wants_jitter,
 )
 from .calreport import OVERHEAD_SOURCE, format_report, profile_provenance, report
-from .dpsplit import dp_capacity, dp_final_errors, fit_data_parallel
+from .dpsplit import dp_capacity, dp_engine_sums, dp_final_errors, fit_data_parallel
 from .enginelatency import engine_phase_sums, offsets_disagree, pooled_offset, run_engine_ttfts
 from .hardware import GpuEntry, ModelEntry
 from .kvcapacity import KVCapacity, kv_capacity, refine_capacity_by_replay
@@ -314,7 +314,10 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
             return sim.Profile(name="dp-assignment", hardware=hw, model=model_spec, engine=engine, overheads=ov,
                                parallel=parallel, latency_model=family.latency_model, latency_coefficients=coef)
 
-        dp_runs, dp_masks, fit, dp_info = fit_data_parallel(runs, masks, engine, family, at, seed=seed)
+        sums = {r.name: dp_engine_sums(r, sums[r.name]) if r.engine.data_parallel_size > 1 else sums[r.name]
+                for r in runs}  # and each DP engine's own (traces.dpsplit)
+        dp_runs, dp_masks, fit, dp_info = fit_data_parallel(runs, masks, engine, family, at, seed=seed,
+                                                            engine_sums=[sums[r.name] for r in runs])
     else:
         fit = fit_step_model(fit_runs, engine, family)
         if (why_fitted := offsets_disagree(fit.measured_offsets_s)) is not None:
@@ -332,7 +335,7 @@ def calibrate_runs(runs_or_dirs: Sequence[MeasuredRun | str | Path], *, fit_frac
                        parallel=parallel, engine=engine, overheads=overheads,
                        latency_model=family.latency_model, latency_coefficients=dict(fit.coefficients))
     n_mult = len(_multiplier_names(fit))
-    whole = [sums[r.name] if (dp_info is None and m.all()) else None for r, m in zip(runs, masks, strict=True)]
+    whole = [sums[r.name] if m.all() else None for r, m in zip(runs, masks, strict=True)]
     mult, refine_info = _refine(runs, masks, base, fit, seed=seed, progress=progress, engine_sums=whole,
                                 max_evals=max_evals if max_evals is not None else EVALS_PER_MULTIPLIER * n_mult)
     profile = _apply(base, fit, mult)

@@ -18,7 +18,7 @@ from scipy.optimize import minimize
 
 import sim
 
-from .dpsplit import routing_dominated
+from .dpsplit import routing_dominated, split_agrees
 from .replay_core import METRICS, latency_errors, simulate_run
 from .runs import MeasuredRun
 from .stepfit import PHYSICS_MULTIPLIERS, StepFit
@@ -94,15 +94,26 @@ def _multiplier_names(fit: StepFit) -> list[str]:
             + ([JITTER_MULTIPLIER] if _wants_jitter(fit) else []))
 
 
-def _engine_phase_loss(simulated, sums: dict[str, float] | None) -> float:
+def _engine_phase_loss(simulated, sums: dict | None) -> float:
     """``ENGINE_PHASE_WEIGHT`` x the squared log errors of the replay's summed prefill and decode times against
-    the engine core's own (``traces.enginelatency.engine_phase_sums``); 0 without them."""
+    the engine core's own (``traces.enginelatency.engine_phase_sums``); 0 without them. A data-parallel run's
+    (``traces.dpsplit.dp_engine_sums``) is scored per engine, each term weighted by its share of the requests,
+    when the replay gives every engine as many requests as its own histograms counted (``dpsplit.split_agrees``),
+    else on the total over the engines."""
     if not sums:
         return 0.0
     rec = simulated.records
+    per = sums.get("per_engine")
+    if per and split_agrees(per, rec["replica"].to_numpy()):
+        n = sum(e["count"] for e in per)
+        return sum(e["count"] / n * _phase_loss(rec[rec["replica"].to_numpy() == i], e) for i, e in enumerate(per))
+    return _phase_loss(rec, sums)
+
+
+def _phase_loss(rec, sums: dict) -> float:
     got = {"prefill_s": float((rec["first_token_s"] - rec["scheduled_s"]).sum()),
            "decode_s": float((rec["last_token_s"] - rec["first_token_s"]).sum())}
-    return ENGINE_PHASE_WEIGHT * sum(np.log(got[k] / v) ** 2 for k, v in sums.items() if v > 0 and got[k] > 0)
+    return ENGINE_PHASE_WEIGHT * sum(np.log(got[k] / sums[k]) ** 2 for k in got if sums[k] > 0 and got[k] > 0)
 
 
 def _refine(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], base: sim.Profile, fit: StepFit, *,

@@ -21,7 +21,8 @@ So TTFT = ``first_token_ts - queued_ts`` here includes what a server-side run ex
 server's tokenization and queueing before the engine core (``overheads.frontend_s`` in a profile) and the
 stream's delivery. E2E likewise; TPOT is nearly unaffected. ``meta.json`` says ``"timestamps": "client"``.
 ``collector.engine_latency`` holds the growth over the run of the engine's latency histogram sums (queue,
-prefill, decode, E2E, TTFT; ``traces.enginelatency``): calibration measures the client-side constant with them.
+prefill, decode, E2E, TTFT; ``traces.enginelatency``): calibration measures the client-side constant with them;
+with several engines (data parallelism) ``collector.engine_latency_per_engine`` holds each engine's, by DP rank.
 ``timeseries.csv`` comes from the scrapes: running/waiting summed over engines, KV usage averaged, and
 throughputs as the difference of ``vllm:prompt_tokens_total`` / ``generation_tokens_total`` between ticks
 (a server restart, seen as a new ``process_start_time_seconds`` or a counter going down, starts the
@@ -56,7 +57,7 @@ from .client import (
     stream_request,
 )
 from .collect_report import CollectorReport
-from .enginelatency import histogram_sums
+from .enginelatency import histogram_sums, histogram_sums_by_engine
 from .loadplan import LoadPlan
 from .runwriter import RunWriter
 from .scrape import Scrape, parse_scrape
@@ -162,6 +163,8 @@ class Collector(CollectorReport):
         # the engine's latency histogram sums at the first and the latest good scrape (traces.enginelatency)
         self.latency_first: dict | None = None
         self.latency_last: dict | None = None
+        self.latency_first_by_engine: dict | None = None  # per engine label (data parallelism)
+        self.latency_last_by_engine: dict | None = None
 
     # ------------------------------------------------------------------ discovery
     async def discover(self, session) -> None:
@@ -201,6 +204,10 @@ class Collector(CollectorReport):
                 sums = histogram_sums(text)
                 self.latency_first = self.latency_first if self.latency_first is not None else sums
                 self.latency_last = sums
+                by_engine = histogram_sums_by_engine(text)
+                if self.latency_first_by_engine is None:
+                    self.latency_first_by_engine = by_engine
+                self.latency_last_by_engine = by_engine
                 return parsed
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return None

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from .enginelatency import latency_deltas
+from .enginelatency import latency_deltas, per_engine_deltas
 
 __all__ = ["CollectorReport"]
 
@@ -92,6 +92,9 @@ class CollectorReport:
             meta["collector"]["preemptions"] = int(round(self.preemptions))
         if self.latency_first and self.latency_last:  # the engine's own share of the run's latencies
             meta["collector"]["engine_latency"] = latency_deltas(self.latency_first, self.latency_last)
+        per = per_engine_deltas(self.latency_first_by_engine or {}, self.latency_last_by_engine or {})
+        if len(per) > 1:  # data parallelism: each engine core's own (traces.enginelatency)
+            meta["collector"]["engine_latency_per_engine"] = per
         if self.stand_in_max_lag_s is not None:
             meta["collector"]["stand_in_max_lag_s"] = self.stand_in_max_lag_s
         meta["collector"].update(self.extra_meta)

@@ -37,6 +37,13 @@ a coin on those runs: the gauges count requests, they do not name them). What fo
 * the TTFT mean and tail of such a run depend on the DP coordinator's timer (``routing_envelope``): the
   refinement leaves them out (``routing_dominated``) and the replay's bar holds them to the envelope.
 
+The engine cores' own prefill and decode sums (``traces.enginelatency``; a client-side run's collector records
+them per engine, vLLM's ``engine`` label being the DP rank) keep the fit on the engines' clock as they do for one
+engine (``traces.steprows.engine_sum_rows``): per engine, against the requests the split gives it, when the
+split's requests per engine agree with the engines' own histogram counts (``split_agrees``); otherwise the
+total over the engines against the run's whole reconstruction (``FitRun.engine_sums_pool``), which holds whatever
+the split. ``engine_sums`` in the report says which, per run and round.
+
 ``assignment_changes`` in the report says how much the split moved between rounds.
 """
 
@@ -52,6 +59,7 @@ from scipy.stats import t as student_t
 import sim
 from sim.dplb import DP_RULES
 
+from .enginelatency import engine_phase_sums_per_engine
 from .kvcapacity import KVCapacity
 from .replay_core import (
     SimulatedRun,
@@ -63,7 +71,7 @@ from .replay_core import (
 from .runs import TIMESERIES_COLUMNS, MeasuredRun
 from .stepfit import FitFamily, FitRun, StepFit, fit_step_model
 
-__all__ = ["ENVELOPE_PHASES", "MAX_ROUNDS", "assign_engines", "dp_capacity", "dp_final_errors", "engine_timeseries",
+__all__ = ["ENVELOPE_PHASES", "MAX_ROUNDS", "SPLIT_COUNT_TOLERANCE", "dp_engine_sums", "split_agrees", "assign_engines", "dp_capacity", "dp_final_errors", "engine_timeseries",
            "fit_data_parallel", "routing_envelope", "split_by_engine", "step_groups"]
 
 MAX_ROUNDS = 3  # fits at most (assignment at the prior, then at each fit while it changes)
@@ -71,6 +79,29 @@ MAX_ROUNDS = 3  # fits at most (assignment at the prior, then at each fit while 
 #: runs at 7.5 req/s the per-request rows of the split biased held-out TPOT by +3 to +4 %; 5 s sums, about 0 %
 ROW_BIN_S = 5.0
 ENVELOPE_PHASES = 8  # timer phases of the routing envelope (the run's own replay is the first)
+#: an engine's requests in the split may differ from the requests its own histograms counted by this fraction
+#: before its own sums are set aside for the total over the engines (``split_agrees``)
+SPLIT_COUNT_TOLERANCE = 0.02
+
+
+def dp_engine_sums(run: MeasuredRun, total: dict[str, float] | None) -> dict | None:
+    """A DP run's engine-core sums for the fit: the ``total`` over its engines (``enginelatency.engine_phase_sums``)
+    and, where recorded, ``"per_engine"`` (``engine_phase_sums_per_engine``); ``None`` without a total."""
+    if total is None:
+        return None
+    per = engine_phase_sums_per_engine(run.meta.extra.get("collector"), num_requests=len(run),
+                                       num_engines=run.engine.data_parallel_size)
+    return {**total, "per_engine": per}
+
+
+def split_agrees(per_engine: Sequence[dict] | None, engines: np.ndarray) -> bool:
+    """Whether a split (the engine of each request) gives every engine as many requests as its own histograms
+    counted, within ``SPLIT_COUNT_TOLERANCE``: then each engine's sums are fitted against its own sub-run."""
+    if not per_engine:
+        return False
+    got = np.bincount(np.asarray(engines, np.int64), minlength=len(per_engine))
+    return bool(len(got) == len(per_engine) and all(abs(g - e["count"]) <= SPLIT_COUNT_TOLERANCE * e["count"]
+                                                    for g, e in zip(got, per_engine, strict=True)))
 
 
 def step_groups(run: MeasuredRun) -> np.ndarray | None:
@@ -174,7 +205,8 @@ def split_by_engine(run: MeasuredRun, engines: np.ndarray) -> list[tuple[Measure
 
 def fit_data_parallel(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], engine: sim.EngineConfig,
                       family: FitFamily, make_profile: Callable[[dict[str, float], float | None], sim.Profile],
-                      *, seed: int = 0) -> tuple[list[MeasuredRun], list[np.ndarray], StepFit, dict]:
+                      *, seed: int = 0, engine_sums: Sequence[dict | None] | None = None,
+                      ) -> tuple[list[MeasuredRun], list[np.ndarray], StepFit, dict]:
     """Assign, split and fit until the assignment settles (see the module docstring).
 
     Args:
@@ -183,12 +215,15 @@ def fit_data_parallel(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], 
         family: the step-time family to fit (``traces.stepfit.FitFamily``; its ``start`` is the first guess).
         make_profile: ``(coefficients, client-side offset or None) -> Profile`` to replay the DP world with.
         seed: world seed of the replays.
+        engine_sums: per run, its engine cores' sums (``dp_engine_sums``; a run without DP: its
+            ``engine_phase_sums``), or ``None``.
 
     Returns:
         The sub-runs (a run without DP stays whole), their masks, the fit, and a report section.
     """
     coef = dict(family.start)
     offset, assigned, info = None, None, {"rounds": []}
+    sums = list(engine_sums) if engine_sums is not None else [None] * len(runs)
     for rnd in range(MAX_ROUNDS):
         prof = make_profile(coef, offset)
         new = [assign_engines(r, prof, seed=seed) if r.engine.data_parallel_size > 1 else None for r in runs]
@@ -197,32 +232,58 @@ def fit_data_parallel(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], 
         if changes == 0:
             break
         assigned = new
-        subs, sub_masks = _split_all(runs, masks, assigned)
-        fit = fit_step_model([FitRun.of(r, m) for r, m in zip(subs, sub_masks, strict=True)], engine, family,
-                             row_bin_s=ROW_BIN_S)
+        subs, sub_masks, origins = _split_all(runs, masks, assigned)
+        fit_runs, modes = _fit_runs(runs, assigned, subs, sub_masks, origins, sums)
+        fit = fit_step_model(fit_runs, engine, family, row_bin_s=ROW_BIN_S)
         coef = dict(fit.coefficients)
         offset = fit.offset_s
         info["rounds"].append({"round": rnd, "assignment_changes": changes,
                                "requests_per_engine": {r.name: [int((a == i).sum()) for i in range(r.engine.data_parallel_size)]
-                                                       for r, a in zip(runs, assigned, strict=True) if a is not None}})
+                                                       for r, a in zip(runs, assigned, strict=True) if a is not None},
+                               "engine_sums": modes})
     info["method"] = ("each DP run split into one run per engine by replaying the whole DP world (vLLM's DP load "
                       "balancing, sim.dplb) at the current profile; the sub-runs fitted together on rows summed "
                       f"over {ROW_BIN_S:g} s; repeated while the assignment changed (at most {MAX_ROUNDS} fits)")
     info["sub_runs"] = [r.name for r in subs]
+    info["engine_sums"] = modes
     return subs, sub_masks, fit, info
 
 
-def _split_all(runs, masks, assigned) -> tuple[list[MeasuredRun], list[np.ndarray]]:
-    subs, sub_masks = [], []
-    for run, mask, a in zip(runs, masks, assigned, strict=True):
+def _split_all(runs, masks, assigned) -> tuple[list[MeasuredRun], list[np.ndarray], list[tuple[int, int | None]]]:
+    """The fit runs, their masks, and each one's (run index, engine or ``None`` for a run without DP)."""
+    subs, sub_masks, origins = [], [], []
+    for k, (run, mask, a) in enumerate(zip(runs, masks, assigned, strict=True)):
         if a is None:
             subs.append(run)
             sub_masks.append(mask)
+            origins.append((k, None))
             continue
-        for sub, idx in split_by_engine(run, a):
+        for i, (sub, idx) in enumerate(split_by_engine(run, a)):
             subs.append(sub)
             sub_masks.append(np.asarray(mask, bool)[idx])
-    return subs, sub_masks
+            origins.append((k, i))
+    return subs, sub_masks, origins
+
+
+def _fit_runs(runs, assigned, subs, sub_masks, origins, sums) -> tuple[list[FitRun], dict[str, str]]:
+    """``FitRun``s of the sub-runs with their engine-core sums (module docstring): per engine when the split
+    agrees with the engines' counts, else pooled over the run's engines; and, per run with sums, which."""
+    out, modes = [], {}
+    for sub, m, (k, i) in zip(subs, sub_masks, origins, strict=True):
+        s, run = sums[k], runs[k]
+        if s is None or i is None:
+            out.append(FitRun.of(sub, m, engine_sums=s))
+            continue
+        per = s.get("per_engine")
+        if split_agrees(per, assigned[k]):
+            modes[run.name] = "per engine"
+            mine = {"prefill_s": per[i]["prefill_s"], "decode_s": per[i]["decode_s"], "count": per[i]["count"]}
+            out.append(FitRun.of(sub, m, engine_sums=mine))
+        else:
+            modes[run.name] = "total over engines" + ("" if per else " (no per-engine sums recorded)")
+            whole = {"prefill_s": s["prefill_s"], "decode_s": s["decode_s"], "count": float(len(run))}
+            out.append(FitRun.of(sub, m, engine_sums=whole, engine_sums_pool=run.name))
+    return out, modes
 
 
 def dp_final_errors(runs: Sequence[MeasuredRun], masks: Sequence[np.ndarray], replays: Sequence[SimulatedRun],

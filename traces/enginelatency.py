@@ -26,10 +26,13 @@ requests, a restart).
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
-__all__ = ["ENGINE_HISTOGRAMS", "client_offset", "engine_phase_sums", "engine_ttft", "histogram_sums", "latency_deltas", "pooled_offset",
+__all__ = ["ENGINE_HISTOGRAMS", "client_offset", "engine_phase_sums",
+           "engine_phase_sums_per_engine", "engine_ttft", "histogram_sums", "histogram_sums_by_engine",
+           "latency_deltas", "per_engine_deltas", "pooled_offset",
            "run_engine_ttfts"]
 
 #: key in ``meta.json`` -> the vLLM v1 histogram (``vllm/v1/metrics/loggers.py``)
@@ -38,12 +41,10 @@ ENGINE_HISTOGRAMS = {"queue_s": "vllm:request_queue_time_seconds", "prefill_s": 
                      "ttft_s": "vllm:time_to_first_token_seconds"}
 
 
-def histogram_sums(text: str) -> dict[str, tuple[float, float]]:
-    """``key -> (sum, count)`` of every ``ENGINE_HISTOGRAMS`` series on a ``/metrics`` page, summed over its
-    label sets (engines, models); keys whose series are absent are left out."""
+def _histogram_values(text: str):
+    """``(key, 0 for _sum | 1 for _count, engine label or None, value)`` of every ``ENGINE_HISTOGRAMS`` series."""
     want = {f"{name}{part}": (key, i) for key, name in ENGINE_HISTOGRAMS.items()
             for i, part in enumerate(("_sum", "_count"))}
-    acc: dict[str, list[float]] = {}
     for line in text.splitlines():
         if not line.startswith("vllm:"):
             continue
@@ -55,14 +56,47 @@ def histogram_sums(text: str) -> dict[str, tuple[float, float]]:
             v = float(value)
         except ValueError:
             continue
-        acc.setdefault(hit[0], [0.0, 0.0])[hit[1]] += v
+        m = _ENGINE_LABEL.search(head)
+        yield hit[0], hit[1], (m.group(1) if m else None), v
+
+
+_ENGINE_LABEL = re.compile(r'[{,]engine="([^"]*)"')
+
+
+def _finite(acc: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
     return {k: (s, c) for k, (s, c) in acc.items() if math.isfinite(s) and math.isfinite(c)}
+
+
+def histogram_sums(text: str) -> dict[str, tuple[float, float]]:
+    """``key -> (sum, count)`` of every ``ENGINE_HISTOGRAMS`` series on a ``/metrics`` page, summed over its
+    label sets (engines, models); keys whose series are absent are left out."""
+    acc: dict[str, list[float]] = {}
+    for key, i, _, v in _histogram_values(text):
+        acc.setdefault(key, [0.0, 0.0])[i] += v
+    return _finite(acc)
+
+
+def histogram_sums_by_engine(text: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """``engine label -> histogram_sums`` of that engine's series (summed over its other labels): a
+    data-parallel vLLM labels every engine core's series ``engine="<DP rank>"``. Series without the label are
+    left out; a page without any gives ``{}``."""
+    acc: dict[str, dict[str, list[float]]] = {}
+    for key, i, engine, v in _histogram_values(text):
+        if engine is not None:
+            acc.setdefault(engine, {}).setdefault(key, [0.0, 0.0])[i] += v
+    return {e: _finite(a) for e, a in acc.items()}
 
 
 def latency_deltas(first: dict[str, tuple[float, float]],
                    last: dict[str, tuple[float, float]]) -> dict[str, dict[str, float]]:
     """The growth of each histogram between two scrapes: ``key -> {"sum_s", "count"}`` (keys in both)."""
     return {k: {"sum_s": last[k][0] - first[k][0], "count": last[k][1] - first[k][1]} for k in first if k in last}
+
+
+def per_engine_deltas(first: dict[str, dict[str, tuple[float, float]]],
+                      last: dict[str, dict[str, tuple[float, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``latency_deltas`` per engine label (labels in both scrapes)."""
+    return {e: latency_deltas(first[e], last[e]) for e in sorted(first, key=lambda e: (len(e), e)) if e in last}
 
 
 def engine_ttft(meta_collector: dict | None, *, num_requests: int) -> tuple[float | None, str]:
@@ -106,6 +140,25 @@ def engine_phase_sums(meta_collector: dict | None, *, num_requests: int) -> dict
     if not p or not d or not (p["count"] == d["count"] == num_requests):
         return None
     return {"prefill_s": float(p["sum_s"]), "decode_s": float(d["sum_s"])}
+
+
+def engine_phase_sums_per_engine(meta_collector: dict | None, *, num_requests: int,
+                                 num_engines: int) -> list[dict[str, float]] | None:
+    """Per data-parallel engine (DP rank 0..``num_engines``-1), its own summed prefill and decode times and the
+    requests its histograms counted (``{"prefill_s", "decode_s", "count"}``), from ``collector.
+    engine_latency_per_engine`` (``maslat collect``: vLLM labels each engine core's series ``engine="<rank>"``);
+    ``None`` unless every engine is there, each counted its prefill and decode alike, their counts add up to the
+    run's ``num_requests`` completed requests, and the server did not restart (``engine_phase_sums``)."""
+    per = (meta_collector or {}).get("engine_latency_per_engine")
+    if not per or (meta_collector or {}).get("counter_resets") or set(per) != {str(i) for i in range(num_engines)}:
+        return None
+    out = []
+    for i in range(num_engines):
+        p, d = per[str(i)].get("prefill_s"), per[str(i)].get("decode_s")
+        if not p or not d or p["count"] != d["count"]:
+            return None
+        out.append({"prefill_s": float(p["sum_s"]), "decode_s": float(d["sum_s"]), "count": float(p["count"])})
+    return out if sum(e["count"] for e in out) == num_requests else None
 
 
 def client_offset(client_ttft_s: np.ndarray, engine_ttft_s: float, step_wait_s: np.ndarray) -> float:

@@ -25,6 +25,7 @@ one-step prefill row) by the decode spans, which do not contain it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -53,6 +54,7 @@ from .steprows import (  # noqa: F401 (re-exported: the rows' names, importable 
     _stack,
     engine_sum_rows,
     measured_offset,
+    pooled,
 )
 
 __all__ = ["FitFamily", "FitRun", "HELD", "PRIOR", "PRIOR_WEIGHT", "RunFit", "StepFit", "UNITS", "fit_step_model",
@@ -258,13 +260,14 @@ def fit_step_model(runs: Sequence[FitRun], engine: EngineConfig, family: FitFami
     free, names, d = family.free, family.names, family.damping
     max_iterations = family.max_iterations if max_iterations is None else max_iterations
     traces = _reconstruct(runs, engine, family.make(dict(family.start)))
+    pools = Counter(r.engine_sums_pool for r in runs if r.engine_sums is not None and r.engine_sums_pool)
     iterations, coef, offset = [], None, None
     for it in range(max_iterations):
         rows = _stack([_rows(t, r) for t, r in zip(traces, runs, strict=True)])
         if len(rows.y) < len(free) + 2 + bool(rows.has_offset.any()):
             raise ValueError(f"only {len(rows.y)} usable rows to fit {len(free)} coefficients; the run needs more "
                              "requests that were not preempted")
-        new, new_offset = _nnls(_binned(rows, row_bin_s), family)
+        new, new_offset = _nnls(_binned(pooled(rows, pools), row_bin_s), family)
         iterations.append({"iteration": it, "engine_steps": sum(t.num_steps for t in traces),
                            "preemptions": int(sum(t.num_preemptions.sum() for t in traces)), "rows": int(len(rows.y)),
                            **{c: float(new[names.index(c)]) for c in free},

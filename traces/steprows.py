@@ -44,7 +44,7 @@ import pandas as pd
 from .enginelatency import client_offset
 from .reconstruct import EngineTrace
 
-__all__ = ["ENGINE_SUM_KINDS", "ENGINE_SUM_WEIGHT", "FitRun", "engine_sum_rows", "measured_offset"]
+__all__ = ["ENGINE_SUM_KINDS", "ENGINE_SUM_WEIGHT", "FitRun", "engine_sum_rows", "measured_offset", "pooled"]
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -63,7 +63,12 @@ class FitRun:
             reconstruction (``enginelatency.client_offset``) and its prefill rows carry no offset column
             (``None``: the constant is fitted with the coefficients).
         engine_sums: a client-side run's engine-core summed prefill and decode times over all its requests
-            (``traces.enginelatency.engine_phase_sums``); each becomes one more row (``engine_sum_rows``).
+            (``traces.enginelatency.engine_phase_sums``); each becomes one more row (``engine_sum_rows``). With
+            ``"count"`` (requests the sums cover; default all of the run's), over that many requests: a
+            data-parallel engine's own sums cover its sub-run's (``traces.dpsplit``), a pool's its whole run's.
+        engine_sums_pool: the sums are the total over several runs' requests (the engines of one data-parallel run
+            whose split of requests to engines is uncertain, ``traces.dpsplit``): the engine-sum rows of every run
+            of the pool are summed into one per kind before the fit (``pooled``).
     """
 
     name: str
@@ -76,16 +81,18 @@ class FitRun:
     client_side: bool = False
     engine_ttft_s: float | None = None
     engine_sums: dict[str, float] | None = None
+    engine_sums_pool: str | None = None
 
     @classmethod
     def of(cls, run, mask: np.ndarray, engine_ttft_s: float | None = None,
-           engine_sums: dict[str, float] | None = None) -> FitRun:
+           engine_sums: dict[str, float] | None = None, engine_sums_pool: str | None = None) -> FitRun:
         """From a ``traces.runs.MeasuredRun`` (and its engine-core mean TTFT and phase sums, if measured)."""
         return cls(name=run.name, requests=run.requests, prompt_tokens=run.prompt_tokens,
                    output_tokens=run.output_tokens, offsets_s=run.offsets_s, mask=np.asarray(mask, bool),
                    async_scheduling=bool(run.engine.async_scheduling), client_side=run.client_side,
                    engine_ttft_s=engine_ttft_s if run.client_side else None,
-                   engine_sums=engine_sums if run.client_side else None)
+                   engine_sums=engine_sums if run.client_side else None,
+                   engine_sums_pool=engine_sums_pool if run.client_side else None)
 
 @dataclass(frozen=True, eq=False)
 class _Rows:
@@ -93,8 +100,9 @@ class _Rows:
     y: np.ndarray  # measured seconds
     k: np.ndarray  # engine steps
     kind: np.ndarray  # "decode" | "prefill" | ENGINE_SUM_KINDS
-    has_offset: np.ndarray  # the row contains the client-side offset
+    has_offset: np.ndarray  # the row contains the client-side offset (a binned row: that many times, ``_binned``)
     t: np.ndarray  # the row's time (mid-span, seconds after the run's first queued_ts): for binned fits
+    group: np.ndarray  # "" or the FitRun.engine_sums_pool an engine-sum row is summed over (``pooled``)
 
 
 def measured_offset(trace: EngineTrace, run: FitRun) -> float | None:
@@ -140,7 +148,7 @@ def _rows(trace: EngineTrace, run: FitRun) -> _Rows:
                  kind=np.array(["decode"] * n_dec + ["prefill"] * n_pre),
                  has_offset=np.concatenate([np.zeros(n_dec, bool),
                                             np.full(n_pre, run.client_side and run.engine_ttft_s is None)]),
-                 t=np.concatenate([(f[dec] + last[dec]) / 2 - q0, f[pre] - q0]))
+                 t=np.concatenate([(f[dec] + last[dec]) / 2 - q0, f[pre] - q0]), group=np.full(n_dec + n_pre, ""))
     sums = engine_sum_rows(trace, run, cum)
     return rows if sums is None else _stack([rows, sums])
 
@@ -173,16 +181,44 @@ def engine_sum_rows(trace: EngineTrace, run: FitRun, cum: np.ndarray) -> _Rows |
     if len(first) != len(run.mask) or (first <= 0).any() or (admit <= 0).any() or (last < first).any():
         return None
     n = len(first)
-    scale = float(np.sqrt(n)) * ENGINE_SUM_WEIGHT
+    total = float(run.engine_sums.get("count", n))  # requests the sums cover: n, or a pool's (then y is n's share)
+    scale = float(np.sqrt(total)) * ENGINE_SUM_WEIGHT
     X = np.vstack([(cum[first] - cum[admit - 1]).sum(axis=0), (cum[last] - cum[first]).sum(axis=0)]) * scale
-    y = np.array([run.engine_sums["prefill_s"], run.engine_sums["decode_s"]]) * scale
+    y = np.array([run.engine_sums["prefill_s"], run.engine_sums["decode_s"]]) * (n / total) * scale
     k = np.array([int((first - admit + 1).sum()), int((last - first).sum())], np.int64)
     t_mid = float((run.requests["first_token_ts"] - run.requests["queued_ts"].min()).median())
-    return _Rows(X=X, y=y, k=k, kind=np.array(ENGINE_SUM_KINDS), has_offset=np.zeros(2, bool), t=np.full(2, t_mid))
+    return _Rows(X=X, y=y, k=k, kind=np.array(ENGINE_SUM_KINDS), has_offset=np.zeros(2, bool), t=np.full(2, t_mid),
+                 group=np.full(2, run.engine_sums_pool or ""))
 
 
 def _stack(rows: list[_Rows]) -> _Rows:
-    return _Rows(*(np.concatenate([getattr(r, f) for r in rows]) for f in ("X", "y", "k", "kind", "has_offset", "t")))
+    return _Rows(*(np.concatenate([getattr(r, f) for r in rows])
+                   for f in ("X", "y", "k", "kind", "has_offset", "t", "group")))
+
+
+def _take(rows: _Rows, keep: np.ndarray) -> _Rows:
+    return _Rows(*(getattr(rows, f)[keep] for f in ("X", "y", "k", "kind", "has_offset", "t", "group")))
+
+
+def pooled(rows: _Rows, members: dict[str, int]) -> _Rows:
+    """Engine-sum rows of one pool (``FitRun.engine_sums_pool``; ``members``: pool -> its runs) summed into one row
+    per kind: the whole data-parallel run's steps against the total of its engines' sums (each member's row holds
+    its requests' share of the total, and every member is scaled as the pool's size, so the sum is the pool's
+    row). A pool missing a member's rows (a request not reconstructed) is dropped: its total would not match."""
+    grouped = rows.group != ""
+    if not grouped.any():
+        return rows
+    out = [_take(rows, ~grouped)]
+    for g in np.unique(rows.group[grouped]):
+        for kind in ENGINE_SUM_KINDS:
+            sel = (rows.group == g) & (rows.kind == kind)
+            if sel.sum() != members.get(str(g), -1):
+                continue
+            part = _take(rows, sel)
+            out.append(_Rows(X=part.X.sum(axis=0, keepdims=True), y=part.y.sum(keepdims=True),
+                             k=part.k.sum(keepdims=True), kind=part.kind[:1], has_offset=part.has_offset[:1],
+                             t=part.t[:1], group=part.group[:1]))
+    return _stack(out)
 
 
 def _binned(rows: _Rows, bin_s: float | None) -> _Rows:
@@ -190,9 +226,13 @@ def _binned(rows: _Rows, bin_s: float | None) -> _Rows:
     fit (``traces.dpsplit``) uses it: its per-engine sub-runs come from a split that is right in aggregate but
     not request by request, so one request's summed basis terms carry the other engine's load (errors in the
     regressors, which bias least squares towards a flat model); summed over the requests of a few seconds, what
-    one engine over-counts the other under-counts."""
+    one engine over-counts the other under-counts. A binned row of client-side prefill rows holds the client-side
+    offset once per row it sums (``has_offset`` becomes that count: the offset column of ``traces.stepfit._nnls``)."""
     if bin_s is None:
         return rows
+    spans = (rows.kind == "decode") | (rows.kind == "prefill")  # engine-sum rows stay whole
+    if spans.any() and not spans.all():
+        return _stack([_binned(_take(rows, spans), bin_s), _take(rows, ~spans)])
     key = np.stack([rows.kind == "decode", rows.has_offset, np.floor(rows.t / bin_s)], axis=1)
     _, inv = np.unique(key, axis=0, return_inverse=True)
     inv = inv.ravel()
@@ -201,4 +241,5 @@ def _binned(rows: _Rows, bin_s: float | None) -> _Rows:
     np.add.at(X, inv, rows.X)
     first = np.unique(inv, return_index=True)[1]
     return _Rows(X=X, y=np.bincount(inv, rows.y, m), k=np.bincount(inv, rows.k, m).astype(np.int64),
-                 kind=rows.kind[first], has_offset=rows.has_offset[first], t=rows.t[first])
+                 kind=rows.kind[first], has_offset=np.bincount(inv, rows.has_offset, m), t=rows.t[first],
+                 group=rows.group[first])
