@@ -4,6 +4,9 @@ collector's hostile-network tests: what the real stand-in server never does on p
 Modes (``/v1/completions``): ``ok`` streams ``max_tokens`` chunks and usage; ``http500`` answers every request
 with a 500; ``long_line`` sends one stream line of 600 KiB on every third request (aiohttp's reader refuses lines
 over 512 KiB with ``LineTooLong``); ``hang`` never answers. ``time_scale`` is published as ``maslat:time_scale``.
+With ``engines`` > 1 it serves request ``n`` on engine ``n % engines`` and publishes each engine's
+``vllm:request_{prefill,decode}_time_seconds`` sums and counts, labelled ``engine="<i>"`` as a data-parallel
+vLLM does (prefill 10 ms per request on engine ``i`` times ``i + 1``, decode 1 ms per output token).
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ vllm:generation_tokens_total{{engine="0",model_name="fake"}} {gen}
 
 
 class FakeServer:
-    def __init__(self, mode: str = "ok", time_scale: float | None = None, token_gap_s: float = 0.002):
+    def __init__(self, mode: str = "ok", time_scale: float | None = None, token_gap_s: float = 0.002,
+                 engines: int = 1):
         self.mode, self.time_scale, self.gap = mode, time_scale, token_gap_s
+        self.latency = [[0.0, 0.0, 0] for _ in range(engines)]  # per engine: prefill sum, decode sum, count
         self.count = self.running = self.prompt = self.gen = 0
         self.url = ""
         self._loop = asyncio.new_event_loop()
@@ -44,6 +49,10 @@ class FakeServer:
         text = METRICS.format(running=self.running, prompt=self.prompt, gen=self.gen)
         if self.time_scale is not None:
             text += f"# TYPE maslat:time_scale gauge\nmaslat:time_scale {self.time_scale!r}\n"
+        for i, (p, d, c) in enumerate(self.latency if len(self.latency) > 1 else []):
+            for name, v in (("prefill", p), ("decode", d)):
+                text += (f'vllm:request_{name}_time_seconds_sum{{engine="{i}",model_name="fake"}} {v!r}\n'
+                         f'vllm:request_{name}_time_seconds_count{{engine="{i}",model_name="fake"}} {c}.0\n')
         return web.Response(text=text, content_type="text/plain")
 
     async def completions(self, req):
@@ -68,6 +77,10 @@ class FakeServer:
             prompt = len(body["prompt"]) if isinstance(body.get("prompt"), list) else 10
             self.prompt += prompt
             self.gen += out
+            lat = self.latency[n % len(self.latency)]
+            lat[0] += 0.01 * (n % len(self.latency) + 1)
+            lat[1] += 0.001 * out
+            lat[2] += 1
             usage = {"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": out}}
             await resp.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
         finally:

@@ -200,3 +200,23 @@ def test_dp_engine_sums_of_a_run(tmp_path):
     assert split_agrees(s["per_engine"], replica)
     assert sum(e["prefill_s"] for e in s["per_engine"]) == pytest.approx(s["prefill_s"])
     assert dp_engine_sums(run, None) is None
+
+
+def test_the_collector_records_each_engines_sums(tmp_path):
+    """``maslat collect`` against a server of two engines: ``collector.engine_latency_per_engine`` holds each
+    engine's growth over the run, and they add up to ``collector.engine_latency``."""
+    import json
+
+    from traces.collect import CollectConfig, collect
+
+    from .fakevllm import FakeServer
+
+    with FakeServer("ok", engines=2) as srv:
+        collect(CollectConfig(endpoint=srv.url, out_dir=tmp_path / "run", rate_per_s=50.0, num_requests=9,
+                              workload="fixed:20,4", engine_kwargs={"max_num_seqs": 8, "max_num_batched_tokens": 512}))
+    col = json.loads((tmp_path / "run" / "meta.json").read_text())["collector"]
+    per = col["engine_latency_per_engine"]
+    assert [per[e]["prefill_s"]["count"] for e in ("0", "1")] == [4.0, 5.0]  # request n on engine n % 2
+    assert per["0"]["prefill_s"]["sum_s"] == pytest.approx(0.04) and per["1"]["prefill_s"]["sum_s"] == pytest.approx(0.1)
+    assert col["engine_latency"]["decode_s"] == {"sum_s": pytest.approx(9 * 0.004), "count": 9.0}
+    assert engine_phase_sums_per_engine(col, num_requests=9, num_engines=2)[1]["decode_s"] == pytest.approx(0.02)
