@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import resource
 import sys
 import time
 
 from ._common import add_json_flag, emit_json, format_table
+from .bench_sim_common import (
+    _collect,
+    _cpu_s_all_processes,
+    _in_fresh_process,
+    _start_fresh_process,
+    azure_conv_lengths,
+    engine_counters,
+    measure_saturation,
+)
+from .bench_sim_soak import SOAK_FLAT_MB, SOAK_SAMPLES, _soak, soak_slope
+
+__all__ = ["SOAK_FLAT_MB", "azure_conv_lengths", "configure", "engine_counters", "measure_saturation", "run",
+           "soak_slope"]
 
 HELP = "simulator speed: N requests through R replicas at a fraction of saturation, with and without jumps"
 DESCRIPTION = """\
@@ -35,8 +45,6 @@ the saturation measurement plus the main run.
 """
 
 LONG_PROMPT_TOKENS, LONG_OUTPUT_TOKENS, LONG_RATE_PER_S = 512, 2048, 2.0
-SOAK_SAMPLES = 50  # RSS samples over a soak (evenly spaced in simulated time)
-SOAK_FLAT_MB = 16.0  # growth of the fitted RSS line over the sampled span still called flat
 
 
 def configure(p) -> None:
@@ -61,177 +69,6 @@ def configure(p) -> None:
                    help="instead of the comparison: run N requests (records not kept), sample the process's RSS "
                         f"{SOAK_SAMPLES} times and report its slope (MB per million requests); e.g. 10000000")
     add_json_flag(p)
-
-
-def azure_conv_lengths() -> tuple:
-    """The Azure-conv (prompt, output) arrays, read once by the command and handed to every scenario process
-    (parsing the CSV's timestamps costs more than passing the arrays)."""
-    from traces.azure import azure_trace
-
-    tr = azure_trace("conv")
-    return tr.prompt_tokens, tr.output_tokens
-
-
-def _lengths(params: dict | None = None):
-    from sim import EmpiricalLengths, FixedLengths
-
-    if params is not None and params.get("fixed_lengths"):
-        return FixedLengths(*params["fixed_lengths"])
-    arrays = params.get("length_arrays") if params is not None else None
-    return EmpiricalLengths(*(arrays if arrays is not None else azure_conv_lengths()))
-
-
-def measure_saturation(profile_name: str, seed: int, n: int = 4000, length_arrays: tuple | None = None) -> float:
-    """Requests/s one replica completes when overloaded (middle 80 % of completions)."""
-    import numpy as np
-
-    from sim import PoissonArrivals, PoolSpec, Workload, load_profile, make_world
-
-    world = make_world(PoolSpec(name="p", profile=load_profile(profile_name)), seed=seed, sample_interval_s=None)
-    Workload(pool="p", arrivals=PoissonArrivals(1000.0), lengths=_lengths({"length_arrays": length_arrays}),
-             num_requests=n, name="sat").start(world)
-    world.run_until_idle()
-    done = np.sort(world.records.columns()["last_token_s"])
-    lo, hi = int(0.1 * n), int(0.9 * n)
-    return (hi - lo) / (done[hi] - done[lo])
-
-
-def engine_counters(world, wall_s: float) -> dict:
-    """Steps, step boundaries and jumps summed over the replicas, and the wall time per step and boundary.
-
-    A boundary is one engine ``begin``/``complete`` pair (one SimPy event): a single step, or a decode run
-    of ``k`` steps jumped in closed form.
-    """
-    cores = [r.core for r in world.replicas]
-    steps = sum(c.num_steps for c in cores)
-    jumps = sum(c.num_jumps for c in cores)
-    jumped = sum(c.num_jumped_steps for c in cores)
-    boundaries = steps - jumped + jumps
-    return {"engine_steps": steps, "step_boundaries": boundaries, "jumps": jumps, "jumped_steps": jumped,
-            "jumped_step_fraction": jumped / steps if steps else 0.0,
-            "mean_steps_per_jump": jumped / jumps if jumps else 0.0,
-            "truncated_jumps": sum(c.num_truncated_jumps for c in cores),
-            "us_per_step": 1e6 * wall_s / steps if steps else float("nan"),
-            "us_per_boundary": 1e6 * wall_s / boundaries if boundaries else float("nan")}
-
-
-def _scenario(params: dict, queue) -> None:
-    from sim import PoissonArrivals, PoolSpec, Workload, load_profile, make_world
-    from sim.summary import latency_summary
-
-    world = make_world(PoolSpec(name="p", profile=load_profile(params["profile"]), replicas=params["replicas"],
-                                router=params["router"]), seed=params["seed"], jumps=params["jumps"],
-                       force_reference=params.get("force_reference", False))
-    Workload(pool="p", arrivals=PoissonArrivals(params["rate"]), lengths=_lengths(params),
-             num_requests=params["requests"], name="bench").start(world)
-    t0 = time.perf_counter()
-    cpu0 = time.process_time()
-    world.run_until_idle()
-    wall = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
-    s = latency_summary(world)
-    queue.put({"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "simulated_s": world.now, "summary": s, "counters": engine_counters(world, wall)})
-
-
-def _cpu_s_all_processes() -> float:
-    """User + system CPU seconds of this process and its finished children (the scenario processes)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def _rss_mb() -> float:
-    """Resident set size now (``/proc/self/statm``); the peak where ``/proc`` is missing."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _soak_scenario(params: dict, queue) -> None:
-    """N requests with no per-request records and no time series kept: what is left should not grow."""
-    from sim import PoissonArrivals, PoolSpec, Workload, load_profile, make_world
-
-    world = make_world(PoolSpec(name="p", profile=load_profile(params["profile"]), replicas=params["replicas"],
-                                router=params["router"]), seed=params["seed"], sample_interval_s=None,
-                       keep_records=False)
-    n = params["requests"]
-    Workload(pool="p", arrivals=PoissonArrivals(params["rate"]), lengths=_lengths(params), num_requests=n,
-             name="bench").start(world)
-    samples = [(0, _rss_mb())]
-    interval = n / params["rate"] / SOAK_SAMPLES
-
-    def sample(tick) -> None:
-        samples.append((world.num_finished, _rss_mb()))
-        if world.num_finished + world.num_rejected < n:
-            world.env.call_again(tick, world.now + interval)
-
-    world.env.call_at(interval, sample)
-    t0 = time.perf_counter()
-    world.run_until_idle()
-    wall = time.perf_counter() - t0
-    samples.append((world.num_finished, _rss_mb()))
-    queue.put({"wall_s": wall, "finished": world.num_finished, "samples": samples, "simulated_s": world.now,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-
-
-def soak_slope(samples: list[tuple[int, float]], n: int) -> dict:
-    """Least-squares RSS slope over the samples after the first 20 % of requests (the warm-up fills the
-    queues, free lists and caches), in MB per million finished requests, and whether it is flat."""
-    import numpy as np
-
-    x = np.array([f for f, _ in samples], float)
-    y = np.array([m for _, m in samples], float)
-    keep = x >= 0.2 * n
-    if keep.sum() < 3:
-        return {"slope_mb_per_million": float("nan"), "growth_mb": float("nan"), "flat": False}
-    slope = float(np.polyfit(x[keep] / 1e6, y[keep], 1)[0])
-    growth = slope * (x[keep].max() - x[keep].min()) / 1e6
-    return {"slope_mb_per_million": slope, "growth_mb": growth, "flat": bool(growth <= SOAK_FLAT_MB),
-            "rss_after_warmup_mb": float(y[keep][0]), "rss_end_mb": float(y[-1])}
-
-
-def _soak(args) -> int:
-    lengths = azure_conv_lengths()
-    print(f"measuring saturation of one {args.profile} replica with Azure-conv lengths ...", file=sys.stderr)
-    sat = measure_saturation(args.profile, args.seed, length_arrays=lengths)
-    rate = args.load * sat * args.replicas
-    print(f"soak: {args.soak:,} requests at {rate:.2f} req/s, sampling RSS ...", file=sys.stderr)
-    res = _in_fresh_process({"profile": args.profile, "replicas": args.replicas, "router": args.router,
-                             "seed": args.seed, "rate": rate, "requests": args.soak, "length_arrays": lengths},
-                            _soak_scenario)
-    out = {"soak_requests": args.soak, "finished": res["finished"], "wall_s": res["wall_s"],
-           "requests_per_s": res["finished"] / res["wall_s"], "peak_rss_mb": res["peak_rss_mb"],
-           "simulated_s": res["simulated_s"], **soak_slope(res["samples"], args.soak),
-           "rss_samples": [[f, round(m, 2)] for f, m in res["samples"]]}
-    print(format_table([[args.soak, out["wall_s"], out["peak_rss_mb"], out["rss_after_warmup_mb"], out["rss_end_mb"],
-                         out["slope_mb_per_million"], out["flat"]]],
-                       ["requests", "wall_s", "peak_rss_mb", "rss_after_warmup_mb", "rss_end_mb", "MB/M requests",
-                        "flat"]))
-    if args.json:
-        emit_json(out)
-    return 0
-
-
-def _start_fresh_process(params: dict, target=_scenario) -> tuple:
-    """Start ``target(params, queue)`` in a fresh (spawned) process; ``_collect`` waits for its result."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=target, args=(params, q))
-    proc.start()
-    return proc, q
-
-
-def _collect(handle: tuple) -> dict:
-    proc, q = handle
-    out = q.get()
-    proc.join()
-    return out
-
-
-def _in_fresh_process(params: dict, target=_scenario) -> dict:
-    return _collect(_start_fresh_process(params, target))
 
 
 def _identical(a: dict, b: dict) -> bool:
