@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 
@@ -15,6 +17,7 @@ from .bench_sim_common import (
     engine_counters,
     measure_saturation,
 )
+from .bench_sim_shard import collect_sharded, shardable, start_sharded
 from .bench_sim_soak import SOAK_FLAT_MB, SOAK_SAMPLES, _soak, soak_slope
 
 __all__ = ["SOAK_FLAT_MB", "azure_conv_lengths", "configure", "engine_counters", "measure_saturation", "run",
@@ -25,7 +28,11 @@ DESCRIPTION = """\
 Measures the simulator, one simulation per process on one core. First the saturation throughput of one
 replica is measured by simulation (an overloaded replica, Azure-conv lengths); then --requests Poisson
 arrivals at --load x saturation x --replicas run through the cluster with decode-run jumps (the default
-engine), in a fresh process.
+engine). With a router that ignores the replicas' state (round robin) the replicas never interact, so the
+main run is sharded: the arrivals are drawn once, --workers forked processes simulate one replica at a time,
+and their records and counters merge into exactly the single world's (sim.shard; --single-world also runs
+the single world in this invocation and reports the ratio and whether the results are identical). Other
+routers run the single world in a fresh process.
 
 While that runs (on the machine's second core; --serial waits for it instead), the comparisons run, each in
 its own fresh process: the first --stepwise-requests of the same arrivals with jumps and step by step (jumps
@@ -60,6 +67,12 @@ def configure(p) -> None:
     p.add_argument("--reference-requests", type=int, default=3_000,
                    help="the reference-algorithm comparison runs on this prefix of the arrivals (default 3,000; "
                         "0 skips it)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes simulating the replicas of the main run (default: the CPU count; 0: one "
+                        "world in one process, as for a router that looks at the replicas)")
+    p.add_argument("--single-world", action="store_true",
+                   help="also run the main scenario as one world in one process, after the rest, and report the "
+                        "sharded run's speed-up over it and whether their results are identical")
     p.add_argument("--serial", action="store_true",
                    help="run the comparisons after the main run instead of beside it on a second core")
     p.add_argument("--long-requests", type=int, default=300,
@@ -125,6 +138,14 @@ def _main_json(args, sat: float, rate: float, fast: dict, step: dict | None) -> 
     return out
 
 
+def _single_world_json(fast: dict, single: dict) -> dict:
+    """The main run (sharded, or not) against the same scenario as one world in one process."""
+    same = json.dumps(fast["summary"], sort_keys=True) == json.dumps(single["summary"], sort_keys=True)
+    return {"wall_s": single["wall_s"], "cpu_s": single["cpu_s"], "peak_rss_mb": single["peak_rss_mb"],
+            "identical_results": same and fast["counters"]["engine_steps"] == single["counters"]["engine_steps"],
+            "speedup": single["wall_s"] / fast["wall_s"], "cpu_ratio": fast["cpu_s"] / single["cpu_s"]}
+
+
 def _reference_json(fast: dict, ref: dict) -> dict:
     """The fast engine (jumps off) against the literal per-request algorithm on the same prefix."""
     return {"requests": ref["summary"]["finished"], "wall_s": ref["wall_s"], "cpu_s": ref["cpu_s"],
@@ -156,6 +177,11 @@ def _print_table(out: dict) -> None:
         print(f"step by step vs the reference algorithm on the first {rf['requests']:,} requests: "
               f"{rf['fast_speedup']:.1f}x wall ({rf['fast_speedup_cpu']:.1f}x CPU; {rf['fast_wall_s']:.2f} s vs "
               f"{rf['wall_s']:.2f} s, one run); identical results: {rf['identical_results']}")
+    if "single_world" in out:
+        sw = out["single_world"]
+        print(f"main run {'sharded' if out['sharded'] else 'as one world'} vs one world in one process: "
+              f"{sw['speedup']:.2f}x wall ({out['wall_s']:.2f} s vs {sw['wall_s']:.2f} s; CPU {out['cpu_s']:.2f} s vs "
+              f"{sw['cpu_s']:.2f} s, one run); identical results: {sw['identical_results']}")
     if "long_outputs" in out:
         lo = out["long_outputs"]
         print(f"{lo['scenario']}: {lo['wall_s']:.2f} s with jumps, {lo['stepwise_wall_s']:.2f} s step by step "
@@ -183,11 +209,16 @@ def run(args) -> int:
             "rate": rate, "requests": args.requests, "length_arrays": lengths}
     print(f"running {args.requests:,} requests with jumps ...", file=sys.stderr)
     t_main = time.perf_counter()
-    main = _start_fresh_process({**base, "jumps": True})
+    sharded = args.workers > 0 and shardable(base)
+    if sharded:
+        main = start_sharded({**base, "jumps": True}, args.workers)
+        collect = collect_sharded
+    else:
+        main, collect = _start_fresh_process({**base, "jumps": True}), _collect
     fast = None
     m = 0 if args.skip_stepwise else min(args.requests, args.stepwise_requests)
     if args.serial or m == args.requests:  # the comparison needs the main run's result, or --serial
-        fast = _collect(main)
+        fast = collect(main)
         phases["main_s"] = time.perf_counter() - t_main
     step = ref = None
     if m:
@@ -210,9 +241,18 @@ def run(args) -> int:
         long_out = _long_outputs(args)
         phases["long_outputs_s"] = time.perf_counter() - t0
     if fast is None:
-        fast = _collect(main)
+        fast = collect(main)
         phases["main_s"] = time.perf_counter() - t_main
+    single = None
+    if args.single_world:
+        print(f"running {args.requests:,} requests with jumps as one world ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        single = _in_fresh_process({**base, "jumps": True})
+        phases["single_world_s"] = time.perf_counter() - t0
     out = _main_json(args, sat, rate, fast, step)
+    out["sharded"] = fast.get("shards")
+    if single is not None:
+        out["single_world"] = _single_world_json(fast, single)
     if ref is not None:
         out["reference"] = ref
     if long_out is not None:

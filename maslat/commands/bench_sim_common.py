@@ -41,28 +41,28 @@ def measure_saturation(profile_name: str, seed: int, n: int = 4000, length_array
     return (hi - lo) / (done[hi] - done[lo])
 
 
-def engine_counters(world, wall_s: float) -> dict:
-    """Steps, step boundaries and jumps summed over the replicas, and the wall time per step and boundary.
+def engine_counters(counters: list[dict], wall_s: float) -> dict:
+    """Steps, step boundaries and jumps summed over the replicas (``sim.summary.core_counters`` of each), and
+    the wall time per step and boundary.
 
     A boundary is one engine ``begin``/``complete`` pair (one SimPy event): a single step, or a decode run
     of ``k`` steps jumped in closed form.
     """
-    cores = [r.core for r in world.replicas]
-    steps = sum(c.num_steps for c in cores)
-    jumps = sum(c.num_jumps for c in cores)
-    jumped = sum(c.num_jumped_steps for c in cores)
+    steps = sum(c["num_steps"] for c in counters)
+    jumps = sum(c["num_jumps"] for c in counters)
+    jumped = sum(c["num_jumped_steps"] for c in counters)
     boundaries = steps - jumped + jumps
     return {"engine_steps": steps, "step_boundaries": boundaries, "jumps": jumps, "jumped_steps": jumped,
             "jumped_step_fraction": jumped / steps if steps else 0.0,
             "mean_steps_per_jump": jumped / jumps if jumps else 0.0,
-            "truncated_jumps": sum(c.num_truncated_jumps for c in cores),
+            "truncated_jumps": sum(c["num_truncated_jumps"] for c in counters),
             "us_per_step": 1e6 * wall_s / steps if steps else float("nan"),
             "us_per_boundary": 1e6 * wall_s / boundaries if boundaries else float("nan")}
 
 
 def _scenario(params: dict, queue) -> None:
     from sim import PoissonArrivals, PoolSpec, Workload, load_profile, make_world
-    from sim.summary import latency_summary
+    from sim.summary import core_counters, latency_summary
 
     world = make_world(PoolSpec(name="p", profile=load_profile(params["profile"]), replicas=params["replicas"],
                                 router=params["router"]), seed=params["seed"], jumps=params["jumps"],
@@ -76,7 +76,7 @@ def _scenario(params: dict, queue) -> None:
     cpu = time.process_time() - cpu0
     s = latency_summary(world)
     queue.put({"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "simulated_s": world.now, "summary": s, "counters": engine_counters(world, wall)})
+               "simulated_s": world.now, "summary": s, "counters": engine_counters([core_counters(r.core) for r in world.replicas], wall)})
 
 
 def _cpu_s_all_processes() -> float:

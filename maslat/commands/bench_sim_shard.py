@@ -1,0 +1,83 @@
+"""``maslat bench sim``'s main run, replica by replica in worker processes (``sim.shard``).
+
+With a router that decides without looking at the replicas (round robin), the parent draws the whole arrival
+stream once (vectorised), the workers (forked, so they inherit the arrays and the imported simulator) take
+replicas from a queue and simulate each alone, and the parent merges their outcomes: the same records,
+counters and summary as the single world, bit for bit (``tests/test_shard.py``)::
+
+    parent: draw_workload ─► assignment ─► queue of replica indices ──┐
+    worker 1: simulate_shard(i) ... ─┐                                │
+    worker 2: simulate_shard(j) ... ─┴─► results ─► parent: merge_shards ─► summary, counters
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+from .bench_sim_common import _lengths, engine_counters
+
+
+def _spec(params: dict):
+    from sim import PoolSpec, load_profile
+
+    return PoolSpec(name="p", profile=load_profile(params["profile"]), replicas=params["replicas"],
+                    router=params["router"])
+
+
+def shardable(params: dict) -> bool:
+    """Whether the pool's router fixes each request's replica in advance (then the replicas run apart)."""
+    from sim.routing import make_router, static_assignment
+
+    return static_assignment(make_router(params["router"]), 1, params["replicas"]) is not None
+
+
+def _worker(spec, who, t, p, o, params: dict, tasks, results) -> None:
+    from sim.shard import shard_requests, simulate_shard
+
+    while (i := tasks.get()) is not None:
+        k = shard_requests(who, i)
+        results.put(simulate_shard(spec, i, t[k], p[k], o[k], k + 1, seed=params["seed"], jumps=params["jumps"],
+                                   force_reference=params.get("force_reference", False)))
+
+
+def start_sharded(params: dict, workers: int) -> tuple:
+    """Draw the workload and start ``workers`` forked processes on the replicas; ``collect_sharded`` waits."""
+    from sim import PoissonArrivals
+    from sim.routing import make_router, static_assignment
+    from sim.shard import draw_workload
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    spec, n = _spec(params), params["requests"]
+    who = static_assignment(make_router(spec.router), n, spec.replicas)
+    t, p, o = draw_workload(params["seed"], "bench", PoissonArrivals(params["rate"]), _lengths(params), n)
+    ctx = mp.get_context("fork")  # the workers inherit the arrays and the imported simulator
+    tasks, results = ctx.Queue(), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(spec, who, t, p, o, params, tasks, results))
+             for _ in range(max(1, min(workers, spec.replicas)))]
+    for proc in procs:  # forked before the first put starts the queue's feeder thread here
+        proc.start()
+    for i in [*range(spec.replicas), *[None] * len(procs)]:
+        tasks.put(i)
+    return procs, results, spec.replicas, t0, time.process_time() - cpu0
+
+
+def collect_sharded(handle: tuple) -> dict:
+    """The merged outcome, as ``bench_sim_common._scenario`` reports one world: wall seconds from the draw
+    to the merged summary, CPU seconds of the draw, the shards and the merge, the largest worker's peak
+    RSS, plus ``shards`` (workers, per-replica CPU seconds)."""
+    from sim.shard import merge_shards
+
+    procs, results, replicas, t0, draw_cpu_s = handle
+    shards = [results.get() for _ in range(replicas)]
+    for proc in procs:
+        proc.join()
+    cpu0 = time.process_time()
+    merged = merge_shards(shards)
+    wall = time.perf_counter() - t0
+    cpu = draw_cpu_s + sum(s["cpu_s"] for s in shards) + time.process_time() - cpu0
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": max(s["peak_rss_mb"] for s in shards),
+            "simulated_s": merged["now_s"], "summary": merged["summary"],
+            "counters": engine_counters(merged["counters"], wall),
+            "shards": {"workers": len(procs), "replicas": replicas,
+                       "replica_cpu_s": [round(s["cpu_s"], 3) for s in sorted(shards, key=lambda s: s["replica"])]}}
