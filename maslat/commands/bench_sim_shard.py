@@ -32,10 +32,15 @@ def shardable(params: dict) -> bool:
     return static_assignment(make_router(params["router"]), 1, params["replicas"]) is not None
 
 
-def _worker(spec, who, t, p, o, params: dict, tasks, results) -> None:
+def _worker(spec, who, t, p, o, params: dict, next_replica, results) -> None:
     from sim.shard import shard_requests, simulate_shard
 
-    while (i := tasks.get()) is not None:
+    while True:
+        with next_replica.get_lock():  # a shared counter, not a queue: no feeder thread in the parent
+            i = next_replica.value
+            next_replica.value = i + 1
+        if i >= spec.replicas:
+            return
         k = shard_requests(who, i)
         results.put(simulate_shard(spec, i, t[k], p[k], o[k], k + 1, seed=params["seed"], jumps=params["jumps"],
                                    force_reference=params.get("force_reference", False)))
@@ -51,14 +56,13 @@ def start_sharded(params: dict, workers: int) -> tuple:
     spec, n = _spec(params), params["requests"]
     who = static_assignment(make_router(spec.router), n, spec.replicas)
     t, p, o = draw_workload(params["seed"], "bench", PoissonArrivals(params["rate"]), _lengths(params), n)
-    ctx = mp.get_context("fork")  # the workers inherit the arrays and the imported simulator
-    tasks, results = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(spec, who, t, p, o, params, tasks, results))
+    # forked, the workers inherit the arrays and the imported simulator (spawned where fork is missing)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    next_replica, results = ctx.Value("l", 0), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(spec, who, t, p, o, params, next_replica, results))
              for _ in range(max(1, min(workers, spec.replicas)))]
-    for proc in procs:  # forked before the first put starts the queue's feeder thread here
+    for proc in procs:
         proc.start()
-    for i in [*range(spec.replicas), *[None] * len(procs)]:
-        tasks.put(i)
     return procs, results, spec.replicas, t0, time.process_time() - cpu0
 
 
@@ -75,9 +79,10 @@ def collect_sharded(handle: tuple) -> dict:
     cpu0 = time.process_time()
     merged = merge_shards(shards)
     wall = time.perf_counter() - t0
-    cpu = draw_cpu_s + sum(s["cpu_s"] for s in shards) + time.process_time() - cpu0
+    merge_cpu_s = time.process_time() - cpu0
+    cpu = draw_cpu_s + sum(s["cpu_s"] for s in shards) + merge_cpu_s
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": max(s["peak_rss_mb"] for s in shards),
             "simulated_s": merged["now_s"], "summary": merged["summary"],
             "counters": engine_counters(merged["counters"], wall),
-            "shards": {"workers": len(procs), "replicas": replicas,
+            "shards": {"workers": len(procs), "replicas": replicas, "draw_cpu_s": draw_cpu_s, "merge_cpu_s": merge_cpu_s,
                        "replica_cpu_s": [round(s["cpu_s"], 3) for s in sorted(shards, key=lambda s: s["replica"])]}}
