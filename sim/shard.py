@@ -36,6 +36,7 @@ from .world import PoolSpec, make_world, named_rng
 __all__ = ["draw_workload", "merge_shards", "shard_requests", "simulate_shard"]
 
 _HISTOGRAMS = ("itl", "ttft", "iteration_tokens")
+_OK = "FINISHED_LENGTH_CAPPED"  # the status of a request served to its end (what summaries count)
 
 
 def draw_workload(seed: int, name: str, arrivals, lengths, num_requests: int, start_s: float = 0.0) -> tuple:
@@ -92,11 +93,12 @@ class _Feed:
 
 
 def simulate_shard(spec: PoolSpec, replica: int, t_s, prompt, output, seq_ids, *, seed: int = 0,
-                   sample_interval_s: float | None = 1.0, **world_kwargs) -> dict:
+                   sample_interval_s: float | None = 1.0, strings: bool = True, **world_kwargs) -> dict:
     """Replica ``replica`` of pool ``spec`` alone, serving the given requests (``seq_ids``: their 1-based
-    numbers in the whole world's submission order). Returns plain data (picklable): record columns, statuses,
-    ids, rejections, engine counters and histograms, time series, the simulated time at the end, and the
-    CPU and wall seconds and peak RSS of the process."""
+    numbers in the whole world's submission order). Returns plain data (picklable): record columns, which
+    records finished (``ok``), with ``strings`` also their statuses, ids and reject reasons (lists of
+    strings: slow to send between processes), rejections, engine counters and histograms, time series, the
+    simulated time at the end, and the CPU and wall seconds and peak RSS of the process."""
     cpu0, t0 = time.process_time(), time.perf_counter()
     blocks = spec.num_gpu_blocks_per_replica
     one = PoolSpec(name=spec.name, profile=spec.profile, replicas=1,
@@ -114,8 +116,10 @@ def simulate_shard(spec: PoolSpec, replica: int, t_s, prompt, output, seq_ids, *
     running, waiting, used, gen = core.gauges(world.now)  # what the sampler would read from now on (idle)
     idle_sample = (running, waiting, used / core.kv.num_usable, core.prompt_tokens, gen, core.num_preemptions)
     hists = {h: (list(getattr(core, h).counts), getattr(core, h).count, getattr(core, h).sum) for h in _HISTOGRAMS}
-    return {"replica": replica, "columns": cols, "status": list(rs.status), "request_id": list(rs.request_id),
-            "reject_reason": list(rs.reject_reason), "rejected": dict(world.rejected), "now_s": world.now,
+    ok = np.fromiter(map(_OK.__eq__, rs.status), bool, len(rs.status))
+    text = {"status": list(rs.status), "request_id": list(rs.request_id),
+            "reject_reason": list(rs.reject_reason)} if strings else {}
+    return {"replica": replica, "columns": cols, "ok": ok, **text, "rejected": dict(world.rejected), "now_s": world.now,
             "counters": core_counters(core), "histograms": hists, "timeseries": ts,
             "idle_sample": idle_sample, "sample_interval_s": sample_interval_s,
             "state": (core.generation_tokens, core.prompt_tokens, core.num_finished, core.num_aborted,
@@ -145,19 +149,23 @@ def _sample_until(shard: dict, now_s: float) -> None:
 
 
 def merge_shards(shards: list[dict]) -> dict:
-    """The whole world's outcome from its shards: records in submission order (``seq_id``), time series in
+    """The whole world's outcome from its shards: records in submission order (``seq_id``; their strings only
+    if every shard sent them), time series in
     (time, replica) order, rejections and counters summed, histograms summed bucket by bucket, per-replica
     counters and histograms in replica order, and the latency summary (``sim.summary.summarize``)."""
     shards = sorted(shards, key=lambda s: s["replica"])
     parts = [s for s in shards if s["columns"]]
-    cols, status, ids = {}, [], []
+    strings = all("status" in s for s in shards)
+    cols, ok, text = {}, np.zeros(0, bool), {k: [] for k in ("status", "request_id", "reject_reason")}
     if parts:
         order = np.argsort(np.concatenate([s["columns"]["seq_id"] for s in parts]), kind="stable")
         cols = {k: np.concatenate([s["columns"][k] for s in parts])[order] for k in (*_FLOAT_COLS, *_INT_COLS)}
-        idx = order.tolist()
-        for key, out in (("status", status), ("request_id", ids)):
-            flat = [x for s in parts for x in s[key]]
-            out.extend(flat[i] for i in idx)
+        ok = np.concatenate([s["ok"] for s in parts])[order]
+        if strings:
+            idx = order.tolist()
+            for key, out in text.items():
+                flat = [x for s in parts for x in s[key]]
+                out.extend(flat[i] for i in idx)
     now_s = max(s["now_s"] for s in shards)
     for s in shards:
         _sample_until(s, now_s)
@@ -174,7 +182,7 @@ def merge_shards(shards: list[dict]) -> dict:
     for h in _HISTOGRAMS:
         per = [s["histograms"][h] for s in shards]
         hist[h] = ([sum(c) for c in zip(*(p[0] for p in per), strict=True)], sum(p[1] for p in per))
-    return {"columns": cols, "status": status, "request_id": ids, "rejected": rejected, "now_s": now_s,
+    return {"columns": cols, "ok": ok, **(text if strings else {}), "rejected": rejected, "now_s": now_s,
             "counters": counters, "histograms": hist, "per_replica_histograms": [s["histograms"] for s in shards],
             "timeseries": timeseries, "state": [s["state"] for s in shards],
-            "summary": summarize(cols, status, rejected, counters, now_s)}
+            "summary": summarize(cols, None, rejected, counters, now_s, ok=ok)}

@@ -40,13 +40,17 @@ def latency_summary(world, pool: str | None = None) -> dict:
                      world.now, pool_col=rs.pool if pool is not None else None, pool=pool)
 
 
-def summarize(cols: dict, status: list[str], rejected: dict, counters: list[dict], now_s: float, *,
-              pool_col: list[str] | None = None, pool: str | None = None) -> dict:
-    """``latency_summary`` from its parts: record columns (``RecordStore.columns``) and statuses, rejection
-    counts, each replica's ``core_counters`` and the simulated time."""
+def summarize(cols: dict, status: list[str] | None, rejected: dict, counters: list[dict], now_s: float, *,
+              pool_col: list[str] | None = None, pool: str | None = None, ok: np.ndarray | None = None) -> dict:
+    """``latency_summary`` from its parts: record columns (``RecordStore.columns``) and statuses (or ``ok``,
+    the mask of the records whose status is ``FINISHED_LENGTH_CAPPED``), rejection counts, each replica's
+    ``core_counters`` and the simulated time."""
     if not cols:
         return {"finished": 0, "rejected": rejected}
-    ok = np.fromiter(map("FINISHED_LENGTH_CAPPED".__eq__, status), bool, len(status))  # ~3x np.array(...)
+    if ok is None:
+        ok = np.fromiter(map("FINISHED_LENGTH_CAPPED".__eq__, status), bool, len(status))  # ~3x np.array(...)
+    else:
+        ok = ok.copy()
     if pool is not None:
         ok &= np.array(pool_col) == pool
     seq = cols["seq_id"][ok]

@@ -48,13 +48,13 @@ def _whole(spec, seed, arrivals, lengths, n, mode):
     return w
 
 
-def _sharded(spec, seed, arrivals, lengths, n, mode):
+def _sharded(spec, seed, arrivals, lengths, n, mode, **kw):
     t, p, o = draw_workload(seed, "bench", arrivals, lengths, n)
     who = static_assignment(make_router(spec.router), n, spec.replicas)
     shards = []
     for i in range(spec.replicas):
         k = shard_requests(who, i)
-        shards.append(simulate_shard(spec, i, t[k], p[k], o[k], k + 1, seed=seed, **MODES[mode]))
+        shards.append(simulate_shard(spec, i, t[k], p[k], o[k], k + 1, seed=seed, **MODES[mode], **kw))
     return merge_shards(shards[::-1])  # any order
 
 
@@ -99,6 +99,8 @@ def test_merged_histograms_and_summary(scenario):
     m = _sharded(spec, seed, arrivals, lengths, n, "jump")
     s = latency_summary(w)
     assert s["finished"] > 0.9 * n and repr(m["summary"]) == repr(s)
+    lean = _sharded(spec, seed, arrivals, lengths, n, "jump", strings=False)  # what the bench sends back
+    assert "status" not in lean and repr(lean["summary"]) == repr(s) and (lean["ok"] == m["ok"]).all()
     if scenario == "pressure":
         assert s["preemptions"] > 0  # the scenario does what it says
     else:
