@@ -25,30 +25,29 @@ __all__ = ["SOAK_FLAT_MB", "azure_conv_lengths", "configure", "engine_counters",
 
 HELP = "simulator speed: N requests through R replicas at a fraction of saturation, with and without jumps"
 DESCRIPTION = """\
-Measures the simulator, one simulation per process on one core. First the saturation throughput of one
-replica is measured by simulation (an overloaded replica, Azure-conv lengths); then --requests Poisson
-arrivals at --load x saturation x --replicas run through the cluster with decode-run jumps (the default
-engine). With a router that ignores the replicas' state (round robin) the replicas never interact, so the
-main run is sharded: the arrivals are drawn once, --workers forked processes simulate one replica at a time,
-and their records and counters merge into exactly the single world's (sim.shard; --single-world also runs
-the single world in this invocation and reports the ratio and whether the results are identical). Other
-routers run the single world in a fresh process.
+Measures the simulator. First the saturation throughput of one replica is measured by simulation (an
+overloaded replica, Azure-conv lengths); then --requests Poisson arrivals at --load x saturation x --replicas
+run through the cluster with decode-run jumps (the default engine).
 
-While that runs (on the machine's second core; --serial waits for it instead), the comparisons run, each in
-its own fresh process: the first --stepwise-requests of the same arrivals with jumps and step by step (jumps
-off), and the first --reference-requests with the literal per-request vLLM algorithm (the reference mode,
-several times slower per step, hence the shorter prefix). All must produce identical latency statistics; the
-gains are ratios of their wall and CPU times, measured in this run. The engine counters say why the gain is
-what it is: step boundaries (one per single step, one per jumped run), jumps, mean steps per jump.
-``phases_s`` says where the whole command's time went.
+With a router that ignores the replicas' state (round robin) the replicas never interact, so the main run is
+sharded: the arrivals are drawn once, --workers forked processes simulate one replica at a time, and their
+records and counters merge into exactly the single world's (sim.shard; --single-world also runs the single
+world, in this invocation, and reports the speed-up and whether the results are identical). The comparisons
+then fill the same workers. Other routers (and --workers 0) run the single world in a fresh process, with
+the comparisons beside it, one after another, each in its own process.
+
+The comparisons: the first --stepwise-requests of the same arrivals with jumps and step by step (jumps off),
+and the first --reference-requests with the literal per-request vLLM algorithm (the reference mode, several
+times slower per step, hence the shorter prefix). All must produce identical latency statistics; the gains
+are ratios of their wall and CPU times, measured in this run. The engine counters say why the gain is what
+it is: step boundaries (one per single step, one per jumped run), jumps, mean steps per jump. ``phases_s``
+says where the whole command's time went (with sharding, ``main_s`` includes the comparisons).
 
 A second, smaller scenario (--long-requests, 0 skips it) has long outputs at a light load, where
 nothing interrupts the decodes for hundreds of steps: there the jumps pay off.
 
-Defaults are the acceptance scenario: 1,000,000 requests, 8 x h100-llama-3.1-8b, load 0.8. The comparison
-prefixes (30,000 step by step, 3,000 with the reference algorithm) are sized so that, together with the
-long-output scenario, they finish on the second core well before the main run: the whole command then takes
-the saturation measurement plus the main run.
+Defaults are the acceptance scenario: 1,000,000 requests, 8 x h100-llama-3.1-8b, load 0.8, comparison
+prefixes of 30,000 (step by step) and 3,000 (reference algorithm) requests.
 """
 
 LONG_PROMPT_TOKENS, LONG_OUTPUT_TOKENS, LONG_RATE_PER_S = 512, 2048, 2.0
@@ -88,20 +87,39 @@ def _identical(a: dict, b: dict) -> bool:
     return all(a["summary"][k] == b["summary"][k] for k in ("ttft_s", "tpot_s", "e2e_s", "engine_steps"))
 
 
-def _long_outputs(args) -> dict:
-    """The long-output scenario, both engines: decode runs are long, so jumps replace most steps."""
-    params = {"profile": args.profile, "replicas": args.replicas, "router": args.router, "seed": args.seed,
-              "rate": LONG_RATE_PER_S, "requests": args.long_requests,
-              "fixed_lengths": (LONG_PROMPT_TOKENS, LONG_OUTPUT_TOKENS)}
-    print(f"running {args.long_requests:,} long-output requests with jumps, then step by step ...", file=sys.stderr)
-    fast = _in_fresh_process({**params, "jumps": True})
-    step = _in_fresh_process({**params, "jumps": False})
+def _long_params(args) -> dict:
+    """The long-output scenario (without ``jumps``): decode runs are long, so jumps replace most steps."""
+    return {"profile": args.profile, "replicas": args.replicas, "router": args.router, "seed": args.seed,
+            "rate": LONG_RATE_PER_S, "requests": args.long_requests,
+            "fixed_lengths": (LONG_PROMPT_TOKENS, LONG_OUTPUT_TOKENS)}
+
+
+def _long_json(args, fast: dict, step: dict) -> dict:
     return {"scenario": f"{args.long_requests} requests, {args.replicas} x {args.profile}, Poisson at "
                         f"{LONG_RATE_PER_S} req/s, {LONG_PROMPT_TOKENS}-token prompts, {LONG_OUTPUT_TOKENS}-token "
                         f"outputs, router {args.router}",
             "requests": args.long_requests, "wall_s": fast["wall_s"], "stepwise_wall_s": step["wall_s"],
             "jump_speedup": step["wall_s"] / fast["wall_s"], "identical_results": _identical(fast, step),
             "jumps": fast["counters"], "stepwise": step["counters"]}
+
+
+def _comparison_jobs(args, base: dict) -> dict:
+    """name -> scenario parameters of the comparison runs: the stepwise prefix (with jumps unless the prefix
+    is the whole run), the reference prefix (fast, then reference), the long outputs (jumps, then stepwise)."""
+    jobs = {}
+    m = 0 if args.skip_stepwise else min(args.requests, args.stepwise_requests)
+    if m:
+        if m != args.requests:  # else the main run is the jumping side
+            jobs["stepwise_jumps"] = {**base, "requests": m, "jumps": True}
+        jobs["stepwise"] = {**base, "requests": m, "jumps": False}
+    r = 0 if args.skip_stepwise else min(args.requests, args.reference_requests)
+    if r:
+        jobs["reference_fast"] = {**base, "requests": r, "jumps": False}
+        jobs["reference"] = {**base, "requests": r, "jumps": False, "force_reference": True}
+    if args.long_requests:
+        jobs["long_jumps"] = {**_long_params(args), "jumps": True}
+        jobs["long_stepwise"] = {**_long_params(args), "jumps": False}
+    return jobs
 
 
 def _main_json(args, sat: float, rate: float, fast: dict, step: dict | None) -> dict:
@@ -207,42 +225,37 @@ def run(args) -> int:
           file=sys.stderr)
     base = {"profile": args.profile, "replicas": args.replicas, "router": args.router, "seed": args.seed,
             "rate": rate, "requests": args.requests, "length_arrays": lengths}
-    print(f"running {args.requests:,} requests with jumps ...", file=sys.stderr)
+    jobs = _comparison_jobs(args, base)
+    print(f"running {args.requests:,} requests with jumps" + (f", and the comparisons ({', '.join(jobs)})"
+                                                             if jobs else "") + " ...", file=sys.stderr)
     t_main = time.perf_counter()
     sharded = args.workers > 0 and shardable(base)
-    if sharded:
-        main = start_sharded({**base, "jumps": True}, args.workers)
-        collect = collect_sharded
-    else:
-        main, collect = _start_fresh_process({**base, "jumps": True}), _collect
-    fast = None
-    m = 0 if args.skip_stepwise else min(args.requests, args.stepwise_requests)
-    if args.serial or m == args.requests:  # the comparison needs the main run's result, or --serial
-        fast = collect(main)
+    serial = args.serial or "stepwise" in jobs and "stepwise_jumps" not in jobs  # a comparison needs the main run
+    if sharded:  # the comparisons fill the same workers (two processes on two cores), unless --serial
+        fast = collect_sharded(start_sharded({**base, "jumps": True}, args.workers, None if serial else jobs))
         phases["main_s"] = time.perf_counter() - t_main
-    step = ref = None
-    if m:
-        print(f"running the first {m:,} requests with jumps, then step by step ...", file=sys.stderr)
-        t0 = time.perf_counter()
-        sub = fast if m == args.requests else _in_fresh_process({**base, "requests": m, "jumps": True})
-        step = (sub, _in_fresh_process({**base, "requests": m, "jumps": False}))
-        phases["stepwise_s"] = time.perf_counter() - t0
-    r = 0 if args.skip_stepwise else min(args.requests, args.reference_requests)
-    if r:
-        print(f"running the first {r:,} requests step by step, then with the reference algorithm ...",
-              file=sys.stderr)
-        t0 = time.perf_counter()
-        ref = _reference_json(_in_fresh_process({**base, "requests": r, "jumps": False}),
-                              _in_fresh_process({**base, "requests": r, "jumps": False, "force_reference": True}))
-        phases["reference_s"] = time.perf_counter() - t0
-    long_out = None
-    if args.long_requests:
-        t0 = time.perf_counter()
-        long_out = _long_outputs(args)
-        phases["long_outputs_s"] = time.perf_counter() - t0
+        done = fast.pop("jobs")
+    else:  # the main run in one process, the comparisons one after another in others (beside it)
+        main, fast, done = _start_fresh_process({**base, "jumps": True}), None, {}
+        if serial:
+            fast = _collect(main)
+            phases["main_s"] = time.perf_counter() - t_main
+    for name, job in jobs.items():
+        if name not in done:
+            done[name] = _in_fresh_process(job)
     if fast is None:
-        fast = collect(main)
+        fast = _collect(main)
         phases["main_s"] = time.perf_counter() - t_main
+    step = ref = long_out = None
+    if "stepwise" in done:
+        step = (done.get("stepwise_jumps", fast), done["stepwise"])
+        phases["stepwise_s"] = sum(x["wall_s"] for x in step if x is not fast)
+    if "reference" in done:
+        ref = _reference_json(done["reference_fast"], done["reference"])
+        phases["reference_s"] = done["reference_fast"]["wall_s"] + done["reference"]["wall_s"]
+    if "long_stepwise" in done:
+        long_out = _long_json(args, done["long_jumps"], done["long_stepwise"])
+        phases["long_outputs_s"] = done["long_jumps"]["wall_s"] + done["long_stepwise"]["wall_s"]
     single = None
     if args.single_world:
         print(f"running {args.requests:,} requests with jumps as one world ...", file=sys.stderr)
@@ -260,7 +273,7 @@ def run(args) -> int:
     phases["whole_command_s"] = time.perf_counter() - t_start
     out["phases_s"] = phases
     out["whole_command_cpu_s"] = _cpu_s_all_processes()  # steadier than wall time on a shared machine
-    out["comparisons_beside_main"] = not args.serial and m != args.requests
+    out["comparisons_beside_main"] = bool(jobs) and not serial
     _print_table(out)
     print("where the command's time went" + (" (the comparisons ran beside the main run)"
                                              if out["comparisons_beside_main"] else "") + ": "

@@ -16,7 +16,7 @@ import gc
 import multiprocessing as mp
 import time
 
-from .bench_sim_common import _lengths, engine_counters
+from .bench_sim_common import _lengths, _scenario, engine_counters
 
 
 def _spec(params: dict):
@@ -33,7 +33,17 @@ def shardable(params: dict) -> bool:
     return static_assignment(make_router(params["router"]), 1, params["replicas"]) is not None
 
 
-def _worker(spec, who, t, p, o, params: dict, next_replica, results) -> None:
+class _Tagged:
+    """``queue.put(x)`` as ``results.put((name, x))``: a comparison's ``_scenario`` reports through it."""
+
+    def __init__(self, results, name: str):
+        self.results, self.name = results, name
+
+    def put(self, x) -> None:
+        self.results.put((self.name, x))
+
+
+def _worker(spec, who, t, p, o, params: dict, jobs: list, next_task, results) -> None:
     from sim.shard import shard_requests, simulate_shard
 
     # what the fork inherited is never garbage; the simulation makes few reference cycles, so the cyclic
@@ -41,18 +51,25 @@ def _worker(spec, who, t, p, o, params: dict, next_replica, results) -> None:
     gc.freeze()
     gc.disable()
     while True:
-        with next_replica.get_lock():  # a shared counter, not a queue: no feeder thread in the parent
-            i = next_replica.value
-            next_replica.value = i + 1
-        if i >= spec.replicas:
+        with next_task.get_lock():  # a shared counter, not a queue: no feeder thread in the parent
+            i = next_task.value
+            next_task.value = i + 1
+        if i < spec.replicas:
+            k = shard_requests(who, i)
+            results.put((None, simulate_shard(spec, i, t[k], p[k], o[k], k + 1, seed=params["seed"],
+                                              jumps=params["jumps"], strings=False,
+                                              force_reference=params.get("force_reference", False))))
+        elif i < spec.replicas + len(jobs):
+            name, job = jobs[i - spec.replicas]
+            _scenario(job, _Tagged(results, name))
+        else:
             return
-        k = shard_requests(who, i)
-        results.put(simulate_shard(spec, i, t[k], p[k], o[k], k + 1, seed=params["seed"], jumps=params["jumps"],
-                                   force_reference=params.get("force_reference", False), strings=False))
 
 
-def start_sharded(params: dict, workers: int) -> tuple:
-    """Draw the workload and start ``workers`` forked processes on the replicas; ``collect_sharded`` waits."""
+def start_sharded(params: dict, workers: int, jobs: dict | None = None) -> tuple:
+    """Draw the workload and start ``workers`` forked processes on the replicas, then on ``jobs`` (name ->
+    ``_scenario`` parameters: the comparisons, which fill the workers once the replicas are taken, so that
+    two cores run two processes); ``collect_sharded`` waits."""
     from sim import PoissonArrivals
     from sim.routing import make_router, static_assignment
     from sim.shard import draw_workload
@@ -61,32 +78,42 @@ def start_sharded(params: dict, workers: int) -> tuple:
     spec, n = _spec(params), params["requests"]
     who = static_assignment(make_router(spec.router), n, spec.replicas)
     t, p, o = draw_workload(params["seed"], "bench", PoissonArrivals(params["rate"]), _lengths(params), n)
+    jobs = list((jobs or {}).items())
     # forked, the workers inherit the arrays and the imported simulator (spawned where fork is missing)
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    next_replica, results = ctx.Value("l", 0), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(spec, who, t, p, o, params, next_replica, results))
-             for _ in range(max(1, min(workers, spec.replicas)))]
+    next_task, results = ctx.Value("l", 0), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(spec, who, t, p, o, params, jobs, next_task, results))
+             for _ in range(max(1, min(workers, spec.replicas + len(jobs))))]
     for proc in procs:
         proc.start()
-    return procs, results, spec.replicas, t0, time.process_time() - cpu0
+    return procs, results, spec.replicas, len(jobs), t0, time.process_time() - cpu0
 
 
 def collect_sharded(handle: tuple) -> dict:
     """The merged outcome, as ``bench_sim_common._scenario`` reports one world: wall seconds from the draw
     to the merged summary, CPU seconds of the draw, the shards and the merge, the largest worker's peak
-    RSS, plus ``shards`` (workers, per-replica CPU seconds)."""
+    RSS, plus ``shards`` (workers, per-replica CPU seconds) and ``jobs`` (name -> the comparison's result)."""
     from sim.shard import merge_shards
 
-    procs, results, replicas, t0, draw_cpu_s = handle
-    shards = [results.get() for _ in range(replicas)]
-    for proc in procs:
-        proc.join()
+    procs, results, replicas, num_jobs, t0, draw_cpu_s = handle
+    shards, done = [], {}
+    while len(shards) < replicas:  # the comparisons' results may come in between
+        name, res = results.get()
+        if name is None:
+            shards.append(res)
+        else:
+            done[name] = res
     cpu0 = time.process_time()
-    merged = merge_shards(shards)
+    merged = merge_shards(shards)  # while the workers run the comparisons
     wall = time.perf_counter() - t0
     merge_cpu_s = time.process_time() - cpu0
+    while len(done) < num_jobs:
+        name, res = results.get()
+        done[name] = res
+    for proc in procs:
+        proc.join()
     cpu = draw_cpu_s + sum(s["cpu_s"] for s in shards) + merge_cpu_s
-    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": max(s["peak_rss_mb"] for s in shards),
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": max(s["peak_rss_mb"] for s in shards), "jobs": done,
             "simulated_s": merged["now_s"], "summary": merged["summary"],
             "counters": engine_counters(merged["counters"], wall),
             "shards": {"workers": len(procs), "replicas": replicas, "draw_cpu_s": draw_cpu_s, "merge_cpu_s": merge_cpu_s,
