@@ -29,6 +29,7 @@ from itertools import islice
 import numpy as np
 
 from .records import _FLOAT_COLS, _INT_COLS
+from .request import Request
 from .summary import core_counters, summarize
 from .workload import _CHUNK
 from .world import PoolSpec, make_world, named_rng
@@ -66,6 +67,7 @@ class _Feed:
 
     def __init__(self, world, pool: str, t_s, prompt, output, seq_ids):
         self.world, self.pool = world, pool
+        (self.rep,) = world.cluster.pools[pool]
         self.t, self.p, self.o, self.seq = t_s.tolist(), prompt.tolist(), output.tolist(), seq_ids.tolist()
         self.i = 0
 
@@ -81,9 +83,22 @@ class _Feed:
         self.world._maybe_idle()
 
     def _fire(self, tick) -> None:
-        world, i = self.world, self.i
-        world._seq = self.seq[i] - 1  # _submit numbers the request seq_ids[i]
-        world._submit(self.pool, self.p[i], self.o[i], None, None, None, False)
+        """``World._submit(pool, p, o)`` to the one replica, numbered ``seq_ids[i]`` (inlined, without the
+        router and the checks a pre-drawn request needs not: this runs once per request;
+        ``tests/test_shard.py`` holds it to the whole world's records)."""
+        world, i, rep = self.world, self.i, self.rep
+        world._seq = seq = self.seq[i]
+        p, o = self.p[i], self.o[i]
+        now = world.env._now
+        req = Request(f"{self.pool}-{seq}", p, o, now)
+        req.seq_id = seq
+        world.num_submitted += 1
+        req.replica = rep.index
+        if p < 1 or o < 1 or p + o > rep._max_model_len:
+            world._reject(rep, req, rep.core.validate(req))
+        else:
+            rep.outstanding += 1
+            rep.submit(req, now + rep._frontend_s)
         self.i = i = i + 1
         if i >= len(self.t):
             self._stop()
