@@ -25,10 +25,11 @@ import resource
 import time
 from heapq import heappush
 from itertools import islice
+from operator import attrgetter
 
 import numpy as np
 
-from .records import _FLOAT_COLS, _INT_COLS
+from .records import _FLOAT_COLS, _INT_COLS, _STATUS_NAME
 from .request import Request
 from .summary import core_counters, summarize
 from .workload import _CHUNK
@@ -107,6 +108,38 @@ class _Feed:
         heappush(env._queue, (self.t[i], 1, next(env._eid), tick))  # env.call_again(tick, t)
 
 
+class _Rows:
+    """The shard world's record store: keeps each finished (or rejected) request and its done time, one list
+    append each, and builds ``RecordStore``'s columns from them once, at the end (``_columns``)."""
+
+    __slots__ = ("reqs", "done")
+
+    def __init__(self) -> None:
+        self.reqs: list[Request] = []
+        self.done: list[float] = []
+
+    def add(self, r: Request, pool: str, done_s: float) -> None:
+        self.reqs.append(r)
+        self.done.append(done_s)
+
+    def _columns(self, replica: int) -> dict:
+        """``RecordStore.columns`` (its row values, at the end: a finished request no longer changes)."""
+        reqs, n = self.reqs, len(self.reqs)
+        if not n:
+            return {}
+
+        def col(attr: str, dtype) -> np.ndarray:
+            return np.fromiter(map(attrgetter(attr), reqs), dtype, n)
+
+        f = {c: col(a, np.float64) for c, a in zip(_FLOAT_COLS[:-1], ("arrival_time", "queued_ts", "scheduled_ts",
+                                                                     "first_token_ts", "last_token_ts"), strict=True)}
+        return {**f, "done_s": np.array(self.done, np.float64), "replica": np.full(n, replica, np.int64),
+                "prompt_tokens": col("num_prompt_tokens", np.int64), "output_tokens": col("_num_output_tokens", np.int64),
+                "num_preemptions": col("num_preemptions", np.int64),
+                "num_cached_tokens": np.maximum(col("num_cached_tokens", np.int64), 0),  # -1 (never scheduled): 0
+                "seq_id": col("seq_id", np.int64)}
+
+
 def simulate_shard(spec: PoolSpec, replica: int, t_s, prompt, output, seq_ids, *, seed: int = 0,
                    sample_interval_s: float | None = 1.0, strings: bool = True, **world_kwargs) -> dict:
     """Replica ``replica`` of pool ``spec`` alone, serving the given requests (``seq_ids``: their 1-based
@@ -119,21 +152,21 @@ def simulate_shard(spec: PoolSpec, replica: int, t_s, prompt, output, seq_ids, *
     one = PoolSpec(name=spec.name, profile=spec.profile, replicas=1,
                    num_gpu_blocks_per_replica=None if blocks is None else (blocks[replica],))
     world = make_world(one, seed=seed, sample_interval_s=sample_interval_s, **world_kwargs)
+    rows = world.records = _Rows()
     _Feed(world, spec.name, np.asarray(t_s, np.float64), np.asarray(prompt, np.int64),
           np.asarray(output, np.int64), np.asarray(seq_ids, np.int64)).start()
     world.run_until_idle()
-    rs, core = world.records, world.replicas[0].core
-    cols = {k: np.array(v) for k, v in rs.columns().items()}  # copies: the store's buffers stay behind
-    if cols:
-        cols["replica"][:] = replica
+    core = world.replicas[0].core
+    cols = rows._columns(replica)
     ts = {k: np.frombuffer(a, np.float64).copy() for k, a in world.timeseries._cols.items()}
     ts["replica"][:] = replica
     running, waiting, used, gen = core.gauges(world.now)  # what the sampler would read from now on (idle)
     idle_sample = (running, waiting, used / core.kv.num_usable, core.prompt_tokens, gen, core.num_preemptions)
     hists = {h: (list(getattr(core, h).counts), getattr(core, h).count, getattr(core, h).sum) for h in _HISTOGRAMS}
-    ok = np.fromiter(map(_OK.__eq__, rs.status), bool, len(rs.status))
-    text = {"status": list(rs.status), "request_id": list(rs.request_id),
-            "reject_reason": list(rs.reject_reason)} if strings else {}
+    status = [_STATUS_NAME[r.status] for r in rows.reqs]
+    ok = np.fromiter(map(_OK.__eq__, status), bool, len(status))
+    text = {"status": status, "request_id": [r.request_id for r in rows.reqs],
+            "reject_reason": [r.reject_reason for r in rows.reqs]} if strings else {}
     return {"replica": replica, "columns": cols, "ok": ok, **text, "rejected": dict(world.rejected), "now_s": world.now,
             "counters": core_counters(core), "histograms": hists, "timeseries": ts,
             "idle_sample": idle_sample, "sample_interval_s": sample_interval_s,
