@@ -108,18 +108,19 @@ def _comparison_jobs(args, base: dict) -> dict:
     is the whole run), the reference prefix (fast, then reference), the long outputs (jumps, then stepwise)."""
     jobs = {}
     m = 0 if args.skip_stepwise else min(args.requests, args.stepwise_requests)
-    if m:
-        if m != args.requests:  # else the main run is the jumping side
-            jobs["stepwise_jumps"] = {**base, "requests": m, "jumps": True}
-        jobs["stepwise"] = {**base, "requests": m, "jumps": False}
     r = 0 if args.skip_stepwise else min(args.requests, args.reference_requests)
     if r:
-        jobs["reference_fast"] = {**base, "requests": r, "jumps": False}
         jobs["reference"] = {**base, "requests": r, "jumps": False, "force_reference": True}
+    if m:
+        jobs["stepwise"] = {**base, "requests": m, "jumps": False}
+        if m != args.requests:  # else the main run is the jumping side
+            jobs["stepwise_jumps"] = {**base, "requests": m, "jumps": True}
     if args.long_requests:
-        jobs["long_jumps"] = {**_long_params(args), "jumps": True}
         jobs["long_stepwise"] = {**_long_params(args), "jumps": False}
-    return jobs
+        jobs["long_jumps"] = {**_long_params(args), "jumps": True}
+    if r:
+        jobs["reference_fast"] = {**base, "requests": r, "jumps": False}
+    return jobs  # longest first (at the defaults), so that the shard workers end together
 
 
 def _main_json(args, sat: float, rate: float, fast: dict, step: dict | None) -> dict:
