@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing as mp
+import queue
 import time
 
 from .bench_sim_common import _lengths, _scenario, engine_counters
@@ -97,8 +98,20 @@ def collect_sharded(handle: tuple) -> dict:
 
     procs, results, replicas, num_jobs, t0, draw_cpu_s = handle
     shards, done = [], {}
+
+    def get():
+        while True:
+            try:
+                return results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:  # a worker failed: its traceback is on stderr; do not wait for ever
+                    for p in procs:
+                        p.terminate()
+                    raise RuntimeError(f"a shard worker exited with status {dead[0]}") from None
+
     while len(shards) < replicas:  # the comparisons' results may come in between
-        name, res = results.get()
+        name, res = get()
         if name is None:
             shards.append(res)
         else:
@@ -108,7 +121,7 @@ def collect_sharded(handle: tuple) -> dict:
     wall = time.perf_counter() - t0
     merge_cpu_s = time.process_time() - cpu0
     while len(done) < num_jobs:
-        name, res = results.get()
+        name, res = get()
         done[name] = res
     for proc in procs:
         proc.join()
