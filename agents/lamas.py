@@ -30,6 +30,7 @@ without), and triples the training time, so it is off by default.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -56,10 +57,15 @@ class Protocol:
     restarts: int = 1           # controllers trained per (seed, method); the validation split picks one
     val_min_episodes: int = 0   # validation: whole passes over the train split, fresh draws, at least this many
     select_margin_pts: float = 0.5  # keep candidates within this many validation points of the best score
+    keyed_sampling: bool = False    # controllers sample with keyed uniforms (common random numbers across methods)
+    guard_checkpoints: int = 0      # score guard: validate this many evenly spaced checkpoints (0: off)
+    guard_loss_pts: float = 0.5     # ... and keep the latest within this many validation points of the best
 
     def __post_init__(self) -> None:
         if self.min_updates < 0 or not self.token_weight_scale >= 0:
             raise ValueError("Protocol.min_updates and token_weight_scale must be >= 0")
+        if self.guard_checkpoints < 0 or not self.guard_loss_pts >= 0:
+            raise ValueError("Protocol.guard_checkpoints and guard_loss_pts must be >= 0")
         if self.restarts < 1 or self.val_min_episodes < 0 or not self.select_margin_pts >= 0:
             raise ValueError("Protocol.restarts must be >= 1, val_min_episodes and select_margin_pts >= 0")
 
@@ -71,7 +77,7 @@ MIN_UPDATES = 240
 RESTARTS, VAL_MIN_EPISODES = 1, 400
 PROTOCOLS: dict[str, Protocol] = {
     "robust": Protocol(min_updates=MIN_UPDATES, token_weight_scale=2.0, query_baseline=True, restarts=RESTARTS,
-                       val_min_episodes=VAL_MIN_EPISODES),
+                       val_min_episodes=VAL_MIN_EPISODES, keyed_sampling=True),
     "paper": Protocol(min_updates=0, token_weight_scale=1.0, query_baseline=False),
 }
 
@@ -182,7 +188,8 @@ def make_policy(args: Args, controller: LAMaSController | None, *, record: bool,
     if not method.learned:
         return make_static(method.static, env_kind)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([args.seed, 7919, stream])))
-    return ControllerPolicy(controller, operator_set(env_kind), rng, threshold=args.threshold, record=record)
+    key = (args.seed, 7919, stream) if PROTOCOLS[args.protocol].keyed_sampling else None
+    return ControllerPolicy(controller, operator_set(env_kind), rng, threshold=args.threshold, record=record, key=key)
 
 
 def new_controller(args: Args) -> LAMaSController:
@@ -248,9 +255,12 @@ def train_one(args: Args, progress: Callable[[int], None] | None = None) -> Trai
     prev_cost, metrics, step = 0.0, [], 0
     conc = args.train_concurrency or args.batch_size
     n = len(env.queries) if args.max_train_queries is None else min(len(env.queries), args.max_train_queries)
+    epochs = train_epochs(args, n)
+    marks = _guard_marks(proto.guard_checkpoints if lam > 0 else 0, epochs * -(-n // args.batch_size))
+    checkpoints: list[tuple[int, dict]] = []
 
     # ---- epochs in file order, no shuffling; one Adam step per batch
-    for epoch in range(train_epochs(args, n)):
+    for epoch in range(epochs):
         for start in range(0, n, args.batch_size):
             batch_q = list(range(start, min(start + args.batch_size, n)))
             infos = env.rollout(policy, batch_q, concurrency=conc)
@@ -273,9 +283,34 @@ def train_one(args: Args, progress: Callable[[int], None] | None = None) -> Trai
             ctrl.refresh()
             step += 1
             metrics.append(_batch_metrics(epoch, step, loss, util, infos))
+            if step in marks:
+                checkpoints.append((step, copy.deepcopy(ctrl.state_dict())))
             if progress is not None:
                 progress(len(batch_q))
-    return TrainResult(args, ctrl, metrics)
+    return TrainResult(args, ctrl, metrics, _score_guard(args, ctrl, checkpoints) if checkpoints else [])
+
+
+def _guard_marks(k: int, steps: int) -> set[int]:
+    """Adam steps after which the score guard keeps a checkpoint: ``k`` evenly spaced, the last step included."""
+    return {-(-steps * i // k) for i in range(1, k + 1)} if k else set()
+
+
+def _score_guard(args: Args, ctrl: LAMaSController, checkpoints: list[tuple[int, dict]]) -> list[dict]:
+    """Load into ``ctrl`` the latest checkpoint whose validation score (train split, worlds and draws of its
+    own, never the test split; ``agents.selection``) is within the protocol's ``guard_loss_pts`` of the best
+    checkpoint's. Every checkpoint sees the same validation passes, so their differences are paired."""
+    from .selection import guard, validate
+
+    proto = PROTOCOLS[args.protocol]
+    figures = []
+    for step, state in checkpoints:
+        ctrl.load_state_dict(state)
+        ctrl.refresh()
+        figures.append({"step": step, **validate(args, ctrl, proto.val_min_episodes)})
+    k, table = guard(figures, proto.guard_loss_pts)
+    ctrl.load_state_dict(checkpoints[k][1])
+    ctrl.refresh()
+    return table
 
 
 def _batch_metrics(epoch: int, step: int, loss, util: float, infos: list[dict]) -> dict:

@@ -79,3 +79,40 @@ def test_experiment_reports_each_seeds_selection():
     assert set(one["selection"]) == {"lamas"}                          # static methods train nothing
     assert len(one["selection"]["lamas"]) == 3
     assert sum(t["chosen"] for t in one["selection"]["lamas"]) == 1
+
+
+def test_the_score_guard_keeps_the_latest_checkpoint_that_holds_the_score():
+    from agents.selection import guard
+
+    figs = [_fig(93.0, 900.0), _fig(92.8, 700.0), _fig(91.9, 500.0), _fig(92.6, 450.0), _fig(90.0, 300.0)]
+    k, table = guard(figs, 0.5)
+    assert k == 3 and [t["chosen"] for t in table] == [False, False, False, True, False]
+    assert guard(figs, 3.0)[0] == 4 and guard(figs, 0.0)[0] == 0
+    with pytest.raises(ValueError, match="at least one checkpoint"):
+        guard([], 0.5)
+
+
+def test_the_score_guard_validates_checkpoints_of_latency_aware_runs_only():
+    from dataclasses import replace
+
+    import agents.lamas as lamas
+
+    torch.set_num_threads(1)
+    assert lamas._guard_marks(4, 10) == {3, 5, 8, 10} and lamas._guard_marks(0, 10) == set()
+    proto = replace(PROTOCOLS["robust"], guard_checkpoints=2, val_min_episodes=8)
+    old = dict(PROTOCOLS)
+    try:
+        PROTOCOLS["robust"] = proto
+        a = Args(method="lamas", task="humaneval", seed=2, epochs=2, max_train_queries=8)
+        tr = train_one(a)
+        assert [t["step"] for t in tr.selection] == [2, 4] and sum(t["chosen"] for t in tr.selection) == 1
+        assert all(t["val_episodes"] == 8 for t in tr.selection)
+        assert train_one(replace(a, method="maas")).selection == []      # no latency term: nothing to guard
+        plain = train_one(a)   # the same run, bit for bit, whichever checkpoint the guard keeps
+        PROTOCOLS["robust"] = old["robust"]
+        last = train_one(a)
+        assert plain.metrics == last.metrics
+        if tr.selection[-1]["chosen"]:
+            assert torch.equal(next(tr.controller.parameters()), next(last.controller.parameters()))
+    finally:
+        PROTOCOLS.update(old)
