@@ -12,17 +12,11 @@ replacement (draw from the renormalised rest, add the drawn operator's original 
 the sum is below 0.3), then the layer-0 rules apply. Sampling stays stochastic at test time.
 
 ``ControllerPolicy`` wraps it as a ``Policy`` for ``MASLatency-v0`` and records, per episode, what the
-trainer needs to recompute log-probabilities with gradients. With a ``key`` it samples with keyed uniforms
-(``keyed_uniforms``): the draws of one decision depend only on the key, the query, its visit, the attempt
-and the layer, not on which episodes happened to act before it. Two controllers sampled with the same key
-(LAMaS and MaAS in one seed's test run) then pick the same operators wherever their probabilities agree
-(inverse-CDF coupling in one fixed operator order), and the environment's keyed LLM draws give them the same
-outcome there: common random numbers for the architecture as well as for the answers.
+trainer needs to recompute log-probabilities with gradients.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,8 +27,7 @@ from envs.operators import GENERATE_TYPE
 
 from .policies import encode_action
 
-__all__ = ["ControllerPolicy", "Decision", "LAMaSController", "apply_layer0_rules", "keyed_uniforms", "query_key",
-           "threshold_sample"]
+__all__ = ["ControllerPolicy", "Decision", "LAMaSController", "apply_layer0_rules", "threshold_sample"]
 
 LAYER0_EARLYSTOP_PENALTY = -1.5
 
@@ -171,49 +164,21 @@ class Trace:
     decisions: list[Decision] = field(default_factory=list)
 
 
-def query_key(query: np.ndarray) -> int:
-    """A stable 63-bit key of a query embedding (its float32 bytes; Python's str hash is salted per process)."""
-    digest = hashlib.blake2b(np.ascontiguousarray(query, np.float32).tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def keyed_uniforms(key: tuple[int, ...], qkey: int, visit: int, attempt: int, layer: int) -> np.random.Generator:
-    """The uniforms of one threshold-sampling decision, a pure function of its key (module docstring)."""
-    words = [*key, qkey & 0xFFFFFFFF, qkey >> 32, visit, attempt, layer]
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
-
-
 class ControllerPolicy:
-    """Samples architectures with a ``LAMaSController`` and records each episode's decisions.
-
-    ``key`` None draws from ``rng`` in the order the episodes act (LAMaS); a tuple of ints draws every
-    decision from ``keyed_uniforms`` (the n-th episode of a query is its visit n)."""
+    """Samples architectures with a ``LAMaSController`` and records each episode's decisions."""
 
     def __init__(self, controller: LAMaSController, names: tuple[str, ...], rng: np.random.Generator, *,
-                 threshold: float = 0.3, record: bool = True, key: tuple[int, ...] | None = None):
+                 threshold: float = 0.3, record: bool = True):
         if len(names) != controller.num_ops:
             raise ValueError(f"{len(names)} operator names for a controller over {controller.num_ops} operators")
         self.controller, self.names, self.rng, self.threshold, self.record = controller, names, rng, threshold, record
-        self.key = None if key is None else tuple(int(w) for w in key)
         self.traces: dict[int, Trace] = {}
-        self._visits: dict[int, int] = {}                 # query key -> episodes started (keyed sampling)
-        self._episodes: dict[int, tuple[int, int]] = {}   # episode -> (query key, visit)
-
-    def _rng(self, obs: dict, episode: int, layer: int) -> np.random.Generator:
-        if self.key is None:
-            return self.rng
-        if layer == 0 and int(obs["attempt"]) == 0:     # an episode starts (keys may repeat in a new world)
-            qk = query_key(np.asarray(obs["query"], np.float32))
-            self._episodes[episode] = (qk, self._visits.get(qk, 0))
-            self._visits[qk] = self._visits.get(qk, 0) + 1
-        qk, visit = self._episodes[episode]
-        return keyed_uniforms(self.key, qk, visit, int(obs["attempt"]), layer)
 
     def act(self, obs: dict, episode: int = 0) -> np.ndarray:
         layer, prev = int(obs["layer"]), int(obs["prev_first"])
         k = len(self.names)
         p = self.controller.probs_np(layer, np.asarray(obs["query"], np.float32), prev)
-        sel = threshold_sample(p, self.threshold, self._rng(obs, episode, layer))
+        sel = threshold_sample(p, self.threshold, self.rng)
         stop = penalty = False
         if layer == 0:
             sel, penalty = apply_layer0_rules(sel, self.names)

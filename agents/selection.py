@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["guard", "select", "validate", "validation_seed"]
+__all__ = ["select", "validate", "validation_seed"]
 
 VAL_STREAM = 1000   # policy streams of validation passes (training uses 1 + 16 r, the test run 2)
 
@@ -62,15 +62,4 @@ def select(figures: Sequence[dict], margin_pts: float) -> tuple[int, list[dict]]
     best = max(f["val_score_pct"] for f in figures)
     ok = [i for i, f in enumerate(figures) if f["val_score_pct"] >= best - margin_pts]
     k = min(ok, key=lambda i: (figures[i]["val_cp_tokens_mean"], i))
-    return k, [{**f, "chosen": i == k} for i, f in enumerate(figures)]
-
-
-def guard(figures: Sequence[dict], allowed_loss_pts: float) -> tuple[int, list[dict]]:
-    """The score guard over one run's checkpoints (in training order): the latest whose validation score is
-    within ``allowed_loss_pts`` of the best checkpoint's, so the critical path keeps shortening only as long as
-    the score holds. Returns its index and the figures with ``chosen`` set."""
-    if not figures:
-        raise ValueError("guard needs at least one checkpoint")
-    best = max(f["val_score_pct"] for f in figures)
-    k = max(i for i, f in enumerate(figures) if f["val_score_pct"] >= best - allowed_loss_pts)
     return k, [{**f, "chosen": i == k} for i, f in enumerate(figures)]
