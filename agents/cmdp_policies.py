@@ -66,6 +66,9 @@ class Featurizer:
             m, st = divmod(a, len(STRATEGY_NAMES))
             self.onehot[a, m] = 1.0
             self.onehot[a, self.num_models + st] = 1.0
+        # the per-action rows' constant columns (quality, one-hot model and strategy); __call__ fills the rest
+        self._act = np.zeros((na, ACTION_FEATURES + self.onehot.shape[1]))
+        self._act[:, 0], self._act[:, ACTION_FEATURES:] = self.quality, self.onehot
 
     def __call__(self, obs: dict) -> tuple[np.ndarray, np.ndarray]:
         b_s, b_frac = float(obs["budget"][0]), float(obs["budget"][1])
@@ -73,21 +76,29 @@ class Featurizer:
         est = obs["estimates"].astype(np.float64)
         path = max(float(obs["nodes_left"][1]), 1.0)
         sysm = obs["system"].astype(np.float64).reshape(-1, 4)
-        sys_f = np.column_stack([np.log1p(sysm[:, 0]), np.log1p(sysm[:, 1]), sysm[:, 2],
-                                 np.log1p(sysm[:, 3])]).reshape(-1)
-        state = np.concatenate([
-            np.array([b_frac, np.sign(b_s) * np.log1p(abs(b_s))]),
-            obs["nodes_left"].astype(np.float64) / MAX_NODES,
-            np.array([np.log1p(float(obs["prompt_tokens"][0])) / 8.0]),
-            obs["query"].astype(np.float64),
-            np.eye(len(ROLE_NAMES))[int(obs["role"])], np.eye(MAX_NODES)[int(obs["step"])],
-            np.eye(len(MODES))[int(obs["topology"])], sys_f,
-        ])
+        # filled in place, in the order of the docstring's state (one-hots set, not sliced from np.eye)
+        state = np.zeros(STATE_DIM + 4 * self.num_models)
+        state[0], state[1] = b_frac, np.sign(b_s) * np.log1p(abs(b_s))
+        state[2:4] = obs["nodes_left"].astype(np.float64) / MAX_NODES
+        state[4] = np.log1p(float(obs["prompt_tokens"][0])) / 8.0
+        q = obs["query"]
+        state[5:5 + len(q)] = q
+        i = 5 + len(q)
+        state[i + int(obs["role"])] = 1.0
+        i += len(ROLE_NAMES)
+        state[i + int(obs["step"])] = 1.0
+        i += MAX_NODES
+        state[i + int(obs["topology"])] = 1.0
+        i += len(MODES)
+        sys_f = state[i:].reshape(-1, 4)
+        sys_f[:, 0], sys_f[:, 1], sys_f[:, 2], sys_f[:, 3] = (np.log1p(sysm[:, 0]), np.log1p(sysm[:, 1]), sysm[:, 2],
+                                                              np.log1p(sysm[:, 3]))
         share = b_s / path
-        slack = np.clip((share - est) / max(abs(slo), 1e-6), -5.0, 5.0)
-        ratio = np.clip(est / max(b_s, 1e-3), 0.0, 10.0) if b_s > 0 else np.full_like(est, 10.0)
-        act = np.column_stack([self.quality, np.log1p(est), slack, ratio, (est <= share).astype(np.float64),
-                               (est <= b_s).astype(np.float64), self.onehot])
+        act = self._act
+        act[:, 1] = np.log1p(est)
+        act[:, 2] = np.clip((share - est) / max(abs(slo), 1e-6), -5.0, 5.0)
+        act[:, 3] = np.clip(est / max(b_s, 1e-3), 0.0, 10.0) if b_s > 0 else 10.0
+        act[:, 4], act[:, 5] = est <= share, est <= b_s
         return state.astype(np.float32), act.astype(np.float32)
 
 

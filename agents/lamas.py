@@ -26,6 +26,19 @@ on MATH and 0.1-0.2 on GSM8K, and the pairs' expected gaps lie between -1.0 and 
 keeping one on a validation run of the train split (``Args.restarts``, ``agents.selection``; every learned
 method alike) did not help either (HumanEval and MBPP, 3 restarts: three of ten seeds below -1 point, as
 without), and triples the training time, so it is off by default.
+
+Two more tries, measured and not kept (issue 18, branch h-lamascrn, commit cca7821 has the code and tests):
+the LLM outcomes are already common random numbers (``envs.supernet.Draws``, keyed by run seed, query,
+visit, attempt, layer, operator and call), so the test run's noise is in the cells that differ between the
+two methods' architectures. Sampling the architectures from keyed uniforms as well (inverse-CDF coupling of the
+two controllers) left the gap's std unchanged (HumanEval, 5 trained pairs x 6 test re-runs: pooled 1.75
+points shared-stream, 1.88 keyed). A score guard (4 checkpoints per LAMaS run, each validated on 400
+episodes of the train split, the latest within 0.5 points of the best kept) found no trend to guard: the
+checkpoints' validation scores moved by +-1 point in no order, and it kept a checkpoint other than the last
+in one seed of five, turning that seed's +3.05 into -0.76. The architectures' whole score range on
+HumanEval is about 1-2 points (static single CoT 91.9 %, all-parallel 92.9 %, MaAS 92.8-94.2 %), so no
+controller can beat MaAS by the ~2.5 points in expectation that one 131-query test run would need to keep
+every seed within 1 point.
 """
 
 from __future__ import annotations

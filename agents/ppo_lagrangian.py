@@ -192,7 +192,7 @@ def train_ppo_lagrangian(env, args: PPOLagArgs = PPOLagArgs(), *, progress: Call
     nm = len(env.models)
     featurizer = Featurizer(quality_table(env.task, env.models))
     nets = ActorCritics(state_dim(nm), action_dim(nm), args.hidden, gen)
-    optimizer = torch.optim.Adam(nets.parameters(), lr=args.lr, eps=args.adam_eps)
+    optimizer = torch.optim.Adam(nets.parameters(), lr=args.lr, eps=args.adam_eps, foreach=True)  # same bits, fewer calls
     lagrange = make_multiplier(args)
     norm_s, norm_a = RunningNorm(state_dim(nm)), RunningNorm(action_dim(nm))
     num_epochs = args.total_steps // args.steps_per_epoch

@@ -16,7 +16,7 @@ from envs.cmdp_catalog import STRATEGY_NAMES
 
 from .cmdp_policies import Featurizer, action_dim, state_dim
 
-__all__ = ["Actor", "ActorCritics", "PPOLagPolicy", "RunningNorm"]
+__all__ = ["Actor", "ActorCritics", "NumpyActorCritics", "PPOLagPolicy", "RunningNorm"]
 
 #: standardised observations are clipped to +-10 (OmniSafe's ``obs_normalize`` clip, SB3's ``clip_obs``)
 OBS_CLIP = 10.0
@@ -83,6 +83,41 @@ class ActorCritics(torch.nn.Module):
         self.actor = Actor(ds, da, hidden, gen)
         self.reward_critic = _mlp(ds, 1, hidden, gen, 1.0)
         self.cost_critic = _mlp(ds, 1, hidden, gen, 1.0)
+
+
+def _layers(seq: torch.nn.Sequential) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(W^T, b) of each ``Linear`` of ``seq`` as float32 numpy arrays (copies: the nets train on)."""
+    return [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy())
+            for m in seq if isinstance(m, torch.nn.Linear)]
+
+
+def _mlp_np(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
+    """The ``_mlp`` shape (tanh between linear layers, none after the last) in numpy."""
+    for i, (wt, b) in enumerate(layers):
+        x = x @ wt + b
+        if i < len(layers) - 1:
+            x = np.tanh(x)
+    return x
+
+
+class NumpyActorCritics:
+    """A frozen numpy copy of ``ActorCritics`` for one observation at a time (the rollout's forward pass).
+
+    Same layers and float32 maths as the torch modules; for a batch of one, torch's per-call dispatch costs
+    ~10x the arithmetic, so the rollout samples from this copy (taken after each update) and the update runs
+    in torch. Results agree with torch's to float32 rounding, not to the bit (different GEMM kernels)."""
+
+    def __init__(self, nets: ActorCritics):
+        (self.ws, self.bs), = _layers(nets.actor.state)
+        self.score, self.reward, self.cost = (_layers(nets.actor.score), _layers(nets.reward_critic),
+                                              _layers(nets.cost_critic))
+
+    def __call__(self, state: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """``state`` (ds,) and ``actions`` (A, da), normalised: (logits (A,), V_r, V_c)."""
+        h = np.tanh(state @ self.ws + self.bs)
+        x = np.concatenate([np.broadcast_to(h, (len(actions), len(h))), actions], 1)
+        logits = _mlp_np(self.score, x)[:, 0]
+        return logits, float(_mlp_np(self.reward, state)[0]), float(_mlp_np(self.cost, state)[0])
 
 
 class PPOLagPolicy:

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from envs.cmdp_catalog import STRATEGY_NAMES
 
 from .cmdp_policies import Featurizer
-from .ppo_nets import ActorCritics, RunningNorm
+from .ppo_nets import ActorCritics, NumpyActorCritics, RunningNorm
 
 __all__ = ["Advantages", "EpisodeCursor", "EpisodeStats", "Rollout", "collect_rollout", "compute_advantages", "gae"]
 
@@ -81,12 +80,9 @@ class Rollout:
                    quality_by_action=np.full((steps, num_actions), np.nan), nodes=np.zeros(steps, np.int64))
 
 
-def _policy_step(nets: ActorCritics, norm_s: RunningNorm, norm_a: RunningNorm, ro: Rollout, t: int):
+def _policy_step(fwd: NumpyActorCritics, norm_s: RunningNorm, norm_a: RunningNorm, ro: Rollout, t: int):
     """pi(.|s_t) (numpy probabilities), V_r(s_t), V_c(s_t) from the normalised row ``t``."""
-    with torch.no_grad():
-        st = torch.as_tensor(norm_s(ro.obs[t][None]))
-        logits = nets.actor(st, torch.as_tensor(norm_a(ro.action_features[t])[None]))[0].numpy()
-        value, cost_value = float(nets.reward_critic(st)[0, 0]), float(nets.cost_critic(st)[0, 0])
+    logits, value, cost_value = fwd(norm_s(ro.obs[t]), norm_a(ro.action_features[t]))
     p = np.exp(logits - logits.max())
     p /= p.sum()
     return p, value, cost_value
@@ -103,10 +99,11 @@ def collect_rollout(env, nets: ActorCritics, featurizer: Featurizer, norm_s: Run
     num_actions = len(env.models) * num_strategies
     ro = Rollout.empty(steps, norm_s.mean.shape[0], num_actions, norm_a.mean.shape[0])
     episode_rows: list[int] = []                           # the running episode's rows in this rollout
+    fwd = NumpyActorCritics(nets)                          # pi_old: the nets do not change during a rollout
     for t in range(steps):
         obs = cursor.next_obs
         ro.obs[t], ro.action_features[t] = featurizer(obs)
-        p, ro.values[t], ro.cost_values[t] = _policy_step(nets, norm_s, norm_a, ro, t)
+        p, ro.values[t], ro.cost_values[t] = _policy_step(fwd, norm_s, norm_a, ro, t)
         a = int(rng.choice(num_actions, p=p))
         ro.actions[t], ro.logprobs[t] = a, float(np.log(p[a] + LOGPROB_EPS))
         ro.probs[t], ro.nodes[t] = p, int(obs["step"])
@@ -129,9 +126,8 @@ def collect_rollout(env, nets: ActorCritics, featurizer: Featurizer, norm_s: Run
             cursor.next_obs, _ = env.reset()
         if progress is not None:
             progress(1)
-    with torch.no_grad():
-        st = torch.as_tensor(norm_s(featurizer(cursor.next_obs)[0][None]))
-        ro.next_value, ro.next_cost_value = float(nets.reward_critic(st)[0, 0]), float(nets.cost_critic(st)[0, 0])
+    s_next, a_next = featurizer(cursor.next_obs)
+    _, ro.next_value, ro.next_cost_value = fwd(norm_s(s_next), norm_a(a_next))
     return ro
 
 

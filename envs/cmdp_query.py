@@ -75,6 +75,7 @@ class QueryState:
     clipped_tokens: int = 0
     _u: np.ndarray = field(init=False, repr=False)
     _z: np.ndarray = field(init=False, repr=False)
+    _lhs: dict[int, np.ndarray] = field(default_factory=dict, init=False, repr=False)  # _draws by size (read-only arrays)
 
     def __post_init__(self) -> None:
         g = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy(self.seed_words))))
@@ -185,10 +186,14 @@ class QueryState:
         """A Latin hypercube of ``draws`` points per (node, purpose): each column hits every 1/draws stratum
         once, so the share of draws under a probability is exact to 1/draws (differences between actions
         that move a probability by 1 point are not lost in sampling noise); unbiased like plain draws."""
+        if (cached := self._lhs.get(draws)) is not None:      # expected_score and counterfactual_scores share it
+            return cached
         g = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy([*self.seed_words, 0x5EED]))))
         shape = (draws, len(self.topology), 3)
         strata = np.argsort(g.random(shape), axis=0)                     # an independent permutation per column
-        return (strata + g.random(shape)) / draws
+        u = self._lhs[draws] = (strata + g.random(shape)) / draws
+        u.flags.writeable = False
+        return u
 
     def _final_labels(self, p: np.ndarray, u: np.ndarray) -> np.ndarray:
         """The answer rules (module docstring), for every row of ``p`` (V, nodes: each node's probability of

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .request import Request
     from .world import Replica
 
-__all__ = ["ROUTERS", "Router", "make_router"]
+__all__ = ["ROUTERS", "Router", "make_router", "static_assignment"]
 
 
 class Router(Protocol):
@@ -35,6 +35,13 @@ class RoundRobin:
         i = self._next % len(replicas)
         self._next = i + 1
         return i
+
+    def assign(self, num_requests: int, num_replicas: int):
+        """The replica of each of the next ``num_requests`` requests, as ``choose`` would pick them (the
+        choice ignores the replicas' state, so it is known before the simulation runs)."""
+        import numpy as np
+
+        return (self._next + np.arange(num_requests, dtype=np.int64)) % num_replicas
 
 
 class LeastOutstanding:
@@ -70,6 +77,14 @@ ROUTERS: dict[str, Callable[..., Router]] = {
     "least_kv": LeastKVUsage,
     **{name: partial(VllmDPRouter, rule) for name, rule in DP_RULES.items()},
 }
+
+
+def static_assignment(router: Router, num_requests: int, num_replicas: int):
+    """Each request's replica index if ``router`` decides without looking at the replicas (it has an
+    ``assign(num_requests, num_replicas)`` method: e.g. round robin), else ``None``. Given that assignment,
+    the replicas never interact, so they can be simulated apart (``sim.shard``)."""
+    assign = getattr(router, "assign", None)
+    return None if assign is None else assign(num_requests, num_replicas)
 
 
 def make_router(name: str, **options: Any) -> Router:

@@ -32,7 +32,7 @@ from .routing import make_router
 from .simenv import LATE, SIMPY_TESTED, SimEnv, check_simpy_version
 
 __all__ = ["LATE", "SIMPY_TESTED", "Cluster", "PoolSpec", "Replica", "SimEnv", "World", "check_simpy_version",
-           "make_world"]
+           "make_world", "named_rng"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,6 +96,15 @@ class Cluster:
             self.routers[spec.name] = make_router(spec.router, **dict(spec.router_options))
 
 
+def named_rng(seed: int, name: str) -> np.random.Generator:
+    """The stream ``World(seed=seed).rng(name)`` starts as (a world that does not exist yet can draw it:
+    ``sim.shard`` pre-draws a workload's arrivals and lengths)."""
+    # spawn key from a cryptographic digest of the name: distinct names give independent streams
+    digest = hashlib.sha256(name.encode()).digest()
+    key = [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=key)))
+
+
 class World:
     """A fresh simulated world: clock, cluster, records, time series and named random streams.
 
@@ -137,11 +146,7 @@ class World:
         """The named random stream (same seed + same name = same stream, whatever else is drawn)."""
         g = self._streams.get(name)
         if g is None:
-            # spawn key from a cryptographic digest of the name: distinct names give independent streams
-            digest = hashlib.sha256(name.encode()).digest()
-            key = [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
-            g = np.random.Generator(np.random.PCG64(np.random.SeedSequence(self._root.entropy, spawn_key=key)))
-            self._streams[name] = g
+            g = self._streams[name] = named_rng(self._root.entropy, name)
         return g
 
     @property

@@ -52,13 +52,26 @@ def test_bench_sim_small_json():
         assert k in d
     assert d["stepwise"]["identical_results"] is True and d["finished"] == 3000
     assert d["stepwise"]["requests"] == 1200 and d["jump_speedup"] > 0   # both engines on the same prefix
-    ph = d["phases_s"]  # the comparisons run beside the main run, one after another
-    assert d["comparisons_beside_main"] is True
+    ph = d["phases_s"]  # round robin: the replicas run apart, the comparisons in the same worker processes
+    sh = d["sharded"]
+    assert d["comparisons_beside_main"] is True and sh["replicas"] == 2 and len(sh["replica_cpu_s"]) == 2
     side = ph["stepwise_s"] + ph["reference_s"] + ph["long_outputs_s"]
-    assert ph["whole_command_s"] >= ph["saturation_s"] + max(ph["main_s"], side) and d["whole_command_cpu_s"] > 0
+    assert ph["whole_command_s"] >= ph["saturation_s"] + ph["main_s"] and side <= sh["workers"] * ph["main_s"]
+    assert d["whole_command_cpu_s"] > 0
     rf = d["reference"]  # the literal vLLM algorithm on a shorter prefix: same results, slower
     assert rf["identical_results"] is True and rf["requests"] == 300 and rf["fast_speedup_cpu"] > 1
     j = d["jumps"]  # the counters that explain the gain: one boundary per single step or jumped run
     assert j["engine_steps"] == d["engine_steps"] and j["step_boundaries"] == j["engine_steps"] - j["jumped_steps"] + j["jumps"]
     lo = d["long_outputs"]
     assert lo["identical_results"] is True and lo["jumps"]["mean_steps_per_jump"] > 10
+
+
+@pytest.mark.slow
+def test_bench_sim_sharded_equals_single_world_json():
+    d = last_json(maslat("bench", "sim", "--requests", "4000", "--replicas", "3", "--long-requests", "0",
+                         "--skip-stepwise", "--single-world", "--json"))
+    assert d["sharded"]["replicas"] == 3 and d["single_world"]["identical_results"] is True
+    assert d["single_world"]["speedup"] > 0 and d["finished"] == 4000
+    d = last_json(maslat("bench", "sim", "--requests", "2000", "--replicas", "2", "--long-requests", "0",
+                         "--skip-stepwise", "--router", "least_outstanding", "--json"))
+    assert d["sharded"] is None and d["finished"] == 2000  # a router that looks at the replicas: one world

@@ -127,3 +127,13 @@ def test_cmdp_per_seed_entries_have_the_keys_of_the_means():
     att = [p["regimes"]["busy"]["ppo_lagrangian"]["slo_attainment"] for p in per]
     assert np.isclose(np.mean(att), mean["regimes"]["busy"]["ppo_lagrangian"]["slo_attainment"])
     assert att == [float(rows[(rows.seed == s) & (rows.policy == "ppo_lagrangian")].attained.mean()) for s in (0, 1)]
+
+
+def test_findings_text_with_ppo_lagrangian_alone_names_no_other_policy():
+    from maslat.commands._cmdp_report import findings_text
+
+    f = {"ppo_slo_attainment": 0.947, "ppo_min_attainment_over_slos": 0.9, "ppo_meets_target": False,
+         "ppo_goodput": 0.749, "best_other": None, "best_other_goodput": None, "ppo_highest_goodput": True,
+         "oracle_goodput": None, "masrouter_slo_attainment": None}
+    text = findings_text({"findings": {"busy": f}})               # `--policies ppo_lagrangian` crashed here
+    assert "goodput 0.749 vs best other (none run)" in text and "MISSES" in text

@@ -15,7 +15,7 @@ import torch
 
 from agents.cmdp_policies import Featurizer, action_dim, state_dim
 from agents.ppo_lagrangian import COSTS, PPOLagArgs, train_ppo_lagrangian
-from agents.ppo_nets import ActorCritics, RunningNorm
+from agents.ppo_nets import ActorCritics, NumpyActorCritics, RunningNorm
 from agents.ppo_rollout import EpisodeCursor, Rollout, collect_rollout, compute_advantages, gae
 from envs.cmdp import MASLatencyCMDPEnv
 from envs.cmdp_catalog import quality_table
@@ -62,6 +62,31 @@ def test_rollout_record_is_consistent_with_the_policy_that_sampled_it():
     assert np.isnan(ro.quality_by_action[last_done + 1:]).all()
     adv = compute_advantages(ro, 0.5, gamma=0.99, gae_lambda=0.95, reward="counterfactual", adv_norm="joint")
     assert adv.advantages.shape == (25,) and abs(adv.advantages.mean()) < 1e-9
+
+
+def test_the_rollouts_numpy_forward_pass_is_the_torch_nets_to_float32_rounding():
+    nm = 3
+    gen = torch.Generator().manual_seed(1)
+    nets = ActorCritics(state_dim(nm), action_dim(nm), 16, gen)
+    with torch.no_grad():                                        # non-zero biases, a larger output layer
+        for p in nets.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    fwd = NumpyActorCritics(nets)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        s = rng.normal(size=state_dim(nm)).astype(np.float32)
+        a = rng.normal(size=(3 * nm, action_dim(nm))).astype(np.float32)
+        logits, v, vc = fwd(s, a)
+        with torch.no_grad():
+            st = torch.as_tensor(s[None])
+            want = nets.actor(st, torch.as_tensor(a[None]))[0].numpy()
+            want_v, want_vc = float(nets.reward_critic(st)[0, 0]), float(nets.cost_critic(st)[0, 0])
+        assert logits.dtype == np.float32 and logits.shape == (3 * nm,)
+        np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose([v, vc], [want_v, want_vc], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():                                        # a copy: later updates do not leak into it
+        nets.reward_critic[0].bias.add_(1.0)
+    assert fwd(s, a)[1] == v
 
 
 def test_gae_and_the_counterfactual_credit_by_hand():

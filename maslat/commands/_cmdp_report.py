@@ -35,8 +35,9 @@ def findings_text(summary: dict) -> str:
         lines.append(
             f"  {reg:7s} PPO-Lagrangian attainment {f['ppo_slo_attainment']:.3f} (lowest over SLOs "
             f"{f['ppo_min_attainment_over_slos']:.3f}) {'meets' if f['ppo_meets_target'] else 'MISSES'} the target; "
-            f"goodput {f['ppo_goodput']:.3f} vs best other {f['best_other']} {f['best_other_goodput']:.3f} "
-            f"({'highest' if f['ppo_highest_goodput'] else 'NOT highest'}; oracle {f['oracle_goodput'] or float('nan'):.3f})"
+            f"goodput {f['ppo_goodput']:.3f} vs best other "
+            + (f"{f['best_other']} {f['best_other_goodput']:.3f} " if f["best_other"] is not None else "(none run) ")
+            + f"({'highest' if f['ppo_highest_goodput'] else 'NOT highest'}; oracle {f['oracle_goodput'] or float('nan'):.3f})"
             + (f"; MasRouter attains {f['masrouter_slo_attainment']:.3f}" if f["masrouter_slo_attainment"] is not None
                else ""))
     return "\n".join(lines)

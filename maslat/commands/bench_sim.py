@@ -2,41 +2,55 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
 import os
-import resource
 import sys
 import time
 
 from ._common import add_json_flag, emit_json, format_table
+from .bench_sim_common import (
+    _collect,
+    _cpu_s_all_processes,
+    _in_fresh_process,
+    _start_fresh_process,
+    azure_conv_lengths,
+    engine_counters,
+    measure_saturation,
+)
+from .bench_sim_shard import collect_sharded, shardable, start_sharded
+from .bench_sim_soak import SOAK_FLAT_MB, SOAK_SAMPLES, _soak, soak_slope
+
+__all__ = ["SOAK_FLAT_MB", "azure_conv_lengths", "configure", "engine_counters", "measure_saturation", "run",
+           "soak_slope"]
 
 HELP = "simulator speed: N requests through R replicas at a fraction of saturation, with and without jumps"
 DESCRIPTION = """\
-Measures the simulator, one simulation per process on one core. First the saturation throughput of one
-replica is measured by simulation (an overloaded replica, Azure-conv lengths); then --requests Poisson
-arrivals at --load x saturation x --replicas run through the cluster with decode-run jumps (the default
-engine), in a fresh process.
+Measures the simulator. First the saturation throughput of one replica is measured by simulation (an
+overloaded replica, Azure-conv lengths); then --requests Poisson arrivals at --load x saturation x --replicas
+run through the cluster with decode-run jumps (the default engine).
 
-While that runs (on the machine's second core; --serial waits for it instead), the comparisons run, each in
-its own fresh process: the first --stepwise-requests of the same arrivals with jumps and step by step (jumps
-off), and the first --reference-requests with the literal per-request vLLM algorithm (the reference mode,
-several times slower per step, hence the shorter prefix). All must produce identical latency statistics; the
-gains are ratios of their wall and CPU times, measured in this run. The engine counters say why the gain is
-what it is: step boundaries (one per single step, one per jumped run), jumps, mean steps per jump.
-``phases_s`` says where the whole command's time went.
+With a router that ignores the replicas' state (round robin) the replicas never interact, so the main run is
+sharded: the arrivals are drawn once, --workers forked processes simulate one replica at a time, and their
+records and counters merge into exactly the single world's (sim.shard; --single-world also runs the single
+world, in this invocation, and reports the speed-up and whether the results are identical). The comparisons
+then fill the same workers. Other routers (and --workers 0) run the single world in a fresh process, with
+the comparisons beside it, one after another, each in its own process.
+
+The comparisons: the first --stepwise-requests of the same arrivals with jumps and step by step (jumps off),
+and the first --reference-requests with the literal per-request vLLM algorithm (the reference mode, several
+times slower per step, hence the shorter prefix). All must produce identical latency statistics; the gains
+are ratios of their wall and CPU times, measured in this run. The engine counters say why the gain is what
+it is: step boundaries (one per single step, one per jumped run), jumps, mean steps per jump. ``phases_s``
+says where the whole command's time went (with sharding, ``main_s`` includes the comparisons).
 
 A second, smaller scenario (--long-requests, 0 skips it) has long outputs at a light load, where
 nothing interrupts the decodes for hundreds of steps: there the jumps pay off.
 
-Defaults are the acceptance scenario: 1,000,000 requests, 8 x h100-llama-3.1-8b, load 0.8. The comparison
-prefixes (30,000 step by step, 3,000 with the reference algorithm) are sized so that, together with the
-long-output scenario, they finish on the second core well before the main run: the whole command then takes
-the saturation measurement plus the main run.
+Defaults are the acceptance scenario: 1,000,000 requests, 8 x h100-llama-3.1-8b, load 0.8, comparison
+prefixes of 30,000 (step by step) and 3,000 (reference algorithm) requests.
 """
 
 LONG_PROMPT_TOKENS, LONG_OUTPUT_TOKENS, LONG_RATE_PER_S = 512, 2048, 2.0
-SOAK_SAMPLES = 50  # RSS samples over a soak (evenly spaced in simulated time)
-SOAK_FLAT_MB = 16.0  # growth of the fitted RSS line over the sampled span still called flat
 
 
 def configure(p) -> None:
@@ -52,6 +66,12 @@ def configure(p) -> None:
     p.add_argument("--reference-requests", type=int, default=3_000,
                    help="the reference-algorithm comparison runs on this prefix of the arrivals (default 3,000; "
                         "0 skips it)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes simulating the replicas of the main run (default: the CPU count; 0: one "
+                        "world in one process, as for a router that looks at the replicas)")
+    p.add_argument("--single-world", action="store_true",
+                   help="also run the main scenario as one world in one process, after the rest, and report the "
+                        "sharded run's speed-up over it and whether their results are identical")
     p.add_argument("--serial", action="store_true",
                    help="run the comparisons after the main run instead of beside it on a second core")
     p.add_argument("--long-requests", type=int, default=300,
@@ -63,195 +83,44 @@ def configure(p) -> None:
     add_json_flag(p)
 
 
-def azure_conv_lengths() -> tuple:
-    """The Azure-conv (prompt, output) arrays, read once by the command and handed to every scenario process
-    (parsing the CSV's timestamps costs more than passing the arrays)."""
-    from traces.azure import azure_trace
-
-    tr = azure_trace("conv")
-    return tr.prompt_tokens, tr.output_tokens
-
-
-def _lengths(params: dict | None = None):
-    from sim import EmpiricalLengths, FixedLengths
-
-    if params is not None and params.get("fixed_lengths"):
-        return FixedLengths(*params["fixed_lengths"])
-    arrays = params.get("length_arrays") if params is not None else None
-    return EmpiricalLengths(*(arrays if arrays is not None else azure_conv_lengths()))
-
-
-def measure_saturation(profile_name: str, seed: int, n: int = 4000, length_arrays: tuple | None = None) -> float:
-    """Requests/s one replica completes when overloaded (middle 80 % of completions)."""
-    import numpy as np
-
-    from sim import PoissonArrivals, PoolSpec, Workload, load_profile, make_world
-
-    world = make_world(PoolSpec(name="p", profile=load_profile(profile_name)), seed=seed, sample_interval_s=None)
-    Workload(pool="p", arrivals=PoissonArrivals(1000.0), lengths=_lengths({"length_arrays": length_arrays}),
-             num_requests=n, name="sat").start(world)
-    world.run_until_idle()
-    done = np.sort(world.records.columns()["last_token_s"])
-    lo, hi = int(0.1 * n), int(0.9 * n)
-    return (hi - lo) / (done[hi] - done[lo])
-
-
-def engine_counters(world, wall_s: float) -> dict:
-    """Steps, step boundaries and jumps summed over the replicas, and the wall time per step and boundary.
-
-    A boundary is one engine ``begin``/``complete`` pair (one SimPy event): a single step, or a decode run
-    of ``k`` steps jumped in closed form.
-    """
-    cores = [r.core for r in world.replicas]
-    steps = sum(c.num_steps for c in cores)
-    jumps = sum(c.num_jumps for c in cores)
-    jumped = sum(c.num_jumped_steps for c in cores)
-    boundaries = steps - jumped + jumps
-    return {"engine_steps": steps, "step_boundaries": boundaries, "jumps": jumps, "jumped_steps": jumped,
-            "jumped_step_fraction": jumped / steps if steps else 0.0,
-            "mean_steps_per_jump": jumped / jumps if jumps else 0.0,
-            "truncated_jumps": sum(c.num_truncated_jumps for c in cores),
-            "us_per_step": 1e6 * wall_s / steps if steps else float("nan"),
-            "us_per_boundary": 1e6 * wall_s / boundaries if boundaries else float("nan")}
-
-
-def _scenario(params: dict, queue) -> None:
-    from sim import PoissonArrivals, PoolSpec, Workload, load_profile, make_world
-    from sim.summary import latency_summary
-
-    world = make_world(PoolSpec(name="p", profile=load_profile(params["profile"]), replicas=params["replicas"],
-                                router=params["router"]), seed=params["seed"], jumps=params["jumps"],
-                       force_reference=params.get("force_reference", False))
-    Workload(pool="p", arrivals=PoissonArrivals(params["rate"]), lengths=_lengths(params),
-             num_requests=params["requests"], name="bench").start(world)
-    t0 = time.perf_counter()
-    cpu0 = time.process_time()
-    world.run_until_idle()
-    wall = time.perf_counter() - t0
-    cpu = time.process_time() - cpu0
-    s = latency_summary(world)
-    queue.put({"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "simulated_s": world.now, "summary": s, "counters": engine_counters(world, wall)})
-
-
-def _cpu_s_all_processes() -> float:
-    """User + system CPU seconds of this process and its finished children (the scenario processes)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def _rss_mb() -> float:
-    """Resident set size now (``/proc/self/statm``); the peak where ``/proc`` is missing."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _soak_scenario(params: dict, queue) -> None:
-    """N requests with no per-request records and no time series kept: what is left should not grow."""
-    from sim import PoissonArrivals, PoolSpec, Workload, load_profile, make_world
-
-    world = make_world(PoolSpec(name="p", profile=load_profile(params["profile"]), replicas=params["replicas"],
-                                router=params["router"]), seed=params["seed"], sample_interval_s=None,
-                       keep_records=False)
-    n = params["requests"]
-    Workload(pool="p", arrivals=PoissonArrivals(params["rate"]), lengths=_lengths(params), num_requests=n,
-             name="bench").start(world)
-    samples = [(0, _rss_mb())]
-    interval = n / params["rate"] / SOAK_SAMPLES
-
-    def sample(tick) -> None:
-        samples.append((world.num_finished, _rss_mb()))
-        if world.num_finished + world.num_rejected < n:
-            world.env.call_again(tick, world.now + interval)
-
-    world.env.call_at(interval, sample)
-    t0 = time.perf_counter()
-    world.run_until_idle()
-    wall = time.perf_counter() - t0
-    samples.append((world.num_finished, _rss_mb()))
-    queue.put({"wall_s": wall, "finished": world.num_finished, "samples": samples, "simulated_s": world.now,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-
-
-def soak_slope(samples: list[tuple[int, float]], n: int) -> dict:
-    """Least-squares RSS slope over the samples after the first 20 % of requests (the warm-up fills the
-    queues, free lists and caches), in MB per million finished requests, and whether it is flat."""
-    import numpy as np
-
-    x = np.array([f for f, _ in samples], float)
-    y = np.array([m for _, m in samples], float)
-    keep = x >= 0.2 * n
-    if keep.sum() < 3:
-        return {"slope_mb_per_million": float("nan"), "growth_mb": float("nan"), "flat": False}
-    slope = float(np.polyfit(x[keep] / 1e6, y[keep], 1)[0])
-    growth = slope * (x[keep].max() - x[keep].min()) / 1e6
-    return {"slope_mb_per_million": slope, "growth_mb": growth, "flat": bool(growth <= SOAK_FLAT_MB),
-            "rss_after_warmup_mb": float(y[keep][0]), "rss_end_mb": float(y[-1])}
-
-
-def _soak(args) -> int:
-    lengths = azure_conv_lengths()
-    print(f"measuring saturation of one {args.profile} replica with Azure-conv lengths ...", file=sys.stderr)
-    sat = measure_saturation(args.profile, args.seed, length_arrays=lengths)
-    rate = args.load * sat * args.replicas
-    print(f"soak: {args.soak:,} requests at {rate:.2f} req/s, sampling RSS ...", file=sys.stderr)
-    res = _in_fresh_process({"profile": args.profile, "replicas": args.replicas, "router": args.router,
-                             "seed": args.seed, "rate": rate, "requests": args.soak, "length_arrays": lengths},
-                            _soak_scenario)
-    out = {"soak_requests": args.soak, "finished": res["finished"], "wall_s": res["wall_s"],
-           "requests_per_s": res["finished"] / res["wall_s"], "peak_rss_mb": res["peak_rss_mb"],
-           "simulated_s": res["simulated_s"], **soak_slope(res["samples"], args.soak),
-           "rss_samples": [[f, round(m, 2)] for f, m in res["samples"]]}
-    print(format_table([[args.soak, out["wall_s"], out["peak_rss_mb"], out["rss_after_warmup_mb"], out["rss_end_mb"],
-                         out["slope_mb_per_million"], out["flat"]]],
-                       ["requests", "wall_s", "peak_rss_mb", "rss_after_warmup_mb", "rss_end_mb", "MB/M requests",
-                        "flat"]))
-    if args.json:
-        emit_json(out)
-    return 0
-
-
-def _start_fresh_process(params: dict, target=_scenario) -> tuple:
-    """Start ``target(params, queue)`` in a fresh (spawned) process; ``_collect`` waits for its result."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=target, args=(params, q))
-    proc.start()
-    return proc, q
-
-
-def _collect(handle: tuple) -> dict:
-    proc, q = handle
-    out = q.get()
-    proc.join()
-    return out
-
-
-def _in_fresh_process(params: dict, target=_scenario) -> dict:
-    return _collect(_start_fresh_process(params, target))
-
-
 def _identical(a: dict, b: dict) -> bool:
     return all(a["summary"][k] == b["summary"][k] for k in ("ttft_s", "tpot_s", "e2e_s", "engine_steps"))
 
 
-def _long_outputs(args) -> dict:
-    """The long-output scenario, both engines: decode runs are long, so jumps replace most steps."""
-    params = {"profile": args.profile, "replicas": args.replicas, "router": args.router, "seed": args.seed,
-              "rate": LONG_RATE_PER_S, "requests": args.long_requests,
-              "fixed_lengths": (LONG_PROMPT_TOKENS, LONG_OUTPUT_TOKENS)}
-    print(f"running {args.long_requests:,} long-output requests with jumps, then step by step ...", file=sys.stderr)
-    fast = _in_fresh_process({**params, "jumps": True})
-    step = _in_fresh_process({**params, "jumps": False})
+def _long_params(args) -> dict:
+    """The long-output scenario (without ``jumps``): decode runs are long, so jumps replace most steps."""
+    return {"profile": args.profile, "replicas": args.replicas, "router": args.router, "seed": args.seed,
+            "rate": LONG_RATE_PER_S, "requests": args.long_requests,
+            "fixed_lengths": (LONG_PROMPT_TOKENS, LONG_OUTPUT_TOKENS)}
+
+
+def _long_json(args, fast: dict, step: dict) -> dict:
     return {"scenario": f"{args.long_requests} requests, {args.replicas} x {args.profile}, Poisson at "
                         f"{LONG_RATE_PER_S} req/s, {LONG_PROMPT_TOKENS}-token prompts, {LONG_OUTPUT_TOKENS}-token "
                         f"outputs, router {args.router}",
             "requests": args.long_requests, "wall_s": fast["wall_s"], "stepwise_wall_s": step["wall_s"],
             "jump_speedup": step["wall_s"] / fast["wall_s"], "identical_results": _identical(fast, step),
             "jumps": fast["counters"], "stepwise": step["counters"]}
+
+
+def _comparison_jobs(args, base: dict) -> dict:
+    """name -> scenario parameters of the comparison runs: the stepwise prefix (with jumps unless the prefix
+    is the whole run), the reference prefix (fast, then reference), the long outputs (jumps, then stepwise)."""
+    jobs = {}
+    m = 0 if args.skip_stepwise else min(args.requests, args.stepwise_requests)
+    r = 0 if args.skip_stepwise else min(args.requests, args.reference_requests)
+    if r:
+        jobs["reference"] = {**base, "requests": r, "jumps": False, "force_reference": True}
+    if m:
+        jobs["stepwise"] = {**base, "requests": m, "jumps": False}
+        if m != args.requests:  # else the main run is the jumping side
+            jobs["stepwise_jumps"] = {**base, "requests": m, "jumps": True}
+    if args.long_requests:
+        jobs["long_stepwise"] = {**_long_params(args), "jumps": False}
+        jobs["long_jumps"] = {**_long_params(args), "jumps": True}
+    if r:
+        jobs["reference_fast"] = {**base, "requests": r, "jumps": False}
+    return jobs  # longest first (at the defaults), so that the shard workers end together
 
 
 def _main_json(args, sat: float, rate: float, fast: dict, step: dict | None) -> dict:
@@ -288,6 +157,14 @@ def _main_json(args, sat: float, rate: float, fast: dict, step: dict | None) -> 
     return out
 
 
+def _single_world_json(fast: dict, single: dict) -> dict:
+    """The main run (sharded, or not) against the same scenario as one world in one process."""
+    same = json.dumps(fast["summary"], sort_keys=True) == json.dumps(single["summary"], sort_keys=True)
+    return {"wall_s": single["wall_s"], "cpu_s": single["cpu_s"], "peak_rss_mb": single["peak_rss_mb"],
+            "identical_results": same and fast["counters"]["engine_steps"] == single["counters"]["engine_steps"],
+            "speedup": single["wall_s"] / fast["wall_s"], "cpu_ratio": fast["cpu_s"] / single["cpu_s"]}
+
+
 def _reference_json(fast: dict, ref: dict) -> dict:
     """The fast engine (jumps off) against the literal per-request algorithm on the same prefix."""
     return {"requests": ref["summary"]["finished"], "wall_s": ref["wall_s"], "cpu_s": ref["cpu_s"],
@@ -319,6 +196,11 @@ def _print_table(out: dict) -> None:
         print(f"step by step vs the reference algorithm on the first {rf['requests']:,} requests: "
               f"{rf['fast_speedup']:.1f}x wall ({rf['fast_speedup_cpu']:.1f}x CPU; {rf['fast_wall_s']:.2f} s vs "
               f"{rf['wall_s']:.2f} s, one run); identical results: {rf['identical_results']}")
+    if "single_world" in out:
+        sw = out["single_world"]
+        print(f"main run {'sharded' if out['sharded'] else 'as one world'} vs one world in one process: "
+              f"{sw['speedup']:.2f}x wall ({out['wall_s']:.2f} s vs {sw['wall_s']:.2f} s; CPU {out['cpu_s']:.2f} s vs "
+              f"{sw['cpu_s']:.2f} s, one run); identical results: {sw['identical_results']}")
     if "long_outputs" in out:
         lo = out["long_outputs"]
         print(f"{lo['scenario']}: {lo['wall_s']:.2f} s with jumps, {lo['stepwise_wall_s']:.2f} s step by step "
@@ -344,38 +226,47 @@ def run(args) -> int:
           file=sys.stderr)
     base = {"profile": args.profile, "replicas": args.replicas, "router": args.router, "seed": args.seed,
             "rate": rate, "requests": args.requests, "length_arrays": lengths}
-    print(f"running {args.requests:,} requests with jumps ...", file=sys.stderr)
+    jobs = _comparison_jobs(args, base)
+    print(f"running {args.requests:,} requests with jumps" + (f", and the comparisons ({', '.join(jobs)})"
+                                                             if jobs else "") + " ...", file=sys.stderr)
     t_main = time.perf_counter()
-    main = _start_fresh_process({**base, "jumps": True})
-    fast = None
-    m = 0 if args.skip_stepwise else min(args.requests, args.stepwise_requests)
-    if args.serial or m == args.requests:  # the comparison needs the main run's result, or --serial
-        fast = _collect(main)
+    sharded = args.workers > 0 and shardable(base)
+    serial = args.serial or "stepwise" in jobs and "stepwise_jumps" not in jobs  # a comparison needs the main run
+    if sharded:  # the comparisons fill the same workers (two processes on two cores), unless --serial
+        fast = collect_sharded(start_sharded({**base, "jumps": True}, args.workers, None if serial else jobs))
         phases["main_s"] = time.perf_counter() - t_main
-    step = ref = None
-    if m:
-        print(f"running the first {m:,} requests with jumps, then step by step ...", file=sys.stderr)
-        t0 = time.perf_counter()
-        sub = fast if m == args.requests else _in_fresh_process({**base, "requests": m, "jumps": True})
-        step = (sub, _in_fresh_process({**base, "requests": m, "jumps": False}))
-        phases["stepwise_s"] = time.perf_counter() - t0
-    r = 0 if args.skip_stepwise else min(args.requests, args.reference_requests)
-    if r:
-        print(f"running the first {r:,} requests step by step, then with the reference algorithm ...",
-              file=sys.stderr)
-        t0 = time.perf_counter()
-        ref = _reference_json(_in_fresh_process({**base, "requests": r, "jumps": False}),
-                              _in_fresh_process({**base, "requests": r, "jumps": False, "force_reference": True}))
-        phases["reference_s"] = time.perf_counter() - t0
-    long_out = None
-    if args.long_requests:
-        t0 = time.perf_counter()
-        long_out = _long_outputs(args)
-        phases["long_outputs_s"] = time.perf_counter() - t0
+        done = fast.pop("jobs")
+    else:  # the main run in one process, the comparisons one after another in others (beside it)
+        main, fast, done = _start_fresh_process({**base, "jumps": True}), None, {}
+        if serial:
+            fast = _collect(main)
+            phases["main_s"] = time.perf_counter() - t_main
+    for name, job in jobs.items():
+        if name not in done:
+            done[name] = _in_fresh_process(job)
     if fast is None:
         fast = _collect(main)
         phases["main_s"] = time.perf_counter() - t_main
+    step = ref = long_out = None
+    if "stepwise" in done:
+        step = (done.get("stepwise_jumps", fast), done["stepwise"])
+        phases["stepwise_s"] = sum(x["wall_s"] for x in step if x is not fast)
+    if "reference" in done:
+        ref = _reference_json(done["reference_fast"], done["reference"])
+        phases["reference_s"] = done["reference_fast"]["wall_s"] + done["reference"]["wall_s"]
+    if "long_stepwise" in done:
+        long_out = _long_json(args, done["long_jumps"], done["long_stepwise"])
+        phases["long_outputs_s"] = done["long_jumps"]["wall_s"] + done["long_stepwise"]["wall_s"]
+    single = None
+    if args.single_world:
+        print(f"running {args.requests:,} requests with jumps as one world ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        single = _in_fresh_process({**base, "jumps": True})
+        phases["single_world_s"] = time.perf_counter() - t0
     out = _main_json(args, sat, rate, fast, step)
+    out["sharded"] = fast.get("shards")
+    if single is not None:
+        out["single_world"] = _single_world_json(fast, single)
     if ref is not None:
         out["reference"] = ref
     if long_out is not None:
@@ -383,7 +274,7 @@ def run(args) -> int:
     phases["whole_command_s"] = time.perf_counter() - t_start
     out["phases_s"] = phases
     out["whole_command_cpu_s"] = _cpu_s_all_processes()  # steadier than wall time on a shared machine
-    out["comparisons_beside_main"] = not args.serial and m != args.requests
+    out["comparisons_beside_main"] = bool(jobs) and not serial
     _print_table(out)
     print("where the command's time went" + (" (the comparisons ran beside the main run)"
                                              if out["comparisons_beside_main"] else "") + ": "
