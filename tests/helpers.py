@@ -6,6 +6,9 @@ from sim import EngineConfig, EngineCore, PhysicsCoefficients, Request
 from sim.latency import PhysicsStepModel
 from sim.profiles import load_profile
 
+#: the simulator's three engine modes (``make_world`` keyword arguments), which must give bit-identical results
+ENGINE_MODES = {"jump": dict(jumps=True), "fast": dict(jumps=False), "reference": dict(force_reference=True)}
+
 
 def constant_model(step_s: float = 0.01) -> PhysicsStepModel:
     """Every step lasts exactly ``step_s`` (all roofline terms weighted 0)."""

@@ -78,7 +78,9 @@ def test_collect_writes_a_valid_run_with_exact_token_totals(tmp_path):
     with serving("--time-scale", "0.5", "--json") as srv:
         p = _collect("--endpoint", srv.url + "/v1", "--rate", "8", "--num-requests", "30", "--workload",
                      "fixed:200,30", "--out", str(out), "--engine-kwarg", "max_num_seqs=1024", "--json")
-        metrics = parse_metrics(__import__("urllib.request").request.urlopen(srv.url + "/metrics").read().decode())
+        page = __import__("urllib.request").request.urlopen(srv.url + "/metrics").read().decode()
+        metrics = parse_metrics(page)
+    assert_filtered_parse_is_whole(page)
     summary = last_json_line(p.stdout)
     assert summary["ok"] == 30 and summary["failed"] == 0 and summary["time_scale"] == 0.5
     rq, ts, meta = validate_run(out)
@@ -91,6 +93,9 @@ def test_collect_writes_a_valid_run_with_exact_token_totals(tmp_path):
     assert meta["engine_kwargs"]["data_parallel_size"] == 1
     assert meta["collector"]["timestamps"] == "client" and meta["collector"]["complete"] is True
     assert "0.19.0" in meta["vllm_version"]
+    # the engine's latency sums cover every request (the collector waits for the server to count the last ones)
+    lat = meta["collector"]["engine_latency"]
+    assert set(lat) >= {"queue_s", "prefill_s", "decode_s"} and {v["count"] for v in lat.values()} == {30.0}, lat
     # times are converted to the server's simulated seconds: the client's per-request TPOT agrees with
     # the server's own vllm:request_time_per_output_token_seconds (which has no HTTP in it); a wrong
     # conversion would be off by 2x, CPU contention on a busy test machine by some tens of percent
@@ -227,6 +232,59 @@ def test_an_existing_run_is_not_overwritten(tmp_path):
     assert p.returncode == 2 and "already holds a run" in p.stderr
 
 
+def assert_filtered_parse_is_whole(page: str) -> None:
+    """``parse_scrape`` reads only ``relevant_lines`` of a page; the result is what the whole page parses to."""
+    import traces.scrape as scrape
+
+    filtered = scrape.parse_scrape(page)
+    assert len(scrape.relevant_lines(page)) < len(page)
+    orig = scrape.relevant_lines
+    scrape.relevant_lines = lambda text: text
+    try:
+        assert filtered == scrape.parse_scrape(page)
+    finally:
+        scrape.relevant_lines = orig
+
+
+def test_scrape_filter_keeps_what_the_parser_reads():
+    """Buckets, HELP and TYPE lines, escaped label values and names that share a prefix with a wanted one are
+    dropped or kept exactly as the parser would read them."""
+    page = "\n".join([
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+        "# TYPE vllm:num_requests_running gauge",
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0',
+        'vllm:num_requests_running_extra{engine="0",model_name="m"} 99.0',
+        "# TYPE vllm:prompt_tokens counter",
+        'vllm:prompt_tokens_total{engine="0",model_name="m"} 100.0',
+        'vllm:prompt_tokens_created{engine="0",model_name="m"} 1.7e9',
+        *(f'vllm:time_to_first_token_seconds_bucket{{engine="0",le="{b}",model_name="m"}} {i}.0'
+          for i, b in enumerate(("0.001", "0.5", "+Inf"))),
+        'vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 12.5',
+        'vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 7.0',
+        'vllm:cache_config_info{block_size="16",engine="0",note="a \\"b\\" {c} d",num_gpu_blocks="40"} 1.0',
+        "process_start_time_seconds 1.7e9",
+        "python_gc_objects_collected_total{generation=\"0\"} 5.0",
+        ""])
+    assert_filtered_parse_is_whole(page)
+    s = __import__("traces.scrape").scrape.parse_scrape(page, "m")
+    assert (s.running, s.prompt_tokens, s.ttft_sum_s, s.ttft_count) == (3.0, 100.0, 12.5, 7.0)
+    assert s.cache_config["note"] == 'a "b" {c} d'
+
+
+def test_quiet_gc_turns_automatic_collections_off_and_back():
+    import gc
+
+    from traces.loadgen import quiet_gc
+
+    assert gc.isenabled()
+    with quiet_gc():
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), quiet_gc():
+        raise RuntimeError
+    assert gc.isenabled()
+
+
 def test_scrape_reads_vllm_text_old_names_and_engines():
     text = """# TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{engine="0",model_name="m"} 3.0
@@ -247,6 +305,7 @@ process_start_time_seconds 1.7e9
 vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",engine="1",gpu_memory_utilization="0.9",num_gpu_blocks="2588"} 1.0
 vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="True",engine="0",gpu_memory_utilization="0.9",num_gpu_blocks="2590"} 1.0
 """
+    assert_filtered_parse_is_whole(text)
     s = parse_scrape(text, "m")
     assert (s.running, s.waiting) == (7.0, 3.0)
     assert s.kv_usage == pytest.approx(0.3) and s.prompt_tokens == 150.0 and s.generation_tokens is None

@@ -14,7 +14,7 @@ import pytest
 
 from sim import GammaArrivals, LognormalLengths, PoissonArrivals, PoolSpec, Workload, load_profile, make_world
 
-MODES = {"jump": dict(jumps=True), "fast": dict(jumps=False), "reference": dict(force_reference=True)}
+from .helpers import ENGINE_MODES as MODES
 
 
 def _digest(world, sums: bool) -> str:

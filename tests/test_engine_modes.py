@@ -14,7 +14,7 @@ from sim import (
     make_world,
 )
 
-MODES = {"jump": dict(jumps=True), "fast": dict(jumps=False), "reference": dict(force_reference=True)}
+from .helpers import ENGINE_MODES as MODES
 
 
 def _run(mode, profile, n, arrivals, lengths, replicas=2, router="least_outstanding", seed=3):

@@ -4,6 +4,8 @@ engine mode produces the same result."""
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from .helpers import ENGINE_MODES as MODES
+
 request_st = st.tuples(
     st.integers(0, 6),        # arrival step
     st.integers(1, 40),       # prompt tokens
@@ -20,9 +22,6 @@ config_st = st.fixed_dictionaries({
     "scheduler_reserve_full_isl": st.booleans(),
     "long_prefill_token_threshold": st.sampled_from([None, 5]),
 })
-
-
-MODES = {"reference": dict(force_reference=True), "fast": dict(jumps=False), "jump": dict(jumps=True)}
 
 
 def _play(mode, cfg, reqs):

@@ -15,11 +15,23 @@ def _pair(a: float, b: float, err_a_pct: float, err_b_pct: float) -> list[dict]:
 
 
 def test_the_pooled_error_is_the_two_predictions_against_the_two_measurements():
-    # A = 1.0, B = 1.2 (spread 20 %); the replays predict 1.1 for both: the pooled error is 2.2 / 2.2 - 1 = 0
+    # A = 1.0, B = 1.2 (spread 0.2 / 1.1); the replays predict 1.1 for both: the pooled error is 2.2 / 2.2 - 1 = 0
     row = pooled_row("held", "ttft_s.mean", _pair(1.0, 1.2, 10.0, 100 * (1.1 / 1.2 - 1)), "strict")
-    assert row[4] == pytest.approx(20.0)
+    assert row[2:4] == (1.0, 1.2) and row[4] == pytest.approx(100 * 0.2 / 1.1)
     assert row[5] == pytest.approx(0.0, abs=1e-9)
     assert all(row[7:])
+
+
+def test_a_third_collection_widens_the_spread_to_what_the_engine_did():
+    """Two collections that agree, a third (between the calibration loads) 30 % slower: the spread is the range
+    over all three, and the pooled error charges the simulator only for missing all three."""
+    runs = [{"measured": 94.0, "error_pct": 32.0}, {"measured": 124.0, "error_pct": 0.0},
+            {"measured": 94.5, "error_pct": 31.3}]
+    row = pooled_row("held", "engine.decode_s", runs, "guard")
+    assert row[2:4] == (94.0, 124.0) and row[4] == pytest.approx(100 * 30.0 / (312.5 / 3))
+    sims = 94.0 * 1.32 + 124.0 + 94.5 * 1.313
+    assert row[5] == pytest.approx(100 * (sims / 312.5 - 1)) and row[-1]
+    assert not pooled_row("held", "engine.decode_s", runs[::2], "guard")[-1]
 
 
 @pytest.mark.parametrize(("spread", "err", "strict", "guard", "coarse"), [
@@ -46,7 +58,7 @@ def test_a_deliberately_wrong_profile_fails_the_default_bar():
     for stat in ("tpot_s.p50", "cp_seconds_mean", "engine.decode_s"):
         row = pooled_row("held", stat, _pair(0.050, 0.0525, 40.0, 40.0),
                          next(v for k, v in DEFAULT_BARS.items() if stat.startswith(k)))
-        assert row[4] == pytest.approx(5.0) and row[5] == pytest.approx(40.0)
+        assert row[4] == pytest.approx(100 * 0.0025 / 0.05125) and row[5] == pytest.approx(40.0)
         assert not row[-1], stat
     assert [m for m in ACCURACY_MODES if bar_passes(5.0, 40.0, m)] == ["report"]
 

@@ -21,7 +21,7 @@ from sim.routing import make_router, static_assignment
 from sim.shard import draw_workload, merge_shards, shard_requests, simulate_shard
 from sim.summary import COUNTERS, latency_summary
 
-MODES = {"jump": dict(jumps=True), "fast": dict(jumps=False), "reference": dict(force_reference=True)}
+from .helpers import ENGINE_MODES as MODES
 
 
 def _small_cache_profile():

@@ -10,7 +10,7 @@ import pytest
 from sim import PoolSpec, RequestStatus, load_profile, make_world
 from sim.metrics import MetricsBook
 
-MODES = {"jump": dict(jumps=True), "fast": dict(jumps=False), "reference": dict(force_reference=True)}
+from .helpers import ENGINE_MODES as MODES
 
 
 def _profile(**engine):

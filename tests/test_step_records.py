@@ -15,9 +15,8 @@ from sim import GammaArrivals, LognormalLengths, PoissonArrivals, PoolSpec, Work
 from sim.engine import _SINGLE, EngineCore, _Plan
 from sim.steps import StepRecord
 
+from .helpers import ENGINE_MODES as MODES
 from .helpers import Harness, constant_model
-
-MODES = {"jump": dict(jumps=True), "fast": dict(jumps=False), "reference": dict(force_reference=True)}
 
 
 def _random_engine(rng: np.random.Generator):

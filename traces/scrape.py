@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Scrape", "parse_scrape"]
+__all__ = ["SAMPLES", "Scrape", "parse_scrape", "relevant_lines"]
 
 _COUNTERS = {  # field -> sample names, current first
     "prompt_tokens": ("vllm:prompt_tokens_total",),
@@ -58,6 +58,32 @@ class Scrape:
     kv_usage_per_engine: dict[str, float] = field(default_factory=dict)  # 0..1, mean over the label's series
 
 
+#: every sample name ``parse_scrape`` reads; the rest of a page (hundreds of histogram buckets) is never parsed
+SAMPLES = frozenset({"maslat:time_scale", "maslat:max_lag_seconds", "maslat:engine_config_info",
+                     "process_start_time_seconds", "vllm:cache_config_info", *_PER_ENGINE,
+                     *(n for names in _COUNTERS.values() for n in names)})
+
+
+def relevant_lines(text: str) -> str:
+    """The sample lines of ``text`` whose name is in ``SAMPLES`` (comments and every other series dropped).
+
+    Parsing a whole vLLM 0.32 page (~600 lines, 50 kB) with the Prometheus parser takes 20-60 ms of pure Python;
+    a collector doing that once a second beside its streaming requests delayed the reading of their tokens by
+    0.2-1.1 s in 12-21 of 59 requests on a 2-core machine (against 1 of 59 without the parse). Without ``# TYPE``
+    lines the parser keeps every sample's own name and labels, so the result is the same."""
+    keep = []
+    for line in text.splitlines():
+        if line and line[0] != "#":
+            end = len(line)
+            for sep in ("{", " "):
+                i = line.find(sep)
+                if 0 <= i < end:
+                    end = i
+            if line[:end] in SAMPLES:
+                keep.append(line)
+    return "\n".join(keep) + "\n"
+
+
 def parse_scrape(text: str, model: str | None = None) -> Scrape:
     """Parse Prometheus text; with ``model``, keep only series whose ``model_name`` is that model.
 
@@ -69,7 +95,7 @@ def parse_scrape(text: str, model: str | None = None) -> Scrape:
     engines, models, info, engine_config = set(), set(), [], []
     per: dict[tuple[str, str], list[float]] = {}
     time_scale = max_lag = start = None
-    for fam in text_string_to_metric_families(text):
+    for fam in text_string_to_metric_families(relevant_lines(text)):
         for s in fam.samples:
             name, labels = s.name, s.labels
             if name == "maslat:time_scale":
