@@ -21,7 +21,7 @@ import pytest
 
 import sim
 from sim.dplb import dp_router_name
-from traces.calibrate import calibrate_runs
+from traces.calibrate import calibrate_runs, format_report
 from traces.dpsplit import dp_engine_sums, split_agrees
 from traces.enginelatency import (
     engine_phase_sums,
@@ -180,6 +180,7 @@ def test_dp_engine_sums_keep_the_fit_on_the_engines_clock(delayed, version):
         assert (set(ENGINE_SUM_KINDS) <= set(res.fit.rows_kind)) is sums
         got = res.report["data_parallel"]["engine_sums"]
         assert got == ({f"{version}-{n}-True": mode for n in ("light", "heavy")} if sums else {}), got
+        assert (f"latency sums fitted {mode}" in format_report(res.report)) is sums  # the text report says which
         errs[sums] = _engine_clock_errors(res.profile, truth, read_run(d / f"{version}-held-{sums}"))
     worst_with, worst_without = (max(map(abs, errs[s].values())) for s in (True, False))
     assert worst_with < bound, errs

@@ -224,6 +224,11 @@ def format_report(report: dict) -> str:
     lines.append("refinement: " + "  ".join(f"{k} x{v:.4f}" for k, v in ref["multipliers"].items())
                  + f"  ({ref['evaluations']} replays, objective {ref['objective_start']:.4g} -> "
                    f"{ref['objective_best']:.4g})")
+    dp = r.get("data_parallel") or {}
+    for run, mode in dp.get("engine_sums", {}).items():
+        per = (dp.get("rounds") or [{}])[-1].get("requests_per_engine", {}).get(run)
+        lines.append(f"data parallel, run {run}: the engine cores' latency sums fitted {mode}"
+                     + (f" (the split gives the engines {per} requests)" if per is not None else ""))
     for part in r["runs"]:
         lines.append(f"replay errors on the fit requests of {part['run']} (%):")
         for m, st in part["fit_errors_pct"].items():
