@@ -11,6 +11,12 @@ the run, while the engine's own ``vllm:request_decode_time_seconds`` sum stayed 
 With the server's per-iteration log on (more frontend work per step), bursts reached 26 of 30 requests of a light
 load and the client's decode spans came out 29 % shorter than the engine's.
 
+Most of those silences were the collector's own (2026-12-04): they began at its 1-s ``/metrics`` scrapes, whose
+parse of the whole page (13-60 ms of pure Python) with automatic garbage collections held up the reading of the
+streams. Since ``traces.scrape.relevant_lines`` (parse only the series read), the read in a worker thread and
+``traces.loadgen.quiet_gc``, the same workload on the same server leaves 2-8 of 59 requests with a burst (12-17
+before; 1-2 without any scrapes).
+
 A chunk read less than ``BURST_FRACTION`` of the run's median TPOT (over requests, each its mean inter-chunk gap)
 after the previous one cannot be a step of its own: it was delivered late, with the chunk before it.
 ``held_back`` marks, per request, whether its first and its last chunk were such late deliveries (the first when
