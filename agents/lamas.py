@@ -55,8 +55,9 @@ from .controller import ControllerPolicy, LAMaSController
 from .objectives import OBJECTIVES, EMANormaliser, ObjectiveInput, QueryBaseline, cost_deltas, layer_tokens
 from .policies import make_static
 
-__all__ = ["METHODS", "MIN_UPDATES", "PROTOCOLS", "Args", "Method", "Protocol", "TrainResult", "evaluate", "make_policy",
-           "summarize", "train", "train_epochs", "train_one"]
+__all__ = ["METHODS", "MIN_UPDATES", "PROTOCOLS", "TEST_REPEATS", "Args", "Method", "Protocol", "TrainResult", "evaluate",
+           "evaluate_repeats", "make_policy", "summarize", "summarize_repeats", "test_seed", "train", "train_epochs",
+           "train_one"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,6 +83,8 @@ MIN_UPDATES = 240
 #: controllers trained per (seed, method) by default (``Args.restarts`` / ``--restarts`` raise it; module
 #: docstring: three, one kept on validation, did not help), and the validation episodes that pick one
 RESTARTS, VAL_MIN_EPISODES = 1, 400
+#: avg@K: test runs per trained controller, the figures their means (module docstring, protocol)
+TEST_REPEATS = 8
 PROTOCOLS: dict[str, Protocol] = {
     "robust": Protocol(min_updates=MIN_UPDATES, token_weight_scale=2.0, query_baseline=True, restarts=RESTARTS,
                        val_min_episodes=VAL_MIN_EPISODES),
@@ -158,13 +161,16 @@ class Args:
     """controllers trained from different initial weights and samples, one kept on validation; None: the protocol's"""
     restart: int = 0
     """which restart this run is (0 trains exactly as a single run; ``train`` sets it)"""
+    test_repeats: int = TEST_REPEATS
+    """avg@K: test runs of the trained controller, each with fresh LLM outcomes, background and sampling (the same
+    K streams for every method); the figures are their means. One run's score moves by up to 2.4 points"""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {self.protocol!r}")
-        for f in ("epochs", "batch_size", "num_layers", "test_concurrency", "restarts"):
+        for f in ("epochs", "batch_size", "num_layers", "test_concurrency", "restarts", "test_repeats"):
             if getattr(self, f) is not None and getattr(self, f) < 1:
                 raise ValueError(f"Args.{f} must be >= 1")
         if not self.lr > 0:
@@ -301,14 +307,42 @@ def _batch_metrics(epoch: int, step: int, loss, util: float, infos: list[dict]) 
             "train/num_layers": float(np.mean([i["num_layers"] for i in infos]))}
 
 
+def test_seed(seed: int, repeat: int) -> int:
+    """World and LLM-outcome seed of test run ``repeat``: ``seed`` itself for run 0 (one run is the single test
+    run of before avg@K), then derived from it; the same for every method, so repeat r of LAMaS and of MaAS see
+    the same background and the same LLM outcomes (common random numbers per repeat)."""
+    return seed if repeat == 0 else int(np.random.SeedSequence([seed, 0x7E57, repeat]).generate_state(1)[0])
+
+
+#: controller-sampling stream of test run r: TEST_STREAM + TEST_STREAM_STEP * r (training uses 1 + 16 r,
+#: validation 1000 + pass: no overlap)
+TEST_STREAM, TEST_STREAM_STEP = 2, 1 << 16
+
+
 def evaluate(args: Args, controller: LAMaSController | None, *, split: str = "test",
-             cluster: ClusterConfig | None = None, on_done: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run the split once at ``test_concurrency`` with the method's execution mode and graph variant."""
+             cluster: ClusterConfig | None = None, on_done: Callable[[dict], None] | None = None,
+             repeat: int = 0) -> list[dict]:
+    """Run the split once at ``test_concurrency`` with the method's execution mode and graph variant; ``repeat``
+    picks the run's world, LLM outcomes (``test_seed``) and sampling stream."""
     method = METHODS[args.method]
     a = args if cluster is None else replace(args, cluster=cluster)
-    env = _make_env(a, method, split)
-    policy = make_policy(a, controller, record=False, stream=2)
+    env = _make_env(replace(a, seed=test_seed(a.seed, repeat)), method, split)
+    policy = make_policy(a, controller, record=False, stream=TEST_STREAM + TEST_STREAM_STEP * repeat)
     return env.rollout(policy, list(range(len(env.queries))), concurrency=a.test_concurrency, on_done=on_done)
+
+
+def evaluate_repeats(args: Args, controller: LAMaSController | None, **kw) -> list[list[dict]]:
+    """avg@K: ``args.test_repeats`` runs of ``evaluate`` (repeats 0..K-1), one list of episode infos each."""
+    return [evaluate(args, controller, repeat=r, **kw) for r in range(args.test_repeats)]
+
+
+def summarize_repeats(runs: list[list[dict]]) -> tuple[dict, list[dict]]:
+    """The mean over the test runs of every ``summarize`` column plus ``score_pct_repeat_std`` (population std
+    of the score over the runs: the test run's own noise), and the per-run summaries."""
+    rows = [summarize(infos) for infos in runs]
+    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    out["score_pct_repeat_std"] = float(np.std([r["score_pct"] for r in rows]))
+    return out, rows
 
 
 def summarize(infos: list[dict]) -> dict:

@@ -106,7 +106,7 @@ def _configure_lamas(p, spec, *, checkpoint: tuple[str, str] | None) -> None:
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--seed", type=int, default=0, help="world and sampling seed of the test run")
     add_dataclass_options(p, Args, prefix="a_", exclude=[f for f in Args.__dataclass_fields__
-                                                         if f != "test_concurrency"],
+                                                         if f not in ("test_concurrency", "test_repeats")],
                           aliases={"test_concurrency": ("--concurrency",)})
     add_trust_flag(p)
     add_cluster_args(p)
@@ -128,7 +128,9 @@ def run(args) -> int:
 
 
 def _evaluate_lamas(args, spec) -> int:
-    from agents.lamas import Args, evaluate, summarize
+    from dataclasses import replace
+
+    from agents.lamas import Args, evaluate_repeats, summarize_repeats
 
     from ._mas import cluster_from_args, load_checkpoint
 
@@ -138,7 +140,8 @@ def _evaluate_lamas(args, spec) -> int:
         raise FileNotFoundError(f"{args.checkpoint}: no such checkpoint")
     a, ctrl = load_checkpoint(source, task=args.task, seed=args.seed, concurrency=conc,
                               cluster=cluster_from_args(args), trust=args.trust_checkpoint, method=spec.name)
-    s = summarize(evaluate(a, ctrl, split=args.split))
+    a = replace(a, test_repeats=getattr(args, "a_test_repeats", a.test_repeats))
+    s, _ = summarize_repeats(evaluate_repeats(a, ctrl, split=args.split))
     print(format_table([[k, v] for k, v in s.items()], ["metric", a.method]))
     if args.json:
         emit_json({"method": a.method, "task": a.task, "split": args.split, **s})
