@@ -3,11 +3,12 @@
 For each seed and method: train on the train split (4 epochs, or more to reach ``lamas.MIN_UPDATES`` Adam
 steps on a small split, under ``lamas.PROTOCOLS[protocol]``; batches of 4, 4 in flight; with
 ``restarts`` > 1, that many controllers, one kept on a validation run of the train split by
-``agents.selection``), then run the test split ``test_repeats`` times (avg@K, ``lamas.TEST_REPEATS``) at
-concurrency 30, each run with its own world and LLM outcomes (``lamas.test_seed``), and report the means. Every method sees the same worlds (same background arrivals) and the
-same per-query LLM outcomes for the same operator at the same place in test run r (common random numbers),
-so differences between methods are paired, run by run. Optionally the trained controllers are re-tested at other
-background loads (``load_factors``) to see how much of a token saving survives as seconds.
+``agents.selection``), then run the test split ``test_repeats`` times at concurrency 30 (avg@K,
+``lamas.TEST_REPEATS``), each run in its own world with its own LLM outcomes (``lamas.repeat_seed``), and report
+the means. In test run r every method sees the same world (same background arrivals) and the same per-query
+LLM outcomes for the same operator at the same place (common random numbers), so differences between methods
+are paired, run by run. Optionally the trained controllers are re-tested at other background loads
+(``load_factors``) to see how much of a token saving survives as seconds.
 """
 
 from __future__ import annotations

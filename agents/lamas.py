@@ -56,7 +56,7 @@ from .objectives import OBJECTIVES, EMANormaliser, ObjectiveInput, QueryBaseline
 from .policies import make_static
 
 __all__ = ["METHODS", "MIN_UPDATES", "PROTOCOLS", "TEST_REPEATS", "Args", "Method", "Protocol", "TrainResult", "evaluate",
-           "evaluate_repeats", "make_policy", "summarize", "summarize_repeats", "test_seed", "train", "train_epochs",
+           "evaluate_repeats", "make_policy", "repeat_seed", "summarize", "summarize_repeats", "train", "train_epochs",
            "train_one"]
 
 
@@ -307,7 +307,7 @@ def _batch_metrics(epoch: int, step: int, loss, util: float, infos: list[dict]) 
             "train/num_layers": float(np.mean([i["num_layers"] for i in infos]))}
 
 
-def test_seed(seed: int, repeat: int) -> int:
+def repeat_seed(seed: int, repeat: int) -> int:
     """World and LLM-outcome seed of test run ``repeat``: ``seed`` itself for run 0 (one run is the single test
     run of before avg@K), then derived from it; the same for every method, so repeat r of LAMaS and of MaAS see
     the same background and the same LLM outcomes (common random numbers per repeat)."""
@@ -323,10 +323,10 @@ def evaluate(args: Args, controller: LAMaSController | None, *, split: str = "te
              cluster: ClusterConfig | None = None, on_done: Callable[[dict], None] | None = None,
              repeat: int = 0) -> list[dict]:
     """Run the split once at ``test_concurrency`` with the method's execution mode and graph variant; ``repeat``
-    picks the run's world, LLM outcomes (``test_seed``) and sampling stream."""
+    picks the run's world, LLM outcomes (``repeat_seed``) and sampling stream."""
     method = METHODS[args.method]
     a = args if cluster is None else replace(args, cluster=cluster)
-    env = _make_env(replace(a, seed=test_seed(a.seed, repeat)), method, split)
+    env = _make_env(replace(a, seed=repeat_seed(a.seed, repeat)), method, split)
     policy = make_policy(a, controller, record=False, stream=TEST_STREAM + TEST_STREAM_STEP * repeat)
     return env.rollout(policy, list(range(len(env.queries))), concurrency=a.test_concurrency, on_done=on_done)
 
