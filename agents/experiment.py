@@ -80,12 +80,19 @@ def per_seed(seeds: Sequence[int], runs: dict[str, list[dict]],
              repeats: dict[str, list[list[dict]]] | None = None) -> list[dict]:
     """One entry per seed with the same keys as the means (``methods``, ``savings``), each over that seed
     alone (so every ``*_std`` is 0, every ``*_repeat_std`` that seed's spread over its test runs): a mean
-    hides a seed that fails."""
+    hides a seed that fails. With LAMaS and MaAS, ``repeats`` lists their score gap and CP-token cut in each
+    paired test run (run r of avg@K is run r of avg@K' for any K' > r, so a prefix is avg@r)."""
     out = []
     for i, s in enumerate(seeds):
         one = {m: rows[i:i + 1] for m, rows in runs.items() if len(rows) > i}
         rep = {m: rows[i:i + 1] for m, rows in (repeats or {}).items() if len(rows) > i}
-        out.append({"seed": int(s), "methods": aggregate(one), "savings": savings(one, repeats=rep)})
+        entry = {"seed": int(s), "methods": aggregate(one), "savings": savings(one, repeats=rep)}
+        if "lamas" in rep and "maas" in rep:
+            pairs = list(zip(rep["lamas"][0], rep["maas"][0], strict=True))
+            entry["repeats"] = {"score_gap_points": [a["score_pct"] - b["score_pct"] for a, b in pairs],
+                                "cp_tokens_reduction_pct": [100.0 * (1 - a["cp_tokens_mean"] / b["cp_tokens_mean"])
+                                                            for a, b in pairs]}
+        out.append(entry)
     return out
 
 

@@ -94,6 +94,7 @@ def test_experiment_reports_the_repeat_spread_per_seed():
     assert out["test_repeats"] == 2 and a.cpu_s["test"] > 0 and a.cpu_s["train"] > 0
     (one,) = out["per_seed"]
     gaps = [x["score_pct"] - y["score_pct"] for x, y in zip(a.repeats["lamas"][0], a.repeats["maas"][0], strict=True)]
+    assert one["repeats"]["score_gap_points"] == gaps and len(one["repeats"]["cp_tokens_reduction_pct"]) == 2
     assert one["savings"]["score_gap_points_repeat_std"] == pytest.approx(np.std(gaps))
     assert one["savings"]["score_gap_points"] == pytest.approx(np.mean(gaps))
     assert one["methods"]["lamas"]["score_pct_repeat_std"] == pytest.approx(
@@ -105,8 +106,11 @@ def test_gap_repeat_spread_is_averaged_over_seeds():
     res = ExperimentResult("humaneval", [0, 1], ["lamas", "maas"])
     row = {"score_pct": 90.0, "cp_tokens_mean": 500.0, "cp_seconds_mean": 5.0, "score_pct_repeat_std": 1.0}
     res.runs = {"lamas": [row, row], "maas": [{**row, "cp_tokens_mean": 1000.0, "cp_seconds_mean": 10.0}] * 2}
-    res.repeats = {"lamas": [[{"score_pct": 90.0}, {"score_pct": 92.0}], [{"score_pct": 91.0}] * 2],
-                   "maas": [[{"score_pct": 91.0}] * 2, [{"score_pct": 90.0}, {"score_pct": 94.0}]]}
+    def rep(*scores):
+        return [{"score_pct": x, "cp_tokens_mean": 500.0} for x in scores]
+
+    res.repeats = {"lamas": [rep(90.0, 92.0), rep(91.0, 91.0)], "maas": [rep(91.0, 91.0), rep(90.0, 94.0)]}
     out = res.to_json()
     assert [p["savings"]["score_gap_points_repeat_std"] for p in out["per_seed"]] == [1.0, 2.0]
     assert out["savings"]["score_gap_points_repeat_std"] == 1.5
+    assert [p["repeats"]["score_gap_points"] for p in out["per_seed"]] == [[-1.0, 1.0], [1.0, -3.0]]

@@ -12,8 +12,9 @@ DESCRIPTION = """\
 Evaluate one policy; `maslat evaluate POLICY --help` lists that policy's options.
 
 LAMaS family (maas, lamas, ... with CHECKPOINT = controller.pt of `maslat train`; single-cot and all-parallel
-need none): the test split once at LAMaS's test concurrency with the method's execution mode and graph
-variant: score, CP tokens, cost, critical-path seconds and calls.
+need none): the test split --test-repeats times (avg@K, default 8, each run with fresh LLM outcomes, background
+and sampling) at LAMaS's test concurrency with the method's execution mode and graph variant: the means of
+score, CP tokens, cost, critical-path seconds and calls, and the score's spread over the runs.
 
 MASLatency-CMDP-v0 (ppo-lagrangian and masrouter with CHECKPOINT = policy.pt; the fixed rules
 always-large-deepthink, always-small-flash, greedy-fastest and the oracle need none), and policies from
