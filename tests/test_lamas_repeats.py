@@ -114,3 +114,19 @@ def test_gap_repeat_spread_is_averaged_over_seeds():
     assert [p["savings"]["score_gap_points_repeat_std"] for p in out["per_seed"]] == [1.0, 2.0]
     assert out["savings"]["score_gap_points_repeat_std"] == 1.5
     assert [p["repeats"]["score_gap_points"] for p in out["per_seed"]] == [[-1.0, 1.0], [1.0, -3.0]]
+
+
+def test_command_takes_test_repeats():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-m", "maslat", "experiment", "lamas", "--task", "humaneval", "--seeds", "1",
+                          "--methods", "lamas", "maas", "--epochs", "1", "--test-repeats", "2", "--json"],
+                         capture_output=True, text=True, cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["test_repeats"] == 2 and len(out["per_seed"][0]["repeats"]["score_gap_points"]) == 2
+    assert "per seed (avg@2" in run.stdout and out["cpu_s"]["test"] > 0

@@ -178,7 +178,7 @@ def _experiment_lamas(args) -> int:
                              test_repeats=args.test_repeats)
     summary = res.to_json()
     summary["wall_s"] = time.perf_counter() - t0
-    summary["cpu_s"] = dict(res.cpu_s)   # in this process (zero for trials run as Ray tasks)
+    summary["cpu_s"] = dict(res.cpu_s)   # summed over the trials, wherever they ran (Ray workers too)
     print(results_table(summary["methods"]))
     s = summary.get("savings")
     if s:
