@@ -12,8 +12,9 @@ DESCRIPTION = """\
 Evaluate one policy; `maslat evaluate POLICY --help` lists that policy's options.
 
 LAMaS family (maas, lamas, ... with CHECKPOINT = controller.pt of `maslat train`; single-cot and all-parallel
-need none): the test split once at LAMaS's test concurrency with the method's execution mode and graph
-variant: score, CP tokens, cost, critical-path seconds and calls.
+need none): the test split --test-repeats times (avg@K, default 8, each run with fresh LLM outcomes, background
+and sampling) at LAMaS's test concurrency with the method's execution mode and graph variant: the means of
+score, CP tokens, cost, critical-path seconds and calls, and the score's spread over the runs.
 
 MASLatency-CMDP-v0 (ppo-lagrangian and masrouter with CHECKPOINT = policy.pt; the fixed rules
 always-large-deepthink, always-small-flash, greedy-fastest and the oracle need none), and policies from
@@ -106,7 +107,7 @@ def _configure_lamas(p, spec, *, checkpoint: tuple[str, str] | None) -> None:
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--seed", type=int, default=0, help="world and sampling seed of the test run")
     add_dataclass_options(p, Args, prefix="a_", exclude=[f for f in Args.__dataclass_fields__
-                                                         if f != "test_concurrency"],
+                                                         if f not in ("test_concurrency", "test_repeats")],
                           aliases={"test_concurrency": ("--concurrency",)})
     add_trust_flag(p)
     add_cluster_args(p)
@@ -128,7 +129,9 @@ def run(args) -> int:
 
 
 def _evaluate_lamas(args, spec) -> int:
-    from agents.lamas import Args, evaluate, summarize
+    from dataclasses import replace
+
+    from agents.lamas import Args, evaluate_repeats, summarize_repeats
 
     from ._mas import cluster_from_args, load_checkpoint
 
@@ -138,7 +141,8 @@ def _evaluate_lamas(args, spec) -> int:
         raise FileNotFoundError(f"{args.checkpoint}: no such checkpoint")
     a, ctrl = load_checkpoint(source, task=args.task, seed=args.seed, concurrency=conc,
                               cluster=cluster_from_args(args), trust=args.trust_checkpoint, method=spec.name)
-    s = summarize(evaluate(a, ctrl, split=args.split))
+    a = replace(a, test_repeats=getattr(args, "a_test_repeats", a.test_repeats))
+    s, _ = summarize_repeats(evaluate_repeats(a, ctrl, split=args.split))
     print(format_table([[k, v] for k, v in s.items()], ["metric", a.method]))
     if args.json:
         emit_json({"method": a.method, "task": a.task, "split": args.split, **s})

@@ -80,7 +80,7 @@ def _configure_lamas(p, spec) -> None:
     from ._mas import add_cluster_args
 
     add_dataclass_options(p.add_argument_group(f"{spec.name} (agents.lamas.Args)"), spec.args_type, prefix=ARGS,
-                          exclude=spec.hidden | {"test_concurrency"}, choices=spec.choices, aliases=spec.aliases)
+                          exclude=spec.hidden | {"test_concurrency", "test_repeats"}, choices=spec.choices, aliases=spec.aliases)
     p.add_argument("--out", type=Path, default=None,
                    help=f"output directory (default runs/{spec.legacy or spec.name}-<task>-<seed>)")
     add_cluster_args(p)
