@@ -59,17 +59,12 @@ from .client import (
     stream_request,
 )
 from .collect_report import CollectorReport
-from .enginelatency import histogram_sums, histogram_sums_by_engine
+from .loadgen import GC_EVERY_S
 from .loadplan import LoadPlan
 from .runwriter import RunWriter
-from .scrape import Scrape, parse_scrape
+from .scrape import Scrape, read_metrics_page
 
 __all__ = ["CollectConfig", "collect", "collect_async"]
-
-
-#: while collecting, the cyclic garbage collector runs only from the scrape loop, once per this many seconds
-#: (``traces.loadgen.quiet_gc``)
-GC_EVERY_S = 120.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,7 +204,8 @@ class Collector(CollectorReport):
         mf = self.info.get("metrics_model") if model_filter == "auto" else model_filter
         timeout = max(2.0, 2 * self.cfg.scrape_interval_s * self.clock.time_scale)
         try:
-            parsed, sums, by_engine = await asyncio.to_thread(self._read_metrics, mf, timeout)
+            parsed, sums, by_engine = await asyncio.to_thread(read_metrics_page, self.cfg.metrics,
+                                                              auth_headers(self.cfg.api_key), mf, timeout)
         except (TimeoutError, OSError, ValueError):
             return None
         if parsed is None:
@@ -220,36 +216,6 @@ class Collector(CollectorReport):
             self.latency_first_by_engine = by_engine
         self.latency_last_by_engine = by_engine
         return parsed
-
-    async def settle_latency(self, wait_s: float = 3.0, every_s: float = 0.25) -> None:
-        """Re-read the metrics page (no tick row) until the engine's request-latency histograms count every request
-        this run completed, for at most ``wait_s`` (server time): the server records a request's latencies when it
-        finishes it, which can be after the client read the last token, so the last tick may miss the last few
-        (seen: 57 of 59 decode times)."""
-        want = self.writer.num_requests if self.writer is not None else 0
-        deadline = self.clock.mono() + wait_s
-        while want and self.latency_first and self.latency_last:
-            counted = min((last[1] - self.latency_first[k][1] for k, last in self.latency_last.items()
-                           if k in self.latency_first), default=0.0)
-            if counted >= want or self.clock.mono() >= deadline:
-                return
-            await asyncio.sleep(every_s * self.clock.time_scale)
-            await self.scrape()
-
-    def _read_metrics(self, model_filter, timeout: float) -> tuple[Scrape | None, dict, dict]:
-        """(worker thread) GET the metrics page on a fresh connection and parse it."""
-        import urllib.error
-        import urllib.request
-
-        req = urllib.request.Request(self.cfg.metrics, headers=auth_headers(self.cfg.api_key))
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - the user's own endpoint
-                if r.status != 200:
-                    return None, {}, {}
-                text = r.read().decode("utf-8", errors="replace")
-        except urllib.error.HTTPError:
-            return None, {}, {}
-        return parse_scrape(text, model_filter), histogram_sums(text), histogram_sums_by_engine(text)
 
     # ------------------------------------------------------------------ scraping
     def _remember(self, s: Scrape) -> None:

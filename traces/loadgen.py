@@ -126,10 +126,15 @@ async def run_collection(col) -> dict:
         return await _collect(col, cfg, headers, timeout, started)
 
 
+#: while collecting, the cyclic garbage collector runs only from the scrape loop, once per this many seconds
+#: (``quiet_gc``)
+GC_EVERY_S = 120.0
+
+
 @contextlib.contextmanager
 def quiet_gc():
-    """No automatic cyclic garbage collection while the requests stream (one ``gc.collect()`` per ``traces.collect.GC_EVERY_S``
-    from the scrape loop instead), and what was allocated before it frozen out of every collection.
+    """No automatic cyclic garbage collection while the requests stream (one ``gc.collect()`` per ``GC_EVERY_S`` from the
+    scrape loop instead), and what was allocated before it frozen out of every collection.
 
     Measured against the real vLLM CPU engine (``--rate 1.5 --num-requests 60 --workload lognormal:400,80 --seed 21``,
     1-s scrapes, 2 cores): with automatic collections 3-8 of 59 requests had their tokens read late, in a burst
@@ -174,7 +179,7 @@ async def _collect(col, cfg, headers, timeout, started) -> dict:
             done.set()
             if complete:
                 await scraper  # one last row at the next tick, so the token counters are complete
-                await col.settle_latency()
+                await settle_latency(col)
             else:
                 scraper.cancel()
                 await asyncio.gather(scraper, return_exceptions=True)
@@ -185,3 +190,19 @@ async def _collect(col, cfg, headers, timeout, started) -> dict:
             else:  # nothing completed: no run the reader would refuse (failures.jsonl stays, for the errors)
                 col.writer.discard()
     return col.summary()
+
+
+async def settle_latency(col, wait_s: float = 3.0, every_s: float = 0.25) -> None:
+    """Re-read the metrics page (no tick row) until the engine's request-latency histograms count every request the
+    collection completed, for at most ``wait_s`` (server time): the server records a request's latencies when it
+    finishes it, which can be after the client read the last token, so the last tick may miss the last few (seen: 57
+    of 59 decode times)."""
+    want = col.writer.num_requests if col.writer is not None else 0
+    deadline = col.clock.mono() + wait_s
+    while want and col.latency_first and col.latency_last:
+        counted = min((last[1] - col.latency_first[k][1] for k, last in col.latency_last.items()
+                       if k in col.latency_first), default=0.0)
+        if counted >= want or col.clock.mono() >= deadline:
+            return
+        await asyncio.sleep(every_s * col.clock.time_scale)
+        await col.scrape()

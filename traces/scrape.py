@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["SAMPLES", "Scrape", "parse_scrape", "relevant_lines"]
+__all__ = ["SAMPLES", "Scrape", "parse_scrape", "read_metrics_page", "relevant_lines"]
 
 _COUNTERS = {  # field -> sample names, current first
     "prompt_tokens": ("vllm:prompt_tokens_total",),
@@ -151,3 +151,23 @@ def parse_scrape(text: str, model: str | None = None) -> Scrape:
                   num_gpu_blocks_per_engine=blocks, time_scale=time_scale, max_lag_s=max_lag,
                   process_start_time_s=start, running_per_engine=per_engine["running"],
                   waiting_per_engine=per_engine["waiting"], kv_usage_per_engine=per_engine[kv_name])
+
+
+def read_metrics_page(url: str, headers: dict[str, str], model: str | None, timeout: float
+                      ) -> tuple[Scrape | None, dict, dict]:
+    """GET a ``/metrics`` page on a connection of its own (blocking: the collector runs it in a worker thread) and
+    parse it: ``(parse_scrape, enginelatency.histogram_sums, histogram_sums_by_engine)``, or ``(None, {}, {})``
+    when the server answers with an HTTP error. Connection errors and timeouts raise (``OSError``)."""
+    import urllib.error
+    import urllib.request
+
+    from .enginelatency import histogram_sums, histogram_sums_by_engine
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:  # noqa: S310
+            if r.status != 200:
+                return None, {}, {}
+            text = r.read().decode("utf-8", errors="replace")
+    except urllib.error.HTTPError:
+        return None, {}, {}
+    return parse_scrape(text, model), histogram_sums(text), histogram_sums_by_engine(text)
