@@ -180,4 +180,6 @@ def test_experiment_cli_ray_flag_same_json(ray_map, capsys):
     assert main([*argv, "--ray"]) == 0  # reuses this process's cluster (and leaves it running)
     remote = _last_json(capsys)
     assert serial.pop("wall_s") > 0 and remote.pop("wall_s") > 0
+    # CPU seconds are measurements, not results: present in both, summed over the trials wherever they ran
+    assert set(serial.pop("cpu_s")) == set(remote.pop("cpu_s")) == {"train", "test"}
     assert serial == remote
