@@ -180,7 +180,7 @@ class Collector(CollectorReport):
                     version = (await r.json(content_type=None)).get("version")
         except Exception:  # noqa: BLE001 - /version is optional
             pass
-        scrape = await self.scrape(session, model_filter=None)
+        scrape = await self.scrape(model_filter=None)
         if scrape is None:
             raise ValueError(f"cannot scrape {cfg.metrics} (a vLLM /metrics page is required)")
         # vLLM's model card carries the served model's path or hub id as "root" (the id may be a
@@ -192,15 +192,13 @@ class Collector(CollectorReport):
         self.clock = Clock(scrape.time_scale or 1.0)
         self._remember(scrape)
 
-    async def scrape(self, session=None, model_filter: object = "auto") -> Scrape | None:
-        """One read of the ``/metrics`` page, parsed; ``None`` when it fails. ``session`` is unused (kept for
-        callers that pass theirs).
+    async def scrape(self, model_filter: object = "auto") -> Scrape | None:
+        """One read of the ``/metrics`` page, parsed; ``None`` when it fails.
 
-        The read and the parse run in a worker thread on a connection of their own, never on the event loop or
-        the connection pool that streams the requests: measured against the real vLLM CPU engine (tiny model,
-        ``--rate 1.5 --num-requests 60 --workload lognormal:400,80 --seed 21``), reading the page through the
-        streaming session every second left 12-17 of 59 requests with tokens held back and delivered in a burst
-        (``traces.delivery``), against 1-2 with no reads at all; the parse alone holds a loop for ~20 ms."""
+        The read and the parse (only the series read: ``scrape.relevant_lines``) run in a worker thread on a
+        connection of their own, off the event loop that streams the requests: parsing whole pages there, with
+        automatic garbage collections (``loadgen.quiet_gc``), delayed the reading of tokens by up to a second
+        (``traces.delivery``)."""
         mf = self.info.get("metrics_model") if model_filter == "auto" else model_filter
         timeout = max(2.0, 2 * self.cfg.scrape_interval_s * self.clock.time_scale)
         try:
@@ -241,8 +239,8 @@ class Collector(CollectorReport):
             return cur  # tokens since the (re)start; those of the old process after its last scrape are lost
         return cur - prev
 
-    async def tick(self, session, k: int) -> Scrape | None:
-        s = await self.scrape(session)
+    async def tick(self, k: int) -> Scrape | None:
+        s = await self.scrape()
         if s is None:
             self.scrape_failures += 1
             self.writer.add_tick(k, None, None, None, None, None)
@@ -258,13 +256,13 @@ class Collector(CollectorReport):
         self.writer.add_tick(k, dp, dg, s.running, s.waiting, kv)
         return s
 
-    async def scrape_loop(self, session, done: asyncio.Event) -> None:
+    async def scrape_loop(self, done: asyncio.Event) -> None:
         """One tick per interval on a fixed grid; after ``done``, one last tick, then stop."""
         k = 0
         while True:
             k += 1
             await self.clock.sleep_until(k * self.cfg.scrape_interval_s)
-            await self.tick(session, k)
+            await self.tick(k)
             if done.is_set():
                 return
             if k % max(1, round(GC_EVERY_S / self.cfg.scrape_interval_s)) == 0:

@@ -158,7 +158,7 @@ async def _collect(col, cfg, headers, timeout, started) -> dict:
     complete = False
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout, headers=headers) as s:
         done = asyncio.Event()
-        scraper = asyncio.create_task(col.scrape_loop(s, done))
+        scraper = asyncio.create_task(col.scrape_loop(done))
         try:
             if cfg.phase2 is not None:
                 from .phase2 import run_phase2

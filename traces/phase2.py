@@ -187,7 +187,7 @@ class _Phase2:
 
     async def probe(self, row: int, prompt: str, role: str, strat: str) -> None:
         col = self.col
-        state = await col.scrape(self.s)
+        state = await col.scrape()
         ema = self.ttft_ema_ms
         body = chat_body(self.model, _content(prompt, strat), self.cfg.max_tokens, ignore_eos=False)
         res = await col.send(self.s, self.url, body, extra={"kind": "probe", "role_id": role, "strategy_id": strat})
